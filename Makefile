@@ -1,0 +1,15 @@
+PYTHON ?= python
+
+.PHONY: demo test lint install
+
+install:
+	$(PYTHON) -m pip install --quiet -r requirements.txt
+
+# The main job on the built-in default: whatever stages exist so far, on the CPU.
+demo: install
+	$(PYTHON) demo.py
+
+test:
+	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest

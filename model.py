@@ -1,0 +1,396 @@
+"""The Llama2 decoder shared by every stage, with KV-cache generation and checkpoint loading.
+
+State-dict names are the seed's (and llama2.c's), so the seed's released weights load with strict=True.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # label value that the loss skips; never the pad id
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
+    vocab_size: int = 64793
+    hidden_dim: int | None = None  # None: the seed's rule from dim and multiple_of
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim} must divide by n_heads {self.n_heads}, "
+                             f"and n_heads by n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head size {self.dim // self.n_heads} must be even for RoPE")
+        if self.hidden_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+def model_args_from_preset(name_or_path: str, **overrides) -> ModelArgs:
+    """ModelArgs from a preset in config/ (e.g. 'baby_92m') or a path to such a file."""
+    path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, name_or_path + ".py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model preset {name_or_path!r} (looked for {path})")
+    values: dict = {}
+    exec(compile(open(path, encoding="utf-8").read(), path, "exec"), {}, values)
+    known = {f.name for f in fields(ModelArgs)}
+    return ModelArgs(**{**{k: v for k, v in values.items() if k in known}, **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: in bf16/fp16 the mean of squares loses precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_len, head_dim // 2), one frequency per adjacent pair."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), freqs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of x (B, T, H, D); cos/sin are (B or 1, T, D/2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated to max_len slots."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+        shape = (batch, args.n_kv_heads, max_len, args.dim // args.n_heads)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.pos = 0  # slots filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        is_causal = mask is None and T > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, -1)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied, as in the seed
+        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Residual projections get a smaller init so the residual stream does not grow with depth (GPT-2).
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w3.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, count_tied_twice: bool = False) -> int:
+        """Unique parameters; with count_tied_twice the shared embedding/output matrix counts twice,
+        which is how the seed's model names (92M, 218M) count."""
+        n = sum(p.numel() for p in self.parameters())
+        return n + self.output.weight.numel() if count_tied_twice else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T d."""
+        # Every parameter is a matmul weight once (the embedding lookup is free, its tied twin the output is not).
+        return 6 * self.num_params() + 12 * self.args.n_layers * seq_len * self.args.dim
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, pad_left: torch.Tensor | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V), or (B, 1, V) with last_only, and the mean cross-entropy over the targets
+        that are not IGNORE_INDEX (None without targets).
+
+        pad_left (B,) gives how many left-padding tokens each row of a generation batch starts with;
+        cache, when given, holds the keys and values of the tokens before these ones."""
+        h = self.hidden(tokens, cache=cache, pad_left=pad_left)
+        logits = self.output(h[:, -1:] if last_only else h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None,
+               pad_left: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, dim), before the output projection."""
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
+        cos, sin, mask = self._positions(B, T, start, pad_left, tokens.device)
+        h = self.dropout(self.tok_embeddings(tokens))
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(h)
+
+    def _positions(self, B: int, T: int, start: int, pad_left, device):
+        """RoPE tables for these positions and the attention mask (None means plain causal or none)."""
+        slots = torch.arange(start, start + T, device=device)
+        if pad_left is None or not bool(pad_left.any()):
+            cos, sin = self.freqs_cos[slots][None], self.freqs_sin[slots][None]
+            mask = None
+            if T > 1 and start > 0:  # a chunk after cached tokens: causal against its own slots only
+                mask = torch.arange(start + T, device=device)[None] <= slots[:, None]
+            return cos, sin, mask
+        pos = (slots[None] - pad_left[:, None]).clamp(min=0)  # (B, T) position of each token in its row
+        keys = torch.arange(start + T, device=device)
+        causal = keys[None, :] <= slots[:, None]  # (T, S)
+        real = keys[None, :] >= pad_left[:, None]  # (B, S)
+        # A padding query attends to itself only, so no row of the mask is empty (that gives NaN).
+        mask = (causal[None] & real[:, None]) | (keys[None, None, :] == slots[None, :, None])
+        return self.freqs_cos[pos], self.freqs_sin[pos], mask[:, None]
+
+    @torch.inference_mode()
+    def generate_stream(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                        top_k: int | None = None, top_p: float | None = None,
+                        repetition_penalty: float = 1.0, eos_id: int | None = 2, use_cache: bool = True,
+                        generator: torch.Generator | None = None) -> Iterator[list[int | None]]:
+        """Yield, after every step, the new token of each prompt (None once that prompt has stopped).
+
+        Prompts of different lengths are left-padded into one batch. use_cache=False recomputes the
+        whole sequence for every token, as the seed did; it exists to check and to measure the cache."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        device = self.freqs_cos.device
+        longest = max(len(p) for p in prompts)
+        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - longest)
+        if max_new_tokens <= 0:
+            raise ValueError(f"prompt of {longest} tokens leaves no room in max_seq_len {self.args.max_seq_len}")
+        B = len(prompts)
+        pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+        seq = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        cache = None
+        if use_cache:
+            dtype = self.tok_embeddings.weight.dtype
+            cache = KVCache(self.args, B, longest + max_new_tokens, device, dtype)
+        out_t = self._output_transposed()
+        step_input = seq
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                step_input = seq
+            logits = (self.hidden(step_input, cache=cache, pad_left=pad)[:, -1] @ out_t).float()
+            if repetition_penalty != 1.0:
+                logits = _penalize_repeats(logits, seq, pad, repetition_penalty)
+            nxt = sample(logits, temperature, top_k, top_p, generator)
+            yield [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist())]
+            if eos_id is not None:
+                done |= nxt == eos_id
+            if bool(done.all()):
+                return
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            step_input = nxt[:, None]
+
+    def _output_transposed(self) -> torch.Tensor:
+        """The output matrix stored as (dim, vocab): a one-row matmul reads it about 1.7x faster than
+        the (vocab, dim) layout here, and at batch 1 decoding is bound by reading weights. Cached until
+        the weights change."""
+        w = self.output.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if getattr(self, "_output_t_key", None) != key:
+            self._output_t, self._output_t_key = w.detach().t().contiguous(), key
+        return self._output_t
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int,
+                 on_token: Callable[[list[int | None]], None] | None = None, **kwargs) -> list[list[int]]:
+        """The new tokens of each prompt, up to and excluding its eos; on_token sees every step."""
+        eos_id = kwargs.get("eos_id", 2)
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.generate_stream(prompts, max_new_tokens, **kwargs):
+            if on_token is not None:
+                on_token(step)
+            for row, tok in zip(out, step):
+                if tok is not None and tok != eos_id:
+                    row.append(tok)
+        return out
+
+
+def _penalize_repeats(logits: torch.Tensor, seq: torch.Tensor, pad: torch.Tensor, penalty: float):
+    """CTRL's repetition penalty on every token already in the row (prompt and generated)."""
+    real = torch.arange(seq.shape[1], device=seq.device)[None] >= pad[:, None]
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen.scatter_(1, seq, real)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, V); temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message says which key and why."""
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip the `_orig_mod.` prefix torch.compile adds (the seed's .pth files have it)."""
+    return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+def load_state_dict_strict(model: Transformer, state: dict, source: str = "checkpoint") -> None:
+    state = clean_state_dict(state)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match the model: missing keys {missing[:8]}"
+                              f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                              f"{'...' if len(unexpected) > 8 else ''}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{source}: key {key} has shape {tuple(value.shape)} "
+                                  f"but the model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def model_args_from_state_dict(state: dict, n_heads: int = 8, **overrides) -> ModelArgs:
+    """Infer the shape of a raw state_dict (the seed's .pth); the head count cannot be read off
+    the weights, so it is given (all the seed's models use 8)."""
+    state = clean_state_dict(state)
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    n_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+    head_dim = dim // n_heads
+    args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab_size,
+                n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim,
+                hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0])
+    args.update(overrides)
+    return ModelArgs(**args)
+
+
+def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelArgs | None = None,
+               **arg_overrides) -> tuple[Transformer, dict]:
+    """Load our ckpt.pt (model + model_args + training state) or a raw state_dict .pth.
+
+    Returns the model in eval mode and the checkpoint dict (empty apart from 'model' for a raw .pth)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}")
+    if "model" in ckpt and isinstance(ckpt["model"], dict):
+        state = ckpt["model"]
+        if model_args is None:
+            if "model_args" not in ckpt:
+                raise CheckpointError(f"{path}: has 'model' but no 'model_args'; pass model_args")
+            model_args = ModelArgs(**{**ckpt["model_args"], **arg_overrides})
+    else:
+        state, ckpt = ckpt, {}
+        if model_args is None:
+            model_args = model_args_from_state_dict(state, **arg_overrides)
+    model = Transformer(model_args)
+    load_state_dict_strict(model, state, source=path)
+    return model.to(device).eval(), ckpt

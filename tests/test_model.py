@@ -1,0 +1,217 @@
+import math
+
+import pytest
+import torch
+
+from model import (
+    CheckpointError,
+    KVCache,
+    ModelArgs,
+    Transformer,
+    apply_rope,
+    load_model,
+    model_args_from_preset,
+    rope_tables,
+    sample,
+)
+
+SMALL = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, max_seq_len=64, multiple_of=16)
+
+
+def small_model(seed: int = 0, scrambled: bool = True, **kw) -> Transformer:
+    """A small model; scrambled gives it large random weights, so that greedy outputs vary instead of
+    echoing the last input token as a freshly initialised tied model does."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**SMALL, **kw})).eval()
+    if not scrambled:
+        return model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5 if name.startswith("tok_") else 0.15)
+    return model
+
+
+def test_seed_presets_parameter_counts():
+    m92 = Transformer(model_args_from_preset("baby_92m"))
+    assert m92.num_params() == 58_479_616
+    assert m92.num_params(count_tied_twice=True) == 91_653_632
+    assert m92.args.hidden_dim == 1376
+    m218 = Transformer(model_args_from_preset("baby_218m"))
+    assert m218.num_params() == 218_155_008
+
+
+def test_state_dict_keys_are_the_seeds():
+    model = small_model()
+    keys = set(model.state_dict())
+    expected = {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    for i in range(2):
+        expected |= {f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+        expected |= {f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
+        expected |= {f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"}
+    assert keys == expected
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_raw_state_dict_round_trip(tmp_path):
+    a, b = small_model(0), small_model(1)
+    tokens = torch.randint(0, 97, (2, 10))
+    assert not torch.allclose(a(tokens)[0], b(tokens)[0])
+    # The seed's .pth files come from a compiled model: keys carry `_orig_mod.`.
+    path = tmp_path / "seed.pth"
+    torch.save({"_orig_mod." + k: v for k, v in a.state_dict().items()}, path)
+    loaded, ckpt = load_model(str(path), n_heads=4, max_seq_len=64)
+    assert ckpt == {}
+    assert torch.equal(loaded(tokens)[0], a(tokens)[0])
+    loaded_b, _ = load_model(str(path), model_args=b.args)
+    assert torch.equal(loaded_b(tokens)[0], a(tokens)[0])
+
+
+def test_our_checkpoint_loads(tmp_path):
+    from dataclasses import asdict
+    a = small_model(3, n_kv_heads=2)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": a.state_dict(), "model_args": asdict(a.args), "step": 7}, path)
+    loaded, ckpt = load_model(str(path))
+    assert ckpt["step"] == 7 and loaded.args == a.args
+    tokens = torch.randint(0, 97, (1, 5))
+    assert torch.equal(loaded(tokens)[0], a(tokens)[0])
+
+
+def test_wrong_shape_names_key_and_shapes(tmp_path):
+    path = tmp_path / "bad.pth"
+    torch.save(small_model().state_dict(), path)
+    shapes = r"tok_embeddings.weight has shape \(97, 64\) but the model expects \(100, 64\)"
+    with pytest.raises(CheckpointError, match=shapes):
+        load_model(str(path), model_args=ModelArgs(**{**SMALL, "vocab_size": 100}))
+    state = small_model().state_dict()
+    del state["norm.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"missing keys \['norm.weight'\].*unexpected keys \['extra.weight'\]"):
+        load_model(str(path), model_args=ModelArgs(**SMALL))
+
+
+def test_missing_checkpoint_file():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model("/nonexistent/ckpt.pt")
+
+
+def test_loss_ignores_minus_100():
+    model = small_model()
+    tokens = torch.randint(0, 97, (2, 8))
+    targets = torch.randint(0, 97, (2, 8))
+    logits, loss = model(tokens, targets)
+    masked = targets.clone()
+    masked[:, :4] = -100
+    _, masked_loss = model(tokens, masked)
+    manual = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 97), targets[:, 4:].reshape(-1))
+    assert torch.allclose(masked_loss, manual, atol=1e-6)
+    assert not torch.allclose(loss, masked_loss)
+
+
+def test_rope_rotates_adjacent_pairs_and_is_relative():
+    cos, sin = rope_tables(4, 16, 10000.0)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    out = apply_rope(x, cos[5:6][None], sin[5:6][None]).flatten()
+    a0, a1 = 5.0, 5.0 * 10000 ** (-0.5)  # angles of the two pairs at position 5
+    expect = [1 * math.cos(a0) - 2 * math.sin(a0), 1 * math.sin(a0) + 2 * math.cos(a0),
+              3 * math.cos(a1) - 4 * math.sin(a1), 3 * math.sin(a1) + 4 * math.cos(a1)]
+    assert torch.allclose(out, torch.tensor(expect), atol=1e-5)
+    # q.k depends only on the distance between positions.
+    q, k = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4)
+
+    def dot(i, j):
+        return (apply_rope(q, cos[i:i + 1][None], sin[i:i + 1][None])
+                * apply_rope(k, cos[j:j + 1][None], sin[j:j + 1][None])).sum()
+    assert torch.allclose(dot(3, 1), dot(10, 8), atol=1e-5)
+
+
+def test_rmsnorm_computes_in_fp32():
+    model = small_model()
+    x = torch.randn(2, 3, 64) * 100
+    ref = model.norm(x)
+    out = model.norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_cached_logits_equal_full_forward(n_kv_heads):
+    model = small_model(n_kv_heads=n_kv_heads, scrambled=False)
+    tokens = torch.randint(0, 97, (2, 20))
+    full, _ = model(tokens)
+    cache = KVCache(model.args, 2, 20, "cpu", torch.float32)
+    chunks = [model(tokens[:, :7], cache=cache)[0]]  # prefill, then chunks of 1 and 4, then singles
+    chunks.append(model(tokens[:, 7:8], cache=cache)[0])
+    chunks.append(model(tokens[:, 8:12], cache=cache)[0])
+    chunks += [model(tokens[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+    assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
+
+
+def test_left_padding_matches_unpadded():
+    model = small_model()
+    prompt = torch.randint(0, 97, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], 1)
+    logits, _ = model(padded, pad_left=torch.tensor([3]))
+    assert torch.allclose(logits[:, 3:], model(prompt)[0], atol=1e-5)
+
+
+def test_greedy_cache_equals_no_cache_for_ragged_batch():
+    model = small_model(n_kv_heads=2)
+    prompts = [[5, 9, 11, 3, 40, 41, 42], [7], [60, 61, 62, 63]]
+    cached = model.generate(prompts, 25, eos_id=None)
+    recomputed = model.generate(prompts, 25, eos_id=None, use_cache=False)
+    alone = [model.generate([p], 25, eos_id=None, use_cache=False)[0] for p in prompts]
+    assert cached == recomputed == alone
+    assert all(len(row) == 25 for row in cached)
+
+
+def test_generation_stops_per_sequence_on_eos():
+    model = small_model()
+    prompts = [[5, 9, 11], [7, 8]]
+    free = model.generate(prompts, 10, eos_id=None)
+    # Row 0 stops at the first token it had not produced before.
+    stop = next(i for i, t in enumerate(free[0]) if i > 0 and t not in free[0][:i])
+    eos = free[0][stop]
+    steps = list(model.generate_stream(prompts, 10, eos_id=eos))
+    out = model.generate(prompts, 10, eos_id=eos)
+    assert out[0] == free[0][:stop]
+    assert steps[stop][0] == eos and all(step[0] is None for step in steps[stop + 1:])
+    n_row1 = next((i for i, t in enumerate(free[1]) if t == eos), 10)
+    assert out[1] == free[1][:n_row1]
+
+
+def test_streaming_callback_sees_every_token():
+    model = small_model()
+    seen = []
+    out = model.generate([[1, 2, 3]], 6, eos_id=None, on_token=seen.append)
+    assert [s[0] for s in seen] == out[0]
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, 0.0).item() == 4
+    topk = {sample(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert topk == {3, 4}
+    # softmax of [..., 3, 4] puts 0.64 on 4 and 0.24 on 3: top_p 0.5 keeps only 4, 0.8 keeps both.
+    assert {sample(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(100)} == {4}
+    assert {sample(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(300)} == {3, 4}
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    model = small_model()
+    prompt = [[3, 4, 5]]
+    plain = model.generate(prompt, 30, eos_id=None)[0]
+    penalised = model.generate(prompt, 30, eos_id=None, repetition_penalty=100.0)[0]
+    assert len(set(penalised)) == len(penalised)  # a huge penalty never repeats a token
+    assert plain != penalised
+
+
+def test_generation_respects_context():
+    model = small_model()
+    with pytest.raises(ValueError, match="no room"):
+        model.generate([[1] * 64], 5)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate([[]], 5)
