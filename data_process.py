@@ -1,0 +1,326 @@
+"""Documents -> cleaned, deduplicated, tokenized uint16 `.bin` files with a `meta.json`.
+
+    python data_process.py                                   # the built-in demo corpus, our tokenizer
+    python data_process.py --tokenizer=chatglm_tokenizer/tokenizer.model --sources= \\
+        --inputs=baidubaike:563w_baidubaike.json,wikipedia:wikipedia-cn-20230720-filtered.json \\
+        --out_dir=data/seed
+
+The corpus streams: worker processes clean, hash and tokenize batches of documents while this process
+reads the sources, decides in document order what is a duplicate, and appends the tokens of the kept
+documents to train.bin / val.bin. Memory does not depend on the size of the corpus, apart from the
+deduplication index (about 0.6 KB per kept document). Every document read is counted as kept or
+dropped with its reason; malformed records are reported with their file and line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+
+import numpy as np
+from tqdm import tqdm
+
+from chatglm_tokenizer import SPTokenizer, load_tokenizer
+from configurator import parse_config
+from corpora import CorpusError, Doc, clean_text, iter_corpus, parse_input
+
+TOKEN_DTYPE = np.uint16
+MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max)  # 65,535 ids fit in uint16
+
+
+@dataclass
+class Config:
+    sources: str = "peoples_daily,idioms,dictionary"  # built-in sources in data/raw (download_data.py)
+    inputs: str = ""  # your files, comma-separated: PATH, FORMAT:PATH or FORMAT:PATH:FIELD
+    raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
+    out_dir: str = "data/demo"  # train.bin, val.bin and meta.json go here
+    tokenizer: str = "data/tokenizer/tokenizer.model"  # ours (train_tokenizer.py) or ChatGLM2's file
+    min_chars: int = 10  # shorter cleaned documents are dropped
+    dedup: bool = True  # drop exact duplicates (after cleaning)
+    near_dedup: bool = True  # drop near duplicates (MinHash LSH over character n-grams)
+    ngram: int = 5  # characters per shingle for MinHash
+    bands: int = 8  # LSH bands x rows = MinHash permutations; 8x8 flags pairs with Jaccard >~ 0.8
+    rows: int = 8  # MinHash values per LSH band
+    val_fraction: float = 0.01  # share of documents (by hash of their text) that go to val.bin
+    workers: int = 2  # tokenizing processes; 0 does everything in this process
+    batch_docs: int = 256  # documents per work batch
+    overwrite: bool = False  # replace an existing corpus made with other settings
+
+
+# ------------------------------------------------------------------ hashing (deterministic everywhere)
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def text_hash(text: str) -> int:
+    """64-bit hash of a document, the same in every process and run (Python's hash() is not)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads the bits of each uint64."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+_PERM_RNG = np.random.default_rng(20230720)
+_PERM_A = _PERM_RNG.integers(1, 2**63, size=256, dtype=np.uint64) | np.uint64(1)
+_PERM_B = _PERM_RNG.integers(0, 2**63, size=256, dtype=np.uint64)
+
+
+def minhash(text: str, n_perm: int, ngram: int) -> np.ndarray:
+    """MinHash signature (n_perm uint64) of the set of character n-grams of text."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    if len(codes) < ngram:
+        codes = np.pad(codes, (0, ngram - len(codes)))
+    shingles = np.zeros(len(codes) - ngram + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(ngram):
+            shingles = shingles * np.uint64(1_000_003) + codes[j:len(codes) - ngram + 1 + j]
+        shingles = np.unique(_mix64(shingles))
+        signature = np.full(n_perm, _MASK64, dtype=np.uint64)
+        for start in range(0, len(shingles), 8192):  # bounded memory for very long documents
+            block = shingles[start:start + 8192, None] * _PERM_A[:n_perm] + _PERM_B[:n_perm]
+            signature = np.minimum(signature, block.min(axis=0))
+    return signature
+
+
+def lsh_keys(signature: np.ndarray, bands: int) -> list[int]:
+    """One key per band; two documents sharing any key are near-duplicate candidates."""
+    rows = len(signature) // bands
+    return [text_hash(f"{b}:" + signature[b * rows:(b + 1) * rows].tobytes().hex()) for b in range(bands)]
+
+
+# ------------------------------------------------------------------ the work done in worker processes
+
+_TOKENIZER: SPTokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(tokenizer_path)
+
+
+@dataclass
+class Processed:
+    """A batch of documents after cleaning, hashing and tokenizing (None where too short)."""
+    texts: list[str | None]
+    hashes: list[int]
+    signatures: np.ndarray | None
+    tokens: list[np.ndarray | None]
+
+
+def process_batch(texts: list[str], cfg: Config) -> Processed:
+    cleaned = [clean_text(t) for t in texts]
+    cleaned = [t if len(t) >= cfg.min_chars else None for t in cleaned]
+    keep = [t for t in cleaned if t is not None]
+    encoded = iter(_TOKENIZER.encode_batch(keep)) if keep else iter(())
+    n_perm = cfg.bands * cfg.rows
+    signatures = None
+    if cfg.near_dedup:
+        signatures = np.zeros((len(texts), n_perm), dtype=np.uint64)
+        for i, t in enumerate(cleaned):
+            if t is not None:
+                signatures[i] = minhash(t, n_perm, cfg.ngram)
+    tokens = [None if t is None else np.array(next(encoded), dtype=TOKEN_DTYPE) for t in cleaned]
+    hashes = [0 if t is None else text_hash(t) for t in cleaned]
+    return Processed(cleaned, hashes, signatures, tokens)
+
+
+# ------------------------------------------------------------------ the main process
+
+class Deduplicator:
+    """Exact and near-duplicate decisions, made in document order so that runs are reproducible."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.seen_exact: set[int] = set()
+        self.seen_bands: set[int] = set()
+
+    def verdict(self, text_h: int, signature: np.ndarray | None) -> str | None:
+        """None to keep the document, else the reason to drop it."""
+        if self.cfg.dedup:
+            if text_h in self.seen_exact:
+                return "duplicate"
+            self.seen_exact.add(text_h)
+        if signature is not None:
+            keys = lsh_keys(signature, self.cfg.bands)
+            if any(k in self.seen_bands for k in keys):
+                return "near_duplicate"
+            self.seen_bands.update(keys)
+        return None
+
+
+def _batches(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
+    while batch := list(islice(docs, size)):
+        yield batch
+
+
+def fingerprint(cfg: Config, tokenizer: SPTokenizer) -> dict:
+    """What the output depends on: settings that shape it, the inputs' sizes and times, the tokenizer."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in {"workers", "batch_docs", "overwrite", "out_dir"}}
+    files = []
+    for name in [s for s in cfg.sources.split(",") if s.strip()]:
+        files.append(os.path.join(cfg.raw_dir, name.strip()))
+    files += [parse_input(s.strip()).path for s in cfg.inputs.split(",") if s.strip()]
+    stats = {}
+    for path in files:
+        for root, _, names in os.walk(path) if os.path.isdir(path) else [("", None, [path])]:
+            for n in names:
+                p = os.path.join(root, n)
+                st = os.stat(p)
+                stats[p] = [st.st_size, int(st.st_mtime)]
+    return {"settings": settings, "inputs": stats, "tokenizer_sha256": tokenizer.sha256}
+
+
+class CorpusWriter:
+    """Appends each kept document's tokens and an eos to train.bin or val.bin (temp files, renamed
+    when the run completes, so an interrupted run never leaves a half corpus that looks whole)."""
+
+    def __init__(self, out_dir: str, eos_id: int, val_fraction: float):
+        self.out_dir, self.eos = out_dir, np.array([eos_id], dtype=TOKEN_DTYPE)
+        self.val_cut = int(val_fraction * 1_000_000)
+        self.files = {split: open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") for split in ("train", "val")}
+        self.tokens = Counter()
+        self.docs = Counter()
+
+    def add(self, text_h: int, tokens: np.ndarray) -> None:
+        split = "val" if text_h % 1_000_000 < self.val_cut else "train"
+        self.files[split].write(tokens.tobytes())
+        self.files[split].write(self.eos.tobytes())
+        self.tokens[split] += len(tokens) + 1
+        self.docs[split] += 1
+
+    def commit(self) -> None:
+        for split, f in self.files.items():
+            f.close()
+            os.replace(f.name, os.path.join(self.out_dir, f"{split}.bin"))
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+    os.replace(tmp, path)
+
+
+def check_output(cfg: Config, fp: dict) -> bool:
+    """True when out_dir already holds this very corpus; raises if it holds another one."""
+    meta_path = os.path.join(cfg.out_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        return False
+    with open(meta_path, encoding="utf-8") as f:
+        old = json.load(f).get("fingerprint")
+    if old == fp:
+        return True
+    if not cfg.overwrite:
+        raise CorpusError(f"{cfg.out_dir} already holds a corpus made from other inputs or settings; "
+                          "pass --overwrite=true to replace it, or choose another --out_dir")
+    return False
+
+
+def run(cfg: Config) -> dict:
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > MAX_VOCAB + 1:
+        raise CorpusError(f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} ids; uint16 holds at most "
+                          f"{MAX_VOCAB + 1}")
+    fp = fingerprint(cfg, tokenizer)
+    if check_output(cfg, fp):
+        print(f"{cfg.out_dir} is up to date (same inputs, settings and tokenizer); nothing to do")
+        with open(os.path.join(cfg.out_dir, "meta.json"), encoding="utf-8") as f:
+            return json.load(f)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    malformed: list[str] = []
+    dedup = Deduplicator(cfg)
+    writer = CorpusWriter(cfg.out_dir, tokenizer.eos_id, cfg.val_fraction)
+    batches = _batches(iter_corpus(cfg.sources, cfg.inputs, cfg.raw_dir), cfg.batch_docs)
+
+    def work() -> Iterator[tuple[list[Doc], Processed]]:
+        pending = ((b, [d.text or "" for d in b]) for b in batches)
+        if cfg.workers == 0:
+            _init_worker(cfg.tokenizer)
+            for b, texts in pending:
+                yield b, process_batch(texts, cfg)
+            return
+        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer,)) as pool:
+            # A bounded window of batches in flight: Pool.imap would read the whole corpus ahead.
+            in_flight: deque = deque()
+            for b, texts in pending:
+                in_flight.append((b, pool.apply_async(process_batch, (texts, cfg))))
+                if len(in_flight) >= 2 * cfg.workers + 2:
+                    b0, result = in_flight.popleft()
+                    yield b0, result.get()
+            while in_flight:
+                b0, result = in_flight.popleft()
+                yield b0, result.get()
+
+    bar = tqdm(unit=" docs", desc=f"processing into {cfg.out_dir}", mininterval=1.0, smoothing=0.1)
+    for docs, out in work():
+        for i, doc in enumerate(docs):
+            c = counts[doc.source]
+            c["read"] += 1
+            if doc.error is not None:
+                c["dropped_malformed"] += 1
+                if len(malformed) < 100:
+                    malformed.append(f"{doc.where}: {doc.error}")
+                continue
+            if out.texts[i] is None:
+                c["dropped_too_short"] += 1
+                continue
+            reason = dedup.verdict(out.hashes[i], None if out.signatures is None else out.signatures[i])
+            if reason:
+                c[f"dropped_{reason}"] += 1
+                continue
+            c["kept"] += 1
+            writer.add(out.hashes[i], out.tokens[i])
+        bar.update(len(docs))
+        bar.set_postfix(tokens=f"{sum(writer.tokens.values()) / 1e6:.1f}M", refresh=False)
+    bar.close()
+    writer.commit()
+    meta = {
+        "tokenizer": os.path.abspath(cfg.tokenizer), "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": "uint16",
+        "tokens": dict(writer.tokens), "documents": dict(writer.docs),
+        "sources": {name: dict(c) for name, c in counts.items()},
+        "malformed_examples": malformed, "fingerprint": fp,
+    }
+    write_json_atomic(os.path.join(cfg.out_dir, "meta.json"), meta)
+    report(meta, cfg.out_dir)
+    return meta
+
+
+def report(meta: dict, out_dir: str) -> None:
+    print(f"wrote {out_dir}: train {meta['tokens'].get('train', 0):,} tokens "
+          f"({meta['documents'].get('train', 0):,} docs), val {meta['tokens'].get('val', 0):,} tokens "
+          f"({meta['documents'].get('val', 0):,} docs)")
+    for name, c in meta["sources"].items():
+        drops = ", ".join(f"{k[8:]} {v:,}" for k, v in sorted(c.items()) if k.startswith("dropped_"))
+        dropped = f", dropped: {drops}" if drops else ""
+        print(f"  {name}: read {c.get('read', 0):,}, kept {c.get('kept', 0):,}{dropped}")
+    if meta["malformed_examples"]:
+        print(f"  malformed records (first {min(5, len(meta['malformed_examples']))}; all listed in meta.json):")
+        for line in meta["malformed_examples"][:5]:
+            print(f"    {line}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    try:
+        run(cfg)
+    except (CorpusError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,166 @@
+"""Pretraining windows over uint16 token memmaps.
+
+Any number of `.bin` files (or folders of them) form one token stream. Window i holds tokens
+[i*L, i*L + L + 1) for L = max_seq_len: inputs are its first L tokens, targets its last L, so
+consecutive windows share one token and every token of the stream is a target once (the seed cut
+512-token windows and trained on 511 of them). Windows may span two files: none is lost at a boundary.
+The last window may be short; its missing targets are IGNORE_INDEX, so the tail is not lost either.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+TOKEN_DTYPE = np.uint16
+IGNORE_INDEX = -100
+
+
+class CorpusMismatch(ValueError):
+    """A .bin made with another tokenizer than the one training uses."""
+
+
+def bin_files(paths: list[str] | str, split: str = "train") -> list[str]:
+    """The .bin files of paths; a folder gives its `<split>.bin` (or every .bin in it if that is absent)."""
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(",") if p]
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            own = os.path.join(path, f"{split}.bin")
+            files += [own] if os.path.isfile(own) else sorted(glob.glob(os.path.join(path, "**", "*.bin"),
+                                                                        recursive=True))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no corpus at {path}: run data_process.py first")
+    if not files:
+        raise FileNotFoundError(f"no .bin files in {paths}")
+    return files
+
+
+def corpus_tokenizer_sha(files: list[str]) -> str | None:
+    """The tokenizer sha256 recorded in the meta.json beside the files; they must all agree."""
+    shas = set()
+    for f in files:
+        meta = os.path.join(os.path.dirname(f), "meta.json")
+        if os.path.isfile(meta):
+            with open(meta, encoding="utf-8") as fh:
+                shas.add(json.load(fh).get("tokenizer_sha256"))
+    if len(shas) > 1:
+        raise CorpusMismatch(f"the corpora {files} were made with different tokenizers")
+    return shas.pop() if shas else None
+
+
+def check_tokenizer(files: list[str], tokenizer_sha: str) -> None:
+    corpus_sha = corpus_tokenizer_sha(files)
+    if corpus_sha is not None and corpus_sha != tokenizer_sha:
+        raise CorpusMismatch(f"{files[0]} was made with tokenizer sha256 {corpus_sha[:12]}..., "
+                             f"but training uses {tokenizer_sha[:12]}...; rerun data_process.py with "
+                             "this tokenizer or train with the corpus's")
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Map-style: item i is window i as (inputs, targets), int64 tensors of max_seq_len tokens."""
+
+    def __init__(self, paths: list[str] | str, max_seq_len: int, split: str = "train"):
+        self.files = bin_files(paths, split)
+        self.max_seq_len = max_seq_len
+        sizes = [os.path.getsize(f) // np.dtype(TOKEN_DTYPE).itemsize for f in self.files]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.n_tokens = int(self.starts[-1])
+        self.n_windows = max(0, -(-(self.n_tokens - 1) // max_seq_len))
+        if self.n_windows == 0:
+            raise ValueError(f"{self.files} hold {self.n_tokens} tokens: fewer than one window of "
+                             f"{max_seq_len + 1}")
+        self._maps: list[np.memmap] | None = None  # opened lazily, so the dataset pickles to workers
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def _tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the whole stream, read across file boundaries."""
+        if self._maps is None:
+            self._maps = [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") for f in self.files]
+        out = []
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < end:
+            local = start - self.starts[i]
+            take = min(end, self.starts[i + 1]) - start
+            out.append(self._maps[i][local:local + take])
+            start += take
+            i += 1
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def window(self, i: int) -> np.ndarray:
+        """max_seq_len + 1 tokens as int64; the last window is padded with -1 (never a real id)."""
+        start = i * self.max_seq_len
+        tokens = self._tokens(start, min(start + self.max_seq_len + 1, self.n_tokens)).astype(np.int64)
+        if len(tokens) < self.max_seq_len + 1:
+            tokens = np.pad(tokens, (0, self.max_seq_len + 1 - len(tokens)), constant_values=-1)
+        return tokens
+
+    @staticmethod
+    def _split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = w[..., :-1].clone(), w[..., 1:].clone()
+        inputs[inputs < 0] = 0
+        targets[targets < 0] = IGNORE_INDEX
+        return inputs, targets
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._split(torch.from_numpy(self.window(i)))
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (B, max_seq_len) for these windows, read in-process (no DataLoader workers:
+        on a few CPU cores they cost a core and are slower than the memmap read)."""
+        return self._split(torch.from_numpy(np.stack([self.window(i) for i in indices])))
+
+
+class WindowOrder:
+    """The order in which one rank visits windows: a permutation per epoch from (seed, epoch), sharded
+    so that ranks see disjoint windows, with a resumable position.
+
+    Every rank gets the same number of windows per epoch (the remainder after an even split is left out
+    for that epoch, and falls elsewhere in the next permutation), so DDP ranks stay in step."""
+
+    def __init__(self, n_windows: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        if n_windows < world_size:
+            raise ValueError(f"{n_windows} windows cannot be shared by {world_size} ranks")
+        self.n_windows, self.seed, self.rank, self.world_size, self.shuffle = \
+            n_windows, seed, rank, world_size, shuffle
+        self.per_rank = n_windows // world_size
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+        else:
+            order = np.arange(self.n_windows)
+        return order[self.rank::self.world_size][:self.per_rank]
+
+    def next(self, count: int) -> list[int]:
+        """The next count window indices (wrapping into the next epoch)."""
+        out: list[int] = []
+        while len(out) < count:
+            if self.position == self.per_rank:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            take = min(count - len(out), self.per_rank - self.position)
+            out += self._order[self.position:self.position + take].tolist()
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "n_windows": self.n_windows, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n_windows"] != self.n_windows or state["world_size"] != self.world_size:
+            raise ValueError(f"cannot resume the data order: it was for {state['n_windows']} windows on "
+                             f"{state['world_size']} ranks, now {self.n_windows} on {self.world_size}")
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._epoch_order()

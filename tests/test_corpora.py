@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from corpora import CorpusError, clean_text, parse_input, read_input
+
+
+def docs_of(spec: str):
+    return list(read_input(parse_input(spec)))
+
+
+def texts(docs):
+    return [d.text for d in docs if d.error is None]
+
+
+def test_wikipedia_cn(tmp_path):
+    f = tmp_path / "wiki.json"
+    f.write_text(json.dumps([{"completion": "维基百科一"}, {"completion": "维基百科二"}], ensure_ascii=False))
+    assert texts(docs_of(f"wikipedia:{f}")) == ["维基百科一", "维基百科二"]
+
+
+def test_baidubaike_keeps_every_section_and_the_last_record(tmp_path):
+    f = tmp_path / "baike.json"
+    rows = [{"title": f"词条{i}", "summary": f"摘要{i}",
+             "sections": [{"title": "历史", "content": f"历史{i}"}, {"title": "现状", "content": f"现状{i}"}]}
+            for i in range(3)]
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    out = texts(docs_of(f"baidubaike:{f}"))
+    assert len(out) == 3
+    assert out[2] == "词条2\n摘要2\n历史\n历史2\n现状\n现状2"
+
+
+def test_c4_medical_jsonl_and_a_malformed_line(tmp_path):
+    f = tmp_path / "c4.jsonl"
+    f.write_text('{"text": "第一行"}\n{"text": broken\n\n{"text": "第三行"}\n[1, 2]\n')
+    docs = docs_of(f"c4:{f}")
+    assert texts(docs) == ["第一行", "第三行"]
+    errors = [(d.where, d.error) for d in docs if d.error]
+    assert errors[0][0] == f"{f}:2" and "malformed JSON" in errors[0][1]
+    assert errors[1][0] == f"{f}:5" and "not a JSON object" in errors[1][1]
+    assert texts(docs_of(f"medical:{f}")) == ["第一行", "第三行"]
+
+
+def test_wudao_title_and_content(tmp_path):
+    f = tmp_path / "wudao.json"
+    f.write_text(json.dumps([{"title": "标题", "content": "正文"}, {"title": "无正文"}], ensure_ascii=False))
+    docs = docs_of(f"wudao:{f}")
+    assert texts(docs) == ["标题\n正文"]
+    assert "missing" in docs[1].error and docs[1].where.endswith("record 1")
+
+
+def test_generic_formats(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("一行\n\n二行\n三行\n")
+    assert texts(docs_of(str(txt))) == ["一行", "二行", "三行"]
+    assert texts(docs_of(f"txt_blocks:{txt}")) == ["一行", "二行\n三行"]
+    js = tmp_path / "b.jsonl"
+    js.write_text('{"content": "内容"}\n')
+    assert texts(docs_of(f"jsonl:{js}:content")) == ["内容"]
+    csv = tmp_path / "c.csv"
+    csv.write_text('id,body\n1,"正文,带逗号"\n2,第二\n')
+    assert texts(docs_of(f"csv:{csv}:body")) == ["正文,带逗号", "第二"]
+
+
+def test_parquet(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    f = tmp_path / "d.parquet"
+    pd.DataFrame({"body": ["甲", "乙"]}).to_parquet(f)
+    assert texts(docs_of(f"parquet:{f}:body")) == ["甲", "乙"]
+
+
+def test_named_field_that_no_record_has(tmp_path):
+    f = tmp_path / "c4.jsonl"
+    f.write_text('{"text": "x"}\n')
+    with pytest.raises(CorpusError, match="no record has 'content'"):
+        docs_of(f"jsonl:{f}:content")
+    csv = tmp_path / "c.csv"
+    csv.write_text("a,b\n1,2\n")
+    with pytest.raises(CorpusError, match="no column 'text'"):
+        docs_of(f"csv:{csv}:text")
+
+
+def test_unreadable_inputs(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        parse_input(f"jsonl:{tmp_path}/missing.jsonl")
+    with pytest.raises(CorpusError, match="unknown format"):
+        parse_input(str(tmp_path))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CorpusError, match="not UTF-8"):
+        docs_of(str(bad))
+    broken = tmp_path / "list.json"
+    broken.write_text('[{"completion": "a"},')
+    with pytest.raises(CorpusError, match="malformed JSON"):
+        docs_of(f"wikipedia:{broken}")
+
+
+def test_clean_text():
+    raw = "\ufeffＡＢＣ１２３\u3000全角　空格\x00\x07\r\n\r\n\r\n\n  第二段   多个   空格  \t\n"
+    assert clean_text(raw) == "ABC123 全角 空格\n\n第二段 多个 空格"

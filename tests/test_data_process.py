@@ -1,0 +1,124 @@
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from conftest import write_corpus
+
+from chatglm_tokenizer import load_tokenizer
+from corpora import CorpusError, clean_text
+from data_process import Config, minhash, run
+from dataset import CorpusMismatch, bin_files, check_tokenizer
+
+
+def make_inputs(tmp_path):
+    docs = write_corpus(tmp_path / "news.txt", 200)
+    extra = tmp_path / "extra.jsonl"
+    lines = [json.dumps({"text": "  重复的文档，  内容完全一样。\u3000"}, ensure_ascii=False)] * 3
+    lines += ['{"text": broken', json.dumps({"text": "短"}, ensure_ascii=False),
+              json.dumps({"text": docs[5] + "！"}, ensure_ascii=False)]  # near-duplicate of doc 5
+    extra.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return docs, f"txt:{tmp_path / 'news.txt'},jsonl:{extra}"
+
+
+def process(tmp_path, tokenizer, inputs, out="out", **kw):
+    cfg = Config(sources="", inputs=inputs, out_dir=str(tmp_path / out), tokenizer=tokenizer, workers=2,
+                 batch_docs=16, val_fraction=0.1, **kw)
+    return run(cfg), cfg
+
+
+def test_counts_tokens_and_decoding(tmp_path, small_tokenizer):
+    docs, inputs = make_inputs(tmp_path)
+    meta, cfg = process(tmp_path, small_tokenizer, inputs)
+    news, extra = meta["sources"]["txt:news.txt"], meta["sources"]["jsonl:extra.jsonl"]
+    assert news == {"read": 200, "kept": 200}
+    assert extra == {"read": 6, "kept": 1, "dropped_duplicate": 2, "dropped_malformed": 1,
+                     "dropped_too_short": 1, "dropped_near_duplicate": 1}
+    for c in meta["sources"].values():
+        assert c["read"] == c["kept"] + sum(v for k, v in c.items() if k.startswith("dropped_"))
+    assert meta["malformed_examples"][0].startswith(f"{tmp_path / 'extra.jsonl'}:4: malformed JSON")
+
+    tok = load_tokenizer(small_tokenizer)
+    kept = [clean_text(d) for d in docs] + [clean_text("  重复的文档，  内容完全一样。\u3000")]
+    streams = [np.fromfile(f, dtype=np.uint16) for f in bin_files(cfg.out_dir, "train") + bin_files(cfg.out_dir, "val")]
+    assert sum(len(s) for s in streams) == sum(len(tok.encode(d)) + 1 for d in kept)
+    assert meta["tokens"]["train"] + meta["tokens"]["val"] == sum(len(s) for s in streams)
+    assert 0 < meta["documents"]["val"] < meta["documents"]["train"]
+    decoded = []
+    for s in streams:
+        ends = np.flatnonzero(s == tok.eos_id)
+        assert ends[-1] == len(s) - 1  # every document, the last included, ends with one eos
+        decoded += [tok.decode(part.tolist()) for part in np.split(s, ends + 1)[:-1]]
+    assert sorted(decoded) == sorted(kept)
+    assert meta["tokenizer_sha256"] == tok.sha256
+
+
+def test_rerun_is_byte_identical_and_safe(tmp_path, small_tokenizer):
+    _, inputs = make_inputs(tmp_path)
+    _, cfg = process(tmp_path, small_tokenizer, inputs, out="a")
+    _, cfg_b = process(tmp_path, small_tokenizer, inputs, out="b", near_dedup=True)
+    _, cfg_serial = process(tmp_path, small_tokenizer, inputs, out="c")
+
+    def digest(folder):
+        return [hashlib.sha256(open(f"{folder}/{s}.bin", "rb").read()).hexdigest() for s in ("train", "val")]
+    assert digest(cfg.out_dir) == digest(cfg_b.out_dir) == digest(cfg_serial.out_dir)
+    # Same inputs and settings: nothing to do. Other settings: refuse unless asked to overwrite.
+    before = open(f"{cfg.out_dir}/meta.json").read()
+    process(tmp_path, small_tokenizer, inputs, out="a")
+    assert open(f"{cfg.out_dir}/meta.json").read() == before
+    with pytest.raises(CorpusError, match="--overwrite"):
+        process(tmp_path, small_tokenizer, inputs, out="a", min_chars=20)
+    meta, _ = process(tmp_path, small_tokenizer, inputs, out="a", min_chars=20, overwrite=True)
+    assert meta["fingerprint"]["settings"]["min_chars"] == 20
+
+
+def test_serial_equals_parallel(tmp_path, small_tokenizer):
+    _, inputs = make_inputs(tmp_path)
+    _, par = process(tmp_path, small_tokenizer, inputs, out="p")
+    cfg = Config(sources="", inputs=inputs, out_dir=str(tmp_path / "s"), tokenizer=small_tokenizer, workers=0,
+                 batch_docs=7, val_fraction=0.1)
+    run(cfg)
+    for split in ("train", "val"):
+        assert open(f"{par.out_dir}/{split}.bin", "rb").read() == open(f"{cfg.out_dir}/{split}.bin", "rb").read()
+
+
+def test_training_refuses_other_tokenizer(tmp_path, small_tokenizer, chatglm_path):
+    _, inputs = make_inputs(tmp_path)
+    _, cfg = process(tmp_path, small_tokenizer, inputs)
+    files = bin_files(cfg.out_dir)
+    check_tokenizer(files, load_tokenizer(small_tokenizer).sha256)
+    with pytest.raises(CorpusMismatch, match="made with tokenizer"):
+        check_tokenizer(files, load_tokenizer(chatglm_path).sha256)
+
+
+def test_vocab_too_large_for_uint16(tmp_path, small_tokenizer, monkeypatch):
+    import chatglm_tokenizer.sp_tokenizer as sp
+    _, inputs = make_inputs(tmp_path)
+    original = sp.SPTokenizer.__init__
+
+    def huge(self, *a, **k):
+        original(self, *a, **k)
+        self.vocab_size = 70000
+    monkeypatch.setattr(sp.SPTokenizer, "__init__", huge)
+    with pytest.raises(CorpusError, match="uint16 holds at most 65536"):
+        process(tmp_path, small_tokenizer, inputs)
+
+
+def test_minhash_estimates_jaccard():
+    a = "".join(chr(0x4E00 + i) for i in range(400))
+    b = a[:360] + "".join(chr(0x9000 + i) for i in range(40))
+    same = (minhash(a, 256, 5) == minhash(b, 256, 5)).mean()
+    true = len({a[i:i + 5] for i in range(396)} & {b[i:i + 5] for i in range(396)}) / \
+        len({a[i:i + 5] for i in range(396)} | {b[i:i + 5] for i in range(396)})
+    assert abs(same - true) < 0.08
+    assert (minhash(a, 64, 5) == minhash(a, 64, 5)).all()
+
+
+def test_cli_errors_are_one_line(tmp_path, small_tokenizer):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "data_process.py", "--sources=", f"--inputs=jsonl:{tmp_path}/none.jsonl",
+                             f"--tokenizer={small_tokenizer}"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: input jsonl:{tmp_path}/none.jsonl: "
+                                                  f"{tmp_path}/none.jsonl does not exist"]

@@ -1,0 +1,125 @@
+"""Train our own SentencePiece BPE tokenizer (byte fallback; unk 0, bos 1, eos 2) on the corpus stream.
+
+    python train_tokenizer.py                          # 8k vocab on the built-in demo corpus
+    python train_tokenizer.py --vocab_size=32000 --sources= --inputs=jsonl:my_corpus.jsonl:text
+
+One document in a hundred (by hash of its text) is held out; characters per token on the held-out
+documents is reported for the new tokenizer and, when its file is present, for ChatGLM2's.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+from chatglm_tokenizer import DEFAULT_MODEL, load_tokenizer
+from configurator import parse_config
+from corpora import CorpusError, clean_text, iter_corpus
+from data_process import text_hash, write_json_atomic
+
+MAX_VOCAB = 65535  # ids must fit in uint16
+
+
+@dataclass
+class Config:
+    sources: str = "peoples_daily,idioms,dictionary"  # built-in sources in data/raw (download_data.py)
+    inputs: str = ""  # your files, comma-separated: PATH, FORMAT:PATH or FORMAT:PATH:FIELD
+    raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
+    out: str = "data/tokenizer/tokenizer.model"  # the model file; tokenizer.json is written beside it
+    vocab_size: int = 8192  # at most 65,535 so that ids fit in uint16
+    max_chars: int = 20_000_000  # stop sampling training text after this many characters
+    character_coverage: float = 0.995  # rarer characters fall back to UTF-8 bytes
+    compare_with: str = DEFAULT_MODEL  # another tokenizer to report characters per token for
+    threads: int = 2  # SentencePiece trainer threads
+    overwrite: bool = False  # replace an existing tokenizer at `out`
+
+
+def held_out(text: str) -> bool:
+    return text_hash(text) % 100 == 0
+
+
+def split_corpus(cfg: Config) -> tuple[Iterator[str], list[str]]:
+    """Training sentences (one line of a cleaned document each) and the held-out documents."""
+    held: list[str] = []
+
+    def sentences() -> Iterator[str]:
+        total = 0
+        bar = tqdm(unit=" chars", unit_scale=True, desc="sampling text", mininterval=1.0)
+        for doc in iter_corpus(cfg.sources, cfg.inputs, cfg.raw_dir):
+            if doc.text is None:
+                continue
+            text = clean_text(doc.text)
+            if not text:
+                continue
+            if held_out(text):
+                held.append(text)
+                continue
+            for line in text.split("\n"):
+                if line:
+                    yield line
+            total += len(text)
+            bar.update(len(text))
+            if total >= cfg.max_chars:
+                break
+        bar.close()
+    return sentences(), held
+
+
+def chars_per_token(model_path: str, texts: list[str]) -> float:
+    tok = load_tokenizer(model_path)
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(texts, num_threads=2))
+    return sum(len(t) for t in texts) / max(n_tokens, 1)
+
+
+def train(cfg: Config) -> dict:
+    if not 259 < cfg.vocab_size <= MAX_VOCAB:
+        raise CorpusError(f"vocab_size {cfg.vocab_size} must be above 259 (3 specials + 256 bytes) "
+                          f"and at most {MAX_VOCAB} (uint16)")
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise CorpusError(f"{cfg.out} exists; pass --overwrite=true to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    sentences, held = split_corpus(cfg)
+    prefix = cfg.out[:-len(".model")] if cfg.out.endswith(".model") else cfg.out
+    tmp_prefix = prefix + ".tmp"
+    try:
+        _train_sentencepiece(cfg, sentences, tmp_prefix)
+    except RuntimeError as e:  # SentencePiece's messages are long C++ traces; keep the reason
+        raise CorpusError(f"SentencePiece could not train: {str(e).split('] ')[-1]}") from None
+    os.replace(tmp_prefix + ".model", cfg.out)
+    os.replace(tmp_prefix + ".vocab", prefix + ".vocab")
+    report = {"vocab_size": cfg.vocab_size, "held_out_documents": len(held), "settings": asdict(cfg),
+              "chars_per_token": {os.path.basename(cfg.out): chars_per_token(cfg.out, held)}}
+    if cfg.compare_with and os.path.isfile(cfg.compare_with):
+        report["chars_per_token"][cfg.compare_with] = chars_per_token(cfg.compare_with, held)
+    write_json_atomic(os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "tokenizer.json"), report)
+    print(f"wrote {cfg.out} ({cfg.vocab_size} ids); characters per token on {len(held)} held-out documents:")
+    for name, value in report["chars_per_token"].items():
+        print(f"  {name}: {value:.3f}")
+    return report
+
+
+def _train_sentencepiece(cfg: Config, sentences: Iterator[str], model_prefix: str) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_prefix=model_prefix, model_type="bpe", vocab_size=cfg.vocab_size,
+        character_coverage=cfg.character_coverage, byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        # identity normalisation and no dummy prefix keep decode(encode(x)) == x for cleaned text
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=16384,
+        num_threads=cfg.threads, minloglevel=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    try:
+        train(cfg)
+    except (CorpusError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
