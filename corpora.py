@@ -215,15 +215,15 @@ def read_table(path: str, source: str, column: str = "text") -> Iterator[Doc]:
 
 # ------------------------------------------------------------------- the built-in real sources
 
-_PKU_TAG = re.compile(r"/[A-Za-z]+\]?[A-Za-z]*")
+_PKU_TAG = re.compile(r"/[A-Za-z]+\]?[A-Za-z]*|\[|\s+")
 
 
 def read_peoples_daily(path: str, source: str) -> Iterator[Doc]:
     """People's Daily, January 1998 (PKU tagged): `word/tag  word/tag`, compounds as
-    `[word/tag word/tag]nt`. Tags and brackets are removed; one paragraph a line."""
+    `[word/tag word/tag]nt`. Tags, brackets and the spaces between words are removed; one paragraph
+    a line."""
     for number, line in _lines(path):
-        words = [_PKU_TAG.sub("", w).lstrip("[") for w in line.split()]
-        text = "".join(words)
+        text = _PKU_TAG.sub("", line)
         if text:
             yield Doc(text, source, f"{path}:{number}")
 
@@ -391,6 +391,7 @@ _CONTROL = {c for c in map(chr, range(0x20)) if c not in "\n\t"} | {chr(0x7F)} |
     {chr(c) for c in range(0x80, 0xA0)} | {"\u200b", "\u200c", "\u200d", "\ufeff", "\u2028", "\u2029"}
 _CONTROL_RE = re.compile("[" + re.escape("".join(sorted(_CONTROL))) + "]")
 _SPACES_RE = re.compile(r"[ \t\u3000]+")
+_LINE_EDGES_RE = re.compile(r" ?\n ?")
 _BLANK_LINES_RE = re.compile(r"\n{3,}")
 
 
@@ -398,5 +399,5 @@ def clean_text(text: str) -> str:
     """NFKC, no control characters, runs of spaces collapsed, lines trimmed, at most one blank line."""
     text = unicodedata.normalize("NFKC", text)
     text = _CONTROL_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    lines = [_SPACES_RE.sub(" ", line).strip() for line in text.split("\n")]
-    return _BLANK_LINES_RE.sub("\n\n", "\n".join(lines)).strip()
+    text = _LINE_EDGES_RE.sub("\n", _SPACES_RE.sub(" ", text))
+    return _BLANK_LINES_RE.sub("\n\n", text).strip()

@@ -8,8 +8,9 @@
 The corpus streams: worker processes clean, hash and tokenize batches of documents while this process
 reads the sources, decides in document order what is a duplicate, and appends the tokens of the kept
 documents to train.bin / val.bin. Memory does not depend on the size of the corpus, apart from the
-deduplication index (about 0.6 KB per kept document). Every document read is counted as kept or
-dropped with its reason; malformed records are reported with their file and line.
+deduplication index (8 bytes a key: 72 bytes per kept document with the default 8 bands). Every
+document read is counted as kept or dropped with its reason; malformed records are reported with
+their file and line.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from itertools import islice
+from itertools import chain, islice
 
 import numpy as np
 from tqdm import tqdm
@@ -77,27 +78,48 @@ _PERM_A = _PERM_RNG.integers(1, 2**63, size=256, dtype=np.uint64) | np.uint64(1)
 _PERM_B = _PERM_RNG.integers(0, 2**63, size=256, dtype=np.uint64)
 
 
-def minhash(text: str, n_perm: int, ngram: int) -> np.ndarray:
-    """MinHash signature (n_perm uint64) of the set of character n-grams of text."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    if len(codes) < ngram:
-        codes = np.pad(codes, (0, ngram - len(codes)))
-    shingles = np.zeros(len(codes) - ngram + 1, dtype=np.uint64)
+def minhash_batch(texts: list[str], n_perm: int, ngram: int) -> np.ndarray:
+    """MinHash signatures (len(texts), n_perm) of the sets of character n-grams of each text, computed
+    for the whole batch at once (one numpy pass instead of one per document)."""
+    padded = [t.ljust(ngram, "\0") for t in texts]  # a text shorter than ngram is one shingle
+    lengths = np.array([len(t) for t in padded])
+    codes = np.frombuffer("".join(padded).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    n_shingles = lengths - ngram + 1
+    # The start of every shingle that lies inside one text.
+    first = np.repeat(starts - np.concatenate([[0], np.cumsum(n_shingles)[:-1]]), n_shingles)
+    positions = np.arange(n_shingles.sum()) + first
+    shingles = np.zeros(len(positions), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(ngram):
-            shingles = shingles * np.uint64(1_000_003) + codes[j:len(codes) - ngram + 1 + j]
-        shingles = np.unique(_mix64(shingles))
-        signature = np.full(n_perm, _MASK64, dtype=np.uint64)
-        for start in range(0, len(shingles), 8192):  # bounded memory for very long documents
-            block = shingles[start:start + 8192, None] * _PERM_A[:n_perm] + _PERM_B[:n_perm]
-            signature = np.minimum(signature, block.min(axis=0))
-    return signature
+            shingles = shingles * np.uint64(1_000_003) + codes[positions + j]
+        shingles = _mix64(shingles)
+        owner_starts = np.concatenate([[0], np.cumsum(n_shingles)[:-1]])
+        signatures = np.empty((len(texts), n_perm), dtype=np.uint64)
+        for lo in range(0, n_perm, 16):  # 16 permutations at a time bounds the temporary array
+            hi = min(lo + 16, n_perm)
+            values = shingles[:, None] * _PERM_A[lo:hi] + _PERM_B[lo:hi]
+            signatures[:, lo:hi] = np.minimum.reduceat(values, owner_starts, axis=0)
+    return signatures
 
 
-def lsh_keys(signature: np.ndarray, bands: int) -> list[int]:
-    """One key per band; two documents sharing any key are near-duplicate candidates."""
-    rows = len(signature) // bands
-    return [text_hash(f"{b}:" + signature[b * rows:(b + 1) * rows].tobytes().hex()) for b in range(bands)]
+def minhash(text: str, n_perm: int, ngram: int) -> np.ndarray:
+    """MinHash signature (n_perm uint64) of the set of character n-grams of one text."""
+    return minhash_batch([text], n_perm, ngram)[0]
+
+
+def lsh_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """(n, bands) uint64 keys, one per band of each signature; two documents sharing any key of the
+    same band are near-duplicate candidates."""
+    n, n_perm = signatures.shape
+    rows = signatures.reshape(n, bands, n_perm // bands)
+    with np.errstate(over="ignore"):
+        keys = np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # band identity
+        keys = np.broadcast_to(keys, (n, bands)).copy()
+        for r in range(rows.shape[2]):
+            keys = _mix64(keys ^ rows[:, :, r])
+    return keys
 
 
 # ------------------------------------------------------------------ the work done in worker processes
@@ -112,11 +134,15 @@ def _init_worker(tokenizer_path: str) -> None:
 
 @dataclass
 class Processed:
-    """A batch of documents after cleaning, hashing and tokenizing (None where too short)."""
-    texts: list[str | None]
-    hashes: list[int]
-    signatures: np.ndarray | None
-    tokens: list[np.ndarray | None]
+    """A batch of documents after cleaning, hashing and tokenizing, in few arrays (cheap to send)."""
+    long_enough: list[bool]  # False where the cleaned text is shorter than min_chars
+    hashes: np.ndarray  # (n,) uint64 hash of each cleaned text
+    band_keys: np.ndarray | None  # (n, bands) uint64 MinHash LSH keys, without near_dedup None
+    tokens: np.ndarray  # the tokens of every long-enough document, concatenated
+    offsets: np.ndarray  # (n + 1,) document i's tokens are tokens[offsets[i]:offsets[i + 1]]
+
+    def doc_tokens(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
 
 def process_batch(texts: list[str], cfg: Config) -> Processed:
@@ -124,40 +150,79 @@ def process_batch(texts: list[str], cfg: Config) -> Processed:
     cleaned = [t if len(t) >= cfg.min_chars else None for t in cleaned]
     keep = [t for t in cleaned if t is not None]
     encoded = iter(_TOKENIZER.encode_batch(keep)) if keep else iter(())
-    n_perm = cfg.bands * cfg.rows
-    signatures = None
+    band_keys = None
     if cfg.near_dedup:
-        signatures = np.zeros((len(texts), n_perm), dtype=np.uint64)
-        for i, t in enumerate(cleaned):
-            if t is not None:
-                signatures[i] = minhash(t, n_perm, cfg.ngram)
-    tokens = [None if t is None else np.array(next(encoded), dtype=TOKEN_DTYPE) for t in cleaned]
-    hashes = [0 if t is None else text_hash(t) for t in cleaned]
-    return Processed(cleaned, hashes, signatures, tokens)
+        signatures = minhash_batch([t or "" for t in cleaned], cfg.bands * cfg.rows, cfg.ngram)
+        band_keys = lsh_keys(signatures, cfg.bands)
+    ids = [next(encoded) if t is not None else [] for t in cleaned]
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in ids], out=offsets[1:])
+    tokens = np.fromiter(chain.from_iterable(ids), dtype=TOKEN_DTYPE, count=int(offsets[-1]))
+    hashes = np.array([0 if t is None else text_hash(t) for t in cleaned], dtype=np.uint64)
+    return Processed([t is not None for t in cleaned], hashes, band_keys, tokens, offsets)
 
 
 # ------------------------------------------------------------------ the main process
 
+class KeySet:
+    """A set of uint64 keys in 8 bytes each: a sorted array, plus a Python set of recent keys that is
+    merged into it when it grows (a Python set costs about 70 bytes a key)."""
+
+    def __init__(self, merge_every: int = 1 << 20):
+        self.sorted = np.empty(0, dtype=np.uint64)
+        self.recent: set[int] = set()
+        self.merge_every = merge_every
+
+    def in_sorted(self, keys: np.ndarray) -> np.ndarray:
+        """Which keys (any shape) are in the sorted part."""
+        if len(self.sorted) == 0:
+            return np.zeros(keys.shape, dtype=bool)
+        at = np.searchsorted(self.sorted, keys).clip(max=len(self.sorted) - 1)
+        return self.sorted[at] == keys
+
+    def add(self, keys: list[int]) -> None:
+        self.recent.update(keys)
+        if len(self.recent) >= self.merge_every:
+            merged = np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent))
+            self.sorted = np.union1d(self.sorted, merged)
+            self.recent.clear()
+
+    def __len__(self) -> int:
+        return len(self.sorted) + len(self.recent)
+
+
 class Deduplicator:
-    """Exact and near-duplicate decisions, made in document order so that runs are reproducible."""
+    """Exact and near-duplicate decisions, made in document order so that runs are reproducible.
+    Near duplicates are documents that share a MinHash LSH band key of the same band."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.seen_exact: set[int] = set()
-        self.seen_bands: set[int] = set()
+        self.exact, self.bands = KeySet(), KeySet()
 
-    def verdict(self, text_h: int, signature: np.ndarray | None) -> str | None:
-        """None to keep the document, else the reason to drop it."""
-        if self.cfg.dedup:
-            if text_h in self.seen_exact:
-                return "duplicate"
-            self.seen_exact.add(text_h)
-        if signature is not None:
-            keys = lsh_keys(signature, self.cfg.bands)
-            if any(k in self.seen_bands for k in keys):
-                return "near_duplicate"
-            self.seen_bands.update(keys)
-        return None
+    def verdicts(self, out: Processed, candidates: list[bool]) -> list[str | None]:
+        """For each document of the batch, None to keep it or the reason to drop it; documents that are
+        not candidates (malformed, too short) get None and leave no trace."""
+        old_exact = self.exact.in_sorted(out.hashes).tolist()
+        hashes = out.hashes.tolist()
+        near = out.band_keys is not None
+        if near:
+            old_bands = self.bands.in_sorted(out.band_keys).any(axis=1).tolist()
+            band_keys = out.band_keys.tolist()
+        result: list[str | None] = []
+        for i, candidate in enumerate(candidates):
+            verdict = None
+            if candidate and self.cfg.dedup:
+                if old_exact[i] or hashes[i] in self.exact.recent:
+                    verdict = "duplicate"
+                else:
+                    self.exact.add([hashes[i]])
+            if candidate and verdict is None and near:
+                if old_bands[i] or not self.bands.recent.isdisjoint(band_keys[i]):
+                    verdict = "near_duplicate"
+                else:
+                    self.bands.add(band_keys[i])
+            result.append(verdict)
+        return result
 
 
 def _batches(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
@@ -190,17 +255,24 @@ class CorpusWriter:
         self.out_dir, self.eos = out_dir, np.array([eos_id], dtype=TOKEN_DTYPE)
         self.val_cut = int(val_fraction * 1_000_000)
         self.files = {split: open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") for split in ("train", "val")}
+        self.pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         self.tokens = Counter()
         self.docs = Counter()
 
     def add(self, text_h: int, tokens: np.ndarray) -> None:
         split = "val" if text_h % 1_000_000 < self.val_cut else "train"
-        self.files[split].write(tokens.tobytes())
-        self.files[split].write(self.eos.tobytes())
+        self.pending[split] += [tokens, self.eos]
         self.tokens[split] += len(tokens) + 1
         self.docs[split] += 1
 
+    def flush(self) -> None:
+        for split, parts in self.pending.items():
+            if parts:
+                self.files[split].write(np.concatenate(parts).tobytes())
+                parts.clear()
+
     def commit(self) -> None:
+        self.flush()
         for split, f in self.files.items():
             f.close()
             os.replace(f.name, os.path.join(self.out_dir, f"{split}.bin"))
@@ -267,6 +339,8 @@ def run(cfg: Config) -> dict:
 
     bar = tqdm(unit=" docs", desc=f"processing into {cfg.out_dir}", mininterval=1.0, smoothing=0.1)
     for docs, out in work():
+        candidates = [doc.error is None and out.long_enough[i] for i, doc in enumerate(docs)]
+        verdicts = dedup.verdicts(out, candidates)
         for i, doc in enumerate(docs):
             c = counts[doc.source]
             c["read"] += 1
@@ -274,16 +348,14 @@ def run(cfg: Config) -> dict:
                 c["dropped_malformed"] += 1
                 if len(malformed) < 100:
                     malformed.append(f"{doc.where}: {doc.error}")
-                continue
-            if out.texts[i] is None:
+            elif not out.long_enough[i]:
                 c["dropped_too_short"] += 1
-                continue
-            reason = dedup.verdict(out.hashes[i], None if out.signatures is None else out.signatures[i])
-            if reason:
-                c[f"dropped_{reason}"] += 1
-                continue
-            c["kept"] += 1
-            writer.add(out.hashes[i], out.tokens[i])
+            elif verdicts[i] is not None:
+                c[f"dropped_{verdicts[i]}"] += 1
+            else:
+                c["kept"] += 1
+                writer.add(int(out.hashes[i]), out.doc_tokens(i))
+        writer.flush()
         bar.update(len(docs))
         bar.set_postfix(tokens=f"{sum(writer.tokens.values()) / 1e6:.1f}M", refresh=False)
     bar.close()

@@ -122,3 +122,26 @@ def test_cli_errors_are_one_line(tmp_path, small_tokenizer):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: input jsonl:{tmp_path}/none.jsonl: "
                                                   f"{tmp_path}/none.jsonl does not exist"]
+
+
+def test_keyset_sorted_and_recent_parts_agree():
+    from data_process import KeySet
+    keys = KeySet(merge_every=3)
+    values = np.array([5, 2**63 + 7, 11, 3, 2**64 - 1], dtype=np.uint64)
+    for v in values.tolist():
+        keys.add([v])
+    assert len(keys) == 5 and len(keys.sorted) == 3 and len(keys.recent) == 2
+    probe = np.array([[5, 6], [2**64 - 1, 2**63 + 7]], dtype=np.uint64)
+    found = keys.in_sorted(probe) | np.vectorize(lambda k: int(k) in keys.recent)(probe)
+    assert found.tolist() == [[True, False], [True, True]]
+
+
+def test_dedup_decisions_do_not_depend_on_merging(tmp_path, small_tokenizer, monkeypatch):
+    import data_process
+    _, inputs = make_inputs(tmp_path)
+    meta, _ = process(tmp_path, small_tokenizer, inputs, out="a")
+    original = data_process.KeySet.__init__
+    monkeypatch.setattr(data_process.KeySet, "__init__", lambda self, merge_every=0: original(self, 5))
+    merged, _ = process(tmp_path, small_tokenizer, inputs, out="b")
+    assert merged["sources"] == meta["sources"]
+    assert open(tmp_path / "a/train.bin", "rb").read() == open(tmp_path / "b/train.bin", "rb").read()
