@@ -33,6 +33,7 @@ from corpora import CorpusError, Doc, clean_text, iter_corpus, parse_input
 
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max)  # 65,535 ids fit in uint16
+FORMAT_VERSION = 1  # raise when a change of this file changes what it writes: old outputs are then redone
 
 
 @dataclass
@@ -136,6 +137,7 @@ def _init_worker(tokenizer_path: str) -> None:
 class Processed:
     """A batch of documents after cleaning, hashing and tokenizing, in few arrays (cheap to send)."""
     long_enough: list[bool]  # False where the cleaned text is shorter than min_chars
+    n_chars: list[int]  # characters of each cleaned text
     hashes: np.ndarray  # (n,) uint64 hash of each cleaned text
     band_keys: np.ndarray | None  # (n, bands) uint64 MinHash LSH keys, without near_dedup None
     tokens: np.ndarray  # the tokens of every long-enough document, concatenated
@@ -159,7 +161,8 @@ def process_batch(texts: list[str], cfg: Config) -> Processed:
     np.cumsum([len(x) for x in ids], out=offsets[1:])
     tokens = np.fromiter(chain.from_iterable(ids), dtype=TOKEN_DTYPE, count=int(offsets[-1]))
     hashes = np.array([0 if t is None else text_hash(t) for t in cleaned], dtype=np.uint64)
-    return Processed([t is not None for t in cleaned], hashes, band_keys, tokens, offsets)
+    return Processed([t is not None for t in cleaned], [len(t or "") for t in cleaned], hashes, band_keys,
+                     tokens, offsets)
 
 
 # ------------------------------------------------------------------ the main process
@@ -244,7 +247,7 @@ def fingerprint(cfg: Config, tokenizer: SPTokenizer) -> dict:
                 p = os.path.join(root, n)
                 st = os.stat(p)
                 stats[p] = [st.st_size, int(st.st_mtime)]
-    return {"settings": settings, "inputs": stats, "tokenizer_sha256": tokenizer.sha256}
+    return {"format": FORMAT_VERSION, "settings": settings, "inputs": stats, "tokenizer_sha256": tokenizer.sha256}
 
 
 class CorpusWriter:
@@ -256,14 +259,14 @@ class CorpusWriter:
         self.val_cut = int(val_fraction * 1_000_000)
         self.files = {split: open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") for split in ("train", "val")}
         self.pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        self.tokens = Counter()
-        self.docs = Counter()
+        self.tokens, self.docs, self.chars = Counter(), Counter(), Counter()
 
-    def add(self, text_h: int, tokens: np.ndarray) -> None:
+    def add(self, text_h: int, tokens: np.ndarray, n_chars: int) -> None:
         split = "val" if text_h % 1_000_000 < self.val_cut else "train"
         self.pending[split] += [tokens, self.eos]
         self.tokens[split] += len(tokens) + 1
         self.docs[split] += 1
+        self.chars[split] += n_chars
 
     def flush(self) -> None:
         for split, parts in self.pending.items():
@@ -354,7 +357,7 @@ def run(cfg: Config) -> dict:
                 c[f"dropped_{verdicts[i]}"] += 1
             else:
                 c["kept"] += 1
-                writer.add(int(out.hashes[i]), out.doc_tokens(i))
+                writer.add(int(out.hashes[i]), out.doc_tokens(i), out.n_chars[i])
         writer.flush()
         bar.update(len(docs))
         bar.set_postfix(tokens=f"{sum(writer.tokens.values()) / 1e6:.1f}M", refresh=False)
@@ -363,7 +366,7 @@ def run(cfg: Config) -> dict:
     meta = {
         "tokenizer": os.path.abspath(cfg.tokenizer), "tokenizer_sha256": tokenizer.sha256,
         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": "uint16",
-        "tokens": dict(writer.tokens), "documents": dict(writer.docs),
+        "tokens": dict(writer.tokens), "documents": dict(writer.docs), "characters": dict(writer.chars),
         "sources": {name: dict(c) for name, c in counts.items()},
         "malformed_examples": malformed, "fingerprint": fp,
     }

@@ -109,7 +109,8 @@ def make_corpus(path: str, gb: float, raw_dir: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         while written < target:
             doc = "".join(rng.choices(sentences, k=rng.randint(5, 40))) + "\n"
-            written += f.write(doc) * 3  # about 3 bytes per character in UTF-8
+            f.write(doc)
+            written += len(doc.encode("utf-8"))
     print(f"generated {path}: {os.path.getsize(path) / 1e9:.2f} GB")
 
 
@@ -133,6 +134,7 @@ def tree_memory(pid: int) -> tuple[int, int]:
 def memory(args) -> None:
     tok_path = args.tokenizer or default_tokenizer()
     work = args.workdir or tempfile.mkdtemp()
+    os.makedirs(work, exist_ok=True)
     rows = []
     for gb in args.sizes_gb:
         corpus = os.path.join(work, f"corpus_{gb}gb.txt")

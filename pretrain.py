@@ -1,0 +1,231 @@
+"""Pretraining: next-token prediction on the token stream made by data_process.py.
+
+    python pretrain.py                                    # the tiny demo model on data/demo, on the CPU
+    python pretrain.py config/pretrain_tiny.py --max_steps=200
+    torchrun --nproc_per_node=4 pretrain.py config/pretrain_baby_92m.py    # several GPUs
+    torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \\
+        --nproc_per_node=8 pretrain.py config/pretrain_baby_218m.py       # several machines
+
+A run resumes from out_dir/ckpt.pt when it is there (model, optimizer, step, data position, RNG), so
+an interrupted run continues exactly; Ctrl-C or SIGTERM saves a checkpoint before exiting.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from chatglm_tokenizer import load_tokenizer
+from configurator import parse_config
+from dataset import CorpusMismatch, PretrainDataset, WindowOrder, bin_files, check_tokenizer
+from model import ModelArgs, Transformer, load_model, model_args_from_preset
+from trainer import (
+    Dist,
+    MetricsLog,
+    StopSignal,
+    Trainer,
+    TrainerSettings,
+    TrainingDiverged,
+    all_reduce_mean,
+    autocast,
+    measure_peak_flops,
+    print0,
+    save_checkpoint,
+    setup_distributed,
+    teardown,
+)
+
+
+@dataclass
+class Config:
+    data: str = "data/demo"  # .bin files or folders (their train.bin/val.bin), comma-separated
+    tokenizer: str = "data/tokenizer/tokenizer.model"  # the tokenizer the corpus was made with
+    out_dir: str = "out/pretrain"  # ckpt.pt, metrics.jsonl
+    model: str = "tiny"  # model preset in config/ (tiny, baby_92m, baby_218m) or a path to one
+    max_seq_len: int = 0  # 0 keeps the preset's
+    dropout: float = 0.0
+    init_from: str = ""  # start from these weights: our ckpt.pt or the seed's .pth
+    batch_size: int = 16  # windows per micro-step in each process
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 2000  # optimizer steps; the LR schedule is counted in these
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # at the end of the cosine decay
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    device: str = "auto"  # auto, cpu, cuda, cuda:1...
+    dtype: str = "auto"  # auto (bfloat16 where supported), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (costs 25-35 s at start on a CPU)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) across processes
+    seed: int = 1337
+    log_interval: int = 10  # steps between log lines
+    eval_interval: int = 200  # steps between validation losses
+    eval_batches: int = 20  # batches of val.bin per validation
+    save_interval: int = 500  # steps between checkpoints
+    keep_last: int = 2  # numbered checkpoints kept besides ckpt.pt
+    time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 for no limit
+    peak_tflops: float = 0.0  # the device's peak for MFU; 0 measures a matmul at start
+    resume: bool = True  # continue from out_dir/ckpt.pt when it exists
+    max_nonfinite_in_a_row: int = 10  # stop the run after this many non-finite losses in a row
+
+
+def build_model_args(cfg: Config) -> ModelArgs:
+    overrides = {"dropout": cfg.dropout}
+    if cfg.max_seq_len:
+        overrides["max_seq_len"] = cfg.max_seq_len
+    return model_args_from_preset(cfg.model, **overrides)
+
+
+def trainer_settings(cfg: Config) -> TrainerSettings:
+    return TrainerSettings(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                           weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, grad_clip=cfg.grad_clip,
+                           dtype=cfg.dtype, compile=cfg.compile, fsdp=cfg.fsdp,
+                           max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row)
+
+
+def corpus_chars_per_token(files: list[str], split: str) -> float | None:
+    """Characters per token of a split, from meta.json, to turn a loss into bits per character."""
+    meta = os.path.join(os.path.dirname(files[0]), "meta.json")
+    if len(files) != 1 or not os.path.isfile(meta):
+        return None
+    with open(meta, encoding="utf-8") as f:
+        m = json.load(f)
+    chars, tokens = m.get("characters", {}).get(split), m.get("tokens", {}).get(split)
+    return chars / tokens if chars and tokens else None
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer, val: PretrainDataset, cfg: Config, dist: Dist) -> float:
+    """Mean loss on the same val windows every time (a fixed, rank-sharded selection)."""
+    model = trainer.raw_model
+    model.eval()
+    order = WindowOrder(len(val), seed=0, rank=dist.rank, world_size=dist.world_size)
+    n = min(cfg.eval_batches * cfg.batch_size, order.per_rank)
+    losses = []
+    for start in range(0, n, cfg.batch_size):
+        x, y = val.batch(order.next(min(cfg.batch_size, n - start)))
+        with autocast(dist.device, trainer.dtype):
+            losses.append(float(model(x.to(dist.device), y.to(dist.device))[1]))
+    model.train()
+    return all_reduce_mean(sum(losses) / len(losses), dist)
+
+
+def resume_or_start(trainer: Trainer, order: WindowOrder, cfg: Config, args: ModelArgs, dist: Dist) -> int:
+    """Load out_dir/ckpt.pt into the trainer and data order; returns tokens seen so far."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        if cfg.init_from:
+            init, _ = load_model(cfg.init_from, model_args=args)
+            trainer.raw_model.load_state_dict(init.state_dict())
+            print0(f"initialised from {cfg.init_from}", dist=dist)
+        return 0
+    if not cfg.resume:
+        raise FileExistsError(f"{path} exists; pass --resume=true to continue that run or choose another --out_dir")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["model_args"] != asdict(args):
+        raise ValueError(f"{path} holds a model of another shape: {state['model_args']} (this run: {asdict(args)})")
+    trainer.load_state_dict(state)
+    order.load_state_dict(state["data"])
+    print0(f"resumed from {path} at step {trainer.step}", dist=dist)
+    return state["tokens_seen"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    dist = setup_distributed(cfg.device)
+    try:
+        train(cfg, dist)
+    except (FileNotFoundError, FileExistsError, CorpusMismatch, ValueError, TrainingDiverged) as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        teardown(dist)
+
+
+def train(cfg: Config, dist: Dist) -> None:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    train_files = bin_files(cfg.data, "train")
+    check_tokenizer(train_files, tokenizer.sha256)
+    args = build_model_args(cfg)
+    if tokenizer.n_pieces > args.vocab_size:
+        raise ValueError(f"model vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.n_pieces} "
+                         "pieces")
+    data = PretrainDataset(train_files, args.max_seq_len)
+    val_files = [f for f in bin_files(cfg.data, "val") if f not in train_files]
+    val = PretrainDataset(val_files, args.max_seq_len) if val_files else None
+    chars_per_token = corpus_chars_per_token(val_files, "val") if val_files else None
+    order = WindowOrder(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+
+    trainer = Trainer(Transformer(args), trainer_settings(cfg), dist)
+    tokens_seen = resume_or_start(trainer, order, cfg, args, dist)
+    model = trainer.raw_model
+    print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "
+           f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice); "
+           f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}; "
+           f"{dist.world_size} process(es) on {dist.device}, {trainer.dtype}", dist=dist)
+    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
+    flops_per_token = model.flops_per_token(args.max_seq_len)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * args.max_seq_len * dist.world_size
+    log = MetricsLog(cfg.out_dir, dist, resume_step=trainer.step if tokens_seen else None)
+
+    def loss_fn(m, batch):
+        return m(batch[0], batch[1])[1]
+
+    def checkpoint() -> None:
+        state = trainer.state_dict()
+        state.update(model_args=asdict(args), data=order.state_dict(), tokens_seen=tokens_seen, config=asdict(cfg),
+                     tokenizer_sha256=tokenizer.sha256, stage="pretrain")
+        if dist.master:
+            save_checkpoint(cfg.out_dir, state, trainer.step, cfg.keep_last)
+
+    start_time = last_time = time.time()
+    last_step = trainer.step
+    with StopSignal() as stop:
+        while trainer.step < cfg.max_steps:
+            batches = [tuple(t.to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
+                       for _ in range(cfg.grad_accum)]
+            stats = trainer.train_step(batches, loss_fn)
+            tokens_seen += tokens_per_step
+            step = trainer.step
+            record = {"step": step, "tokens": tokens_seen, "loss": stats.loss, "lr": stats.lr,
+                      "grad_norm": stats.grad_norm}
+            if stats.skipped:
+                record["skipped_nonfinite"] = trainer.nonfinite_total
+                print0(f"step {step}: non-finite loss, step skipped ({trainer.nonfinite_total} so far)", dist=dist)
+            done = step >= cfg.max_steps
+            over_time = cfg.time_limit_min > 0 and time.time() - start_time > cfg.time_limit_min * 60
+            console = None
+            if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or done or over_time:
+                now = time.time()
+                speed = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
+                record.update(tokens_per_s=speed, mfu=speed * flops_per_token / (peak * dist.world_size))
+                eta = (cfg.max_steps - step) * tokens_per_step / max(speed, 1e-9)
+                console = (f"step {step}/{cfg.max_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
+                           f"{speed:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {eta / 60:.1f} min")
+            if val is not None and (step % cfg.eval_interval == 0 or done or over_time) and not stats.skipped:
+                record["val_loss"] = evaluate(trainer, val, cfg, dist)
+                console += f" | val loss {record['val_loss']:.4f}"
+                if chars_per_token:
+                    record["val_bpc"] = record["val_loss"] / math.log(2) / chars_per_token
+                    console += f" ({record['val_bpc']:.3f} bits/char)"
+            if console is not None:
+                last_time, last_step = time.time(), step  # the next speed excludes evaluation time
+            log.log(record, console)
+            if step % cfg.save_interval == 0 or done or stop.requested or over_time:
+                checkpoint()
+            if stop.requested or over_time:
+                print0(f"stopped at step {step}; rerun the same command to continue", dist=dist)
+                break
+    trainer.release()
+    print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; plot: python plot.py {cfg.out_dir}", dist=dist)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

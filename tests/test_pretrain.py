@@ -1,0 +1,104 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, write_corpus
+
+from model import load_model
+
+PRESET = "dim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 600\nmax_seq_len = 32\nmultiple_of = 16\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, small_tokenizer):
+    from data_process import Config, run
+    folder = tmp_path_factory.mktemp("pretrain")
+    write_corpus(folder / "corpus.txt", 600)
+    run(Config(sources="", inputs=f"txt:{folder / 'corpus.txt'}", out_dir=str(folder / "data"),
+               tokenizer=small_tokenizer, val_fraction=0.1))
+    (folder / "preset.py").write_text(PRESET)
+    return folder
+
+
+def command(corpus, tokenizer, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "pretrain.py"), f"--data={corpus / 'data'}", f"--tokenizer={tokenizer}",
+            f"--model={corpus / 'preset.py'}", f"--out_dir={out}", "--dtype=float32", "--peak_tflops=1",
+            "--batch_size=4", "--warmup_steps=5", "--lr=3e-3", *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_ok(cmd, **kw):
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_pretraining_lowers_validation_loss(corpus, small_tokenizer, tmp_path):
+    out = tmp_path / "run"
+    run_ok(command(corpus, small_tokenizer, out, "--max_steps=60", "--eval_interval=20", "--eval_batches=4"))
+    vals = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
+    assert len(vals) == 3 and vals[-1] < vals[1] < vals[0] - 0.2
+    assert all("val_bpc" in m for m in metrics(out) if "val_loss" in m)
+    model, ckpt = load_model(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 60 and ckpt["stage"] == "pretrain"
+
+
+def test_sigterm_then_resume_is_exact(corpus, small_tokenizer, tmp_path):
+    steps = 300
+    args = (f"--max_steps={steps}", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000")
+    straight = tmp_path / "straight"
+    run_ok(command(corpus, small_tokenizer, straight, *args))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(corpus, small_tokenizer, killed, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").exists() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    _, ckpt = load_model(str(killed / "ckpt.pt"))  # the killed run left a loadable checkpoint
+    stopped_at = ckpt["step"]
+    assert 10 <= stopped_at < steps, "the run finished before the signal: make it longer"
+
+    run_ok(command(corpus, small_tokenizer, killed, *args))
+    a, b = metrics(straight), metrics(killed)
+    assert [m["step"] for m in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-6, (x, y)
+    wa = torch.load(straight / "ckpt.pt", weights_only=False)["model"]
+    wb = torch.load(killed / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_torchrun_two_processes_match_one_with_double_batch(corpus, small_tokenizer, tmp_path):
+    args = ("--max_steps=10", "--log_interval=1", "--eval_interval=100000")
+    run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+            *command(corpus, small_tokenizer, tmp_path / "ddp", *args)[1:]], timeout=300)
+    single = command(corpus, small_tokenizer, tmp_path / "single", *args)
+    single[single.index("--batch_size=4")] = "--batch_size=8"
+    run_ok(single)
+    for x, y in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single")):
+        assert abs(x["loss"] - y["loss"]) < 1e-5
+
+
+def test_errors_are_one_line(corpus, small_tokenizer, chatglm_path, tmp_path):
+    result = subprocess.run(command(corpus, chatglm_path, tmp_path / "x", "--max_steps=1"), capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(
+        "error: ") and "made with tokenizer" in result.stderr
+    result = subprocess.run(command(corpus, small_tokenizer, tmp_path / "x", "--max_steps=1", "--data=nowhere"),
+                            capture_output=True, text=True)
+    assert result.stderr.strip().splitlines() == ["error: no corpus at nowhere: run data_process.py first"]

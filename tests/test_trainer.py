@@ -1,0 +1,170 @@
+import io
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from model import ModelArgs, Transformer
+from trainer import (
+    Dist,
+    MetricsLog,
+    Trainer,
+    TrainerSettings,
+    TrainingDiverged,
+    cosine_lr,
+    make_optimizer,
+    save_checkpoint,
+)
+
+ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, multiple_of=16)
+
+
+def fresh_model(seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(**ARGS))
+
+
+def batch(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50, (n, 16), generator=g)
+    return x, torch.roll(x, -1, 1)
+
+
+def loss_fn(model, b):
+    return model(b[0], b[1])[1]
+
+
+def settings(**kw):
+    return TrainerSettings(**{"lr": 1e-2, "warmup_steps": 2, "max_steps": 20, "dtype": "float32", **kw})
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
+    assert cosine_lr(9, 1.0, 0.1, 10, 100) == pytest.approx(1.0)
+    assert cosine_lr(10, 1.0, 0.1, 10, 100) == pytest.approx(1.0)
+    assert cosine_lr(55, 1.0, 0.1, 10, 100) == pytest.approx(0.55)
+    assert cosine_lr(100, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
+    assert cosine_lr(500, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms():
+    model = fresh_model()
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+
+
+def test_gradient_accumulation_equals_big_batch():
+    x, y = batch(0, 8)
+    one = Trainer(fresh_model(), settings(), Dist())
+    accum = Trainer(fresh_model(), settings(), Dist())
+    for _ in range(3):
+        a = one.train_step([(x, y)], loss_fn)
+        b = accum.train_step([(x[:4], y[:4]), (x[4:], y[4:])], loss_fn)
+        assert a.loss == pytest.approx(b.loss, abs=1e-5)
+    for p, q in zip(one.raw_model.parameters(), accum.raw_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_scaler_only_for_float16():
+    assert Trainer(fresh_model(), settings(dtype="float16"), Dist()).scaler.is_enabled()
+    assert not Trainer(fresh_model(), settings(dtype="bfloat16"), Dist()).scaler.is_enabled()
+    assert not Trainer(fresh_model(), settings(dtype="float32"), Dist()).scaler.is_enabled()
+    trainer = Trainer(fresh_model(), settings(dtype="bfloat16"), Dist())
+    assert trainer.train_step([batch(0, 4)], loss_fn).loss < 10
+
+
+def test_nonfinite_loss_is_skipped_then_training_goes_on():
+    trainer = Trainer(fresh_model(), settings(max_nonfinite_in_a_row=3), Dist())
+    trainer.train_step([batch(0, 4)], loss_fn)
+    before = [p.clone() for p in trainer.raw_model.parameters()]
+    stats = trainer.train_step([batch(1, 4)], lambda m, b: loss_fn(m, b) * float("nan"))
+    assert stats.skipped and trainer.step == 1 and trainer.nonfinite_total == 1
+    assert all(torch.equal(p, q) for p, q in zip(before, trainer.raw_model.parameters()))
+    assert not trainer.train_step([batch(2, 4)], loss_fn).skipped
+    assert trainer.step == 2
+    for _ in range(2):
+        trainer.train_step([batch(3, 4)], lambda m, b: loss_fn(m, b) * float("inf"))
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
+        trainer.train_step([batch(3, 4)], lambda m, b: loss_fn(m, b) * float("inf"))
+
+
+def test_state_round_trip_continues_identically():
+    a = Trainer(fresh_model(), settings(), Dist())
+    for i in range(3):
+        a.train_step([batch(i, 4)], loss_fn)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)  # as a checkpoint file would hold it: copies, not live tensors
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    b = Trainer(fresh_model(seed=9), settings(), Dist())
+    b.load_state_dict(state)
+    for i in range(3, 6):
+        la = a.train_step([batch(i, 4)], loss_fn).loss
+        lb = b.train_step([batch(i, 4)], loss_fn).loss
+        assert la == lb
+    assert b.step == 6
+
+
+def test_checkpoint_files_are_atomic_and_pruned(tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        save_checkpoint(str(tmp_path), {"step": step}, step, keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
+    assert torch.load(tmp_path / "ckpt.pt")["step"] == 3
+
+    def broken_save(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(str(tmp_path), {"step": 4}, 4, keep_last=2)
+    assert torch.load(tmp_path / "ckpt.pt")["step"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
+
+
+def test_metrics_log_truncates_on_resume(tmp_path):
+    log = MetricsLog(str(tmp_path), Dist())
+    for step in range(1, 6):
+        log.log({"step": step})
+    MetricsLog(str(tmp_path), Dist(), resume_step=3)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [int(line.split(":")[1].strip(" }")) for line in lines] == [1, 2, 3]
+
+
+def _ddp_worker(rank, world, port, out, steps):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from trainer import setup_distributed, teardown
+    torch.set_num_threads(1)
+    dist = setup_distributed("cpu")
+    trainer = Trainer(fresh_model(), settings(), dist)
+    losses = []
+    for i in range(steps):
+        x, y = batch(i, 8)
+        # Two micro-batches per step, so that accumulation under no_sync is covered too.
+        mine = slice(rank * 4, rank * 4 + 4)
+        xs, ys = x[mine], y[mine]
+        losses.append(trainer.train_step([(xs[:2], ys[:2]), (xs[2:], ys[2:])], loss_fn).loss)
+    torch.save({"losses": losses, "model": trainer.model_state()}, f"{out}/rank{rank}.pt")
+    trainer.release()
+    teardown(dist)
+
+
+def test_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path), 10), nprocs=2, start_method="spawn")
+    single = Trainer(fresh_model(), settings(), Dist())
+    losses = [single.train_step([batch(i, 8)], loss_fn).loss for i in range(10)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["losses"] == pytest.approx(losses, abs=1e-5)
+    for key, value in single.model_state().items():
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key])
+        assert torch.allclose(ranks[0]["model"][key], value, atol=1e-5)

@@ -1,0 +1,417 @@
+"""What the training stages share: distributed set-up, autocast and loss scaling, the LR schedule,
+the optimizer, one optimizer step with gradient accumulation, checkpoints, metrics and clean exits.
+
+A stage script builds its model and data, then writes its loop with these pieces:
+
+    dist = setup_distributed(cfg.device)
+    trainer = Trainer(model, TrainerSettings(...), dist)
+    state = trainer.resume(out_dir)                  # {} on a fresh run
+    while trainer.step < max_steps:
+        stats = trainer.train_step(micro_batches, loss_fn)
+        ...log, evaluate, trainer.save(out_dir, extra)...
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------ distributed set-up
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """A plain process, or one of torchrun's (RANK/WORLD_SIZE/LOCAL_RANK in the environment):
+    nccl on CUDA, gloo on the CPU."""
+    device = pick_device(device)
+    if "RANK" not in os.environ:
+        return Dist(device=device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    torch_dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, local, world, device)
+
+
+def teardown(dist: Dist) -> None:
+    """All ranks meet before the group goes, with the DDP wrappers already collected (they hold
+    reference cycles): otherwise gloo runs may abort at exit ("terminate called without an active
+    exception")."""
+    if dist.enabled and torch_dist.is_initialized():
+        gc.collect()
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_mean(value: float | torch.Tensor, dist: Dist) -> float:
+    if not dist.enabled:
+        return float(value)
+    t = torch.tensor(float(value), dtype=torch.float64, device=dist.device)
+    torch_dist.all_reduce(t)
+    return float(t) / dist.world_size
+
+
+def print0(*args, dist: Dist | None = None, **kwargs) -> None:
+    if dist is None or dist.master:
+        print(*args, **kwargs, flush=True)
+
+
+# ------------------------------------------------------------------ precision, schedule, optimizer
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' is bfloat16 where the device has it (CPUs here do, and it is faster), else float16."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16"
+
+
+def autocast(device: str, dtype: str):
+    """Mixed precision for the forward pass in the dtype asked for (the seed always used float16)."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
+
+
+def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup over warmup_steps optimizer steps, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device: str) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms and biases do not; fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen, decay, no_decay = set(), [], []
+    for p in params:
+        if id(p) in seen:  # the tied embedding appears once
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def measure_peak_flops(device: str, dtype: str, seconds: float = 1.0) -> float:
+    """FLOP/s of a large matmul in dtype on this device: the peak that MFU is reported against."""
+    n = 2048 if device == "cpu" else 8192
+    torch_dtype = DTYPES[dtype]
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return 2 * n ** 3 * count / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------ RNG state (exact resume)
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temp file, then rename: a crash mid-write never replaces a good file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str:
+    """Write ckpt_<step>.pt, point ckpt.pt at it (a hard link, renamed into place) and keep only the
+    newest keep_last numbered files. Returns the path of ckpt.pt."""
+    os.makedirs(out_dir, exist_ok=True)
+    numbered = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    save_atomic(state, numbered)
+    latest = os.path.join(out_dir, "ckpt.pt")
+    link_tmp = latest + ".link"
+    if os.path.exists(link_tmp):
+        os.remove(link_tmp)
+    try:
+        os.link(numbered, link_tmp)
+    except OSError:  # file systems without hard links: a second write
+        save_atomic(state, link_tmp)
+    os.replace(link_tmp, latest)
+    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last or None]:
+        os.remove(old)
+    return latest
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per log step) and a console line, on the master rank only."""
+
+    def __init__(self, out_dir: str, dist: Dist, resume_step: int | None = None):
+        self.dist = dist
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if dist.master:
+            os.makedirs(out_dir, exist_ok=True)
+            self._truncate(resume_step)
+
+    def _truncate(self, resume_step: int | None) -> None:
+        """On resume, drop lines of steps after the checkpoint (they will be run again); on a fresh
+        run, start an empty file."""
+        if resume_step is None or not os.path.exists(self.path):
+            open(self.path, "w").close()
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
+    def log(self, record: dict, console: str | None = None) -> None:
+        if not self.dist.master:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if console:
+            print(console, flush=True)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------ the optimizer step
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainerSettings:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+    max_nonfinite_in_a_row: int = 10
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over micro-batches and ranks; nan when skipped
+    lr: float
+    grad_norm: float
+    skipped: bool
+
+
+class Trainer:
+    """Wraps the model for DDP/FSDP/compile and performs optimizer steps with gradient accumulation."""
+
+    def __init__(self, model: torch.nn.Module, settings: TrainerSettings, dist: Dist):
+        self.settings, self.dist = settings, dist
+        self.dtype = resolve_dtype(settings.dtype, dist.device)
+        self.raw_model = model.to(dist.device)
+        self.model = self._wrap(self.raw_model)
+        self.optimizer = make_optimizer(self.raw_model, settings.lr, settings.weight_decay,
+                                        (settings.beta1, settings.beta2), dist.device)
+        # A loss scaler only for float16: bfloat16 has float32's range and needs none.
+        self.scaler = torch.amp.GradScaler(dist.device.split(":")[0], enabled=self.dtype == "float16")
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+
+    def release(self) -> None:
+        """Drop the distributed wrapper; call before teardown()."""
+        self.model = self.raw_model
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.settings.fsdp:
+            if not self.dist.enabled:
+                raise ValueError("fsdp needs several processes: launch with torchrun")
+            from torch.distributed.fsdp import fully_shard
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        if self.settings.compile:
+            model = torch.compile(model)
+        if self.dist.enabled and not self.settings.fsdp:
+            device_ids = [self.dist.local_rank] if self.dist.device.startswith("cuda") else None
+            model = DDP(model, device_ids=device_ids)
+        return model
+
+    def _sync_context(self, last: bool):
+        """Gradients are all-reduced on the last micro-step only (the seed synced on none of them)."""
+        if last or not self.dist.enabled:
+            return contextlib.nullcontext()
+        if self.settings.fsdp:
+            self.raw_model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def train_step(self, micro_batches: Iterable[Any],
+                   loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> StepStats:
+        """One optimizer step over the micro-batches (gradient accumulation); loss_fn(model, batch)
+        returns the mean loss of one micro-batch."""
+        s = self.settings
+        lr = cosine_lr(self.step, s.lr, s.min_lr, s.warmup_steps, s.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = list(micro_batches)
+        total, finite = 0.0, True
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            if self.settings.fsdp and last:
+                self.raw_model.set_requires_gradient_sync(True)
+            with self._sync_context(last):
+                with autocast(self.dist.device, self.dtype):
+                    loss = loss_fn(self.model, batch) / len(micro_batches)
+                finite &= bool(torch.isfinite(loss))
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        finite = all_reduce_mean(float(finite), self.dist) == 1.0
+        if not finite:
+            return self._skip(lr)
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), s.grad_clip if s.grad_clip > 0 else 1e30)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.nonfinite_in_a_row = 0
+        return StepStats(all_reduce_mean(total, self.dist), lr, float(norm), False)
+
+    def _skip(self, lr: float) -> StepStats:
+        """A non-finite loss: drop the gradients, keep the weights, count it; many in a row stop the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_total += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.settings.max_nonfinite_in_a_row:
+            raise TrainingDiverged(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step}: the run diverged. "
+                "Lower the learning rate, use bfloat16 instead of float16, or resume from an earlier checkpoint")
+        return StepStats(float("nan"), lr, float("nan"), True)
+
+    # -------------------------------------------------------------- state
+
+    def model_state(self) -> dict:
+        if self.settings.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs. It references live tensors: save it before the next step."""
+        optimizer = self.optimizer.state_dict()
+        if self.settings.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            optimizer = get_optimizer_state_dict(self.raw_model, self.optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"model": self.model_state(), "optimizer": optimizer, "scaler": self.scaler.state_dict(),
+                "step": self.step, "nonfinite_total": self.nonfinite_total, "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from model import clean_state_dict
+        if self.settings.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.raw_model, clean_state_dict(state["model"]), options=options)
+            set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.raw_model.load_state_dict(clean_state_dict(state["model"]), strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        set_rng_state(state["rng"])
