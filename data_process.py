@@ -171,7 +171,7 @@ class KeySet:
     """A set of uint64 keys in 8 bytes each: a sorted array, plus a Python set of recent keys that is
     merged into it when it grows (a Python set costs about 70 bytes a key)."""
 
-    def __init__(self, merge_every: int = 1 << 20):
+    def __init__(self, merge_every: int = 1 << 18):
         self.sorted = np.empty(0, dtype=np.uint64)
         self.recent: set[int] = set()
         self.merge_every = merge_every

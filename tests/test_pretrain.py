@@ -102,3 +102,19 @@ def test_errors_are_one_line(corpus, small_tokenizer, chatglm_path, tmp_path):
     result = subprocess.run(command(corpus, small_tokenizer, tmp_path / "x", "--max_steps=1", "--data=nowhere"),
                             capture_output=True, text=True)
     assert result.stderr.strip().splitlines() == ["error: no corpus at nowhere: run data_process.py first"]
+
+
+@pytest.mark.parametrize("recipe", ["pretrain_tiny", "pretrain_baby_92m", "pretrain_baby_218m"])
+def test_recipes_parse(recipe):
+    from configurator import parse_config
+    from pretrain import Config, build_model_args
+    cfg = parse_config(Config, [os.path.join(ROOT, "config", f"{recipe}.py"), "--max_steps=7"])
+    assert cfg.max_steps == 7 and cfg.model in recipe
+    assert build_model_args(cfg).n_layers > 0
+
+
+def test_help_lists_settings():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "--grad_accum" in result.stdout
+    assert "micro-steps per optimizer step" in result.stdout

@@ -1,0 +1,96 @@
+"""Training throughput and MFU: our model.py against `transformers`' LlamaForCausalLM at the same shape,
+batch and dtype, eager and torch.compile, in one run. MFU is against the matmul peak of the same dtype
+measured in the same run.
+
+    python bench/bench_train.py --presets tiny baby_92m --dtypes float32 bfloat16 --modes eager compiled
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import Transformer, model_args_from_preset  # noqa: E402
+from trainer import autocast, make_optimizer, measure_peak_flops  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import hf_model  # noqa: E402
+
+
+def train_speed(model, loss_of, batch: tuple[torch.Tensor, torch.Tensor], dtype: str, steps: int,
+                warmup: int) -> tuple[float, float]:
+    """(tokens per second over `steps` optimizer steps, seconds of the warm-up steps)."""
+    optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cpu")
+    x, y = batch
+
+    def step():
+        with autocast("cpu", dtype):
+            loss = loss_of(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * x.numel() / (time.perf_counter() - start), warm
+
+
+def ours_loss(model, x, y):
+    return model(x, y)[1]
+
+
+def hf_loss(model, x, y):
+    # Same targets as ours: logits at every input position against the next token.
+    logits = model(input_ids=x).logits
+    return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "baby_92m"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--batch_tokens", type=int, default=4096, help="tokens per step (batch x max_seq_len)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    peaks = {d: measure_peak_flops("cpu", d, seconds=2.0) for d in args.dtypes}
+    print(f"torch {torch.__version__}, {args.threads} threads; matmul peak "
+          + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
+    print(f"{'preset':<9} {'dtype':<9} {'mode':<9} {'ours tok/s':>10} {'MFU':>6} {'transformers tok/s':>18} "
+          f"{'ratio':>6} {'warm-up s (ours/hf)':>20}")
+    for preset in args.presets:
+        model_args = model_args_from_preset(preset)
+        T = model_args.max_seq_len
+        B = max(1, args.batch_tokens // T)
+        torch.manual_seed(0)
+        x = torch.randint(3, model_args.vocab_size, (B, T + 1))
+        batch = (x[:, :-1], x[:, 1:])
+        for dtype in args.dtypes:
+            for mode in args.modes:
+                torch.manual_seed(0)
+                ours = Transformer(model_args)
+                hf = hf_model(ours).train()
+                flops = ours.flops_per_token(T)
+                run_ours = torch.compile(ours) if mode == "compiled" else ours
+                run_hf = torch.compile(hf) if mode == "compiled" else hf
+                warm = 3 if mode == "compiled" else 1
+                ours_speed, ours_warm = train_speed(run_ours, ours_loss, batch, dtype, args.steps, warm)
+                hf_speed, hf_warm = train_speed(run_hf, hf_loss, batch, dtype, args.steps, warm)
+                mfu = ours_speed * flops / peaks[dtype]
+                print(f"{preset:<9} {dtype:<9} {mode:<9} {ours_speed:>10,.0f} {100 * mfu:>5.1f}% {hf_speed:>18,.0f} "
+                      f"{ours_speed / hf_speed:>5.2f}x {ours_warm:>9.0f} / {hf_warm:<8.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

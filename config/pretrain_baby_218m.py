@@ -1,0 +1,14 @@
+# The seed's 218M model; 16 x 8 x 1024 = 131,072 tokens per optimizer step on one GPU.
+model = "baby_218m"
+data = "data/seed"
+tokenizer = "chatglm_tokenizer/tokenizer.model"
+out_dir = "out/baby_218m"
+batch_size = 16
+grad_accum = 8
+max_steps = 30000
+warmup_steps = 1000
+lr = 3e-4
+min_lr = 3e-5
+eval_interval = 1000
+save_interval = 1000
+compile = True

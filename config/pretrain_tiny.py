@@ -1,0 +1,16 @@
+# The CPU demo: the tiny model on the built-in corpus (data/demo) with our 8k tokenizer, about 10 minutes
+# on 2 cores (bfloat16 autocast + torch.compile).
+model = "tiny"
+data = "data/demo"
+tokenizer = "data/tokenizer/tokenizer.model"
+out_dir = "out/pretrain"
+batch_size = 16
+grad_accum = 1
+max_steps = 600
+warmup_steps = 30
+lr = 2e-3
+min_lr = 2e-4
+eval_interval = 100
+eval_batches = 10
+save_interval = 100
+compile = True

@@ -1,0 +1,76 @@
+"""Loss against tokens seen, train and validation, from one or more runs' metrics.jsonl, as a PNG.
+
+    python plot.py out/pretrain                       # writes out/pretrain/loss.png
+    python plot.py out/run_a out/run_b --out=compare.png --smooth=50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str) -> list[dict]:
+    file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise SystemExit(f"error: no metrics at {file}: train first (pretrain.py writes metrics.jsonl)")
+    records = []
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise SystemExit(f"error: {file}:{number} is not JSON") from None
+    return records
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, total, queue = [], 0.0, []
+    for v in values:
+        queue.append(v)
+        total += v
+        if len(queue) > window:
+            total -= queue.pop(0)
+        out.append(total / len(queue))
+    return out
+
+
+def plot(runs: list[str], out: str, smooth: int) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in runs:
+        records = read_metrics(run)
+        name = os.path.basename(os.path.normpath(run))
+        train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") == r.get("loss")]  # skip NaN
+        if train:
+            ax.plot([t / 1e6 for t, _ in train], moving_average([v for _, v in train], smooth), label=f"{name} train")
+        val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+        if val:
+            ax.plot([t / 1e6 for t, _ in val], [v for _, v in val], "o-", label=f"{name} val")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
+    parser.add_argument("--out", default=None, help="PNG path (default: <first run>/loss.png)")
+    parser.add_argument("--smooth", type=int, default=20, help="moving average window for the train loss")
+    args = parser.parse_args(argv)
+    first = args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0])
+    plot(args.runs, args.out or os.path.join(first, "loss.png"), max(1, args.smooth))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,27 @@
+import json
+import subprocess
+import sys
+
+from plot import moving_average, plot
+
+
+def test_plot_writes_png(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 30):
+            record = {"step": step, "tokens": step * 1000, "loss": 5.0 / step}
+            if step % 10 == 0:
+                record["val_loss"] = 5.5 / step
+            f.write(json.dumps(record) + "\n")
+    plot([str(tmp_path)], str(tmp_path / "loss.png"), 5)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_moving_average():
+    assert moving_average([1, 3, 5, 7], 2) == [1, 2, 4, 6]
+
+
+def test_missing_metrics_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "plot.py", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: no metrics at {tmp_path}/metrics.jsonl: train first "
+                                                  "(pretrain.py writes metrics.jsonl)"]
