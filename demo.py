@@ -22,7 +22,7 @@ class Config:
     data_dir: str = "data"  # raw sources, tokenizer and corpus go under it
     out_dir: str = "out"  # checkpoints and plots go under it
     vocab_size: int = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
-    pretrain_steps: int = 600  # optimizer steps of 4,096 tokens (about 10 minutes on 2 CPU cores)
+    pretrain_steps: int = 1100  # optimizer steps of 4,096 tokens (about 10 minutes on 2 CPU cores)
 
 
 def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:

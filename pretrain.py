@@ -101,19 +101,16 @@ def corpus_chars_per_token(files: list[str], split: str) -> float | None:
     return chars / tokens if chars and tokens else None
 
 
-@torch.no_grad()
 def evaluate(trainer: Trainer, val: PretrainDataset, cfg: Config, dist: Dist) -> float:
     """Mean loss on the same val windows every time (a fixed, rank-sharded selection)."""
-    model = trainer.raw_model
-    model.eval()
     order = WindowOrder(len(val), seed=0, rank=dist.rank, world_size=dist.world_size)
     n = min(cfg.eval_batches * cfg.batch_size, order.per_rank)
     losses = []
-    for start in range(0, n, cfg.batch_size):
-        x, y = val.batch(order.next(min(cfg.batch_size, n - start)))
-        with autocast(dist.device, trainer.dtype):
-            losses.append(float(model(x.to(dist.device), y.to(dist.device))[1]))
-    model.train()
+    with trainer.evaluating() as model:
+        for start in range(0, n, cfg.batch_size):
+            x, y = val.batch(order.next(min(cfg.batch_size, n - start)))
+            with autocast(dist.device, trainer.dtype):
+                losses.append(float(model(x.to(dist.device), y.to(dist.device))[1]))
     return all_reduce_mean(sum(losses) / len(losses), dist)
 
 

@@ -307,6 +307,20 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
 
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode without gradients for validation, then back to training. Under FSDP the root
+        module keeps its parameters unsharded after a forward without backward; they are resharded
+        here, or the optimizer would no longer find them when the next checkpoint is written."""
+        self.raw_model.eval()
+        try:
+            with torch.no_grad():
+                yield self.raw_model
+        finally:
+            self.raw_model.train()
+            if self.settings.fsdp:
+                self.raw_model.reshard()
+
     def release(self) -> None:
         """Drop the distributed wrapper; call before teardown()."""
         self.model = self.raw_model

@@ -83,15 +83,31 @@ def test_sigterm_then_resume_is_exact(corpus, small_tokenizer, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_torchrun_two_processes_match_one_with_double_batch(corpus, small_tokenizer, tmp_path):
-    args = ("--max_steps=10", "--log_interval=1", "--eval_interval=100000")
-    run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-            *command(corpus, small_tokenizer, tmp_path / "ddp", *args)[1:]], timeout=300)
-    single = command(corpus, small_tokenizer, tmp_path / "single", *args)
+def torchrun(corpus, tokenizer, out, port, *extra):
+    run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+            *command(corpus, tokenizer, out, *extra)[1:]], timeout=300)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_with_double_batch(corpus, small_tokenizer, tmp_path, sharding):
+    args = ("--max_steps=6", "--log_interval=1", "--eval_interval=3", "--eval_batches=2", "--grad_accum=2",
+            f"--fsdp={sharding == 'fsdp'}")
+    torchrun(corpus, small_tokenizer, tmp_path / "multi", 29517 + (sharding == "fsdp"), *args)
+    single = command(corpus, small_tokenizer, tmp_path / "single", *args[:-1])
     single[single.index("--batch_size=4")] = "--batch_size=8"
     run_ok(single)
-    for x, y in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single")):
+    multi, one = metrics(tmp_path / "multi"), metrics(tmp_path / "single")
+    assert len(multi) == len(one) == 6
+    for x, y in zip(multi, one):
         assert abs(x["loss"] - y["loss"]) < 1e-5
+        assert abs(x.get("val_loss", 0) - y.get("val_loss", 0)) < 1e-5
+    if sharding == "fsdp":  # an FSDP checkpoint resumes like any other
+        partial = tmp_path / "partial"
+        torchrun(corpus, small_tokenizer, partial, 29519, *args[:-1], "--fsdp=true", "--max_steps=3")
+        torchrun(corpus, small_tokenizer, partial, 29519, *args)
+        assert [m["loss"] for m in metrics(partial)] == pytest.approx([m["loss"] for m in multi], abs=1e-6)
+        _, ckpt = load_model(str(partial / "ckpt.pt"))
+        assert ckpt["step"] == 6
 
 
 def test_errors_are_one_line(corpus, small_tokenizer, chatglm_path, tmp_path):
