@@ -3,11 +3,13 @@
     python demo.py            # or: make demo
 
 Each stage runs as its own script (the README shows the same commands). A stage whose output is already
-there is skipped, so a rerun continues where the last one stopped; a failed stage is named with its
-command and the run stops there.
+there is skipped, and training stages resume from their checkpoint, so a rerun continues where the
+last one stopped; a failed stage is named with its command and the run stops there. At the end a
+table of results is printed and written to out/results.md.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,28 +22,67 @@ from configurator import parse_config
 @dataclass
 class Config:
     data_dir: str = "data"  # raw sources, tokenizer and corpus go under it
-    out_dir: str = "out"  # checkpoints and plots go under it
+    out_dir: str = "out"  # checkpoints, evaluations and plots go under it
+    sft_dir: str = "sft_data"  # instruction data
     vocab_size: int = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
-    pretrain_steps: int = 1100  # optimizer steps of 4,096 tokens (about 10 minutes on 2 CPU cores)
+    pretrain_steps: int = 1100  # optimizer steps of 4,096 tokens (about 12 minutes on 2 CPU cores)
+    sft_steps: int = 1500  # SFT optimizer steps of 16 samples
 
 
 def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
     """(name, the file that shows it is done or None to always run, command) for each stage in order.
     Training stages always run: they resume from their checkpoint and stop at once when complete."""
     raw, tok, corpus = f"{cfg.data_dir}/raw", f"{cfg.data_dir}/tokenizer", f"{cfg.data_dir}/demo"
-    pretrain = f"{cfg.out_dir}/pretrain"
-    return [
-        ("download the built-in corpora", f"{raw}/dictionary/.complete",
-         ["download_data.py", f"--raw_dir={raw}"]),
+    out, tokenizer = cfg.out_dir, f"--tokenizer={cfg.data_dir}/tokenizer/tokenizer.model"
+    sft_data, sft_val = f"{cfg.sft_dir}/sft_data.csv", f"{cfg.sft_dir}/sft_val.csv"
+    plan = [
+        ("download the built-in corpora", f"{raw}/sft_demo/.complete",
+         ["download_data.py", f"--raw_dir={raw}", "--sources=peoples_daily,idioms,dictionary,sft_demo"]),
         ("train our tokenizer", f"{tok}/tokenizer.model",
          ["train_tokenizer.py", f"--raw_dir={raw}", f"--out={tok}/tokenizer.model", f"--vocab_size={cfg.vocab_size}"]),
         ("clean, deduplicate and tokenize the corpus", f"{corpus}/meta.json",
-         ["data_process.py", f"--raw_dir={raw}", f"--tokenizer={tok}/tokenizer.model", f"--out_dir={corpus}"]),
+         ["data_process.py", f"--raw_dir={raw}", tokenizer, f"--out_dir={corpus}"]),
         ("pretrain the tiny model", None,
-         ["pretrain.py", "config/pretrain_tiny.py", f"--data={corpus}", f"--tokenizer={tok}/tokenizer.model",
-          f"--out_dir={pretrain}", f"--max_steps={cfg.pretrain_steps}"]),
-        ("plot the loss curve", None, ["plot.py", pretrain]),
+         ["pretrain.py", "config/pretrain_tiny.py", f"--data={corpus}", tokenizer, f"--out_dir={out}/pretrain",
+          f"--max_steps={cfg.pretrain_steps}"]),
+        ("plot the loss curve", None, ["plot.py", f"{out}/pretrain"]),
+        ("build the instruction data", sft_data,
+         ["sft_data_process.py", f"--raw_dir={raw}", f"--out_dir={cfg.sft_dir}"]),
+        ("instruction-tune (SFT)", None,
+         ["sft.py", "config/sft_tiny.py", f"--init_from={out}/pretrain/ckpt.pt", f"--data={sft_data}",
+          f"--val_data={sft_val}", tokenizer, f"--out_dir={out}/sft", f"--max_steps={cfg.sft_steps}"]),
+        ("evaluate the base model on the corpus", f"{out}/eval/base_pretrain.json",
+         ["eval_pretrain.py", f"--ckpt={out}/pretrain/ckpt.pt", tokenizer, f"--bin={corpus}/val.bin",
+          f"--json={out}/eval/base_pretrain.json"]),
     ]
+    for name, ckpt in (("base", f"{out}/pretrain/ckpt.pt"), ("sft", f"{out}/sft/ckpt.pt")):
+        plan.append((f"evaluate the {name} model's answers", f"{out}/eval/{name}/summary.json",
+                     ["eval.py", f"--ckpt={ckpt}", tokenizer, f"--val_data={sft_val}", f"--out={out}/eval/{name}"]))
+        plan.append((f"4-way idiom test of the {name} model", f"{out}/eval/{name}_choice.json",
+                     ["eval_choice.py", f"--ckpt={ckpt}", tokenizer, f"--val_data={sft_val}",
+                      f"--json={out}/eval/{name}_choice.json"]))
+    return plan
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def results_table(cfg: Config) -> str:
+    """The headline numbers of this run, as a Markdown table."""
+    ev = f"{cfg.out_dir}/eval"
+    base = read_json(f"{ev}/base_pretrain.json")["scores"]["bin"]
+    lines = [f"validation loss {base['loss']:.3f} nats/token, {base.get('bits_per_char', float('nan')):.3f} bits per "
+             f"character (perplexity {base['perplexity']:.1f}) on `{base['path']}`", "",
+             "| model | idiom char F1 | idiom ROUGE-L | 4-way idiom accuracy (chance 0.25) | SFT val answer loss |",
+             "|---|---|---|---|---|"]
+    for name in ("base", "sft"):
+        summary, choice = read_json(f"{ev}/{name}/summary.json"), read_json(f"{ev}/{name}_choice.json")
+        idiom = summary["scores"].get("idiom", {})
+        lines.append(f"| {name} | {idiom.get('f1', float('nan')):.3f} | {idiom.get('rouge_l', float('nan')):.3f} | "
+                     f"{choice['accuracy']:.3f} | {summary['val_answer_loss']:.3f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,12 +95,17 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"{header}: python {' '.join(command)}", flush=True)
         start = time.time()
+        os.makedirs(f"{cfg.out_dir}/eval", exist_ok=True)
         result = subprocess.run([sys.executable, *command])
         if result.returncode != 0:
             raise SystemExit(f"stage '{name}' failed (exit {result.returncode}): python {' '.join(command)}\n"
                              "fix the error above and run demo.py again; finished stages are kept")
         print(f"{header}: finished in {time.time() - start:.0f} s")
-    print("all stages done")
+    table = results_table(cfg)
+    with open(f"{cfg.out_dir}/results.md", "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    print(f"\n{table}\n\nloss curve: {cfg.out_dir}/pretrain/loss.png; chat with the SFT model: "
+          f"python chat.py --ckpt={cfg.out_dir}/sft/ckpt.pt")
 
 
 if __name__ == "__main__":

@@ -392,5 +392,22 @@ def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelA
         if model_args is None:
             model_args = model_args_from_state_dict(state, **arg_overrides)
     model = Transformer(model_args)
-    load_state_dict_strict(model, state, source=path)
+    if ckpt.get("lora"):  # an SFT run with adapters: rebuild them, load, and merge them in
+        from lora import apply_lora, merge_lora
+        apply_lora(model, **ckpt["lora"])
+        model.load_state_dict(clean_state_dict(state), strict=True)
+        merge_lora(model)
+    else:
+        load_state_dict_strict(model, state, source=path)
     return model.to(device).eval(), ckpt
+
+
+def answer_logprobs(model: Transformer, inputs: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log-probabilities of the labelled tokens of each row (labels IGNORE_INDEX elsewhere), and
+    how many there are: the sequence log-probability of an answer, for multiple choice, DPO and GRPO."""
+    logits, _ = model(inputs)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = labels != IGNORE_INDEX
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1), mask.sum(-1)

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,16 +25,15 @@ from dataset import CorpusMismatch, PretrainDataset, WindowOrder, bin_files, che
 from model import ModelArgs, Transformer, load_model, model_args_from_preset
 from trainer import (
     Dist,
-    MetricsLog,
-    StopSignal,
+    LoopSettings,
     Trainer,
     TrainerSettings,
     TrainingDiverged,
     all_reduce_mean,
     autocast,
+    fit,
     measure_peak_flops,
     print0,
-    save_checkpoint,
     setup_distributed,
     teardown,
 )
@@ -83,13 +81,6 @@ def build_model_args(cfg: Config) -> ModelArgs:
     return model_args_from_preset(cfg.model, **overrides)
 
 
-def trainer_settings(cfg: Config) -> TrainerSettings:
-    return TrainerSettings(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                           weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2, grad_clip=cfg.grad_clip,
-                           dtype=cfg.dtype, compile=cfg.compile, fsdp=cfg.fsdp,
-                           max_nonfinite_in_a_row=cfg.max_nonfinite_in_a_row)
-
-
 def corpus_chars_per_token(files: list[str], split: str) -> float | None:
     """Characters per token of a split, from meta.json, to turn a loss into bits per character."""
     meta = os.path.join(os.path.dirname(files[0]), "meta.json")
@@ -115,23 +106,17 @@ def evaluate(trainer: Trainer, val: PretrainDataset, cfg: Config, dist: Dist) ->
 
 
 def resume_or_start(trainer: Trainer, order: WindowOrder, cfg: Config, args: ModelArgs, dist: Dist) -> int:
-    """Load out_dir/ckpt.pt into the trainer and data order; returns tokens seen so far."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        if cfg.init_from:
-            init, _ = load_model(cfg.init_from, model_args=args)
-            trainer.raw_model.load_state_dict(init.state_dict())
-            print0(f"initialised from {cfg.init_from}", dist=dist)
-        return 0
-    if not cfg.resume:
-        raise FileExistsError(f"{path} exists; pass --resume=true to continue that run or choose another --out_dir")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["model_args"] != asdict(args):
-        raise ValueError(f"{path} holds a model of another shape: {state['model_args']} (this run: {asdict(args)})")
-    trainer.load_state_dict(state)
-    order.load_state_dict(state["data"])
-    print0(f"resumed from {path} at step {trainer.step}", dist=dist)
-    return state["tokens_seen"]
+    """Continue from out_dir/ckpt.pt (model, optimizer, data position...), or start from init_from's
+    weights or from scratch. Returns the tokens seen so far."""
+    state = trainer.resume(cfg.out_dir, cfg.resume, {"model_args": asdict(args)})
+    if state is not None:
+        order.load_state_dict(state["data"])
+        return state["tokens_seen"]
+    if cfg.init_from:
+        init, _ = load_model(cfg.init_from, model_args=args)
+        trainer.raw_model.load_state_dict(init.state_dict())
+        print0(f"initialised from {cfg.init_from}", dist=dist)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +145,7 @@ def train(cfg: Config, dist: Dist) -> None:
     chars_per_token = corpus_chars_per_token(val_files, "val") if val_files else None
     order = WindowOrder(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
 
-    trainer = Trainer(Transformer(args), trainer_settings(cfg), dist)
+    trainer = Trainer(Transformer(args), TrainerSettings.from_config(cfg), dist)
     tokens_seen = resume_or_start(trainer, order, cfg, args, dist)
     model = trainer.raw_model
     print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "
@@ -168,59 +153,26 @@ def train(cfg: Config, dist: Dist) -> None:
            f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}; "
            f"{dist.world_size} process(es) on {dist.device}, {trainer.dtype}", dist=dist)
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    flops_per_token = model.flops_per_token(args.max_seq_len)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * args.max_seq_len * dist.world_size
-    log = MetricsLog(cfg.out_dir, dist, resume_step=trainer.step if tokens_seen else None)
+    loop = LoopSettings(cfg.out_dir, cfg.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+                        cfg.keep_last, cfg.time_limit_min, peak, model.flops_per_token(args.max_seq_len))
 
-    def loss_fn(m, batch):
-        return m(batch[0], batch[1])[1]
+    def next_batches():
+        batches = [tuple(t.to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
+                   for _ in range(cfg.grad_accum)]
+        return batches, cfg.batch_size * cfg.grad_accum * args.max_seq_len
 
-    def checkpoint() -> None:
-        state = trainer.state_dict()
-        state.update(model_args=asdict(args), data=order.state_dict(), tokens_seen=tokens_seen, config=asdict(cfg),
-                     tokenizer_sha256=tokenizer.sha256, stage="pretrain")
-        if dist.master:
-            save_checkpoint(cfg.out_dir, state, trainer.step, cfg.keep_last)
+    def validation() -> dict[str, float]:
+        metrics = {"val_loss": evaluate(trainer, val, cfg, dist)}
+        if chars_per_token:
+            metrics["val_bpc"] = metrics["val_loss"] / math.log(2) / chars_per_token
+        return metrics
 
-    start_time = last_time = time.time()
-    last_step = trainer.step
-    with StopSignal() as stop:
-        while trainer.step < cfg.max_steps:
-            batches = [tuple(t.to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
-                       for _ in range(cfg.grad_accum)]
-            stats = trainer.train_step(batches, loss_fn)
-            tokens_seen += tokens_per_step
-            step = trainer.step
-            record = {"step": step, "tokens": tokens_seen, "loss": stats.loss, "lr": stats.lr,
-                      "grad_norm": stats.grad_norm}
-            if stats.skipped:
-                record["skipped_nonfinite"] = trainer.nonfinite_total
-                print0(f"step {step}: non-finite loss, step skipped ({trainer.nonfinite_total} so far)", dist=dist)
-            done = step >= cfg.max_steps
-            over_time = cfg.time_limit_min > 0 and time.time() - start_time > cfg.time_limit_min * 60
-            console = None
-            if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or done or over_time:
-                now = time.time()
-                speed = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
-                record.update(tokens_per_s=speed, mfu=speed * flops_per_token / (peak * dist.world_size))
-                eta = (cfg.max_steps - step) * tokens_per_step / max(speed, 1e-9)
-                console = (f"step {step}/{cfg.max_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
-                           f"{speed:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {eta / 60:.1f} min")
-            if val is not None and (step % cfg.eval_interval == 0 or done or over_time) and not stats.skipped:
-                record["val_loss"] = evaluate(trainer, val, cfg, dist)
-                console += f" | val loss {record['val_loss']:.4f}"
-                if chars_per_token:
-                    record["val_bpc"] = record["val_loss"] / math.log(2) / chars_per_token
-                    console += f" ({record['val_bpc']:.3f} bits/char)"
-            if console is not None:
-                last_time, last_step = time.time(), step  # the next speed excludes evaluation time
-            log.log(record, console)
-            if step % cfg.save_interval == 0 or done or stop.requested or over_time:
-                checkpoint()
-            if stop.requested or over_time:
-                print0(f"stopped at step {step}; rerun the same command to continue", dist=dist)
-                break
-    trainer.release()
+    def extra_state() -> dict:
+        return {"model_args": asdict(args), "data": order.state_dict(), "config": asdict(cfg),
+                "tokenizer_sha256": tokenizer.sha256, "stage": "pretrain"}
+
+    fit(trainer, loop, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
+        validation if val is not None else None, extra_state, tokens_seen)
     print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; plot: python plot.py {cfg.out_dir}", dist=dist)
 
 

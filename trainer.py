@@ -228,13 +228,11 @@ class MetricsLog:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
 
-    def log(self, record: dict, console: str | None = None) -> None:
+    def log(self, record: dict) -> None:
         if not self.dist.master:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if console:
-            print(console, flush=True)
 
 
 class StopSignal:
@@ -281,6 +279,11 @@ class TrainerSettings:
     compile: bool = False
     fsdp: bool = False
     max_nonfinite_in_a_row: int = 10
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TrainerSettings:
+        """The settings of a stage's config that have these names (every stage uses the same ones)."""
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__ if hasattr(cfg, f)})
 
 
 @dataclass
@@ -411,6 +414,24 @@ class Trainer:
         return {"model": self.model_state(), "optimizer": optimizer, "scaler": self.scaler.state_dict(),
                 "step": self.step, "nonfinite_total": self.nonfinite_total, "rng": rng_state()}
 
+    def resume(self, out_dir: str, allowed: bool, expect: dict) -> dict | None:
+        """Load out_dir/ckpt.pt when it exists (None when it does not): refuse it unless allowed, or when
+        its entries differ from expect (model_args, LoRA settings). Returns the checkpoint for the
+        stage's own state (data position)."""
+        path = os.path.join(out_dir, "ckpt.pt")
+        if not os.path.exists(path):
+            return None
+        if not allowed:
+            raise FileExistsError(f"{path} exists; pass --resume=true to continue that run or choose another "
+                                  "--out_dir")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for key, value in expect.items():
+            if state.get(key) != value:
+                raise ValueError(f"{path} was made with other {key}: {state.get(key)} (this run: {value})")
+        self.load_state_dict(state)
+        print0(f"resumed from {path} at step {self.step}", dist=self.dist)
+        return state
+
     def load_state_dict(self, state: dict) -> None:
         from model import clean_state_dict
         if self.settings.fsdp:
@@ -429,3 +450,72 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         set_rng_state(state["rng"])
+
+
+# ------------------------------------------------------------------ the loop every stage runs
+
+@dataclass
+class LoopSettings:
+    out_dir: str
+    max_steps: int
+    log_interval: int = 10
+    eval_interval: int = 200
+    save_interval: int = 500
+    keep_last: int = 2
+    time_limit_min: float = 0.0
+    peak_flops: float = 1.0  # FLOP/s of one device, for MFU
+    flops_per_token: float = 0.0  # training FLOPs per token of the model
+
+
+def fit(trainer: Trainer, loop: LoopSettings, next_batches: Callable[[], tuple[list[Any], int]],
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        evaluate: Callable[[], dict[str, float]] | None = None,
+        extra_state: Callable[[], dict] | None = None, tokens_seen: int = 0) -> None:
+    """Train until loop.max_steps optimizer steps: next_batches() gives the micro-batches of one step
+    and the number of tokens they hold on this rank; evaluate() gives validation metrics; extra_state()
+    what a checkpoint holds beyond the trainer's state (model args, data position, config). Logs to
+    metrics.jsonl, checkpoints every save_interval steps, at the end, at the time limit and on
+    SIGINT/SIGTERM. The caller has resumed the trainer (and passes the tokens seen so far)."""
+    dist = trainer.dist
+    log = MetricsLog(loop.out_dir, dist, resume_step=trainer.step if trainer.step else None)
+    start_time = last_time = time.time()
+    last_tokens, last_step = tokens_seen, trainer.step
+    with StopSignal() as stop:
+        while trainer.step < loop.max_steps:
+            batches, n_tokens = next_batches()
+            stats = trainer.train_step(batches, loss_fn)
+            tokens_seen += int(all_reduce_mean(n_tokens, dist) * dist.world_size)
+            step = trainer.step
+            record = {"step": step, "tokens": tokens_seen, "loss": stats.loss, "lr": stats.lr,
+                      "grad_norm": stats.grad_norm}
+            if stats.skipped:
+                record["skipped_nonfinite"] = trainer.nonfinite_total
+                print0(f"step {step}: non-finite loss, step skipped ({trainer.nonfinite_total} so far)", dist=dist)
+            done = step >= loop.max_steps
+            over_time = loop.time_limit_min > 0 and time.time() - start_time > loop.time_limit_min * 60
+            console = None
+            if step % loop.log_interval == 0 or step % loop.eval_interval == 0 or done or over_time:
+                now = time.time()
+                speed = (tokens_seen - last_tokens) / max(now - last_time, 1e-9)
+                mfu = speed * loop.flops_per_token / (loop.peak_flops * dist.world_size)
+                record.update(tokens_per_s=speed, mfu=mfu)
+                eta = (loop.max_steps - step) * (now - last_time) / max(step - last_step, 1)
+                console = (f"step {step}/{loop.max_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
+                           f"{speed:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {eta / 60:.1f} min")
+            if evaluate is not None and (step % loop.eval_interval == 0 or done or over_time) and not stats.skipped:
+                metrics = evaluate()
+                record.update(metrics)
+                console += " | " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            if console is not None:
+                print0(console, dist=dist)
+                last_time, last_tokens, last_step = time.time(), tokens_seen, step  # speed excludes evaluation
+            log.log(record)
+            if step % loop.save_interval == 0 or done or stop.requested or over_time:
+                state = trainer.state_dict()
+                state.update(tokens_seen=tokens_seen, **(extra_state() if extra_state else {}))
+                if dist.master:
+                    save_checkpoint(loop.out_dir, state, step, loop.keep_last)
+            if stop.requested or over_time:
+                print0(f"stopped at step {step}; rerun the same command to continue", dist=dist)
+                break
+    trainer.release()

@@ -143,7 +143,8 @@ def memory(args) -> None:
         out = os.path.join(work, f"out_{gb}")
         shutil.rmtree(out, ignore_errors=True)
         command = [sys.executable, os.path.join(ROOT, "data_process.py"), "--sources=", f"--inputs=txt:{corpus}",
-                   f"--out_dir={out}", f"--tokenizer={tok_path}", f"--workers={args.workers}"]
+                   f"--out_dir={out}", f"--tokenizer={tok_path}", f"--workers={args.workers}",
+                   f"--dedup={not args.no_dedup}", f"--near_dedup={not args.no_dedup}"]
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         peak_pss = peak_rss = 0
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--ours", default=os.path.join(ROOT, "data", "tokenizer", "tokenizer.model"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sizes_gb", type=float, nargs="+", default=[0.5, 2.0])
+    parser.add_argument("--no_dedup", action="store_true", help="memory: measure without the deduplication index")
     parser.add_argument("--workdir", default=None, help="where generated corpora are kept (default: a temp dir)")
     args = parser.parse_args()
     {"throughput": throughput, "memory": memory, "chars_per_token": chars_per_token}[args.what](args)

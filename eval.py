@@ -1,0 +1,160 @@
+"""Evaluate a chat model: its answers to questions, and agreement with reference answers.
+
+    python eval.py                                   # the seed's three questions + sft_data/sft_val.csv
+    python eval.py --ckpt=out/pretrain/ckpt.pt --out=out/eval_base   # the base model prompted the same way
+    python eval.py --questions_file=my_questions.txt --val_data=
+
+On the validation set: the answer loss, and for greedy answers the character-level F1, ROUGE-L (on
+characters) and, for short references, exact match, overall and per task (idiom, character, other).
+Writes answers.csv (one row a sample) and summary.json into --out.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from chatglm_tokenizer import load_tokenizer
+from configurator import parse_config
+from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
+from model import Transformer, load_model
+from sft_data_process import CHAR_PROMPT, IDIOM_PROMPT
+from trainer import pick_device
+
+SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？",
+                  "前列腺囊肿的症状是什么？", "请问，世界上最大的动物是什么？"]
+
+
+@dataclass
+class Config:
+    ckpt: str = "out/sft/ckpt.pt"  # the model to evaluate
+    tokenizer: str = "data/tokenizer/tokenizer.model"
+    questions: str = "|".join(SEED_QUESTIONS)  # questions separated by |
+    questions_file: str = ""  # one question a line (replaces --questions)
+    val_data: str = "sft_data/sft_val.csv"  # references to score against ('' for none)
+    max_samples: int = 300  # at most this many validation samples (the first ones)
+    max_new_tokens: int = 128
+    repetition_penalty: float = 1.0
+    batch_size: int = 16
+    exact_match_chars: int = 10  # exact match is reported for references up to this long
+    out: str = "out/eval"  # answers.csv and summary.json
+    device: str = "auto"
+
+
+def char_f1(prediction: str, reference: str) -> float:
+    """F1 of the characters in common (as multisets), the usual metric for Chinese QA."""
+    common = sum((Counter(prediction) & Counter(reference)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(prediction), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure over characters: from the longest common subsequence."""
+    if not prediction or not reference:
+        return 0.0
+    previous = [0] * (len(reference) + 1)
+    for p in prediction:
+        current = [0]
+        for j, r in enumerate(reference):
+            current.append(previous[j] + 1 if p == r else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(prediction), lcs / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def task_of(prompt: str) -> str:
+    if prompt.startswith(IDIOM_PROMPT.split("{")[0]) and prompt.endswith(IDIOM_PROMPT.split("}")[-1]):
+        return "idiom"
+    if prompt.startswith(CHAR_PROMPT.split("{")[0]) and prompt.endswith(CHAR_PROMPT.split("}")[-1]):
+        return "character"
+    return "other"
+
+
+def answer(model: Transformer, tok, conversations: list[tuple[list, str]], cfg: Config) -> list[str]:
+    """Greedy answers, in batches, to (history, question) pairs in the training format."""
+    out = []
+    limit = model.args.max_seq_len
+    for start in range(0, len(conversations), cfg.batch_size):
+        chunk = conversations[start:start + cfg.batch_size]
+        prompts = [chat_prompt_ids(tok, h, q, limit, reserve=min(cfg.max_new_tokens, limit // 2)) for h, q in chunk]
+        ids = model.generate(prompts, cfg.max_new_tokens, temperature=0.0,
+                             repetition_penalty=cfg.repetition_penalty, eos_id=tok.eos_id)
+        out += [tok.decode(x) for x in ids]
+    return out
+
+
+@torch.no_grad()
+def answer_loss(model: Transformer, tok, path: str, n: int, batch_size: int) -> float:
+    """Mean loss over the answer tokens of the first n samples."""
+    data = SFTDataset(path, tok, model.args.max_seq_len)
+    device = model.freqs_cos.device
+    total, count = 0.0, 0
+    for start in range(0, min(n, len(data)), batch_size):
+        x, y = data.batch(list(range(start, min(start + batch_size, n, len(data)))), tok.pad_id)
+        _, loss = model(x.to(device), y.to(device))
+        k = int((y != -100).sum())
+        total, count = total + float(loss) * k, count + k
+    return total / max(count, 1)
+
+
+def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars: int) -> dict:
+    per_task: dict[str, list[dict]] = defaultdict(list)
+    for (prompt, reference, _), prediction in zip(rows, predictions):
+        s = {"f1": char_f1(prediction, reference), "rouge_l": rouge_l(prediction, reference)}
+        if len(reference) <= exact_chars:
+            s["exact_match"] = float(prediction.strip() == reference.strip())
+        per_task[task_of(prompt)].append(s)
+        per_task["all"].append(s)
+    return {task: {"samples": len(items),
+                   **{m: sum(s[m] for s in items if m in s) / max(1, sum(m in s for s in items))
+                      for m in ("f1", "rouge_l", "exact_match") if any(m in s for s in items)}}
+            for task, items in per_task.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    try:
+        tok = load_tokenizer(cfg.tokenizer)
+        model, _ = load_model(cfg.ckpt, pick_device(cfg.device))
+        questions = cfg.questions.split("|") if cfg.questions else []
+        if cfg.questions_file:
+            with open(cfg.questions_file, encoding="utf-8") as f:
+                questions = [line.strip() for line in f if line.strip()]
+        rows = read_sft_csv(cfg.val_data)[:cfg.max_samples] if cfg.val_data else []
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    os.makedirs(cfg.out, exist_ok=True)
+    summary: dict = {"ckpt": cfg.ckpt, "questions": []}
+    for q, a in zip(questions, answer(model, tok, [([], q) for q in questions], cfg)):
+        print(f"[question] {q}\n[answer] {a}\n")
+        summary["questions"].append({"question": q, "answer": a})
+    if rows:
+        predictions = answer(model, tok, [(h, p) for p, _, h in rows], cfg)
+        summary["val_answer_loss"] = answer_loss(model, tok, cfg.val_data, len(rows), cfg.batch_size)
+        summary["scores"] = score(rows, predictions, cfg.exact_match_chars)
+        with open(os.path.join(cfg.out, "answers.csv"), "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["task", "prompt", "reference", "prediction", "char_f1", "rouge_l"])
+            for (p, r, _), pred in zip(rows, predictions):
+                w.writerow([task_of(p), p, r, pred, f"{char_f1(pred, r):.4f}", f"{rouge_l(pred, r):.4f}"])
+        print(f"{cfg.val_data}: answer loss {summary['val_answer_loss']:.4f} on {len(rows)} samples")
+        for task, s in summary["scores"].items():
+            em = f", exact match {s['exact_match']:.3f}" if "exact_match" in s else ""
+            print(f"  {task:<9} {s['samples']:>5} samples: char F1 {s['f1']:.3f}, ROUGE-L {s['rouge_l']:.3f}{em}")
+    with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=2)
+    print(f"wrote {cfg.out}/summary.json" + (" and answers.csv" if rows else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

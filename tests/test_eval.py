@@ -1,0 +1,136 @@
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from conftest import ROOT
+
+from chatglm_tokenizer import load_tokenizer
+from dataset_sft import collate, encode_turns, make_example
+from eval import char_f1, rouge_l, score, task_of
+from eval_choice import Question, choose, read_choice_csv, write_choice_csv
+from model import ModelArgs, Transformer
+from trainer import Dist, Trainer, TrainerSettings
+
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
+
+
+def test_char_f1_and_rouge_l_by_hand():
+    assert char_f1("画蛇添足", "画蛇添足") == 1.0
+    assert char_f1("", "abc") == 0.0
+    # common {a, b}: precision 2/3, recall 2/4 -> F1 = 4/7
+    assert char_f1("abx", "abcd") == pytest.approx(4 / 7)
+    # LCS("abcde", "axcye") = "ace" (3): P = R = 3/5
+    assert rouge_l("abcde", "axcye") == pytest.approx(0.6)
+    assert rouge_l("ba", "ab") == pytest.approx(0.5)
+
+
+def test_task_of_and_score():
+    assert task_of("成语“画蛇添足”是什么意思？") == "idiom"
+    assert task_of("“好”字是什么意思？") == "character"
+    assert task_of("你好") == "other"
+    rows = [("成语“甲”是什么意思？", "比喻多此一举", []), ("你好", "你好啊", [])]
+    s = score(rows, ["比喻多此一举", "再见"], exact_chars=10)
+    assert s["idiom"]["f1"] == 1.0 and s["idiom"]["exact_match"] == 1.0
+    assert s["all"]["samples"] == 2 and s["all"]["exact_match"] == 0.5
+
+
+def questions():
+    # Real-looking 4-way questions; the right option is at a different place each time.
+    texts = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少", "床前明月光", "疑是地上霜", "举头望明月",
+             "低头思故乡", "白日依山尽", "黄河入海流", "欲穷千里目", "更上一层楼"]
+    out = []
+    for i in range(12):
+        options = [texts[(i + k) % 12] for k in range(4)]
+        out.append(Question(f"第{i}题：下一句是什么？", options, i % 4))
+    return out
+
+
+def test_choice_scorer_reaches_100_after_overfitting_and_chance_before(tmp_path, small_tokenizer):
+    tok = load_tokenizer(small_tokenizer)
+    qs = questions()
+    path = tmp_path / "ceval.csv"
+    write_choice_csv(str(path), qs)
+    qs = read_choice_csv(str(path))  # through the C-Eval CSV layout
+    torch.manual_seed(0)
+    model = Transformer(TINY)
+    before = sum(p == q.answer for p, q in zip(choose(model.eval(), tok, qs, [], "chat", 16), qs)) / len(qs)
+    examples = [make_example(*encode_turns(tok, [(q.question, q.options[q.answer])], 64)) for q in qs]
+    trainer = Trainer(model.train(), TrainerSettings(lr=3e-3, warmup_steps=5, max_steps=200, dtype="float32"), Dist())
+    batch = collate(examples)
+    for _ in range(150):
+        trainer.train_step([batch], lambda m, b: m(b[0], b[1])[1])
+    after = sum(p == q.answer for p, q in zip(choose(model.eval(), tok, qs, [], "chat", 16), qs)) / len(qs)
+    assert after == 1.0
+    assert before <= 0.5  # chance is 0.25; an untrained model must not know the answers
+
+
+def test_choice_csv_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,E\n")
+    with pytest.raises(ValueError, match="bad.csv:2: answer 'E'"):
+        read_choice_csv(str(bad))
+    cmmlu = tmp_path / "cmmlu.csv"
+    cmmlu.write_text(",Question,A,B,C,D,Answer\n0,问,甲,乙,丙,丁,C\n")
+    assert read_choice_csv(str(cmmlu))[0].answer == 2
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat")
+    torch.manual_seed(0)
+    model = Transformer(TINY)
+    torch.save({"model": model.state_dict(), "model_args": asdict(TINY)}, folder / "ckpt.pt")
+    return folder / "ckpt.pt"
+
+
+def test_chat_from_a_pipe(chat_ckpt, small_tokenizer):
+    result = subprocess.run([sys.executable, f"{ROOT}/chat.py", f"--ckpt={chat_ckpt}", f"--tokenizer={small_tokenizer}",
+                             "--max_new_tokens=8"], input="你好\n/set temperature=0.5\n/settings\n/reset\n再见\n",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "temperature = 0.5" in lines and "(conversation forgotten)" in lines
+    assert any(line.startswith("temperature=0.5") for line in lines)
+    assert len(lines) == 5  # two answers and three command replies
+
+
+def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, tmp_path):
+    val = tmp_path / "val.csv"
+    with open(val, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "answer", "history"])
+        for i, word in enumerate(["画蛇添足", "守株待兔", "亡羊补牢", "对牛弹琴", "井底之蛙"]):
+            w.writerow([f"成语“{word}”是什么意思？", f"第{i}个意思", "[]"])
+    out = tmp_path / "eval"
+    run = [sys.executable, f"{ROOT}/eval.py", f"--ckpt={chat_ckpt}", f"--tokenizer={small_tokenizer}",
+           f"--val_data={val}", f"--out={out}", "--max_new_tokens=8", "--questions=你好|再见"]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scores"]["idiom"]["samples"] == 5 and len(summary["questions"]) == 2
+    assert summary["val_answer_loss"] > 0
+    choice = subprocess.run([sys.executable, f"{ROOT}/eval_choice.py", f"--ckpt={chat_ckpt}",
+                             f"--tokenizer={small_tokenizer}", f"--val_data={val}", f"--json={tmp_path}/c.json"],
+                            capture_output=True, text=True, timeout=120)
+    assert choice.returncode == 0, choice.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["chance"] == 0.25
+    text = tmp_path / "held_out.txt"
+    text.write_text("床前明月光，疑是地上霜。举头望明月，低头思故乡。\n" * 20, encoding="utf-8")
+    pre = subprocess.run([sys.executable, f"{ROOT}/eval_pretrain.py", f"--ckpt={chat_ckpt}",
+                          f"--tokenizer={small_tokenizer}", "--bin=", f"--text={text}", "--max_new_tokens=5",
+                          f"--json={tmp_path}/p.json"], capture_output=True, text=True, timeout=120)
+    assert pre.returncode == 0, pre.stderr
+    scores = json.loads((tmp_path / "p.json").read_text())["scores"]["text"]
+    assert scores["bits_per_char"] > 0 and scores["perplexity"] > 1
+
+
+def test_missing_checkpoint_is_one_line(small_tokenizer):
+    for script in ("chat.py", "eval.py", "eval_choice.py", "eval_pretrain.py"):
+        result = subprocess.run([sys.executable, f"{ROOT}/{script}", "--ckpt=/nope/ckpt.pt",
+                                 f"--tokenizer={small_tokenizer}"], capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == ["error: checkpoint /nope/ckpt.pt does not exist"], script

@@ -1,0 +1,71 @@
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from test_pretrain import command as pretrain_command
+from test_pretrain import (
+    corpus,  # noqa: F401  (the module fixture: a small corpus and a preset)
+    metrics,
+    run_ok,
+)
+
+from model import load_model
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, small_tokenizer, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("base") / "run"
+    run_ok(pretrain_command(corpus, small_tokenizer, out, "--max_steps=10", "--eval_interval=100000"))
+    data = tmp_path_factory.mktemp("sft")
+    for name, n in (("train.csv", 64), ("val.csv", 8)):
+        with open(data / name, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["prompt", "answer", "history"])
+            for i in range(n):
+                answer = "春眠不觉晓，处处闻啼鸟。" if i % 2 else "床前明月光。"
+                w.writerow([f"第{i}首诗的下一句是什么？", answer, "[]"])
+    return out / "ckpt.pt", data
+
+
+def sft(ckpt, data, tokenizer, out, *extra):
+    return run_ok([sys.executable, os.path.join(ROOT, "sft.py"), f"--init_from={ckpt}", f"--data={data / 'train.csv'}",
+                   f"--val_data={data / 'val.csv'}", f"--tokenizer={tokenizer}", f"--out_dir={out}",
+                   "--dtype=float32", "--peak_tflops=1", "--batch_size=8", "--log_interval=1", "--eval_interval=5",
+                   "--eval_batches=1", "--lr=3e-3", "--warmup_steps=2", *extra])
+
+
+def test_full_sft_lowers_answer_loss_and_resumes(pretrained, small_tokenizer, tmp_path):
+    ckpt, data = pretrained
+    out = tmp_path / "sft"
+    sft(ckpt, data, small_tokenizer, out, "--max_steps=10")
+    vals = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
+    assert vals[-1] < vals[0]
+    model, state = load_model(str(out / "ckpt.pt"))
+    assert state["stage"] == "sft" and state["step"] == 10
+    sft(ckpt, data, small_tokenizer, out, "--max_steps=14")  # continues from step 10
+    assert [m["step"] for m in metrics(out)] == list(range(1, 15))
+
+
+def test_lora_sft_trains_adapters_and_loads_merged(pretrained, small_tokenizer, tmp_path):
+    ckpt, data = pretrained
+    out = tmp_path / "lora"
+    sft(ckpt, data, small_tokenizer, out, "--max_steps=6", "--lora=true", "--lora_rank=4", "--lora_targets=wq,wv")
+    adapter = torch.load(out / "adapter.pt", weights_only=False)
+    assert adapter["lora"]["rank"] == 4 and all(".lora_" in k for k in adapter["adapters"])
+    merged, state = load_model(str(out / "ckpt.pt"))
+    base, _ = load_model(str(ckpt))
+    assert set(merged.state_dict()) == set(base.state_dict())
+    changed = {k for k in base.state_dict() if not torch.equal(base.state_dict()[k], merged.state_dict()[k])}
+    assert changed and all(k.endswith(("wq.weight", "wv.weight")) for k in changed)
+
+
+def test_wrong_tokenizer_is_refused(pretrained, chatglm_path, tmp_path):
+    ckpt, data = pretrained
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), f"--init_from={ckpt}",
+                             f"--data={data / 'train.csv'}", f"--tokenizer={chatglm_path}", f"--out_dir={tmp_path}"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "trained with another tokenizer" in result.stderr.splitlines()[-1]

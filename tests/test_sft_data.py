@@ -1,0 +1,106 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from chatglm_tokenizer import load_tokenizer
+from dataset_sft import IGNORE_INDEX, SFTDataset, chat_prompt_ids, collate, encode_turns, make_example
+from sft_data_process import Config, run
+
+
+class CharTokenizer:
+    """One id per character (ids 10 + ord % 1000), so expected ids can be written by hand."""
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def encode(self, text):
+        return [10 + ord(c) % 1000 for c in text]
+
+
+def test_two_turn_loss_mask_by_hand():
+    tok = CharTokenizer()
+    ids, is_answer = encode_turns(tok, [("ab", "c"), ("d", "ef")], max_seq_len=64)
+    a, b, c, d, e, f = (tok.encode(x)[0] for x in "abcdef")
+    assert ids == [a, b, 1, c, 2, d, 1, e, f, 2]
+    x, y = make_example(ids, is_answer)
+    assert x.tolist() == [a, b, 1, c, 2, d, 1, e, f]
+    # Labelled: the answer tokens and each answer's closing eos, predicted from the token before them.
+    assert y.tolist() == [-100, -100, c, 2, -100, -100, e, f, 2]
+
+
+def test_truncation_drops_oldest_turns_then_prompt_start_never_the_answer():
+    tok = CharTokenizer()
+    turns = [("一二三四五", "六七"), ("甲乙丙丁戊己庚", "子丑寅")]
+    ids, is_answer = encode_turns(tok, turns, max_seq_len=12)
+    assert len(ids) <= 13
+    assert ids[-5:] == [1] + tok.encode("子丑寅") + [2]
+    assert tok.encode("六七")[0] not in ids  # the older turn went first
+    ids, _ = encode_turns(tok, [("很长的问题" * 10, "答案")], max_seq_len=8)
+    assert ids[-4:] == [1] + tok.encode("答案") + [2] and len(ids) == 9
+    assert ids[:5] == tok.encode("很长的问题")  # the prompt kept its end
+
+
+def test_collate_pads_to_longest_and_padding_never_counts():
+    examples = [make_example([5, 1, 6, 2], [False, False, True, True]), make_example([5, 5, 5, 1, 6, 7, 2],
+                                                                                     [False] * 4 + [True] * 3)]
+    x, y = collate(examples, pad_id=0)
+    assert x.shape == y.shape == (2, 6)
+    assert x[0].tolist() == [5, 1, 6, 0, 0, 0] and y[0].tolist() == [-100, 6, 2, -100, -100, -100]
+    logits = torch.randn(2, 6, 10)
+    full = torch.nn.functional.cross_entropy(logits.view(-1, 10), y.clamp(min=0).view(-1) % 10, reduction="none")
+    manual = full[(y.view(-1) != IGNORE_INDEX)].mean()
+    masked = torch.nn.functional.cross_entropy(logits.view(-1, 10), torch.where(y == -100, y, y % 10).view(-1),
+                                               ignore_index=IGNORE_INDEX)
+    assert torch.allclose(manual, masked)
+
+
+def test_chat_prompt_matches_training_format():
+    tok = CharTokenizer()
+    ids = chat_prompt_ids(tok, [("ab", "c")], "d", max_seq_len=64)
+    train_ids, _ = encode_turns(tok, [("ab", "c"), ("d", "x")], 64)
+    assert ids == train_ids[:len(ids)] and ids[-1] == tok.bos_id
+
+
+def test_sft_data_process_formats_counts_and_split(tmp_path):
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "翻译", "input": "hello", "output": "你好"},
+                                  {"instruction": "只有问题"},
+                                  {"instruction": "翻译", "input": "hello", "output": "你好"}], ensure_ascii=False))
+    huatuo = tmp_path / "huatuo.jsonl"
+    huatuo.write_text(json.dumps({"data": ["问：头疼怎么办？", "答：多休息。", "问：还疼呢？", "答：去医院。"]},
+                                 ensure_ascii=False) + "\n{bad json\n")
+    disc = tmp_path / "disc.jsonl"
+    disc.write_text(json.dumps({"conversation": [{"role": "user", "content": "问1"},
+                                                 {"role": "assistant", "content": "答1"}]}, ensure_ascii=False) + "\n")
+    chatmed = tmp_path / "chatmed.jsonl"
+    chatmed.write_text(json.dumps({"query": "咳嗽", "response": "喝水"}, ensure_ascii=False) + "\n")
+    cfg = Config(builtin="", inputs=f"alpaca:{alpaca},huatuo:{huatuo},disc:{disc},chatmed:{chatmed}",
+                 out_dir=str(tmp_path / "out"), val_fraction=0.0)
+    meta = run(cfg)
+    assert meta["sources"]["alpaca:alpaca.json"] == {"read": 3, "kept": 1, "dropped_malformed": 1,
+                                                     "dropped_duplicate": 1}
+    assert meta["sources"]["huatuo:huatuo.jsonl"] == {"read": 2, "kept": 1, "dropped_malformed": 1}
+    rows = list(csv.DictReader(open(tmp_path / "out" / "sft_data.csv", encoding="utf-8")))
+    assert rows[0] == {"prompt": "翻译\nhello", "answer": "你好", "history": "[]"}
+    # Cleaned as the pretraining text is: NFKC turns full-width ？ into ?.
+    assert rows[1]["prompt"] == "还疼呢?" and json.loads(rows[1]["history"]) == [["头疼怎么办?", "多休息。"]]
+    assert [r["answer"] for r in rows[2:]] == ["答1", "喝水"]
+    with pytest.raises(Exception, match="--overwrite"):
+        run(cfg)
+
+
+def test_sft_dataset_on_real_tokenizer(tmp_path, small_tokenizer):
+    path = tmp_path / "d.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "answer", "history"])
+        w.writerow(["床前明月光", "疑是地上霜", json.dumps([["春眠", "不觉晓"]], ensure_ascii=False)])
+    tok = load_tokenizer(small_tokenizer)
+    ds = SFTDataset(str(path), tok, 64)
+    x, y = ds[0]
+    answers = [tok.decode([t for t in y.tolist() if t != -100])]
+    assert answers == ["不觉晓疑是地上霜"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,answer,history\na,b,[oops\n")
+    with pytest.raises(ValueError, match="bad.csv:2: 'history' is not a JSON list"):
+        SFTDataset(str(bad), tok, 64)
