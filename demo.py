@@ -27,6 +27,9 @@ class Config:
     vocab_size: int = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
     pretrain_steps: int = 1100  # optimizer steps of 4,096 tokens (about 12 minutes on 2 CPU cores)
     sft_steps: int = 1500  # SFT optimizer steps of 16 samples
+    rm_steps: int = 300  # reward-model steps of 16 pairs
+    dpo_steps: int = 300  # DPO steps of 16 pairs
+    grpo_steps: int = 60  # GRPO steps of 4 prompts x 8 sampled answers
 
 
 def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
@@ -35,9 +38,10 @@ def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
     raw, tok, corpus = f"{cfg.data_dir}/raw", f"{cfg.data_dir}/tokenizer", f"{cfg.data_dir}/demo"
     out, tokenizer = cfg.out_dir, f"--tokenizer={cfg.data_dir}/tokenizer/tokenizer.model"
     sft_data, sft_val = f"{cfg.sft_dir}/sft_data.csv", f"{cfg.sft_dir}/sft_val.csv"
+    pref_val = f"{cfg.sft_dir}/preference_val.csv"
     plan = [
-        ("download the built-in corpora", f"{raw}/sft_demo/.complete",
-         ["download_data.py", f"--raw_dir={raw}", "--sources=peoples_daily,idioms,dictionary,sft_demo"]),
+        ("download the built-in corpora", f"{raw}/poetry/.complete",
+         ["download_data.py", f"--raw_dir={raw}", "--sources=peoples_daily,idioms,dictionary,sft_demo,poetry"]),
         ("train our tokenizer", f"{tok}/tokenizer.model",
          ["train_tokenizer.py", f"--raw_dir={raw}", f"--out={tok}/tokenizer.model", f"--vocab_size={cfg.vocab_size}"]),
         ("clean, deduplicate and tokenize the corpus", f"{corpus}/meta.json",
@@ -51,17 +55,33 @@ def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
         ("instruction-tune (SFT)", None,
          ["sft.py", "config/sft_tiny.py", f"--init_from={out}/pretrain/ckpt.pt", f"--data={sft_data}",
           f"--val_data={sft_val}", tokenizer, f"--out_dir={out}/sft", f"--max_steps={cfg.sft_steps}"]),
+        ("train the reward model", None,
+         ["reward_model.py", f"--init_from={out}/sft/ckpt.pt", f"--data={cfg.sft_dir}/preference.csv",
+          f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/rm", f"--max_steps={cfg.rm_steps}"]),
+        ("score the reward model on held-out pairs", f"{out}/rm/eval.json",
+         ["reward_model.py", "--eval_only=true", f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/rm"]),
+        ("DPO", None,
+         ["dpo.py", f"--init_from={out}/sft/ckpt.pt", f"--data={cfg.sft_dir}/preference.csv",
+          f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/dpo", f"--max_steps={cfg.dpo_steps}"]),
+        ("GRPO", None,
+         ["grpo.py", f"--init_from={out}/sft/ckpt.pt", f"--prompts={sft_data}", tokenizer, f"--out_dir={out}/grpo",
+          f"--max_steps={cfg.grpo_steps}"]),
         ("evaluate the base model on the corpus", f"{out}/eval/base_pretrain.json",
          ["eval_pretrain.py", f"--ckpt={out}/pretrain/ckpt.pt", tokenizer, f"--bin={corpus}/val.bin",
           f"--json={out}/eval/base_pretrain.json"]),
     ]
-    for name, ckpt in (("base", f"{out}/pretrain/ckpt.pt"), ("sft", f"{out}/sft/ckpt.pt")):
+    for name in MODELS:
+        ckpt = f"{out}/{'pretrain' if name == 'base' else name}/ckpt.pt"
         plan.append((f"evaluate the {name} model's answers", f"{out}/eval/{name}/summary.json",
-                     ["eval.py", f"--ckpt={ckpt}", tokenizer, f"--val_data={sft_val}", f"--out={out}/eval/{name}"]))
+                     ["eval.py", f"--ckpt={ckpt}", tokenizer, f"--val_data={sft_val}", f"--out={out}/eval/{name}",
+                      f"--reward_model={out}/rm/ckpt.pt"]))
         plan.append((f"4-way idiom test of the {name} model", f"{out}/eval/{name}_choice.json",
                      ["eval_choice.py", f"--ckpt={ckpt}", tokenizer, f"--val_data={sft_val}",
                       f"--json={out}/eval/{name}_choice.json"]))
     return plan
+
+
+MODELS = ("base", "sft", "dpo", "grpo")
 
 
 def read_json(path: str) -> dict:
@@ -73,15 +93,21 @@ def results_table(cfg: Config) -> str:
     """The headline numbers of this run, as a Markdown table."""
     ev = f"{cfg.out_dir}/eval"
     base = read_json(f"{ev}/base_pretrain.json")["scores"]["bin"]
-    lines = [f"validation loss {base['loss']:.3f} nats/token, {base.get('bits_per_char', float('nan')):.3f} bits per "
-             f"character (perplexity {base['perplexity']:.1f}) on `{base['path']}`", "",
-             "| model | idiom char F1 | idiom ROUGE-L | 4-way idiom accuracy (chance 0.25) | SFT val answer loss |",
-             "|---|---|---|---|---|"]
-    for name in ("base", "sft"):
+    rm = read_json(f"{cfg.out_dir}/rm/eval.json")
+    bpc = base.get("bits_per_char", float("nan"))
+    lines = [f"Base model: validation loss {base['loss']:.3f} nats/token, {bpc:.3f} bits per character "
+             f"(perplexity {base['perplexity']:.1f}) on `{base['path']}`.",
+             f"Reward model: held-out pairwise accuracy {rm['all']['accuracy']:.3f} overall, "
+             + ", ".join(f"{k} {v['accuracy']:.3f} ({v['pairs']} pairs)" for k, v in rm.items() if k != "all")
+             + " (chance 0.5).", "",
+             "| model | idiom char F1 | idiom ROUGE-L | idiom mean reward | 4-way idiom accuracy (chance 0.25) "
+             "| SFT val answer loss |", "|---|---|---|---|---|---|"]
+    for name in MODELS:
         summary, choice = read_json(f"{ev}/{name}/summary.json"), read_json(f"{ev}/{name}_choice.json")
         idiom = summary["scores"].get("idiom", {})
         lines.append(f"| {name} | {idiom.get('f1', float('nan')):.3f} | {idiom.get('rouge_l', float('nan')):.3f} | "
-                     f"{choice['accuracy']:.3f} | {summary['val_answer_loss']:.3f} |")
+                     f"{idiom.get('reward', float('nan')):.3f} | {choice['accuracy']:.3f} | "
+                     f"{summary['val_answer_loss']:.3f} |")
     return "\n".join(lines)
 
 

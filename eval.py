@@ -42,6 +42,7 @@ class Config:
     repetition_penalty: float = 1.0
     batch_size: int = 16
     exact_match_chars: int = 10  # exact match is reported for references up to this long
+    reward_model: str = ""  # also report the mean reward of the answers under this reward model
     out: str = "out/eval"  # answers.csv and summary.json
     device: str = "auto"
 
@@ -107,17 +108,20 @@ def answer_loss(model: Transformer, tok, path: str, n: int, batch_size: int) -> 
     return total / max(count, 1)
 
 
-def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars: int) -> dict:
+def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars: int,
+          rewards: list[float] | None = None) -> dict:
     per_task: dict[str, list[dict]] = defaultdict(list)
-    for (prompt, reference, _), prediction in zip(rows, predictions):
+    for i, ((prompt, reference, _), prediction) in enumerate(zip(rows, predictions)):
         s = {"f1": char_f1(prediction, reference), "rouge_l": rouge_l(prediction, reference)}
+        if rewards is not None:
+            s["reward"] = rewards[i]
         if len(reference) <= exact_chars:
             s["exact_match"] = float(prediction.strip() == reference.strip())
         per_task[task_of(prompt)].append(s)
         per_task["all"].append(s)
     return {task: {"samples": len(items),
                    **{m: sum(s[m] for s in items if m in s) / max(1, sum(m in s for s in items))
-                      for m in ("f1", "rouge_l", "exact_match") if any(m in s for s in items)}}
+                      for m in ("f1", "rouge_l", "exact_match", "reward") if any(m in s for s in items)}}
             for task, items in per_task.items()}
 
 
@@ -141,7 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     if rows:
         predictions = answer(model, tok, [(h, p) for p, _, h in rows], cfg)
         summary["val_answer_loss"] = answer_loss(model, tok, cfg.val_data, len(rows), cfg.batch_size)
-        summary["scores"] = score(rows, predictions, cfg.exact_match_chars)
+        rewards = None
+        if cfg.reward_model:
+            from reward_model import load_reward_model
+            rm, _ = load_reward_model(cfg.reward_model, model.freqs_cos.device)
+            rewards = rm.score(tok, [p for p, _, _ in rows], predictions)
+        summary["scores"] = score(rows, predictions, cfg.exact_match_chars, rewards)
         with open(os.path.join(cfg.out, "answers.csv"), "w", encoding="utf-8", newline="") as f:
             w = csv.writer(f)
             w.writerow(["task", "prompt", "reference", "prediction", "char_f1", "rouge_l"])
@@ -150,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cfg.val_data}: answer loss {summary['val_answer_loss']:.4f} on {len(rows)} samples")
         for task, s in summary["scores"].items():
             em = f", exact match {s['exact_match']:.3f}" if "exact_match" in s else ""
-            print(f"  {task:<9} {s['samples']:>5} samples: char F1 {s['f1']:.3f}, ROUGE-L {s['rouge_l']:.3f}{em}")
+            reward = f", mean reward {s['reward']:.3f}" if "reward" in s else ""
+            print(f"  {task:<9} {s['samples']:>5} samples: char F1 {s['f1']:.3f}, "
+                  f"ROUGE-L {s['rouge_l']:.3f}{em}{reward}")
     with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=2)
     print(f"wrote {cfg.out}/summary.json" + (" and answers.csv" if rows else ""))

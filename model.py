@@ -402,12 +402,19 @@ def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelA
     return model.to(device).eval(), ckpt
 
 
-def answer_logprobs(model: Transformer, inputs: torch.Tensor,
-                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log-probabilities of the labelled tokens of each row (labels IGNORE_INDEX elsewhere), and
-    how many there are: the sequence log-probability of an answer, for multiple choice, DPO and GRPO."""
+def token_logprobs(model: Transformer, inputs: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability (B, T) of each labelled token (0 where labels are IGNORE_INDEX), and the mask."""
     logits, _ = model(inputs)
     logp = torch.log_softmax(logits.float(), dim=-1)
     mask = labels != IGNORE_INDEX
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1), mask.sum(-1)
+    return picked * mask, mask
+
+
+def answer_logprobs(model: Transformer, inputs: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log-probabilities of the labelled tokens of each row, and how many there are: the
+    sequence log-probability of an answer, for multiple choice and DPO."""
+    picked, mask = token_logprobs(model, inputs, labels)
+    return picked.sum(-1), mask.sum(-1)

@@ -1,16 +1,21 @@
-"""Instruction-tuning data -> sft_data/sft_data.csv and a held-out sft_data/sft_val.csv.
+"""Instruction-tuning data -> sft_data/sft_data.csv and a held-out sft_data/sft_val.csv; preference
+pairs -> sft_data/preference.csv and sft_data/preference_val.csv.
 
     python sft_data_process.py                       # built-in: idiom and character tasks + alpaca_zh_demo
     python sft_data_process.py --inputs=alpaca:data/alpaca_gpt4_data_zh.json,huatuo:data/HuatuoGPT_sft.jsonl
 
-Columns: prompt, answer, history (a JSON list of [prompt, answer] earlier turns, often empty).
-Every record read is counted as kept or dropped with its reason in sft_data/meta.json.
+SFT columns: prompt, answer, history (a JSON list of [prompt, answer] earlier turns, often empty).
+Preference columns: prompt, chosen, rejected; the built-in pairs are dpo_zh_demo, idioms (the true
+meaning against another idiom's) and, when the poetry source is downloaded, poems (the true next line
+against a line of another poem). Held-out idioms are the same in both validation files. Every record
+read is counted as kept or dropped with its reason in sft_data/meta.json.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import random
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -35,6 +40,7 @@ class Sample:
 @dataclass
 class Config:
     builtin: str = "idioms,dictionary,alpaca_demo"  # built-in tasks: idioms, dictionary, alpaca_demo
+    preference: str = "idioms,poems,dpo_demo"  # built-in preference pairs: idioms, poems, dpo_demo
     inputs: str = ""  # your files, comma-separated FORMAT:PATH (alpaca, belle, medical, huatuo, disc, chatmed)
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
     out_dir: str = "sft_data"  # sft_data.csv, sft_val.csv, meta.json
@@ -289,12 +295,138 @@ def run(cfg: Config) -> dict:
         os.replace(f.name, paths[split])
     meta = {"samples": dict(written), "sources": {k: dict(v) for k, v in counts.items()},
             "malformed_examples": malformed}
-    write_json_atomic(os.path.join(cfg.out_dir, "meta.json"), meta)
     print(f"wrote {paths['train']} ({written['train']:,} samples) and {paths['val']} ({written['val']:,})")
+    print_counts(counts)
+    if cfg.preference:
+        meta["preference"] = write_pairs(cfg)
+    write_json_atomic(os.path.join(cfg.out_dir, "meta.json"), meta)
+    return meta
+
+
+# ------------------------------------------------------------------ preference pairs
+
+@dataclass
+class Pair:
+    prompt: str | None
+    chosen: str | None
+    rejected: str | None
+    source: str
+    where: str
+    error: str | None = None
+    group: str = ""
+
+
+def idiom_pairs(path: str, seed: int = 0) -> Iterator[Pair]:
+    """The idiom's meaning (chosen) against the meaning of another idiom drawn at random (rejected)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    meanings = [(r.get("word"), idiom_meaning(r)) for r in data]
+    rng = random.Random(seed)
+    for i, (word, meaning) in enumerate(meanings):
+        where = f"{path}:record {i}"
+        if not isinstance(word, str) or meaning is None:
+            yield Pair(None, None, None, "idioms", where, "missing 'word' or 'explanation'")
+            continue
+        other = meaning
+        while other == meaning or other is None:
+            other = meanings[rng.randrange(len(meanings))][1]
+        yield Pair(IDIOM_PROMPT.format(word=word), meaning, other, "idioms", where, group=f"idiom:{word}")
+
+
+POEM_PROMPT = "“{line}”的下一句是什么？"
+
+
+def poem_pairs(folder: str, seed: int = 0) -> Iterator[Pair]:
+    """For consecutive lines of a poem: the true next line against a line of another poem."""
+    from corpora import read_poetry
+    poems = [d for d in read_poetry(folder, "poems") if d.text]
+    lines_of = [[x for x in clean_text(d.text).split("\n")[1:] if x] for d in poems]
+    everything = [(i, x) for i, lines in enumerate(lines_of) for x in lines]
+    rng = random.Random(seed)
+    for i, (doc, lines) in enumerate(zip(poems, lines_of)):
+        for a, b in zip(lines, lines[1:]):
+            j, other = everything[rng.randrange(len(everything))]
+            if j == i or other == b:
+                continue
+            yield Pair(POEM_PROMPT.format(line=a), b, other, "poems", doc.where, group=f"poem:{i}")
+
+
+def dpo_demo_pairs(path: str) -> Iterator[Pair]:
+    """llamafactory's dpo_zh_demo.json: conversations (the last human turn is the prompt), chosen, rejected."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for i, r in enumerate(data):
+        where = f"{path}:record {i}"
+        turns = r.get("conversations") if isinstance(r, dict) else None
+        human = [t.get("value") for t in turns or [] if isinstance(t, dict) and t.get("from") == "human"]
+        chosen, rejected = (r.get(k, {}).get("value") if isinstance(r, dict) and isinstance(r.get(k), dict) else None
+                            for k in ("chosen", "rejected"))
+        if not human or not all(isinstance(x, str) for x in (human[-1], chosen, rejected)):
+            yield Pair(None, None, None, "dpo_demo", where, "missing conversations, chosen or rejected")
+            continue
+        yield Pair(human[-1], chosen, rejected, "dpo_demo", where)
+
+
+def iter_pairs(cfg: Config) -> Iterator[Pair]:
+    for name in [n.strip() for n in cfg.preference.split(",") if n.strip()]:
+        if name == "idioms":
+            yield from idiom_pairs(os.path.join(cfg.raw_dir, "idioms", "idioms.json"))
+        elif name == "poems":
+            folder = os.path.join(cfg.raw_dir, "poetry")
+            if not os.path.isdir(folder):
+                raise CorpusError(f"{folder} not found: run `python download_data.py --sources=poetry` first")
+            yield from poem_pairs(folder)
+        elif name == "dpo_demo":
+            yield from dpo_demo_pairs(os.path.join(cfg.raw_dir, "sft_demo", "dpo_zh_demo.json"))
+        else:
+            raise CorpusError(f"unknown preference source {name!r}; known: idioms, poems, dpo_demo")
+
+
+def print_counts(counts: dict[str, Counter]) -> None:
     for name, c in counts.items():
         drops = ", ".join(f"{k[8:]} {v:,}" for k, v in sorted(c.items()) if k.startswith("dropped_"))
         print(f"  {name}: read {c['read']:,}, kept {c['kept']:,}" + (f", dropped: {drops}" if drops else ""))
-    return meta
+
+
+def write_pairs(cfg: Config) -> dict:
+    paths = {split: os.path.join(cfg.out_dir, name)
+             for split, name in (("train", "preference.csv"), ("val", "preference_val.csv"))}
+    counts: dict[str, Counter] = defaultdict(Counter)
+    seen: set[int] = set()
+    files = {split: open(p + ".tmp", "w", encoding="utf-8", newline="") for split, p in paths.items()}
+    writers = {split: csv.writer(f) for split, f in files.items()}
+    for w in writers.values():
+        w.writerow(["prompt", "chosen", "rejected"])
+    written = Counter()
+    for p in iter_pairs(cfg):
+        c = counts[p.source]
+        c["read"] += 1
+        if p.error is not None:
+            c["dropped_malformed"] += 1
+            continue
+        p.prompt, p.chosen, p.rejected = clean_text(p.prompt), clean_text(p.chosen), clean_text(p.rejected)
+        if not p.prompt or not p.chosen or not p.rejected or p.chosen == p.rejected:
+            c["dropped_empty"] += 1
+            continue
+        if len(p.prompt) + max(len(p.chosen), len(p.rejected)) > cfg.max_chars:
+            c["dropped_too_long"] += 1
+            continue
+        key = text_hash(json.dumps([p.prompt, p.chosen, p.rejected], ensure_ascii=False))
+        if key in seen:
+            c["dropped_duplicate"] += 1
+            continue
+        seen.add(key)
+        c["kept"] += 1
+        group_key = text_hash(p.group) if p.group else key
+        split = "val" if group_key % 1_000_000 < cfg.val_fraction * 1_000_000 else "train"
+        writers[split].writerow([p.prompt, p.chosen, p.rejected])
+        written[split] += 1
+    for split, f in files.items():
+        f.close()
+        os.replace(f.name, paths[split])
+    print(f"wrote {paths['train']} ({written['train']:,} pairs) and {paths['val']} ({written['val']:,})")
+    print_counts(counts)
+    return {"pairs": dict(written), "sources": {k: dict(v) for k, v in counts.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -292,6 +292,7 @@ class StepStats:
     lr: float
     grad_norm: float
     skipped: bool
+    metrics: dict[str, float] = field(default_factory=dict)  # what loss_fn reported, averaged the same way
 
 
 class Trainer:
@@ -352,26 +353,29 @@ class Trainer:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def train_step(self, micro_batches: Iterable[Any],
-                   loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> StepStats:
+    def train_step(self, micro_batches: Iterable[Any], loss_fn: Callable[[torch.nn.Module, Any], Any]) -> StepStats:
         """One optimizer step over the micro-batches (gradient accumulation); loss_fn(model, batch)
-        returns the mean loss of one micro-batch."""
+        returns the mean loss of one micro-batch, or (loss, {name: float}) with metrics to log."""
         s = self.settings
         lr = cosine_lr(self.step, s.lr, s.min_lr, s.warmup_steps, s.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = list(micro_batches)
-        total, finite = 0.0, True
+        total, finite, metrics = 0.0, True, {}
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             if self.settings.fsdp and last:
                 self.raw_model.set_requires_gradient_sync(True)
             with self._sync_context(last):
                 with autocast(self.dist.device, self.dtype):
-                    loss = loss_fn(self.model, batch) / len(micro_batches)
+                    out = loss_fn(self.model, batch)
+                    loss, reported = out if isinstance(out, tuple) else (out, {})
+                    loss = loss / len(micro_batches)
                 finite &= bool(torch.isfinite(loss))
                 self.scaler.scale(loss).backward()
             total += float(loss.detach())
+            for name, value in reported.items():
+                metrics[name] = metrics.get(name, 0.0) + float(value) / len(micro_batches)
         finite = all_reduce_mean(float(finite), self.dist) == 1.0
         if not finite:
             return self._skip(lr)
@@ -382,7 +386,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.nonfinite_in_a_row = 0
-        return StepStats(all_reduce_mean(total, self.dist), lr, float(norm), False)
+        metrics = {name: all_reduce_mean(value, self.dist) for name, value in sorted(metrics.items())}
+        return StepStats(all_reduce_mean(total, self.dist), lr, float(norm), False, metrics)
 
     def _skip(self, lr: float) -> StepStats:
         """A non-finite loss: drop the gradients, keep the weights, count it; many in a row stop the run."""
@@ -468,7 +473,7 @@ class LoopSettings:
 
 
 def fit(trainer: Trainer, loop: LoopSettings, next_batches: Callable[[], tuple[list[Any], int]],
-        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        loss_fn: Callable[[torch.nn.Module, Any], Any],
         evaluate: Callable[[], dict[str, float]] | None = None,
         extra_state: Callable[[], dict] | None = None, tokens_seen: int = 0) -> None:
     """Train until loop.max_steps optimizer steps: next_batches() gives the micro-batches of one step
@@ -487,7 +492,7 @@ def fit(trainer: Trainer, loop: LoopSettings, next_batches: Callable[[], tuple[l
             tokens_seen += int(all_reduce_mean(n_tokens, dist) * dist.world_size)
             step = trainer.step
             record = {"step": step, "tokens": tokens_seen, "loss": stats.loss, "lr": stats.lr,
-                      "grad_norm": stats.grad_norm}
+                      "grad_norm": stats.grad_norm, **stats.metrics}
             if stats.skipped:
                 record["skipped_nonfinite"] = trainer.nonfinite_total
                 print0(f"step {step}: non-finite loss, step skipped ({trainer.nonfinite_total} so far)", dist=dist)
@@ -501,7 +506,8 @@ def fit(trainer: Trainer, loop: LoopSettings, next_batches: Callable[[], tuple[l
                 record.update(tokens_per_s=speed, mfu=mfu)
                 eta = (loop.max_steps - step) * (now - last_time) / max(step - last_step, 1)
                 console = (f"step {step}/{loop.max_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
-                           f"{speed:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {eta / 60:.1f} min")
+                           f"{speed:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {eta / 60:.1f} min"
+                           + "".join(f" {k} {v:.3f}" for k, v in stats.metrics.items()))
             if evaluate is not None and (step % loop.eval_interval == 0 or done or over_time) and not stats.skipped:
                 metrics = evaluate()
                 record.update(metrics)

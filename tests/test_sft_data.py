@@ -75,7 +75,7 @@ def test_sft_data_process_formats_counts_and_split(tmp_path):
     chatmed = tmp_path / "chatmed.jsonl"
     chatmed.write_text(json.dumps({"query": "咳嗽", "response": "喝水"}, ensure_ascii=False) + "\n")
     cfg = Config(builtin="", inputs=f"alpaca:{alpaca},huatuo:{huatuo},disc:{disc},chatmed:{chatmed}",
-                 out_dir=str(tmp_path / "out"), val_fraction=0.0)
+                 out_dir=str(tmp_path / "out"), val_fraction=0.0, preference="")
     meta = run(cfg)
     assert meta["sources"]["alpaca:alpaca.json"] == {"read": 3, "kept": 1, "dropped_malformed": 1,
                                                      "dropped_duplicate": 1}
@@ -104,3 +104,33 @@ def test_sft_dataset_on_real_tokenizer(tmp_path, small_tokenizer):
     bad.write_text("prompt,answer,history\na,b,[oops\n")
     with pytest.raises(ValueError, match="bad.csv:2: 'history' is not a JSON list"):
         SFTDataset(str(bad), tok, 64)
+
+
+def test_preference_pairs_share_held_out_idioms(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "idioms").mkdir(parents=True)
+    chars = "画蛇添足守株待兔亡羊补牢对牛弹琴井底之蛙刻舟求剑掩耳盗铃杯弓蛇影"
+    words = [chars[i:i + 4] for i in range(20)]
+    idioms = [{"word": w, "explanation": f"{w}的意思是第{i}种"} for i, w in enumerate(words)]
+    idioms.append({"word": "缺解释"})
+    (raw / "idioms" / "idioms.json").write_text(json.dumps(idioms, ensure_ascii=False), encoding="utf-8")
+    (raw / "sft_demo").mkdir()
+    (raw / "sft_demo" / "dpo_zh_demo.json").write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "你好"}], "chosen": {"from": "gpt", "value": "你好！"},
+         "rejected": {"from": "gpt", "value": "滚"}}, {"conversations": []}], ensure_ascii=False), encoding="utf-8")
+    cfg = Config(builtin="idioms", preference="idioms,dpo_demo", raw_dir=str(raw), out_dir=str(tmp_path / "out"),
+                 val_fraction=0.4)
+    meta = run(cfg)
+    assert meta["preference"]["sources"]["idioms"] == {"read": 21, "kept": 20, "dropped_malformed": 1}
+    assert meta["preference"]["sources"]["dpo_demo"] == {"read": 2, "kept": 1, "dropped_malformed": 1}
+    pairs = list(csv.DictReader(open(tmp_path / "out" / "preference.csv", encoding="utf-8")))
+    pairs += list(csv.DictReader(open(tmp_path / "out" / "preference_val.csv", encoding="utf-8")))
+    for p in pairs:
+        assert p["chosen"] != p["rejected"]
+        if p["prompt"].startswith("成语"):
+            word = p["prompt"][3:7]
+            assert p["chosen"].startswith(word) and not p["rejected"].startswith(word)
+    sft_val = {r["prompt"] for r in csv.DictReader(open(tmp_path / "out" / "sft_val.csv", encoding="utf-8"))}
+    pref_val = {r["prompt"] for r in csv.DictReader(open(tmp_path / "out" / "preference_val.csv", encoding="utf-8"))
+                if r["prompt"].startswith("成语")}
+    assert sft_val and sft_val == pref_val

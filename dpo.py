@@ -1,0 +1,177 @@
+"""Direct Preference Optimization: raise the likelihood of chosen answers over rejected ones, relative to
+a frozen reference (the SFT model), without a reward model.
+
+    python dpo.py                                        # from out/sft/ckpt.pt on sft_data/preference.csv
+    python dpo.py --beta=0.1 --label_smoothing=0.1 --out_dir=out/dpo_smooth
+
+loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))), sequence log-probs
+summing the answer tokens only; with label smoothing e the loss is (1 - e) times that plus e times the
+same for the swapped pair (conservative DPO). Logged: the implicit rewards beta * (log pi - log ref) of
+chosen and rejected answers, their margin and how often it is positive.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from chatglm_tokenizer import load_tokenizer
+from configurator import parse_config
+from dataset import WindowOrder
+from dataset_sft import collate, encode_turns, make_example
+from model import answer_logprobs, load_model
+from reward_model import read_pairs
+from trainer import (
+    Dist,
+    LoopSettings,
+    Trainer,
+    TrainerSettings,
+    TrainingDiverged,
+    all_reduce_mean,
+    autocast,
+    fit,
+    measure_peak_flops,
+    print0,
+    setup_distributed,
+    teardown,
+)
+
+
+@dataclass
+class Config:
+    init_from: str = "out/sft/ckpt.pt"  # the policy starts here and the frozen reference is this model
+    data: str = "sft_data/preference.csv"
+    val_data: str = "sft_data/preference_val.csv"
+    tokenizer: str = "data/tokenizer/tokenizer.model"
+    out_dir: str = "out/dpo"
+    beta: float = 0.1  # strength of the pull towards the reference
+    label_smoothing: float = 0.0  # assumed share of wrong preference labels (conservative DPO)
+    batch_size: int = 16  # pairs per micro-step in each process
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    seed: int = 1337
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_pairs: int = 256
+    save_interval: int = 200
+    keep_last: int = 2
+    time_limit_min: float = 0.0
+    peak_tflops: float = 0.0
+    resume: bool = True
+    max_nonfinite_in_a_row: int = 10
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0):
+    """Mean DPO loss and the implicit rewards (beta * log-ratio) of chosen and rejected answers."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    margin = chosen_reward - rejected_reward
+    loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return loss.mean(), chosen_reward.detach(), rejected_reward.detach()
+
+
+def pair_examples(tok, pairs, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and answer labels of every chosen answer, then of every rejected one."""
+    examples = [make_example(*encode_turns(tok, [(p, c)], max_seq_len)) for p, c, _ in pairs]
+    examples += [make_example(*encode_turns(tok, [(p, r)], max_seq_len)) for p, _, r in pairs]
+    return collate(examples, tok.pad_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    dist = setup_distributed(cfg.device)
+    try:
+        train(cfg, dist)
+    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        teardown(dist)
+
+
+def train(cfg: Config, dist: Dist) -> None:
+    tok = load_tokenizer(cfg.tokenizer)
+    policy, init = load_model(cfg.init_from)
+    if init.get("tokenizer_sha256") not in (None, tok.sha256):
+        raise ValueError(f"{cfg.init_from} was trained with another tokenizer than {cfg.tokenizer}")
+    reference = copy.deepcopy(policy).to(dist.device).eval().requires_grad_(False)
+    policy.train()
+    pairs = read_pairs(cfg.data)
+    val = read_pairs(cfg.val_data)[:cfg.eval_pairs] if cfg.val_data else []
+    max_len = policy.args.max_seq_len
+    order = WindowOrder(len(pairs), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    steps_per_epoch = max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum * dist.world_size))
+    settings = TrainerSettings.from_config(cfg)
+    settings.max_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    trainer = Trainer(policy, settings, dist)
+    state = trainer.resume(cfg.out_dir, cfg.resume, {"model_args": asdict(policy.args)})
+    tokens_seen = 0
+    if state is not None:
+        order.load_state_dict(state["data"])
+        tokens_seen = state["tokens_seen"]
+    print0(f"DPO from {cfg.init_from}: {len(pairs):,} pairs, beta {cfg.beta}, {settings.max_steps} steps", dist=dist)
+    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
+    loop = LoopSettings(cfg.out_dir, settings.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
+                        cfg.keep_last, cfg.time_limit_min, peak, policy.flops_per_token(max_len))
+
+    def with_reference(x: torch.Tensor, y: torch.Tensor):
+        with torch.no_grad():
+            ref_logp, _ = answer_logprobs(reference, x, y)
+        return x, y, ref_logp
+
+    def next_batches():
+        batches = [pair_examples(tok, [pairs[i] for i in order.next(cfg.batch_size)], max_len)
+                   for _ in range(cfg.grad_accum)]
+        with autocast(dist.device, trainer.dtype):
+            out = [with_reference(x.to(dist.device), y.to(dist.device)) for x, y in batches]
+        return out, sum(int((y != -100).sum()) for _, y in batches)
+
+    def loss_fn(model, batch):
+        x, y, ref_logp = batch
+        logp, _ = answer_logprobs(model, x, y)
+        pc, pr = logp.chunk(2)
+        rc, rr = ref_logp.chunk(2)
+        loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
+        margin = chosen - rejected
+        return loss, {"reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
+                      "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
+
+    @torch.no_grad()
+    def validation() -> dict[str, float]:
+        mine = val[dist.rank::dist.world_size]
+        totals = {"val_loss": 0.0, "val_accuracy": 0.0}
+        with trainer.evaluating() as model, autocast(dist.device, trainer.dtype):
+            for start in range(0, len(mine), cfg.batch_size):
+                x, y = pair_examples(tok, mine[start:start + cfg.batch_size], max_len)
+                loss, metrics = loss_fn(model, with_reference(x.to(dist.device), y.to(dist.device)))
+                share = len(mine[start:start + cfg.batch_size]) / len(mine)
+                totals["val_loss"] += float(loss) * share
+                totals["val_accuracy"] += metrics["accuracy"] * share
+        return {k: all_reduce_mean(v, dist) for k, v in totals.items()}
+
+    def extra_state() -> dict:
+        return {"model_args": asdict(policy.args), "data": order.state_dict(), "config": asdict(cfg),
+                "tokenizer_sha256": tok.sha256, "stage": "dpo"}
+
+    fit(trainer, loop, next_batches, loss_fn, validation if val else None, extra_state, tokens_seen)
+    print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,195 @@
+"""Group Relative Policy Optimization: for each prompt, sample a group of answers, reward them, and
+push the policy towards the answers that beat their group's mean, with a KL penalty to the reference.
+
+    python grpo.py                                     # idiom questions, reward = character F1 vs the meaning
+    python grpo.py --reward=model --reward_model=out/rm/ckpt.pt
+
+advantage_i = (r_i - mean(r)) / (std(r) + eps) within each group (equal rewards: zero advantage);
+per answer token: min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) - kl_beta * KL, with
+ratio = pi / pi_old and KL = exp(ref - logp) - (ref - logp) - 1 (the k3 estimator), averaged over
+each answer's tokens, then over answers. Logged: mean reward, KL, answer length.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from chatglm_tokenizer import load_tokenizer
+from configurator import parse_config
+from dataset import WindowOrder
+from dataset_sft import chat_prompt_ids, collate, read_sft_csv
+from eval import char_f1, task_of
+from model import load_model, token_logprobs
+from trainer import (
+    Dist,
+    LoopSettings,
+    Trainer,
+    TrainerSettings,
+    TrainingDiverged,
+    autocast,
+    fit,
+    measure_peak_flops,
+    print0,
+    setup_distributed,
+    teardown,
+)
+
+
+@dataclass
+class Config:
+    init_from: str = "out/sft/ckpt.pt"  # the policy starts here; the frozen reference is this model
+    prompts: str = "sft_data/sft_data.csv"  # questions with reference answers
+    task: str = "idiom"  # which prompts: idiom, character, other or all
+    tokenizer: str = "data/tokenizer/tokenizer.model"
+    out_dir: str = "out/grpo"
+    reward: str = "f1"  # f1 (character F1 against the reference answer) or model (a reward model's score)
+    reward_model: str = "out/rm/ckpt.pt"  # used when reward=model
+    group_size: int = 8  # answers sampled per prompt
+    prompts_per_step: int = 4  # prompts per optimizer step in each process
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0  # 0 keeps every token
+    clip_eps: float = 0.2
+    kl_beta: float = 0.04
+    max_steps: int = 100
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    seed: int = 1337
+    log_interval: int = 5
+    save_interval: int = 50
+    keep_last: int = 2
+    time_limit_min: float = 0.0
+    peak_tflops: float = 0.0
+    resume: bool = True
+    max_nonfinite_in_a_row: int = 10
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(groups, group_size) rewards -> advantages normalised within each group; a group whose rewards
+    are all equal gets zeros (nothing to learn from it)."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, unbiased=False, keepdim=True)
+    return torch.where(std > 0, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip_eps: float, kl_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (to minimise) and mean KL; token tensors are (B, T), advantages (B,)."""
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    objective = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    per_token = -(objective - kl_beta * kl) * mask
+    per_answer = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
+    mean_kl = ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    return per_answer.mean(), mean_kl.detach()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    dist = setup_distributed(cfg.device)
+    try:
+        train(cfg, dist)
+    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        teardown(dist)
+
+
+def make_rewarder(cfg: Config, tok, device: str):
+    """rewards(prompts, answers, references) -> list of floats."""
+    if cfg.reward == "f1":
+        return lambda prompts, answers, references: [char_f1(a, r) for a, r in zip(answers, references)]
+    if cfg.reward == "model":
+        from reward_model import load_reward_model
+        rm, _ = load_reward_model(cfg.reward_model, device)
+        return lambda prompts, answers, references: rm.score(tok, prompts, answers)
+    raise ValueError(f"--reward must be f1 or model, not {cfg.reward!r}")
+
+
+def train(cfg: Config, dist: Dist) -> None:
+    tok = load_tokenizer(cfg.tokenizer)
+    policy, init = load_model(cfg.init_from)
+    if init.get("tokenizer_sha256") not in (None, tok.sha256):
+        raise ValueError(f"{cfg.init_from} was trained with another tokenizer than {cfg.tokenizer}")
+    reference = copy.deepcopy(policy).to(dist.device).eval().requires_grad_(False)
+    policy.train()
+    rows = [(p, a) for p, a, h in read_sft_csv(cfg.prompts) if not h and (cfg.task == "all" or task_of(p) == cfg.task)]
+    if not rows:
+        raise ValueError(f"{cfg.prompts} has no single-turn prompts of task {cfg.task!r}")
+    rewarder = make_rewarder(cfg, tok, dist.device)
+    order = WindowOrder(len(rows), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    settings = TrainerSettings.from_config(cfg)
+    trainer = Trainer(policy, settings, dist)
+    state = trainer.resume(cfg.out_dir, cfg.resume, {"model_args": asdict(policy.args)})
+    tokens_seen = 0
+    if state is not None:
+        order.load_state_dict(state["data"])
+        tokens_seen = state["tokens_seen"]
+    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + 1000 * dist.rank + trainer.step)
+    if state is not None and "sampler" in state and not dist.enabled:  # one process resumes its sampling exactly
+        generator.set_state(state["sampler"])
+    max_len = policy.args.max_seq_len
+    print0(f"GRPO from {cfg.init_from}: {len(rows):,} {cfg.task} prompts, groups of {cfg.group_size}, "
+           f"reward {cfg.reward}", dist=dist)
+    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
+    loop = LoopSettings(cfg.out_dir, cfg.max_steps, cfg.log_interval, 10**9, cfg.save_interval, cfg.keep_last,
+                        cfg.time_limit_min, peak, policy.flops_per_token(max_len))
+
+    def rollouts():
+        """Sample a group of answers per prompt with the current policy, reward them, and build the
+        training batch: (inputs, labels, advantages, old log-probs, reference log-probs, stats)."""
+        picked = [rows[i] for i in order.next(cfg.prompts_per_step)]
+        prompt_ids = [chat_prompt_ids(tok, [], p, max_len, reserve=cfg.max_new_tokens) for p, _ in picked]
+        with trainer.evaluating() as model:
+            completions = model.generate([ids for ids in prompt_ids for _ in range(cfg.group_size)],
+                                         cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                         eos_id=tok.eos_id, generator=generator)
+        prompts = [p for p, _ in picked for _ in range(cfg.group_size)]
+        references = [a for _, a in picked for _ in range(cfg.group_size)]
+        answers = [tok.decode(c) for c in completions]
+        rewards = torch.tensor(rewarder(prompts, answers, references), dtype=torch.float32)
+        advantages = grpo_advantages(rewards.view(-1, cfg.group_size)).view(-1)
+        examples = []
+        for i, c in enumerate(completions):
+            ids = prompt_ids[i // cfg.group_size] + c + ([tok.eos_id] if len(c) < cfg.max_new_tokens else [])
+            ids = ids[:max_len + 1]
+            n_prompt = len(prompt_ids[i // cfg.group_size])
+            labels = [-100] * n_prompt + ids[n_prompt:]
+            examples.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))
+        x, y = collate(examples, tok.pad_id)
+        x, y = x.to(dist.device), y.to(dist.device)
+        with torch.no_grad(), autocast(dist.device, trainer.dtype):
+            old, _ = token_logprobs(trainer.raw_model, x, y)
+            ref, _ = token_logprobs(reference, x, y)
+        stats = {"reward": float(rewards.mean()), "answer_tokens": sum(len(c) for c in completions) / len(completions)}
+        return [(x, y, advantages.to(dist.device), old, ref, stats)], int((y != -100).sum())
+
+    def loss_fn(model, batch):
+        x, y, advantages, old, ref, stats = batch
+        logp, mask = token_logprobs(model, x, y)
+        loss, kl = grpo_loss(logp, old, ref, advantages, mask.float(), cfg.clip_eps, cfg.kl_beta)
+        return loss, {**stats, "kl": float(kl)}
+
+    def extra_state() -> dict:
+        return {"model_args": asdict(policy.args), "data": order.state_dict(), "config": asdict(cfg),
+                "tokenizer_sha256": tok.sha256, "stage": "grpo", "sampler": generator.get_state()}
+
+    fit(trainer, loop, rollouts, loss_fn, None, extra_state, tokens_seen)
+    print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
