@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import random
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -186,11 +187,19 @@ def read_idiom_tasks(path: str, source: str) -> Iterator[Sample]:
         yield Sample(IDIOM_PROMPT.format(word=word), meaning, [], source, where, group=f"idiom:{word}")
 
 
+_HEADWORD = re.compile(r"^\S[a-zA-Zāáǎàēéěèīíǐìōóǒòūúǔùǖǘǚǜüńňǹḿ]*\s*")
+
+
 def char_definition(explanation: str) -> str | None:
-    """The first sense of a dictionary entry: its first non-empty line after the headword line."""
+    """The first sense of a dictionary entry: the first line after the headword line, or for a one-line
+    entry the text after the character and its pinyin; without the "1." numbering."""
     lines = [line.strip() for line in clean_text(explanation).split("\n") if line.strip()]
+    if not lines:
+        return None
     body = [line for line in lines[1:] if len(line) >= 2]
-    return body[0] if body else None
+    first = body[0] if body else _HEADWORD.sub("", lines[0])
+    first = re.sub(r"^1\.\s*", "", re.split(r"\s+2\.", first)[0]).strip()
+    return first if len(first) >= 2 else None
 
 
 def read_char_tasks(path: str, source: str) -> Iterator[Sample]:

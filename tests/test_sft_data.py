@@ -134,3 +134,10 @@ def test_preference_pairs_share_held_out_idioms(tmp_path):
     pref_val = {r["prompt"] for r in csv.DictReader(open(tmp_path / "out" / "preference_val.csv", encoding="utf-8"))
                 if r["prompt"].startswith("成语")}
     assert sft_val and sft_val == pref_val
+
+
+def test_char_definition_takes_the_first_sense():
+    from sft_data_process import char_definition
+    assert char_definition("啀ái 1.犬斗貌。 2.吸饮。 3.借作挨。") == "犬斗貌。"
+    assert char_definition("嗄〈叹〉\n\n 同啊”。表示省悟或惊奇\n\n 嗄!难道") == "同啊”。表示省悟或惊奇"
+    assert char_definition("丫yā 1.") is None
