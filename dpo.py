@@ -140,7 +140,7 @@ def train(cfg: Config, dist: Dist) -> None:
                    for _ in range(cfg.grad_accum)]
         with autocast(dist.device, trainer.dtype):
             out = [with_reference(x.to(dist.device), y.to(dist.device)) for x, y in batches]
-        return out, sum(int((y != -100).sum()) for _, y in batches)
+        return out, sum(int((x != tok.pad_id).sum()) for x, _ in batches)
 
     def loss_fn(model, batch):
         x, y, ref_logp = batch

@@ -175,7 +175,7 @@ def train(cfg: Config, dist: Dist) -> None:
             old, _ = token_logprobs(trainer.raw_model, x, y)
             ref, _ = token_logprobs(reference, x, y)
         stats = {"reward": float(rewards.mean()), "answer_tokens": sum(len(c) for c in completions) / len(completions)}
-        return [(x, y, advantages.to(dist.device), old, ref, stats)], int((y != -100).sum())
+        return [(x, y, advantages.to(dist.device), old, ref, stats)], int((x != tok.pad_id).sum())
 
     def loss_fn(model, batch):
         x, y, advantages, old, ref, stats = batch

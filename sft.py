@@ -144,7 +144,7 @@ def train(cfg: Config, dist: Dist) -> None:
 
     def next_batches():
         batches = [data.batch(order.next(cfg.batch_size), tokenizer.pad_id) for _ in range(cfg.grad_accum)]
-        tokens = sum(int((y != -100).sum()) for _, y in batches)  # trained-on tokens
+        tokens = sum(int((x != tokenizer.pad_id).sum()) for x, _ in batches)  # processed, padding excluded
         return [(x.to(dist.device), y.to(dist.device)) for x, y in batches], tokens
 
     def extra_state() -> dict:
