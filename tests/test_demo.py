@@ -2,6 +2,7 @@ import json
 import os
 
 from conftest import ROOT
+
 from demo import MODELS, Config, results_table, stages
 
 
