@@ -13,6 +13,7 @@ import json
 import torch
 
 from chatglm_tokenizer import SPTokenizer
+from corpora import clean_text
 
 IGNORE_INDEX = -100
 
@@ -102,9 +103,10 @@ def collate(examples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) 
 def chat_prompt_ids(tok: SPTokenizer, history: list[tuple[str, str]], question: str, max_seq_len: int,
                     reserve: int = 0) -> list[int]:
     """The ids a chat model continues: earlier turns in the training format, then the question and
-    bos, keeping the most recent turns that fit in max_seq_len - reserve."""
-    turns = [tok.encode(p) + [tok.bos_id] + tok.encode(a) + [tok.eos_id] for p, a in history]
-    current = tok.encode(question) + [tok.bos_id]
+    bos, keeping the most recent turns that fit in max_seq_len - reserve. Text is cleaned as the
+    training data was (NFKC: a typed ？ becomes ?)."""
+    turns = [tok.encode(clean_text(p)) + [tok.bos_id] + tok.encode(clean_text(a)) + [tok.eos_id] for p, a in history]
+    current = tok.encode(clean_text(question)) + [tok.bos_id]
     budget = max_seq_len - reserve
     current = current[-budget:] if len(current) > budget else current
     ids = current

@@ -27,9 +27,9 @@ class Config:
     vocab_size: int = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
     pretrain_steps: int = 1100  # optimizer steps of 4,096 tokens (about 12 minutes on 2 CPU cores)
     sft_steps: int = 1500  # SFT optimizer steps of 16 samples
-    rm_steps: int = 300  # reward-model steps of 16 pairs
+    rm_steps: int = 600  # reward-model steps of 16 pairs
     dpo_steps: int = 300  # DPO steps of 16 pairs
-    grpo_steps: int = 60  # GRPO steps of 4 prompts x 8 sampled answers
+    grpo_steps: int = 100  # GRPO steps of 4 prompts x 8 sampled answers
 
 
 def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:

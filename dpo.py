@@ -80,8 +80,8 @@ class Config:
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0):
     """Mean DPO loss and the implicit rewards (beta * log-ratio) of chosen and rejected answers."""
-    chosen_reward = beta * (policy_chosen - ref_chosen)
-    rejected_reward = beta * (policy_rejected - ref_rejected)
+    chosen_reward = beta * (policy_chosen.float() - ref_chosen.float())
+    rejected_reward = beta * (policy_rejected.float() - ref_rejected.float())
     margin = chosen_reward - rejected_reward
     loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return loss.mean(), chosen_reward.detach(), rejected_reward.detach()

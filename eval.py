@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import sys
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -74,6 +75,8 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 def task_of(prompt: str) -> str:
+    """idiom, character or other, from the built-in task templates (after the same NFKC cleaning)."""
+    prompt = unicodedata.normalize("NFKC", prompt)
     if prompt.startswith(IDIOM_PROMPT.split("{")[0]) and prompt.endswith(IDIOM_PROMPT.split("}")[-1]):
         return "idiom"
     if prompt.startswith(CHAR_PROMPT.split("{")[0]) and prompt.endswith(CHAR_PROMPT.split("}")[-1]):

@@ -56,8 +56,8 @@ class Config:
     clip_eps: float = 0.2
     kl_beta: float = 0.04
     max_steps: int = 100
-    lr: float = 1e-5
-    min_lr: float = 1e-6
+    lr: float = 1e-4
+    min_lr: float = 1e-5
     warmup_steps: int = 5
     weight_decay: float = 0.0
     beta1: float = 0.9

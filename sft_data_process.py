@@ -42,6 +42,7 @@ class Sample:
 class Config:
     builtin: str = "idioms,dictionary,alpaca_demo"  # built-in tasks: idioms, dictionary, alpaca_demo
     preference: str = "idioms,poems,dpo_demo"  # built-in preference pairs: idioms, poems, dpo_demo
+    max_pairs_per_source: int = 30000  # keep the sources balanced (poems alone give 180k pairs)
     inputs: str = ""  # your files, comma-separated FORMAT:PATH (alpaca, belle, medical, huatuo, disc, chatmed)
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
     out_dir: str = "sft_data"  # sft_data.csv, sft_val.csv, meta.json
@@ -164,8 +165,8 @@ def read_chatmed(path: str, source: str) -> Iterator[Sample]:
         yield Sample(query, response, [], source, where)
 
 
-IDIOM_PROMPT = "成语“{word}”是什么意思？"
-CHAR_PROMPT = "“{word}”字是什么意思？"
+IDIOM_PROMPT = "成语“{word}”是什么意思?"  # ASCII ?: the cleaning (NFKC) turns ？ into ?
+CHAR_PROMPT = "“{word}”字是什么意思?"
 
 
 def idiom_meaning(record: dict) -> str | None:
@@ -342,16 +343,17 @@ def idiom_pairs(path: str, seed: int = 0) -> Iterator[Pair]:
         yield Pair(IDIOM_PROMPT.format(word=word), meaning, other, "idioms", where, group=f"idiom:{word}")
 
 
-POEM_PROMPT = "“{line}”的下一句是什么？"
+POEM_PROMPT = "“{line}”的下一句是什么?"
 
 
 def poem_pairs(folder: str, seed: int = 0) -> Iterator[Pair]:
     """For consecutive lines of a poem: the true next line against a line of another poem."""
     from corpora import read_poetry
     poems = [d for d in read_poetry(folder, "poems") if d.text]
+    rng = random.Random(seed)
+    rng.shuffle(poems)  # a capped number of pairs then comes from poems of every collection
     lines_of = [[x for x in clean_text(d.text).split("\n")[1:] if x] for d in poems]
     everything = [(i, x) for i, lines in enumerate(lines_of) for x in lines]
-    rng = random.Random(seed)
     for i, (doc, lines) in enumerate(zip(poems, lines_of)):
         for a, b in zip(lines, lines[1:]):
             j, other = everything[rng.randrange(len(everything))]
@@ -412,6 +414,9 @@ def write_pairs(cfg: Config) -> dict:
         c["read"] += 1
         if p.error is not None:
             c["dropped_malformed"] += 1
+            continue
+        if c["kept"] >= cfg.max_pairs_per_source:
+            c["dropped_over_cap"] += 1
             continue
         p.prompt, p.chosen, p.rejected = clean_text(p.prompt), clean_text(p.chosen), clean_text(p.rejected)
         if not p.prompt or not p.chosen or not p.rejected or p.chosen == p.rejected:
