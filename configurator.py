@@ -21,13 +21,19 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """`name: type = default  # comment` lines of the dataclass source, as {name: comment}."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    found = re.findall(r"^\s+(\w+)\s*:[^=\n]*=[^\n#]*#\s*(.+)$", source, flags=re.M)
-    return {name: text.strip() for name, text in found}
+    """`name: type = default  # comment` lines of the dataclass source and of the dataclasses it
+    inherits from, as {name: comment}; a subclass's comment wins."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        found = re.findall(r"^\s+(\w+)\s*:[^=\n]*=[^\n#]*#\s*(.+)$", source, flags=re.M)
+        comments.update({name: text.strip() for name, text in found})
+    return comments
 
 
 def _converter(annotation: Any):

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from chatglm_tokenizer import load_tokenizer
-from configurator import parse_config
 from dataset import WindowOrder
 from dataset_sft import collate, encode_turns, make_example
 from model import answer_logprobs, load_model
@@ -29,21 +28,20 @@ from reward_model import read_pairs
 from trainer import (
     Dist,
     LoopSettings,
+    TrainConfig,
     Trainer,
     TrainerSettings,
-    TrainingDiverged,
     all_reduce_mean,
     autocast,
     fit,
     measure_peak_flops,
     print0,
-    setup_distributed,
-    teardown,
+    run_stage,
 )
 
 
 @dataclass
-class Config:
+class Config(TrainConfig):
     init_from: str = "out/sft/ckpt.pt"  # the policy starts here and the frozen reference is this model
     data: str = "sft_data/preference.csv"
     val_data: str = "sft_data/preference_val.csv"
@@ -52,29 +50,12 @@ class Config:
     beta: float = 0.1  # strength of the pull towards the reference
     label_smoothing: float = 0.0  # assumed share of wrong preference labels (conservative DPO)
     batch_size: int = 16  # pairs per micro-step in each process
-    grad_accum: int = 1
     epochs: float = 1.0
-    max_steps: int = 0
     lr: float = 5e-5
     min_lr: float = 5e-6
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    seed: int = 1337
-    log_interval: int = 10
     eval_interval: int = 100
     eval_pairs: int = 256
     save_interval: int = 200
-    keep_last: int = 2
-    time_limit_min: float = 0.0
-    peak_tflops: float = 0.0
-    resume: bool = True
-    max_nonfinite_in_a_row: int = 10
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -95,14 +76,7 @@ def pair_examples(tok, pairs, max_seq_len: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        teardown(dist)
+    run_stage(Config, train, argv, __doc__)
 
 
 def train(cfg: Config, dist: Dist) -> None:
@@ -127,8 +101,7 @@ def train(cfg: Config, dist: Dist) -> None:
         tokens_seen = state["tokens_seen"]
     print0(f"DPO from {cfg.init_from}: {len(pairs):,} pairs, beta {cfg.beta}, {settings.max_steps} steps", dist=dist)
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings(cfg.out_dir, settings.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                        cfg.keep_last, cfg.time_limit_min, peak, policy.flops_per_token(max_len))
+    loop = LoopSettings.from_config(cfg, settings.max_steps, peak, policy.flops_per_token(max_len))
 
     def with_reference(x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad():

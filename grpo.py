@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from chatglm_tokenizer import load_tokenizer
-from configurator import parse_config
 from dataset import WindowOrder
 from dataset_sft import chat_prompt_ids, collate, read_sft_csv
 from eval import char_f1, task_of
@@ -27,20 +26,19 @@ from model import load_model, token_logprobs
 from trainer import (
     Dist,
     LoopSettings,
+    TrainConfig,
     Trainer,
     TrainerSettings,
-    TrainingDiverged,
     autocast,
     fit,
     measure_peak_flops,
     print0,
-    setup_distributed,
-    teardown,
+    run_stage,
 )
 
 
 @dataclass
-class Config:
+class Config(TrainConfig):
     init_from: str = "out/sft/ckpt.pt"  # the policy starts here; the frozen reference is this model
     prompts: str = "sft_data/sft_data.csv"  # questions with reference answers
     task: str = "idiom"  # which prompts: idiom, character, other or all
@@ -59,21 +57,8 @@ class Config:
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 5
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    seed: int = 1337
     log_interval: int = 5
     save_interval: int = 50
-    keep_last: int = 2
-    time_limit_min: float = 0.0
-    peak_tflops: float = 0.0
-    resume: bool = True
-    max_nonfinite_in_a_row: int = 10
 
 
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -98,14 +83,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        teardown(dist)
+    run_stage(Config, train, argv, __doc__)
 
 
 def make_rewarder(cfg: Config, tok, device: str):
@@ -145,8 +123,7 @@ def train(cfg: Config, dist: Dist) -> None:
     print0(f"GRPO from {cfg.init_from}: {len(rows):,} {cfg.task} prompts, groups of {cfg.group_size}, "
            f"reward {cfg.reward}", dist=dist)
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings(cfg.out_dir, cfg.max_steps, cfg.log_interval, 10**9, cfg.save_interval, cfg.keep_last,
-                        cfg.time_limit_min, peak, policy.flops_per_token(max_len))
+    loop = LoopSettings.from_config(cfg, cfg.max_steps, peak, policy.flops_per_token(max_len))
 
     def rollouts():
         """Sample a group of answers per prompt with the current policy, reward them, and build the

@@ -20,27 +20,25 @@ from dataclasses import asdict, dataclass
 import torch
 
 from chatglm_tokenizer import load_tokenizer
-from configurator import parse_config
-from dataset import CorpusMismatch, PretrainDataset, WindowOrder, bin_files, check_tokenizer
+from dataset import PretrainDataset, WindowOrder, bin_files, check_tokenizer
 from model import ModelArgs, Transformer, load_model, model_args_from_preset
 from trainer import (
     Dist,
     LoopSettings,
+    TrainConfig,
     Trainer,
     TrainerSettings,
-    TrainingDiverged,
     all_reduce_mean,
     autocast,
     fit,
     measure_peak_flops,
     print0,
-    setup_distributed,
-    teardown,
+    run_stage,
 )
 
 
 @dataclass
-class Config:
+class Config(TrainConfig):
     data: str = "data/demo"  # .bin files or folders (their train.bin/val.bin), comma-separated
     tokenizer: str = "data/tokenizer/tokenizer.model"  # the tokenizer the corpus was made with
     out_dir: str = "out/pretrain"  # ckpt.pt, metrics.jsonl
@@ -49,29 +47,12 @@ class Config:
     dropout: float = 0.0
     init_from: str = ""  # start from these weights: our ckpt.pt or the seed's .pth
     batch_size: int = 16  # windows per micro-step in each process
-    grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 2000  # optimizer steps; the LR schedule is counted in these
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # at the end of the cosine decay
     warmup_steps: int = 100
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    device: str = "auto"  # auto, cpu, cuda, cuda:1...
-    dtype: str = "auto"  # auto (bfloat16 where supported), float32, bfloat16, float16
-    compile: bool = False  # torch.compile the model (costs 25-35 s at start on a CPU)
-    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) across processes
-    seed: int = 1337
-    log_interval: int = 10  # steps between log lines
-    eval_interval: int = 200  # steps between validation losses
     eval_batches: int = 20  # batches of val.bin per validation
-    save_interval: int = 500  # steps between checkpoints
-    keep_last: int = 2  # numbered checkpoints kept besides ckpt.pt
-    time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 for no limit
-    peak_tflops: float = 0.0  # the device's peak for MFU; 0 measures a matmul at start
-    resume: bool = True  # continue from out_dir/ckpt.pt when it exists
-    max_nonfinite_in_a_row: int = 10  # stop the run after this many non-finite losses in a row
 
 
 def build_model_args(cfg: Config) -> ModelArgs:
@@ -120,14 +101,7 @@ def resume_or_start(trainer: Trainer, order: WindowOrder, cfg: Config, args: Mod
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except (FileNotFoundError, FileExistsError, CorpusMismatch, ValueError, TrainingDiverged) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        teardown(dist)
+    run_stage(Config, train, argv, __doc__)
 
 
 def train(cfg: Config, dist: Dist) -> None:
@@ -153,8 +127,7 @@ def train(cfg: Config, dist: Dist) -> None:
            f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}; "
            f"{dist.world_size} process(es) on {dist.device}, {trainer.dtype}", dist=dist)
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings(cfg.out_dir, cfg.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                        cfg.keep_last, cfg.time_limit_min, peak, model.flops_per_token(args.max_seq_len))
+    loop = LoopSettings.from_config(cfg, cfg.max_steps, peak, model.flops_per_token(args.max_seq_len))
 
     def next_batches():
         batches = [tuple(t.to(dist.device) for t in data.batch(order.next(cfg.batch_size)))

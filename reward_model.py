@@ -28,50 +28,30 @@ from model import ModelArgs, Transformer, load_model
 from trainer import (
     Dist,
     LoopSettings,
+    TrainConfig,
     Trainer,
     TrainerSettings,
-    TrainingDiverged,
     all_reduce_mean,
     autocast,
     fit,
     measure_peak_flops,
     print0,
-    setup_distributed,
-    teardown,
+    run_stage,
 )
 
 
 @dataclass
-class Config:
+class Config(TrainConfig):
     init_from: str = "out/sft/ckpt.pt"  # the SFT model the reward model starts from
     data: str = "sft_data/preference.csv"  # prompt, chosen, rejected
     val_data: str = "sft_data/preference_val.csv"
     tokenizer: str = "data/tokenizer/tokenizer.model"
     out_dir: str = "out/rm"
     batch_size: int = 16  # pairs per micro-step in each process
-    grad_accum: int = 1
     epochs: float = 1.0  # passes over the pairs, when max_steps is 0
-    max_steps: int = 0
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    seed: int = 1337
-    log_interval: int = 10
     eval_interval: int = 100
     eval_pairs: int = 500  # held-out pairs scored at each evaluation (with eval_only: of each kind)
     save_interval: int = 200
-    keep_last: int = 2
-    time_limit_min: float = 0.0
-    peak_tflops: float = 0.0
-    resume: bool = True
-    max_nonfinite_in_a_row: int = 10
     eval_only: bool = False  # only score out_dir/ckpt.pt on val_data, per kind of pair, into out_dir/eval.json
 
 
@@ -211,13 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
         return
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        teardown(dist)
+    run_stage(Config, train, argv, __doc__)
 
 
 def train(cfg: Config, dist: Dist) -> None:
@@ -240,8 +214,7 @@ def train(cfg: Config, dist: Dist) -> None:
         tokens_seen = state["tokens_seen"]
     print0(f"reward model from {cfg.init_from}: {len(pairs):,} pairs, {settings.max_steps} steps", dist=dist)
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings(cfg.out_dir, settings.max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                        cfg.keep_last, cfg.time_limit_min, peak, base.flops_per_token(base.args.max_seq_len))
+    loop = LoopSettings.from_config(cfg, settings.max_steps, peak, base.flops_per_token(base.args.max_seq_len))
 
     def next_batches():
         batches = [pair_batch(tok, [pairs[i] for i in order.next(cfg.batch_size)], base.args.max_seq_len)

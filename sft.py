@@ -16,7 +16,6 @@ import sys
 from dataclasses import asdict, dataclass
 
 from chatglm_tokenizer import load_tokenizer
-from configurator import parse_config
 from dataset import WindowOrder
 from dataset_sft import SFTDataset
 from lora import apply_lora, lora_state_dict
@@ -24,22 +23,21 @@ from model import load_model
 from trainer import (
     Dist,
     LoopSettings,
+    TrainConfig,
     Trainer,
     TrainerSettings,
-    TrainingDiverged,
     all_reduce_mean,
     autocast,
     fit,
     measure_peak_flops,
     print0,
+    run_stage,
     save_atomic,
-    setup_distributed,
-    teardown,
 )
 
 
 @dataclass
-class Config:
+class Config(TrainConfig):
     init_from: str = "out/pretrain/ckpt.pt"  # the pretrained model (our ckpt.pt or the seed's .pth)
     data: str = "sft_data/sft_data.csv"  # prompt, answer, history
     val_data: str = "sft_data/sft_val.csv"  # held-out samples for the validation loss ('' for none)
@@ -47,35 +45,15 @@ class Config:
     out_dir: str = "out/sft"
     max_seq_len: int = 0  # 0: the model's
     batch_size: int = 16  # samples per micro-step in each process
-    grad_accum: int = 1
     epochs: float = 2.0  # passes over the data, when max_steps is 0
-    max_steps: int = 0  # optimizer steps; 0 computes them from epochs
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
     lora: bool = False  # train low-rank adapters only
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"  # names of the linear layers that get adapters
     lora_dropout: float = 0.0
-    device: str = "auto"
-    dtype: str = "auto"  # auto (bfloat16 where supported), float32, bfloat16, float16
-    compile: bool = False
-    fsdp: bool = False
-    seed: int = 1337
-    log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 20
     save_interval: int = 200
-    keep_last: int = 2
-    time_limit_min: float = 0.0
-    peak_tflops: float = 0.0  # the device's peak for MFU; 0 measures a matmul at start
-    resume: bool = True  # continue from out_dir/ckpt.pt when it exists
-    max_nonfinite_in_a_row: int = 10
 
 
 def lora_settings(cfg: Config) -> dict | None:
@@ -99,14 +77,7 @@ def evaluate(trainer: Trainer, val: SFTDataset, cfg: Config, dist: Dist, pad_id:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        teardown(dist)
+    run_stage(Config, train, argv, __doc__)
 
 
 def train(cfg: Config, dist: Dist) -> None:
@@ -139,8 +110,7 @@ def train(cfg: Config, dist: Dist) -> None:
            f"({max_steps / steps_per_epoch:.1f} epochs); {dist.world_size} process(es) on {dist.device}, "
            f"{trainer.dtype}", dist=dist)
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings(cfg.out_dir, max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval,
-                        cfg.keep_last, cfg.time_limit_min, peak, model.flops_per_token(max_seq_len))
+    loop = LoopSettings.from_config(cfg, max_steps, peak, model.flops_per_token(max_seq_len))
 
     def next_batches():
         batches = [data.batch(order.next(cfg.batch_size), tokenizer.pad_id) for _ in range(cfg.grad_accum)]

@@ -259,6 +259,50 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+# ------------------------------------------------------------------ the settings every stage shares
+
+@dataclass
+class TrainConfig:
+    """The settings every training stage has. A stage's Config inherits them (and may give other
+    defaults) and adds its own data and model settings."""
+    out_dir: str = "out/run"  # ckpt.pt, metrics.jsonl
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 0  # optimizer steps (the LR schedule counts these); 0: from epochs where a stage has them
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # learning rate at the end of the cosine decay
+    warmup_steps: int = 20  # optimizer steps of linear warmup
+    weight_decay: float = 0.0  # AdamW weight decay of the matrices (never of norms and biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    device: str = "auto"  # auto, cpu, cuda, cuda:1...
+    dtype: str = "auto"  # auto (bfloat16 where supported), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (costs 25-35 s at start on a CPU)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) across processes
+    seed: int = 1337
+    log_interval: int = 10  # steps between log lines
+    eval_interval: int = 200  # steps between validations
+    save_interval: int = 500  # steps between checkpoints
+    keep_last: int = 2  # numbered checkpoints kept besides ckpt.pt
+    time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 for no limit
+    peak_tflops: float = 0.0  # the device's peak for MFU; 0 measures a matmul at start
+    resume: bool = True  # continue from out_dir/ckpt.pt when it exists
+    max_nonfinite_in_a_row: int = 10  # stop the run after this many non-finite losses in a row
+
+
+def run_stage(config_cls: type, train: Callable[[Any, Dist], None], argv: list[str] | None, doc: str | None) -> None:
+    """A training script's main(): settings, distributed set-up, the stage, one-line errors, teardown."""
+    from configurator import parse_config
+    cfg = parse_config(config_cls, argv, doc)
+    dist = setup_distributed(cfg.device)
+    try:
+        train(cfg, dist)
+    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        teardown(dist)
+
+
 # ------------------------------------------------------------------ the optimizer step
 
 class TrainingDiverged(RuntimeError):
@@ -334,8 +378,8 @@ class Trainer:
             if not self.dist.enabled:
                 raise ValueError("fsdp needs several processes: launch with torchrun")
             from torch.distributed.fsdp import fully_shard
-            for layer in model.layers:
-                fully_shard(layer)
+            for block in [m for m in model.modules() if type(m).__name__ == "TransformerBlock"]:
+                fully_shard(block)  # one unit per block, so that only one block is gathered at a time
             fully_shard(model)
         if self.settings.compile:
             model = torch.compile(model)
@@ -470,6 +514,11 @@ class LoopSettings:
     time_limit_min: float = 0.0
     peak_flops: float = 1.0  # FLOP/s of one device, for MFU
     flops_per_token: float = 0.0  # training FLOPs per token of the model
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, max_steps: int, peak_flops: float, flops_per_token: float) -> LoopSettings:
+        return cls(cfg.out_dir, max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval, cfg.keep_last,
+                   cfg.time_limit_min, peak_flops, flops_per_token)
 
 
 def fit(trainer: Trainer, loop: LoopSettings, next_batches: Callable[[], tuple[list[Any], int]],
