@@ -45,8 +45,9 @@ def test_sequence_logprob_sums_answer_tokens_only():
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=20, max_seq_len=8, multiple_of=16))
     x = torch.tensor([[3, 4, 1, 5, 6]])
     y = torch.tensor([[-100, -100, 5, 6, 2]])
-    total, count = answer_logprobs(model, x, y)
-    logp = torch.log_softmax(model(x)[0][0], -1)
+    with torch.no_grad():
+        total, count = answer_logprobs(model, x, y)
+        logp = torch.log_softmax(model(x)[0][0], -1)
     assert count.item() == 3
     assert float(total) == pytest.approx(float(logp[2, 5] + logp[3, 6] + logp[4, 2]), abs=1e-5)
 
