@@ -1,0 +1,166 @@
+"""Export a checkpoint to a Hugging Face folder that `transformers` loads with no custom model code,
+and import such a folder back into our checkpoint format.
+
+    python export.py --ckpt=out/sft/ckpt.pt --out=out/hf_sft           # -> LlamaForCausalLM folder
+    python export.py --ckpt=Llama2-Chinese-92M.pth --preset=baby_92m \
+        --tokenizer=chatglm_tokenizer/tokenizer.model --out=out/hf_92m     # the seed's released weights
+    python export.py --import_from=out/hf_sft --out=out/imported/ckpt.pt  # back to ckpt.pt
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("out/hf_sft")
+    tok = AutoTokenizer.from_pretrained("out/hf_sft", trust_remote_code=True)
+
+The model is a plain `LlamaForCausalLM` (safetensors, tied embeddings). Our RoPE rotates adjacent
+pairs (2i, 2i+1) while transformers rotates halves (i, i + d/2), so the rows of wq and wk are permuted
+within each head on the way out and back on the way in. The tokenizer is our SentencePiece class with
+`trust_remote_code` (for the ChatGLM2 file and for ours alike), with the SFT chat template.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from chatglm_tokenizer import HERE as TOKENIZER_CODE
+from chatglm_tokenizer import resolve_tokenizer_path
+from configurator import parse_config
+from model import ModelArgs, Transformer, load_model, model_args_from_preset
+from trainer import save_atomic
+
+# question + bos, the answer generated until eos: the SFT format, turn after turn.
+CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}<s>"
+                 "{% elif message['role'] == 'assistant' %}{{ message['content'] }}</s>{% endif %}{% endfor %}")
+
+
+@dataclass
+class Config:
+    ckpt: str = "out/sft/ckpt.pt"  # our ckpt.pt, or a raw state_dict .pth (then give --preset)
+    preset: str = ""  # the model shape of a raw .pth (e.g. baby_92m); empty for our ckpt.pt
+    tokenizer: str = "data/tokenizer/tokenizer.model"  # copied into the folder
+    out: str = "out/hf"  # the folder to write (export), or the ckpt.pt to write (import)
+    import_from: str = ""  # a Hugging Face Llama folder to convert back into our format
+    overwrite: bool = False
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows (2i, 2i+1) of each head -> rows (i, i + d/2): adjacent-pair RoPE to rotate_half RoPE."""
+    rows, dim = w.shape
+    d = rows // n_heads
+    return w.view(n_heads, d // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, dim = w.shape
+    d = rows // n_heads
+    return w.view(n_heads, 2, d // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def hf_config(args: ModelArgs):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
+                       num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                       num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.max_seq_len,
+                       rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_bias=False, mlp_bias=False)
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    a, sd = model.args, model.state_dict()
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["output.weight"]}
+    for i in range(a.n_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        out[q + "self_attn.q_proj.weight"] = permute_to_hf(sd[p + "attention.wq.weight"], a.n_heads)
+        out[q + "self_attn.k_proj.weight"] = permute_to_hf(sd[p + "attention.wk.weight"], a.n_kv_heads)
+        out[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
+        out[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
+        out[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
+        out[q + "mlp.down_proj.weight"] = sd[p + "feed_forward.w2.weight"]
+        out[q + "mlp.up_proj.weight"] = sd[p + "feed_forward.w3.weight"]
+        out[q + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
+        out[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    out["output.weight"] = sd.get("lm_head.weight", out["tok_embeddings.weight"])
+    for i in range(args.n_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        out[p + "attention.wq.weight"] = permute_from_hf(sd[q + "self_attn.q_proj.weight"], args.n_heads)
+        out[p + "attention.wk.weight"] = permute_from_hf(sd[q + "self_attn.k_proj.weight"], args.n_kv_heads)
+        out[p + "attention.wv.weight"] = sd[q + "self_attn.v_proj.weight"]
+        out[p + "attention.wo.weight"] = sd[q + "self_attn.o_proj.weight"]
+        out[p + "feed_forward.w1.weight"] = sd[q + "mlp.gate_proj.weight"]
+        out[p + "feed_forward.w2.weight"] = sd[q + "mlp.down_proj.weight"]
+        out[p + "feed_forward.w3.weight"] = sd[q + "mlp.up_proj.weight"]
+        out[p + "attention_norm.weight"] = sd[q + "input_layernorm.weight"]
+        out[p + "ffn_norm.weight"] = sd[q + "post_attention_layernorm.weight"]
+    return out
+
+
+def export_hf(model: Transformer, tokenizer_path: str | None, out: str) -> None:
+    """Write out/ as a transformers folder: config, model.safetensors, generation config, tokenizer."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+    hf = LlamaForCausalLM(hf_config(model.args))
+    hf.load_state_dict(to_hf_state_dict(model), strict=True)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(tmp)
+    if tokenizer_path:
+        for name in ("tokenization_chatglm.py", "sp_tokenizer.py"):
+            shutil.copy(os.path.join(TOKENIZER_CODE, name), tmp)
+        shutil.copy(resolve_tokenizer_path(tokenizer_path), os.path.join(tmp, "tokenizer.model"))
+        with open(os.path.join(TOKENIZER_CODE, "tokenizer_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        config["chat_template"] = CHAT_TEMPLATE
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def import_hf(folder: str) -> Transformer:
+    """Our model from a transformers Llama folder (tied or not; ours are tied)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type != "llama":
+        raise ValueError(f"{folder} holds a {config.model_type} model; only Llama folders convert")
+    args = ModelArgs(dim=config.hidden_size, n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
+                     n_kv_heads=config.num_key_value_heads, vocab_size=config.vocab_size,
+                     hidden_dim=config.intermediate_size, norm_eps=config.rms_norm_eps,
+                     max_seq_len=config.max_position_embeddings,
+                     rope_theta=getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = Transformer(args)
+    model.load_state_dict(from_hf_state_dict(hf.state_dict(), args), strict=True)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise SystemExit(f"error: {cfg.out} exists; pass --overwrite=true to replace it")
+    try:
+        if cfg.import_from:
+            model = import_hf(cfg.import_from)
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+            state = {"model": model.state_dict(), "model_args": asdict(model.args), "stage": "imported"}
+            save_atomic(state, cfg.out)
+            print(f"wrote {cfg.out} ({model.num_params() / 1e6:.2f}M parameters)")
+            return
+        args = model_args_from_preset(cfg.preset) if cfg.preset else None
+        model, _ = load_model(cfg.ckpt, model_args=args)
+        export_hf(model, cfg.tokenizer or None, cfg.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {cfg.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({cfg.out!r})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from conftest import ROOT
+
+from export import export_hf, import_hf, permute_from_hf, permute_to_hf
+from model import ModelArgs, Transformer, model_args_from_preset
+
+transformers = pytest.importorskip("transformers")
+
+
+def scrambled(args: ModelArgs) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_permutation_round_trips():
+    w = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)
+    assert torch.equal(permute_from_hf(permute_to_hf(w, 2), 2), w)
+    # head 0 rows (0, 1, 2, 3) = pairs (0, 1), (2, 3) -> halves (0, 2), (1, 3)
+    assert permute_to_hf(w, 2)[:4, 0].tolist() == [0.0, 6.0, 3.0, 9.0]
+
+
+@pytest.mark.parametrize("shape", ["tiny_gqa", "baby_92m"])
+def test_transformers_gives_our_logits_and_greedy_tokens(tmp_path, shape):
+    if shape == "baby_92m":
+        args = model_args_from_preset("baby_92m", max_seq_len=128)
+    else:
+        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=600, max_seq_len=128,
+                         multiple_of=16)
+    model = scrambled(args)
+    export_hf(model, None, str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings
+    x = torch.randint(3, args.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (model(x)[0] - hf(input_ids=x).logits).abs().max() < 1e-4
+        ours = model.generate([x[0].tolist()], 64, eos_id=None)[0]
+        theirs = hf.generate(x[:1], attention_mask=torch.ones_like(x[:1]), max_new_tokens=64, min_new_tokens=64,
+                             do_sample=False)[0, 24:].tolist()
+    assert ours == theirs
+    back = import_hf(str(tmp_path / "hf"))
+    same = {k: v for k, v in asdict(back.args).items() if k != "multiple_of"}  # hidden_dim is explicit
+    assert same == {k: v for k, v in asdict(model.args).items() if k != "multiple_of"}
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_export_with_tokenizer_and_import(tmp_path, small_tokenizer):
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
+    model = scrambled(args)
+    torch.save({"model": model.state_dict(), "model_args": asdict(args)}, tmp_path / "ckpt.pt")
+    out = tmp_path / "hf"
+    run = subprocess.run([sys.executable, f"{ROOT}/export.py", f"--ckpt={tmp_path / 'ckpt.pt'}",
+                          f"--tokenizer={small_tokenizer}", f"--out={out}"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    text = tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False)
+    assert text == "你好<s>"
+    again = subprocess.run([sys.executable, f"{ROOT}/export.py", f"--import_from={out}", f"--out={tmp_path}/back.pt"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    from model import load_model
+    back, _ = load_model(str(tmp_path / "back.pt"))
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    refuse = subprocess.run([sys.executable, f"{ROOT}/export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={out}"],
+                            capture_output=True, text=True)
+    assert refuse.returncode != 0 and "--overwrite" in refuse.stderr
