@@ -5,6 +5,7 @@ and import such a folder back into our checkpoint format.
     python export.py --ckpt=Llama2-Chinese-92M.pth --preset=baby_92m \
         --tokenizer=chatglm_tokenizer/tokenizer.model --out=out/hf_92m     # the seed's released weights
     python export.py --import_from=out/hf_sft --out=out/imported/ckpt.pt  # back to ckpt.pt
+    python export.py --ckpt=out/sft/ckpt.pt --gguf=true --out=out/sft.gguf  # llama.cpp / Ollama
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained("out/hf_sft")
@@ -43,6 +44,7 @@ class Config:
     tokenizer: str = "data/tokenizer/tokenizer.model"  # copied into the folder
     out: str = "out/hf"  # the folder to write (export), or the ckpt.pt to write (import)
     import_from: str = ""  # a Hugging Face Llama folder to convert back into our format
+    gguf: bool = False  # write a GGUF file (llama.cpp, Ollama) at --out instead of a folder
     overwrite: bool = False
 
 
@@ -125,6 +127,71 @@ def export_hf(model: Transformer, tokenizer_path: str | None, out: str) -> None:
     os.replace(tmp, out)
 
 
+GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+              "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+              "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+
+
+def export_gguf(model: Transformer, tokenizer_path: str, out: str) -> None:
+    """A float32 GGUF file for llama.cpp, tokenizer inside. llama.cpp's Llama RoPE rotates adjacent
+    pairs, as ours does, so wq and wk go in unpermuted; the tied output matrix is not repeated."""
+    import gguf
+
+    from chatglm_tokenizer import load_tokenizer
+    a, tok = model.args, load_tokenizer(tokenizer_path)
+    writer = gguf.GGUFWriter(out + ".tmp", "llama")
+    writer.add_name("baby-llama2-chinese")
+    writer.add_context_length(a.max_seq_len)
+    writer.add_embedding_length(a.dim)
+    writer.add_block_count(a.n_layers)
+    writer.add_feed_forward_length(a.hidden_dim)
+    writer.add_head_count(a.n_heads)
+    writer.add_head_count_kv(a.n_kv_heads)
+    writer.add_layer_norm_rms_eps(a.norm_eps)
+    writer.add_rope_freq_base(a.rope_theta)
+    writer.add_rope_dimension_count(a.dim // a.n_heads)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokens, scores, types = [], [], []
+    for i in range(a.vocab_size):  # the model's rows; ids past the tokenizer's (the seed's 64793) are padding
+        piece = tok.id_to_piece(i) if i < tok.vocab_size else f"[PAD{i}]"
+        tokens.append(piece.encode("utf-8"))
+        scores.append(tok.sp.get_score(i) if i < tok.n_pieces else 0.0)
+        if i < tok.n_pieces and tok.sp.is_byte(i):
+            types.append(gguf.TokenType.BYTE)
+        elif i < tok.n_pieces and tok.sp.is_unknown(i):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i >= tok.n_pieces or tok.sp.is_control(i):
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.eos_id)
+    writer.add_unk_token_id(tok.unk_id)
+    writer.add_add_bos_token(False)  # our models are trained on plain ids
+    writer.add_add_space_prefix(tok.sp.encode("a", out_type=str)[0].startswith("\u2581"))  # ChatGLM2: yes
+    writer.add_chat_template(CHAT_TEMPLATE)
+    for name, tensor in gguf_tensors(model).items():
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(out + ".tmp", out)
+
+
+def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    out = {"token_embd.weight": sd["tok_embeddings.weight"], "output_norm.weight": sd["norm.weight"]}
+    for i in range(model.args.n_layers):
+        for ours, theirs in GGUF_NAMES.items():
+            out[f"blk.{i}.{theirs}.weight"] = sd[f"layers.{i}.{ours}.weight"]
+    return out
+
+
 def import_hf(folder: str) -> Transformer:
     """Our model from a transformers Llama folder (tied or not; ours are tied)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -156,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
             return
         args = model_args_from_preset(cfg.preset) if cfg.preset else None
         model, _ = load_model(cfg.ckpt, model_args=args)
+        if cfg.gguf:
+            export_gguf(model, cfg.tokenizer, cfg.out)
+            print(f"wrote {cfg.out}: run it with llama.cpp, e.g. llama-cli -m {cfg.out}")
+            return
         export_hf(model, cfg.tokenizer or None, cfg.out)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -73,3 +73,42 @@ def test_cli_export_with_tokenizer_and_import(tmp_path, small_tokenizer):
     refuse = subprocess.run([sys.executable, f"{ROOT}/export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={out}"],
                             capture_output=True, text=True)
     assert refuse.returncode != 0 and "--overwrite" in refuse.stderr
+
+
+def test_gguf_file_reads_back(tmp_path, small_tokenizer):
+    gguf = pytest.importorskip("gguf")
+    from chatglm_tokenizer import load_tokenizer
+    from export import export_gguf
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=600, max_seq_len=64, multiple_of=16)
+    model = scrambled(args)
+    export_gguf(model, small_tokenizer, str(tmp_path / "m.gguf"))
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 + 9 * 2
+    assert list(tensors["token_embd.weight"].shape) == [32, 600]  # GGUF lists dimensions innermost first
+    assert list(tensors["blk.1.attn_k.weight"].shape) == [32, 16]
+    q = tensors["blk.0.attn_q.weight"].data.reshape(32, 32)
+    assert torch.allclose(torch.from_numpy(q.copy()), model.state_dict()["layers.0.attention.wq.weight"])
+    field = reader.fields["tokenizer.ggml.tokens"]
+    tok = load_tokenizer(small_tokenizer)
+    pieces = [bytes(field.parts[i]).decode() for i in field.data]
+    assert pieces == [tok.id_to_piece(i) for i in range(600)]
+    assert int(reader.fields["llama.attention.head_count_kv"].parts[-1][0]) == 2
+    assert int(reader.fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == 2
+
+
+def test_llama_cpp_greedy_tokens_match(tmp_path, small_tokenizer):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (opt-in check)")
+    from export import export_gguf
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=128, multiple_of=16)
+    model = scrambled(args)
+    export_gguf(model, small_tokenizer, str(tmp_path / "m.gguf"))
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, verbose=False)
+    prompt = [5, 17, 42, 99, 300]
+    ours = model.generate([prompt], 16, eos_id=None)[0]
+    theirs = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(token)
+        if len(theirs) == 16:
+            break
+    assert ours == theirs
