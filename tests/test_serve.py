@@ -1,0 +1,138 @@
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict
+
+import pytest
+import torch
+from conftest import ROOT
+
+from model import ModelArgs, Transformer
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+
+class Response:
+    def __init__(self, status_code: int, text: str):
+        self.status_code, self.text = status_code, text
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def http(method: str, url: str, data: bytes | None = None) -> Response:
+    """A plain HTTP request with the standard library (the tests need no HTTP client package)."""
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return Response(r.status, r.read().decode())
+    except urllib.error.HTTPError as e:
+        return Response(e.code, e.read().decode())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, small_tokenizer):
+    folder = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    torch.save({"model": model.state_dict(), "model_args": asdict(args)}, folder / "ckpt.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={folder / 'ckpt.pt'}",
+                             f"--tokenizer={small_tokenizer}", f"--port={port}", "--max_tokens=24"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if http("GET", f"{url}/v1/models").status_code == 200:
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not start: {proc.communicate()[1][-2000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+
+def ask(url, question, **kw):
+    reply = client(url).chat.completions.create(model="baby-llama2", messages=[{"role": "user", "content": question}],
+                                                temperature=0, max_tokens=16, **kw)
+    return reply.choices[0].message.content, reply.choices[0].finish_reason
+
+
+def test_models_chat_and_stream(server):
+    assert [m.id for m in client(server).models.list().data] == ["baby-llama2"]
+    text, finish = ask(server, "你好")
+    assert finish in ("stop", "length") and isinstance(text, str)
+    stream = client(server).chat.completions.create(model="baby-llama2", stream=True, temperature=0, max_tokens=16,
+                                                    messages=[{"role": "user", "content": "你好"}])
+    pieces = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(pieces) == text  # the stream spells out the same greedy answer
+    completion = client(server).completions.create(model="baby-llama2", prompt="床前明月光", max_tokens=8,
+                                                   temperature=0)
+    assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_requests_are_all_answered_correctly(server):
+    questions = [f"第{i}个问题" for i in range(8)]
+    alone = [ask(server, q)[0] for q in questions]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda q: ask(server, q)[0], questions))
+    assert together == alone
+
+
+def test_bad_requests_get_4xx_in_openai_shape_and_serving_goes_on(server):
+    def post(path, body):
+        return http("POST", f"{server}{path}", body if isinstance(body, bytes) else json.dumps(body).encode())
+    cases = [post("/v1/chat/completions", b"not json"),
+             post("/v1/chat/completions", {"model": "x"}),
+             post("/v1/chat/completions", {"messages": [{"role": "user"}]}),
+             post("/v1/chat/completions", {"messages": [{"role": "user", "content": "字" * 200}]}),
+             post("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "temperature": 9}),
+             post("/v1/completions", {"prompt": ""}),
+             post("/v1/nowhere", {})]
+    for response in cases:
+        assert 400 <= response.status_code < 500, response.text
+        error = response.json()["error"]
+        assert set(error) >= {"message", "type"} and error["message"]
+    assert cases[3].json()["error"]["code"] == "context_length_exceeded"
+    assert ask(server, "还在吗")[1] in ("stop", "length")
+
+
+def test_api_key_is_required_when_set(small_tokenizer, tmp_path):
+    from starlette.testclient import TestClient
+
+    from serve import Config, create_app
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=32, multiple_of=16)
+    torch.save({"model": Transformer(args).state_dict(), "model_args": asdict(args)}, tmp_path / "ckpt.pt")
+    app = create_app(Config(ckpt=str(tmp_path / "ckpt.pt"), tokenizer=small_tokenizer, api_key="secret"))
+    with TestClient(app) as test:
+        assert test.get("/v1/models").status_code == 401
+        assert test.get("/v1/models", headers={"Authorization": "Bearer secret"}).status_code == 200
+        page = test.get("/")
+        assert page.status_code == 200 and "/v1/chat/completions" in page.text
+        body = json.dumps({"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4})
+        assert test.post("/v1/chat/completions", content=body,
+                         headers={"Authorization": "Bearer secret"}).status_code == 200
