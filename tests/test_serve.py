@@ -136,3 +136,40 @@ def test_api_key_is_required_when_set(small_tokenizer, tmp_path):
         body = json.dumps({"messages": [{"role": "user", "content": "你好"}], "max_tokens": 4})
         assert test.post("/v1/chat/completions", content=body,
                          headers={"Authorization": "Bearer secret"}).status_code == 200
+
+
+def test_web_page_streams_an_answer_in_chromium(server, tmp_path):
+    import shutil
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=900,700", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        browser.get(f"{server}/")
+        for turn, question in enumerate(["你好", "再说一遍"], 1):
+            browser.find_element("id", "question").send_keys(question)
+            browser.find_element("id", "send").click()
+            deadline = time.time() + 60
+            while time.time() < deadline and browser.execute_script("return messages.length") < 2 * turn:
+                time.sleep(0.1)
+            assert browser.execute_script("return messages.length") == 2 * turn
+        shown = [e.text for e in browser.find_elements("class name", "assistant")]
+        replies = browser.execute_script("return messages.filter(m => m.role === 'assistant').map(m => m.content)")
+        assert shown == ["模型：" + r for r in replies]
+        # The page's first answer is the API's greedy answer to the same question.
+        first = client(server).chat.completions.create(model="baby-llama2", temperature=0,
+                                                       messages=[{"role": "user", "content": "你好"}])
+        assert replies[0] == first.choices[0].message.content
+        if os.environ.get("WEB_SCREENSHOT"):
+            browser.save_screenshot(os.environ["WEB_SCREENSHOT"])
+        browser.find_element("id", "reset").click()
+        assert browser.execute_script("return messages.length") == 0
+    finally:
+        browser.quit()
