@@ -12,7 +12,6 @@ chosen and rejected answers, their margin and how often it is positive.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -21,22 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from chatglm_tokenizer import load_tokenizer
-from dataset import WindowOrder
 from dataset_sft import collate, encode_turns, make_example
 from model import answer_logprobs, load_model
 from reward_model import read_pairs
 from trainer import (
     Dist,
-    LoopSettings,
     TrainConfig,
-    Trainer,
-    TrainerSettings,
     all_reduce_mean,
     autocast,
     fit,
-    measure_peak_flops,
     print0,
     run_stage,
+    start_run,
 )
 
 
@@ -89,19 +84,10 @@ def train(cfg: Config, dist: Dist) -> None:
     pairs = read_pairs(cfg.data)
     val = read_pairs(cfg.val_data)[:cfg.eval_pairs] if cfg.val_data else []
     max_len = policy.args.max_seq_len
-    order = WindowOrder(len(pairs), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    steps_per_epoch = max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum * dist.world_size))
-    settings = TrainerSettings.from_config(cfg)
-    settings.max_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    trainer = Trainer(policy, settings, dist)
-    state = trainer.resume(cfg.out_dir, cfg.resume, {"model_args": asdict(policy.args)})
-    tokens_seen = 0
-    if state is not None:
-        order.load_state_dict(state["data"])
-        tokens_seen = state["tokens_seen"]
-    print0(f"DPO from {cfg.init_from}: {len(pairs):,} pairs, beta {cfg.beta}, {settings.max_steps} steps", dist=dist)
-    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings.from_config(cfg, settings.max_steps, peak, policy.flops_per_token(max_len))
+    print0(f"DPO from {cfg.init_from}: {len(pairs):,} pairs, beta {cfg.beta}", dist=dist)
+    run = start_run(cfg, policy, dist, len(pairs), cfg.batch_size, policy.flops_per_token(max_len),
+                    {"model_args": asdict(policy.args)})
+    trainer, order = run.trainer, run.order
 
     def with_reference(x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad():
@@ -142,7 +128,7 @@ def train(cfg: Config, dist: Dist) -> None:
         return {"model_args": asdict(policy.args), "data": order.state_dict(), "config": asdict(cfg),
                 "tokenizer_sha256": tok.sha256, "stage": "dpo"}
 
-    fit(trainer, loop, next_batches, loss_fn, validation if val else None, extra_state, tokens_seen)
+    fit(trainer, run.loop, next_batches, loss_fn, validation if val else None, extra_state, run.tokens_seen)
     print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
 
 

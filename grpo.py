@@ -19,21 +19,17 @@ from dataclasses import asdict, dataclass
 import torch
 
 from chatglm_tokenizer import load_tokenizer
-from dataset import WindowOrder
 from dataset_sft import chat_prompt_ids, collate, read_sft_csv
 from eval import char_f1, task_of
 from model import load_model, token_logprobs
 from trainer import (
     Dist,
-    LoopSettings,
     TrainConfig,
-    Trainer,
-    TrainerSettings,
     autocast,
     fit,
-    measure_peak_flops,
     print0,
     run_stage,
+    start_run,
 )
 
 
@@ -108,22 +104,15 @@ def train(cfg: Config, dist: Dist) -> None:
     if not rows:
         raise ValueError(f"{cfg.prompts} has no single-turn prompts of task {cfg.task!r}")
     rewarder = make_rewarder(cfg, tok, dist.device)
-    order = WindowOrder(len(rows), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    settings = TrainerSettings.from_config(cfg)
-    trainer = Trainer(policy, settings, dist)
-    state = trainer.resume(cfg.out_dir, cfg.resume, {"model_args": asdict(policy.args)})
-    tokens_seen = 0
-    if state is not None:
-        order.load_state_dict(state["data"])
-        tokens_seen = state["tokens_seen"]
-    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + 1000 * dist.rank + trainer.step)
-    if state is not None and "sampler" in state and not dist.enabled:  # one process resumes its sampling exactly
-        generator.set_state(state["sampler"])
     max_len = policy.args.max_seq_len
     print0(f"GRPO from {cfg.init_from}: {len(rows):,} {cfg.task} prompts, groups of {cfg.group_size}, "
            f"reward {cfg.reward}", dist=dist)
-    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings.from_config(cfg, cfg.max_steps, peak, policy.flops_per_token(max_len))
+    run = start_run(cfg, policy, dist, len(rows), cfg.prompts_per_step, policy.flops_per_token(max_len),
+                    {"model_args": asdict(policy.args)})
+    trainer, order, state = run.trainer, run.order, run.state
+    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + 1000 * dist.rank + trainer.step)
+    if state is not None and "sampler" in state and not dist.enabled:  # one process resumes its sampling exactly
+        generator.set_state(state["sampler"])
 
     def rollouts():
         """Sample a group of answers per prompt with the current policy, reward them, and build the
@@ -164,7 +153,7 @@ def train(cfg: Config, dist: Dist) -> None:
         return {"model_args": asdict(policy.args), "data": order.state_dict(), "config": asdict(cfg),
                 "tokenizer_sha256": tok.sha256, "stage": "grpo", "sampler": generator.get_state()}
 
-    fit(trainer, loop, rollouts, loss_fn, None, extra_state, tokens_seen)
+    fit(trainer, run.loop, rollouts, loss_fn, None, extra_state, run.tokens_seen)
     print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
 
 

@@ -24,16 +24,14 @@ from dataset import PretrainDataset, WindowOrder, bin_files, check_tokenizer
 from model import ModelArgs, Transformer, load_model, model_args_from_preset
 from trainer import (
     Dist,
-    LoopSettings,
     TrainConfig,
     Trainer,
-    TrainerSettings,
     all_reduce_mean,
     autocast,
     fit,
-    measure_peak_flops,
     print0,
     run_stage,
+    start_run,
 )
 
 
@@ -86,20 +84,6 @@ def evaluate(trainer: Trainer, val: PretrainDataset, cfg: Config, dist: Dist) ->
     return all_reduce_mean(sum(losses) / len(losses), dist)
 
 
-def resume_or_start(trainer: Trainer, order: WindowOrder, cfg: Config, args: ModelArgs, dist: Dist) -> int:
-    """Continue from out_dir/ckpt.pt (model, optimizer, data position...), or start from init_from's
-    weights or from scratch. Returns the tokens seen so far."""
-    state = trainer.resume(cfg.out_dir, cfg.resume, {"model_args": asdict(args)})
-    if state is not None:
-        order.load_state_dict(state["data"])
-        return state["tokens_seen"]
-    if cfg.init_from:
-        init, _ = load_model(cfg.init_from, model_args=args)
-        trainer.raw_model.load_state_dict(init.state_dict())
-        print0(f"initialised from {cfg.init_from}", dist=dist)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> None:
     run_stage(Config, train, argv, __doc__)
 
@@ -117,17 +101,17 @@ def train(cfg: Config, dist: Dist) -> None:
     val_files = [f for f in bin_files(cfg.data, "val") if f not in train_files]
     val = PretrainDataset(val_files, args.max_seq_len) if val_files else None
     chars_per_token = corpus_chars_per_token(val_files, "val") if val_files else None
-    order = WindowOrder(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-
-    trainer = Trainer(Transformer(args), TrainerSettings.from_config(cfg), dist)
-    tokens_seen = resume_or_start(trainer, order, cfg, args, dist)
-    model = trainer.raw_model
+    model = Transformer(args)
     print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "
            f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice); "
-           f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}; "
-           f"{dist.world_size} process(es) on {dist.device}, {trainer.dtype}", dist=dist)
-    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings.from_config(cfg, cfg.max_steps, peak, model.flops_per_token(args.max_seq_len))
+           f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}", dist=dist)
+    run = start_run(cfg, model, dist, len(data), cfg.batch_size, model.flops_per_token(args.max_seq_len),
+                    {"model_args": asdict(args)})
+    trainer, order = run.trainer, run.order
+    if run.state is None and cfg.init_from:
+        init, _ = load_model(cfg.init_from, model_args=args)
+        trainer.raw_model.load_state_dict(init.state_dict())
+        print0(f"initialised from {cfg.init_from}", dist=dist)
 
     def next_batches():
         batches = [tuple(t.to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
@@ -144,8 +128,8 @@ def train(cfg: Config, dist: Dist) -> None:
         return {"model_args": asdict(args), "data": order.state_dict(), "config": asdict(cfg),
                 "tokenizer_sha256": tokenizer.sha256, "stage": "pretrain"}
 
-    fit(trainer, loop, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
-        validation if val is not None else None, extra_state, tokens_seen)
+    fit(trainer, run.loop, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
+        validation if val is not None else None, extra_state, run.tokens_seen)
     print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; plot: python plot.py {cfg.out_dir}", dist=dist)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -22,21 +21,17 @@ from torch import nn
 
 from chatglm_tokenizer import SPTokenizer, load_tokenizer
 from configurator import parse_config
-from dataset import WindowOrder
 from dataset_sft import encode_turns
 from model import ModelArgs, Transformer, load_model
 from trainer import (
     Dist,
-    LoopSettings,
     TrainConfig,
-    Trainer,
-    TrainerSettings,
     all_reduce_mean,
     autocast,
     fit,
-    measure_peak_flops,
     print0,
     run_stage,
+    start_run,
 )
 
 
@@ -202,19 +197,10 @@ def train(cfg: Config, dist: Dist) -> None:
     model = RewardModel(base).train()
     pairs = read_pairs(cfg.data)
     val = read_pairs(cfg.val_data)[:cfg.eval_pairs] if cfg.val_data else []
-    order = WindowOrder(len(pairs), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    steps_per_epoch = max(1, len(pairs) // (cfg.batch_size * cfg.grad_accum * dist.world_size))
-    settings = TrainerSettings.from_config(cfg)
-    settings.max_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    trainer = Trainer(model, settings, dist)
-    state = trainer.resume(cfg.out_dir, cfg.resume, {"model_args": asdict(base.args)})
-    tokens_seen = 0
-    if state is not None:
-        order.load_state_dict(state["data"])
-        tokens_seen = state["tokens_seen"]
-    print0(f"reward model from {cfg.init_from}: {len(pairs):,} pairs, {settings.max_steps} steps", dist=dist)
-    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings.from_config(cfg, settings.max_steps, peak, base.flops_per_token(base.args.max_seq_len))
+    print0(f"reward model from {cfg.init_from}: {len(pairs):,} pairs", dist=dist)
+    run = start_run(cfg, model, dist, len(pairs), cfg.batch_size, base.flops_per_token(base.args.max_seq_len),
+                    {"model_args": asdict(base.args)})
+    trainer, order = run.trainer, run.order
 
     def next_batches():
         batches = [pair_batch(tok, [pairs[i] for i in order.next(cfg.batch_size)], base.args.max_seq_len)
@@ -231,7 +217,7 @@ def train(cfg: Config, dist: Dist) -> None:
         return {"model_args": asdict(base.args), "data": order.state_dict(), "config": asdict(cfg),
                 "tokenizer_sha256": tok.sha256, "stage": "reward"}
 
-    fit(trainer, loop, next_batches, pair_loss, validation if val else None, extra_state, tokens_seen)
+    fit(trainer, run.loop, next_batches, pair_loss, validation if val else None, extra_state, run.tokens_seen)
     print0(f"reward model: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
 
 

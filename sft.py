@@ -10,7 +10,6 @@ every loader (eval.py, chat.py, export) merges them into plain weights.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -22,17 +21,15 @@ from lora import apply_lora, lora_state_dict
 from model import load_model
 from trainer import (
     Dist,
-    LoopSettings,
     TrainConfig,
     Trainer,
-    TrainerSettings,
     all_reduce_mean,
     autocast,
     fit,
-    measure_peak_flops,
     print0,
     run_stage,
     save_atomic,
+    start_run,
 )
 
 
@@ -95,22 +92,10 @@ def train(cfg: Config, dist: Dist) -> None:
         print0(f"LoRA rank {cfg.lora_rank} on {wrapped} layers: "
                f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", dist=dist)
     model.train()
-    order = WindowOrder(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    steps_per_epoch = max(1, len(data) // (cfg.batch_size * cfg.grad_accum * dist.world_size))
-    max_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    settings = TrainerSettings.from_config(cfg)
-    settings.max_steps = max_steps
-    trainer = Trainer(model, settings, dist)
-    state = trainer.resume(cfg.out_dir, cfg.resume, {"model_args": asdict(args), "lora": lora})
-    tokens_seen = 0
-    if state is not None:
-        order.load_state_dict(state["data"])
-        tokens_seen = state["tokens_seen"]
-    print0(f"SFT of {cfg.init_from}: {len(data):,} samples, {max_steps} steps "
-           f"({max_steps / steps_per_epoch:.1f} epochs); {dist.world_size} process(es) on {dist.device}, "
-           f"{trainer.dtype}", dist=dist)
-    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings.from_config(cfg, max_steps, peak, model.flops_per_token(max_seq_len))
+    print0(f"SFT of {cfg.init_from}: {len(data):,} samples", dist=dist)
+    run = start_run(cfg, model, dist, len(data), cfg.batch_size, model.flops_per_token(max_seq_len),
+                    {"model_args": asdict(args), "lora": lora})
+    trainer, order = run.trainer, run.order
 
     def next_batches():
         batches = [data.batch(order.next(cfg.batch_size), tokenizer.pad_id) for _ in range(cfg.grad_accum)]
@@ -121,9 +106,9 @@ def train(cfg: Config, dist: Dist) -> None:
         return {"model_args": asdict(args), "lora": lora, "data": order.state_dict(), "config": asdict(cfg),
                 "tokenizer_sha256": tokenizer.sha256, "stage": "sft"}
 
-    fit(trainer, loop, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
+    fit(trainer, run.loop, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
         (lambda: {"val_loss": evaluate(trainer, val, cfg, dist, tokenizer.pad_id)}) if val else None,
-        extra_state, tokens_seen)
+        extra_state, run.tokens_seen)
     if lora and dist.master:
         save_atomic({"lora": lora, "adapters": lora_state_dict(model), "base": cfg.init_from},
                     os.path.join(cfg.out_dir, "adapter.pt"))

@@ -521,6 +521,40 @@ class LoopSettings:
                    cfg.time_limit_min, peak_flops, flops_per_token)
 
 
+@dataclass
+class Run:
+    """What a stage needs to start its loop: the trainer, its data order, loop settings, and where a
+    resumed run left off (state is the checkpoint, None on a fresh run)."""
+    trainer: Trainer
+    order: Any  # dataset.WindowOrder over the stage's items (windows, samples, pairs, prompts)
+    loop: LoopSettings
+    tokens_seen: int
+    state: dict | None
+
+
+def start_run(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int, items_per_step: int,
+              flops_per_token: float, expect: dict) -> Run:
+    """The common start of every stage: a rank-sharded order over n_items, the number of steps
+    (cfg.max_steps, or cfg.epochs passes over the items), the trainer, a resume from out_dir/ckpt.pt
+    when there is one (expect: what it must match), and the loop settings with the device's peak."""
+    from dataset import WindowOrder
+    order = WindowOrder(n_items, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    steps_per_epoch = max(1, n_items // (items_per_step * cfg.grad_accum * dist.world_size))
+    settings = TrainerSettings.from_config(cfg)
+    settings.max_steps = cfg.max_steps or math.ceil(getattr(cfg, "epochs", 1.0) * steps_per_epoch)
+    trainer = Trainer(model, settings, dist)
+    state = trainer.resume(cfg.out_dir, cfg.resume, expect)
+    tokens_seen = 0
+    if state is not None:
+        order.load_state_dict(state["data"])
+        tokens_seen = state["tokens_seen"]
+    peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
+    loop = LoopSettings.from_config(cfg, settings.max_steps, peak, flops_per_token)
+    print0(f"{settings.max_steps} steps ({settings.max_steps / steps_per_epoch:.2f} passes over {n_items:,} items); "
+           f"{dist.world_size} process(es) on {dist.device}, {trainer.dtype}", dist=dist)
+    return Run(trainer, order, loop, tokens_seen, state)
+
+
 def fit(trainer: Trainer, loop: LoopSettings, next_batches: Callable[[], tuple[list[Any], int]],
         loss_fn: Callable[[torch.nn.Module, Any], Any],
         evaluate: Callable[[], dict[str, float]] | None = None,
