@@ -20,18 +20,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from chatglm_tokenizer import load_tokenizer
-from dataset import PretrainDataset, WindowOrder, bin_files, check_tokenizer
+from dataset import PretrainDataset, bin_files, check_tokenizer
 from model import ModelArgs, Transformer, load_model, model_args_from_preset
 from trainer import (
     Dist,
     TrainConfig,
-    Trainer,
-    all_reduce_mean,
-    autocast,
     fit,
     print0,
     run_stage,
     start_run,
+    validation_loss,
 )
 
 
@@ -71,19 +69,6 @@ def corpus_chars_per_token(files: list[str], split: str) -> float | None:
     return chars / tokens if chars and tokens else None
 
 
-def evaluate(trainer: Trainer, val: PretrainDataset, cfg: Config, dist: Dist) -> float:
-    """Mean loss on the same val windows every time (a fixed, rank-sharded selection)."""
-    order = WindowOrder(len(val), seed=0, rank=dist.rank, world_size=dist.world_size)
-    n = min(cfg.eval_batches * cfg.batch_size, order.per_rank)
-    losses = []
-    with trainer.evaluating() as model:
-        for start in range(0, n, cfg.batch_size):
-            x, y = val.batch(order.next(min(cfg.batch_size, n - start)))
-            with autocast(dist.device, trainer.dtype):
-                losses.append(float(model(x.to(dist.device), y.to(dist.device))[1]))
-    return all_reduce_mean(sum(losses) / len(losses), dist)
-
-
 def main(argv: list[str] | None = None) -> None:
     run_stage(Config, train, argv, __doc__)
 
@@ -119,7 +104,7 @@ def train(cfg: Config, dist: Dist) -> None:
         return batches, cfg.batch_size * cfg.grad_accum * args.max_seq_len
 
     def validation() -> dict[str, float]:
-        metrics = {"val_loss": evaluate(trainer, val, cfg, dist)}
+        metrics = {"val_loss": validation_loss(trainer, len(val), val.batch, cfg.eval_batches, cfg.batch_size)}
         if chars_per_token:
             metrics["val_bpc"] = metrics["val_loss"] / math.log(2) / chars_per_token
         return metrics

@@ -15,21 +15,18 @@ import sys
 from dataclasses import asdict, dataclass
 
 from chatglm_tokenizer import load_tokenizer
-from dataset import WindowOrder
 from dataset_sft import SFTDataset
 from lora import apply_lora, lora_state_dict
 from model import load_model
 from trainer import (
     Dist,
     TrainConfig,
-    Trainer,
-    all_reduce_mean,
-    autocast,
     fit,
     print0,
     run_stage,
     save_atomic,
     start_run,
+    validation_loss,
 )
 
 
@@ -58,19 +55,6 @@ def lora_settings(cfg: Config) -> dict | None:
         return None
     return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
             "targets": [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]}
-
-
-def evaluate(trainer: Trainer, val: SFTDataset, cfg: Config, dist: Dist, pad_id: int) -> float:
-    """Mean answer-token loss over the first eval_batches batches of the validation set."""
-    order = WindowOrder(len(val), seed=0, rank=dist.rank, world_size=dist.world_size, shuffle=False)
-    n = min(cfg.eval_batches * cfg.batch_size, order.per_rank)
-    losses = []
-    with trainer.evaluating() as model:
-        for start in range(0, n, cfg.batch_size):
-            x, y = val.batch(order.next(min(cfg.batch_size, n - start)), pad_id)
-            with autocast(dist.device, trainer.dtype):
-                losses.append(float(model(x.to(dist.device), y.to(dist.device))[1]))
-    return all_reduce_mean(sum(losses) / len(losses), dist)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,7 +91,8 @@ def train(cfg: Config, dist: Dist) -> None:
                 "tokenizer_sha256": tokenizer.sha256, "stage": "sft"}
 
     fit(trainer, run.loop, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
-        (lambda: {"val_loss": evaluate(trainer, val, cfg, dist, tokenizer.pad_id)}) if val else None,
+        (lambda: {"val_loss": validation_loss(trainer, len(val), lambda ids: val.batch(ids, tokenizer.pad_id),
+                                              cfg.eval_batches, cfg.batch_size, shuffle=False)}) if val else None,
         extra_state, run.tokens_seen)
     if lora and dist.master:
         save_atomic({"lora": lora, "adapters": lora_state_dict(model), "base": cfg.init_from},

@@ -555,6 +555,23 @@ def start_run(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int
     return Run(trainer, order, loop, tokens_seen, state)
 
 
+def validation_loss(trainer: Trainer, n_items: int, batch_of: Callable[[list[int]], tuple], batches: int,
+                    batch_size: int, shuffle: bool = True) -> float:
+    """Mean loss of the model over the same validation items every time: a fixed selection (shuffled
+    with seed 0, or the first ones) of batches x batch_size items, shared between the ranks."""
+    from dataset import WindowOrder
+    dist = trainer.dist
+    order = WindowOrder(n_items, seed=0, rank=dist.rank, world_size=dist.world_size, shuffle=shuffle)
+    n = min(batches * batch_size, order.per_rank)
+    losses = []
+    with trainer.evaluating() as model:
+        for start in range(0, n, batch_size):
+            x, y = batch_of(order.next(min(batch_size, n - start)))
+            with autocast(dist.device, trainer.dtype):
+                losses.append(float(model(x.to(dist.device), y.to(dist.device))[1]))
+    return all_reduce_mean(sum(losses) / len(losses), dist)
+
+
 def fit(trainer: Trainer, loop: LoopSettings, next_batches: Callable[[], tuple[list[Any], int]],
         loss_fn: Callable[[torch.nn.Module, Any], Any],
         evaluate: Callable[[], dict[str, float]] | None = None,
