@@ -106,8 +106,7 @@ def test_sft_dataset_on_real_tokenizer(tmp_path, small_tokenizer):
         SFTDataset(str(bad), tok, 64)
 
 
-def test_preference_pairs_share_held_out_idioms(tmp_path):
-    raw = tmp_path / "raw"
+def write_raw_idioms(raw):
     (raw / "idioms").mkdir(parents=True)
     chars = "画蛇添足守株待兔亡羊补牢对牛弹琴井底之蛙刻舟求剑掩耳盗铃杯弓蛇影"
     words = [chars[i:i + 4] for i in range(20)]
@@ -118,6 +117,11 @@ def test_preference_pairs_share_held_out_idioms(tmp_path):
     (raw / "sft_demo" / "dpo_zh_demo.json").write_text(json.dumps([
         {"conversations": [{"from": "human", "value": "你好"}], "chosen": {"from": "gpt", "value": "你好！"},
          "rejected": {"from": "gpt", "value": "滚"}}, {"conversations": []}], ensure_ascii=False), encoding="utf-8")
+
+
+def test_preference_pairs_share_held_out_idioms(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw_idioms(raw)
     cfg = Config(builtin="idioms", preference="idioms,dpo_demo", raw_dir=str(raw), out_dir=str(tmp_path / "out"),
                  val_fraction=0.4)
     meta = run(cfg)
@@ -141,3 +145,12 @@ def test_char_definition_takes_the_first_sense():
     assert char_definition("啀ái 1.犬斗貌。 2.吸饮。 3.借作挨。") == "犬斗貌。"
     assert char_definition("嗄〈叹〉\n\n 同啊”。表示省悟或惊奇\n\n 嗄!难道") == "同啊”。表示省悟或惊奇"
     assert char_definition("丫yā 1.") is None
+
+
+def test_preference_sources_are_capped(tmp_path):
+    raw = tmp_path / "raw"
+    write_raw_idioms(raw)
+    meta = run(Config(builtin="", preference="idioms", raw_dir=str(raw), out_dir=str(tmp_path / "out"),
+                      max_pairs_per_source=5))
+    assert meta["preference"]["sources"]["idioms"] == {"read": 21, "kept": 5, "dropped_malformed": 1,
+                                                       "dropped_over_cap": 15}
