@@ -70,21 +70,28 @@ def hf_config(args: ModelArgs):
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_bias=False, mlp_bias=False)
 
 
+# Our per-layer names -> transformers' (under model.layers.{i}.); q and k are also permuted (see above).
+HF_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                  "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                  "ffn_norm": "post_attention_layernorm"}
+
+
+def _heads(name: str, args: ModelArgs) -> int | None:
+    """How many heads a matrix's rows are permuted in: wq and wk only."""
+    return {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}.get(name)
+
+
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     a, sd = model.args, model.state_dict()
     out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
            "lm_head.weight": sd["output.weight"]}
     for i in range(a.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        out[q + "self_attn.q_proj.weight"] = permute_to_hf(sd[p + "attention.wq.weight"], a.n_heads)
-        out[q + "self_attn.k_proj.weight"] = permute_to_hf(sd[p + "attention.wk.weight"], a.n_kv_heads)
-        out[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
-        out[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
-        out[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
-        out[q + "mlp.down_proj.weight"] = sd[p + "feed_forward.w2.weight"]
-        out[q + "mlp.up_proj.weight"] = sd[p + "feed_forward.w3.weight"]
-        out[q + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
-        out[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
+        for ours, theirs in HF_LAYER_NAMES.items():
+            w = sd[f"layers.{i}.{ours}.weight"]
+            heads = _heads(ours, a)
+            out[f"model.layers.{i}.{theirs}.weight"] = permute_to_hf(w, heads) if heads else w
     return out
 
 
@@ -92,16 +99,10 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
     out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
     out["output.weight"] = sd.get("lm_head.weight", out["tok_embeddings.weight"])
     for i in range(args.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        out[p + "attention.wq.weight"] = permute_from_hf(sd[q + "self_attn.q_proj.weight"], args.n_heads)
-        out[p + "attention.wk.weight"] = permute_from_hf(sd[q + "self_attn.k_proj.weight"], args.n_kv_heads)
-        out[p + "attention.wv.weight"] = sd[q + "self_attn.v_proj.weight"]
-        out[p + "attention.wo.weight"] = sd[q + "self_attn.o_proj.weight"]
-        out[p + "feed_forward.w1.weight"] = sd[q + "mlp.gate_proj.weight"]
-        out[p + "feed_forward.w2.weight"] = sd[q + "mlp.down_proj.weight"]
-        out[p + "feed_forward.w3.weight"] = sd[q + "mlp.up_proj.weight"]
-        out[p + "attention_norm.weight"] = sd[q + "input_layernorm.weight"]
-        out[p + "ffn_norm.weight"] = sd[q + "post_attention_layernorm.weight"]
+        for ours, theirs in HF_LAYER_NAMES.items():
+            w = sd[f"model.layers.{i}.{theirs}.weight"]
+            heads = _heads(ours, args)
+            out[f"layers.{i}.{ours}.weight"] = permute_from_hf(w, heads) if heads else w
     return out
 
 
