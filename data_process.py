@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from chatglm_tokenizer import SPTokenizer, load_tokenizer
 from configurator import parse_config
-from corpora import CorpusError, Doc, clean_text, iter_corpus, parse_input
+from corpora import CorpusError, Doc, builtin_input, clean_text, iter_corpus, parse_input
 
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max)  # 65,535 ids fit in uint16
@@ -238,7 +238,7 @@ def fingerprint(cfg: Config, tokenizer: SPTokenizer) -> dict:
     settings = {k: v for k, v in asdict(cfg).items() if k not in {"workers", "batch_docs", "overwrite", "out_dir"}}
     files = []
     for name in [s for s in cfg.sources.split(",") if s.strip()]:
-        files.append(os.path.join(cfg.raw_dir, name.strip()))
+        files.append(builtin_input(name.strip(), cfg.raw_dir).path)  # names the unknown or missing source
     files += [parse_input(s.strip()).path for s in cfg.inputs.split(",") if s.strip()]
     stats = {}
     for path in files:
