@@ -9,12 +9,13 @@ and import such a folder back into our checkpoint format.
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained("out/hf_sft")
-    tok = AutoTokenizer.from_pretrained("out/hf_sft", trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained("out/hf_sft")  # the ChatGLM2 file: add trust_remote_code=True
 
 The model is a plain `LlamaForCausalLM` (safetensors, tied embeddings). Our RoPE rotates adjacent
 pairs (2i, 2i+1) while transformers rotates halves (i, i + d/2), so the rows of wq and wk are permuted
-within each head on the way out and back on the way in. The tokenizer is our SentencePiece class with
-`trust_remote_code` (for the ChatGLM2 file and for ours alike), with the SFT chat template.
+within each head on the way out and back on the way in. A tokenizer we trained becomes a standard
+`LlamaTokenizer` (byte-fallback BPE in tokenizer.json, same ids as SentencePiece); the ChatGLM2 file keeps
+our tokenizer class, loaded with `trust_remote_code`. Both carry the SFT chat template.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from chatglm_tokenizer import HERE as TOKENIZER_CODE
-from chatglm_tokenizer import resolve_tokenizer_path
+from chatglm_tokenizer import SPTokenizer, resolve_tokenizer_path
 from configurator import parse_config
 from model import ModelArgs, Transformer, load_model, model_args_from_preset
 from trainer import save_atomic
@@ -116,16 +117,63 @@ def export_hf(model: Transformer, tokenizer_path: str | None, out: str) -> None:
     hf.save_pretrained(tmp, safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(tmp)
     if tokenizer_path:
-        for name in ("tokenization_chatglm.py", "sp_tokenizer.py"):
-            shutil.copy(os.path.join(TOKENIZER_CODE, name), tmp)
-        shutil.copy(resolve_tokenizer_path(tokenizer_path), os.path.join(tmp, "tokenizer.model"))
-        with open(os.path.join(TOKENIZER_CODE, "tokenizer_config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-        config["chat_template"] = CHAT_TEMPLATE
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, ensure_ascii=False, indent=2)
+        write_hf_tokenizer(resolve_tokenizer_path(tokenizer_path), tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def write_hf_tokenizer(model_file: str, folder: str) -> None:
+    """Our SentencePiece BPE models become a standard `LlamaTokenizer` (tokenizer.json, no custom code);
+    the ChatGLM2 file, whose five special ids live outside its SentencePiece model, keeps our class."""
+    sp_tok = SPTokenizer(model_file)
+    if sp_tok.special_tokens:
+        write_chatglm_tokenizer(model_file, folder)
+        return
+    tok = llama_tokenizer(sp_tok)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+
+
+def llama_tokenizer(sp_tok: SPTokenizer):
+    """A `tokenizers` BPE with byte fallback holding the SentencePiece pieces. SentencePiece merges the
+    pair whose result has the best score (our ids are in score order), so merges are ranked by the id of
+    the merged piece. Checked on probe texts: a model this cannot mirror (e.g. one that normalises
+    its input) is refused rather than exported with different ids."""
+    from transformers import LlamaTokenizer
+    sp = sp_tok.sp
+    vocab = {sp.id_to_piece(i): i for i in range(sp_tok.n_pieces)}
+    ranked = []
+    for i, piece in enumerate(vocab):
+        if sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i):
+            continue
+        ranked += [(i, vocab[piece[:k]], piece[:k], piece[k:]) for k in range(1, len(piece))
+                   if piece[:k] in vocab and piece[k:] in vocab]
+    merges = [(a, b) for *_, a, b in sorted(ranked)]
+    dummy_prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, unk_token=sp.id_to_piece(sp_tok.unk_id),
+                         bos_token=sp.id_to_piece(sp_tok.bos_id), eos_token=sp.id_to_piece(sp_tok.eos_id),
+                         pad_token=sp.id_to_piece(sp_tok.pad_id), add_prefix_space=dummy_prefix,
+                         add_bos_token=False, add_eos_token=False)  # our models are trained on plain ids
+    for text in PROBE_TEXTS:
+        if tok.encode(text) != sp_tok.encode(text):
+            raise ValueError(f"{sp_tok.model_file} cannot be mirrored by a Llama tokenizer (it encodes "
+                             f"{text!r} differently); export the model without --tokenizer")
+    return tok
+
+
+PROBE_TEXTS = ["中华人民共和国成立于1949年。", "Hello,  world!\t1 2 3", " 前导空格 and trailing ", "emoji 😀 生僻字 𠀀",
+               "第一行\n第二行\n\n", "ＡＢＣ全角，标点？"]
+
+
+def write_chatglm_tokenizer(model_file: str, folder: str) -> None:
+    for name in ("tokenization_chatglm.py", "sp_tokenizer.py"):
+        shutil.copy(os.path.join(TOKENIZER_CODE, name), folder)
+    shutil.copy(model_file, os.path.join(folder, "tokenizer.model"))
+    with open(os.path.join(TOKENIZER_CODE, "tokenizer_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config["chat_template"] = CHAT_TEMPLATE
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=2)
 
 
 GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",

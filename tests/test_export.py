@@ -4,7 +4,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, write_corpus
 
 from export import export_hf, import_hf, permute_from_hf, permute_to_hf
 from model import ModelArgs, Transformer, model_args_from_preset
@@ -61,7 +61,9 @@ def test_cli_export_with_tokenizer_and_import(tmp_path, small_tokenizer):
     run = subprocess.run([sys.executable, f"{ROOT}/export.py", f"--ckpt={tmp_path / 'ckpt.pt'}",
                           f"--tokenizer={small_tokenizer}", f"--out={out}"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    assert not list(out.glob("*.py")), "a tokenizer we trained must load with no custom code"
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert type(tok).__name__ == "LlamaTokenizer"
     text = tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False)
     assert text == "你好<s>"
     again = subprocess.run([sys.executable, f"{ROOT}/export.py", f"--import_from={out}", f"--out={tmp_path}/back.pt"],
@@ -73,6 +75,31 @@ def test_cli_export_with_tokenizer_and_import(tmp_path, small_tokenizer):
     refuse = subprocess.run([sys.executable, f"{ROOT}/export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={out}"],
                             capture_output=True, text=True)
     assert refuse.returncode != 0 and "--overwrite" in refuse.stderr
+
+
+def test_llama_tokenizer_gives_sentencepiece_ids(tmp_path, small_tokenizer):
+    import sentencepiece as spm
+
+    from chatglm_tokenizer import SPTokenizer
+    from export import PROBE_TEXTS, llama_tokenizer
+    sp = spm.SentencePieceProcessor(model_file=small_tokenizer)
+    tok = llama_tokenizer(SPTokenizer(small_tokenizer))
+    texts = write_corpus(tmp_path / "c.txt", 300) + PROBE_TEXTS + ["  两个空格  ", "abc123def", "\u3000全角空格"]
+    for text in texts:
+        ids = sp.encode(text)
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == text
+    tok.save_pretrained(tmp_path / "saved")
+    again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert [again.encode(t) for t in texts] == [sp.encode(t) for t in texts]
+
+
+def test_chatglm_tokenizer_keeps_its_class(tmp_path, chatglm_path):
+    from export import write_hf_tokenizer
+    write_hf_tokenizer(chatglm_path, str(tmp_path))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), trust_remote_code=True)
+    assert tok.convert_tokens_to_ids("[gMASK]") == 64790 and tok.apply_chat_template(
+        [{"role": "user", "content": "你好"}], tokenize=False) == "你好<s>"
 
 
 def test_gguf_file_reads_back(tmp_path, small_tokenizer):
