@@ -25,10 +25,10 @@ class Config:
     out_dir: str = "out"  # checkpoints, evaluations and plots go under it
     sft_dir: str = "sft_data"  # instruction data
     vocab_size: int = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
-    pretrain_steps: int = 1100  # optimizer steps of 4,096 tokens (about 12 minutes on 2 CPU cores)
-    sft_steps: int = 1500  # SFT optimizer steps of 16 samples
-    rm_steps: int = 600  # reward-model steps of 16 pairs
-    dpo_steps: int = 300  # DPO steps of 16 pairs
+    pretrain_steps: int = 1000  # optimizer steps of 4,096 tokens (about 11 minutes on 2 CPU cores)
+    sft_steps: int = 1000  # SFT optimizer steps of 16 samples
+    rm_steps: int = 400  # reward-model steps of 16 pairs
+    dpo_steps: int = 250  # DPO steps of 16 pairs
     grpo_steps: int = 100  # GRPO steps of 4 prompts x 8 sampled answers
 
 
@@ -111,6 +111,26 @@ def results_table(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+BASE_PROMPTS = ("中国的首都是", "人民日报北京1月1日电", "春天来了,")
+CHAT_QUESTIONS = ("成语“画蛇添足”是什么意思?", "成语“守株待兔”是什么意思?", "“春”字是什么意思?")
+
+
+def samples(cfg: Config) -> str:
+    """Greedy continuations of the base model and chat answers of the SFT model, as Markdown."""
+    from chatglm_tokenizer import load_tokenizer
+    from dataset_sft import chat_prompt_ids
+    from model import load_model
+    tok = load_tokenizer(f"{cfg.data_dir}/tokenizer/tokenizer.model")
+    lines = ["| model | prompt | output (greedy, repetition penalty 1.1) |", "|---|---|---|"]
+    for name, prompts in (("base", BASE_PROMPTS), ("sft", CHAT_QUESTIONS)):
+        model, _ = load_model(f"{cfg.out_dir}/{'pretrain' if name == 'base' else name}/ckpt.pt")
+        for prompt in prompts:
+            ids = tok.encode(prompt) if name == "base" else chat_prompt_ids(tok, [], prompt, model.args.max_seq_len)
+            out = model.generate([ids], 48, temperature=0.0, repetition_penalty=1.1, eos_id=tok.eos_id)[0]
+            lines.append(f"| {name} | {prompt} | {tok.decode(out).replace('|', '/').replace(chr(10), ' ')} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
     plan = stages(cfg)
@@ -127,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"stage '{name}' failed (exit {result.returncode}): python {' '.join(command)}\n"
                              "fix the error above and run demo.py again; finished stages are kept")
         print(f"{header}: finished in {time.time() - start:.0f} s")
-    table = results_table(cfg)
+    table = results_table(cfg) + "\n\n" + samples(cfg)
     with open(f"{cfg.out_dir}/results.md", "w", encoding="utf-8") as f:
         f.write(table + "\n")
     print(f"\n{table}\n\nloss curve: {cfg.out_dir}/pretrain/loss.png; chat with the SFT model: "

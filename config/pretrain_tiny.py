@@ -1,4 +1,4 @@
-# The CPU demo: the tiny model on the built-in corpus (data/demo) with our 8k tokenizer, about 10 minutes
+# The CPU demo: the tiny model on the built-in corpus (data/demo) with our 8k tokenizer, about 11 minutes
 # on 2 cores (bfloat16 autocast + torch.compile).
 model = "tiny"
 data = "data/demo"
@@ -6,7 +6,7 @@ tokenizer = "data/tokenizer/tokenizer.model"
 out_dir = "out/pretrain"
 batch_size = 16
 grad_accum = 1
-max_steps = 1100
+max_steps = 1000
 warmup_steps = 50
 lr = 2e-3
 min_lr = 2e-4

@@ -1,5 +1,6 @@
 import json
 import os
+from dataclasses import asdict
 
 from conftest import ROOT
 
@@ -31,3 +32,26 @@ def test_results_table(tmp_path):
     assert "4.500 nats/token, 5.500 bits per character" in table
     assert "idiom 0.900 (10 pairs)" in table
     assert "| grpo | 0.300 | 0.150 | 3.000 | 0.550 | 0.000 |" in table
+
+
+def test_samples_show_each_prompt_with_an_answer(tmp_path, small_tokenizer):
+    import shutil
+
+    import torch
+
+    from demo import BASE_PROMPTS, CHAT_QUESTIONS, samples
+    from model import ModelArgs, Transformer
+    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
+    shutil.copy(small_tokenizer, tmp_path / "data" / "tokenizer" / "tokenizer.model")
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
+    for stage in ("pretrain", "sft"):
+        torch.manual_seed(0)
+        (tmp_path / "out" / stage).mkdir(parents=True)
+        torch.save({"model": Transformer(args).state_dict(), "model_args": asdict(args)},
+                   tmp_path / "out" / stage / "ckpt.pt")
+    table = samples(Config(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out")))
+    rows = table.splitlines()[2:]
+    assert len(rows) == len(BASE_PROMPTS) + len(CHAT_QUESTIONS)
+    for row, prompt in zip(rows, BASE_PROMPTS + CHAT_QUESTIONS):
+        cells = row.split(" | ")
+        assert cells[1] == prompt and row.endswith(" |")
