@@ -1,7 +1,9 @@
-"""Loss against tokens seen, train and validation, from one or more runs' metrics.jsonl, as a PNG.
+"""Loss (or any logged metric) against tokens seen, train and validation, from one or more runs'
+metrics.jsonl, as a PNG.
 
     python plot.py out/pretrain                       # writes out/pretrain/loss.png
     python plot.py out/run_a out/run_b --out=compare.png --smooth=50
+    python plot.py out/grpo --metric=reward --x=step  # writes out/grpo/reward.png
 """
 from __future__ import annotations
 
@@ -42,19 +44,28 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs: list[str], out: str, smooth: int) -> None:
+LABELS = {"loss": "cross-entropy loss (nats per token)", "tokens": "tokens seen (millions)", "step": "optimizer step"}
+
+
+def plot(runs: list[str], out: str, smooth: int, metric: str = "loss", x: str = "tokens") -> None:
+    """One line per run for the metric (smoothed) and one for val_<metric> where the run logged it."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    scale = 1e6 if x == "tokens" else 1
     for run in runs:
         records = read_metrics(run)
         name = os.path.basename(os.path.normpath(run))
-        train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") == r.get("loss")]  # skip NaN
+        train = [(r[x], r[metric]) for r in records if r.get(metric) == r.get(metric) and metric in r]  # no NaN
+        val = [(r[x], r[f"val_{metric}"]) for r in records if f"val_{metric}" in r]
+        if not train and not val:
+            raise SystemExit(f"error: {run} logged no '{metric}' (its metrics: "
+                             f"{', '.join(sorted({k for r in records for k in r}))})")
         if train:
-            ax.plot([t / 1e6 for t, _ in train], moving_average([v for _, v in train], smooth), label=f"{name} train")
-        val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+            ax.plot([t / scale for t, _ in train], moving_average([v for _, v in train], smooth),
+                    label=f"{name} train")
         if val:
-            ax.plot([t / 1e6 for t, _ in val], [v for _, v in val], "o-", label=f"{name} val")
-    ax.set_xlabel("tokens seen (millions)")
-    ax.set_ylabel("cross-entropy loss (nats per token)")
+            ax.plot([t / scale for t, _ in val], [v for _, v in val], "o-", label=f"{name} val")
+    ax.set_xlabel(LABELS.get(x, x))
+    ax.set_ylabel(LABELS.get(metric, metric))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -65,11 +76,13 @@ def plot(runs: list[str], out: str, smooth: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
-    parser.add_argument("--out", default=None, help="PNG path (default: <first run>/loss.png)")
-    parser.add_argument("--smooth", type=int, default=20, help="moving average window for the train loss")
+    parser.add_argument("--out", default=None, help="PNG path (default: <first run>/<metric>.png)")
+    parser.add_argument("--smooth", type=int, default=20, help="moving average window for the train curve")
+    parser.add_argument("--metric", default="loss", help="a field of metrics.jsonl: loss, reward, margin, ...")
+    parser.add_argument("--x", default="tokens", choices=["tokens", "step"], help="the horizontal axis")
     args = parser.parse_args(argv)
     first = args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0])
-    plot(args.runs, args.out or os.path.join(first, "loss.png"), max(1, args.smooth))
+    plot(args.runs, args.out or os.path.join(first, f"{args.metric}.png"), max(1, args.smooth), args.metric, args.x)
 
 
 if __name__ == "__main__":

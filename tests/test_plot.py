@@ -25,3 +25,16 @@ def test_missing_metrics_is_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: no metrics at {tmp_path}/metrics.jsonl: train first "
                                                   "(pretrain.py writes metrics.jsonl)"]
+
+
+def test_plot_any_metric_by_step_and_name_a_missing_one(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 20):
+            f.write(json.dumps({"step": step, "tokens": step * 100, "loss": 1.0, "reward": step / 20}) + "\n")
+    plot([str(tmp_path)], str(tmp_path / "r.png"), 3, metric="reward", x="step")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    result = subprocess.run([sys.executable, "plot.py", str(tmp_path), "--metric=margin"], capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path} logged no 'margin' (its metrics: loss, "
+                                                  "reward, step, tokens)"]
