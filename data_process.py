@@ -33,7 +33,7 @@ from corpora import CorpusError, Doc, builtin_input, clean_text, iter_corpus, pa
 
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max)  # 65,535 ids fit in uint16
-FORMAT_VERSION = 1  # raise when a change of this file changes what it writes: old outputs are then redone
+FORMAT_VERSION = 2  # raise when a change of this file changes what it writes: old outputs are then redone
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Config:
     dedup: bool = True  # drop exact duplicates (after cleaning)
     near_dedup: bool = True  # drop near duplicates (MinHash LSH over character n-grams)
     ngram: int = 5  # characters per shingle for MinHash
-    bands: int = 8  # LSH bands x rows = MinHash permutations; 8x8 flags pairs with Jaccard >~ 0.8
+    bands: int = 8  # LSH bands x rows = MinHash bins; 8x8 flags pairs with Jaccard >~ 0.8
     rows: int = 8  # MinHash values per LSH band
     val_fraction: float = 0.01  # share of documents (by hash of their text) that go to val.bin
     workers: int = 2  # tokenizing processes; 0 does everything in this process
@@ -74,35 +74,67 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-_PERM_RNG = np.random.default_rng(20230720)
-_PERM_A = _PERM_RNG.integers(1, 2**63, size=256, dtype=np.uint64) | np.uint64(1)
-_PERM_B = _PERM_RNG.integers(0, 2**63, size=256, dtype=np.uint64)
+_EMPTY = np.uint64(2**64 - 1)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def minhash_batch(texts: list[str], n_perm: int, ngram: int) -> np.ndarray:
-    """MinHash signatures (len(texts), n_perm) of the sets of character n-grams of each text, computed
-    for the whole batch at once (one numpy pass instead of one per document)."""
+    """MinHash signatures (len(texts), n_perm) of the sets of character n-grams of each text, by one
+    permutation hashing: each shingle is hashed once and falls into one of n_perm bins by its hash; a
+    bin keeps its smallest hash. Two texts agree on a bin with probability their Jaccard similarity,
+    as with n_perm separate hash functions, for 1/n_perm of the work. The whole batch is one numpy pass."""
     padded = [t.ljust(ngram, "\0") for t in texts]  # a text shorter than ngram is one shingle
     lengths = np.array([len(t) for t in padded])
     codes = np.frombuffer("".join(padded).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
+    starts = np.cumsum(lengths) - lengths
     n_shingles = lengths - ngram + 1
     # The start of every shingle that lies inside one text.
     first = np.repeat(starts - np.concatenate([[0], np.cumsum(n_shingles)[:-1]]), n_shingles)
     positions = np.arange(n_shingles.sum()) + first
-    shingles = np.zeros(len(positions), dtype=np.uint64)
+    hashes = np.zeros(len(positions), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(ngram):
-            shingles = shingles * np.uint64(1_000_003) + codes[positions + j]
-        shingles = _mix64(shingles)
-        owner_starts = np.concatenate([[0], np.cumsum(n_shingles)[:-1]])
-        signatures = np.empty((len(texts), n_perm), dtype=np.uint64)
-        for lo in range(0, n_perm, 16):  # 16 permutations at a time bounds the temporary array
-            hi = min(lo + 16, n_perm)
-            values = shingles[:, None] * _PERM_A[lo:hi] + _PERM_B[lo:hi]
-            signatures[:, lo:hi] = np.minimum.reduceat(values, owner_starts, axis=0)
-    return signatures
+            hashes = hashes * np.uint64(1_000_003) + codes[positions + j]
+        hashes = _mix64(hashes)
+    owner = np.repeat(np.arange(len(texts), dtype=np.int64), n_shingles)
+    signatures = np.full(len(texts) * n_perm, _EMPTY, dtype=np.uint64)
+    np.minimum.at(signatures, owner * n_perm + (hashes % np.uint64(n_perm)).astype(np.int64), hashes)
+    return densify(signatures.reshape(len(texts), n_perm))
+
+
+def densify(signatures: np.ndarray) -> np.ndarray:
+    """Fill the empty bins of texts with fewer shingles than bins: empty bin j takes the value of the
+    first filled bin along a probe sequence that depends on j only (Shrivastava 2017, "optimal
+    densification"), so two texts still agree on it with probability their Jaccard similarity, and
+    bins of one LSH band borrow from unrelated bins rather than from the same neighbour."""
+    rows, bins = np.nonzero(signatures == _EMPTY)
+    out = signatures.copy()
+    probes = _probe_table(signatures.shape[1])
+    first_try, tries = 0, 1
+    while len(rows) and first_try < len(probes):  # 1, 2, 4... tries at a time: most bins need one or two
+        borrowed = signatures[rows, probes[first_try:first_try + tries, bins]]  # (tries, empty bins)
+        found = borrowed != _EMPTY
+        done = found.any(axis=0)
+        out[rows[done], bins[done]] = borrowed[found.argmax(axis=0)[done], np.flatnonzero(done)]
+        rows, bins = rows[~done], bins[~done]
+        first_try, tries = first_try + tries, tries * 2
+    return out
+
+
+_PROBES: dict[int, np.ndarray] = {}
+
+
+def _probe_table(n_perm: int) -> np.ndarray:
+    """(probes, n_perm) bin indices: row t is where each bin looks on its t-th try. The last n_perm
+    rows visit every bin, so every empty bin finds a filled one."""
+    if n_perm not in _PROBES:
+        tries = np.arange(1, 8 * n_perm + 1, dtype=np.uint64)[:, None]
+        bins = np.arange(n_perm, dtype=np.uint64)[None, :]
+        with np.errstate(over="ignore"):
+            random = (_mix64(tries * _GOLDEN + bins * np.uint64(0xD6E8FEB86659FD93)) % np.uint64(n_perm))
+        sweep = (np.arange(n_perm, dtype=np.uint64)[:, None] + bins) % np.uint64(n_perm)
+        _PROBES[n_perm] = np.concatenate([random, sweep]).astype(np.int64)
+    return _PROBES[n_perm]
 
 
 def minhash(text: str, n_perm: int, ngram: int) -> np.ndarray:
@@ -116,7 +148,7 @@ def lsh_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
     n, n_perm = signatures.shape
     rows = signatures.reshape(n, bands, n_perm // bands)
     with np.errstate(over="ignore"):
-        keys = np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # band identity
+        keys = np.arange(1, bands + 1, dtype=np.uint64) * _GOLDEN  # band identity
         keys = np.broadcast_to(keys, (n, bands)).copy()
         for r in range(rows.shape[2]):
             keys = _mix64(keys ^ rows[:, :, r])

@@ -99,3 +99,15 @@ def test_unreadable_inputs(tmp_path):
 def test_clean_text():
     raw = "\ufeffＡＢＣ１２３\u3000全角　空格\x00\x07\r\n\r\n\r\n\n  第二段   多个   空格  \t\n"
     assert clean_text(raw) == "ABC123 全角 空格\n\n第二段 多个 空格"
+
+
+@pytest.mark.parametrize("text", ["e\u200d\u0301x", "ｅ\u0301", "\u1100\u1161", "Å\r\nB\rC", "𝐀𝐁 ①", "ﾊﾟ", "ﬁ",
+                                  "\u3000全角　空格\t，？！", "\x00ab\x85c\ufeff", "e\u0301", "正常的中文句子。"])
+def test_clean_text_fast_path_is_nfkc(text):
+    """The one-pass translation must give what NFKC followed by dropping controls gives."""
+    import unicodedata
+
+    from corpora import _BLANK_LINES_RE, _CONTROL_RE, _LINE_EDGES_RE, _SPACES_RE
+    expected = _CONTROL_RE.sub("", unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n"))
+    expected = _BLANK_LINES_RE.sub("\n\n", _LINE_EDGES_RE.sub("\n", _SPACES_RE.sub(" ", expected))).strip()
+    assert clean_text(text) == expected

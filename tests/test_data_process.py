@@ -114,6 +114,24 @@ def test_minhash_estimates_jaccard():
     assert (minhash(a, 64, 5) == minhash(a, 64, 5)).all()
 
 
+def test_minhash_of_short_texts_fills_every_bin_and_stays_unbiased():
+    from data_process import minhash_batch
+    rng = np.random.default_rng(0)
+    estimates, truths = [], []
+    for _ in range(200):  # 12-80 characters: most of the 64 bins are empty before densification
+        n = int(rng.integers(12, 80))
+        a = "".join(chr(0x4E00 + int(x)) for x in rng.integers(0, 3000, n))
+        cut = int(rng.integers(1, n // 2))
+        b = a[:n - cut] + "".join(chr(0x4E00 + int(x)) for x in rng.integers(0, 3000, cut))
+        sig = minhash_batch([a, b], 64, 5)
+        assert (sig != np.uint64(2**64 - 1)).all()
+        shingles_a, shingles_b = ({t[i:i + 5] for i in range(len(t) - 4)} for t in (a, b))
+        estimates.append((sig[0] == sig[1]).mean())
+        truths.append(len(shingles_a & shingles_b) / len(shingles_a | shingles_b))
+    assert abs(np.mean(estimates) - np.mean(truths)) < 0.02
+    assert np.sqrt(np.mean((np.array(estimates) - np.array(truths)) ** 2)) < 0.1
+
+
 def test_cli_errors_are_one_line(tmp_path, small_tokenizer):
     import subprocess
     import sys
