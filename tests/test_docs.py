@@ -1,0 +1,94 @@
+"""Every link in the README files and docs/ points at something that exists: files, headings, and
+code line anchors (#L10-L20) whose lines still hold the name the link shows."""
+import glob
+import os
+import re
+
+import pytest
+from conftest import ROOT
+
+LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)\)")
+LINES = re.compile(r"^L(\d+)(?:-L(\d+))?$")
+
+
+def markdown_files() -> list[str]:
+    files = [os.path.join(ROOT, name) for name in ("README.md", "README.en.md", "BENCHMARKS.md")]
+    return files + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def heading_slugs(path: str) -> set[str]:
+    """GitHub's anchors: lower case, punctuation dropped (CJK kept), spaces to hyphens."""
+    slugs = set()
+    with open(path, encoding="utf-8") as f:
+        in_code = False
+        for line in f:
+            in_code ^= line.startswith("```")
+            if not in_code and line.startswith("#"):
+                title = line.lstrip("#").strip().lower()
+                slugs.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return slugs
+
+
+def links(path: str) -> list[tuple[int, str, str]]:
+    """(line number, text, target) of every Markdown link of the file, outside code blocks."""
+    found = []
+    with open(path, encoding="utf-8") as f:
+        in_code = False
+        for number, line in enumerate(f, 1):
+            in_code ^= line.startswith("```")
+            if not in_code:
+                found += [(number, text, target) for text, target in LINK.findall(line)]
+    return found
+
+
+def check_link(path: str, text: str, target: str) -> str | None:
+    """What is wrong with the link, or None."""
+    if re.match(r"^[a-z]+:", target):
+        return None  # a web address: not checked offline
+    file, _, anchor = target.partition("#")
+    resolved = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+    if not os.path.exists(resolved):
+        return f"{file} does not exist"
+    if not anchor:
+        return None
+    lines = LINES.match(anchor)
+    if lines is None:
+        if anchor not in heading_slugs(resolved):
+            return f"no heading #{anchor} in {file or 'this file'}"
+        return None
+    with open(resolved, encoding="utf-8") as f:
+        code = f.read().split("\n")
+    first, last = int(lines.group(1)), int(lines.group(2) or lines.group(1))
+    if not 1 <= first <= last <= len(code):
+        return f"lines {first}-{last} are outside {file} ({len(code)} lines)"
+    name = re.fullmatch(r"`([^`]+)`", text)
+    if name:
+        symbol = name.group(1).split(".")[-1].removesuffix("()")
+        if symbol not in "\n".join(code[first - 1:last]):
+            return f"`{symbol}` is not in {file} lines {first}-{last}: the code moved, update the anchor"
+    return None
+
+
+def test_docs_exist_for_every_stage():
+    chapters = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "docs", "[0-9][0-9]_*.md")))
+    assert len(chapters) == 10, chapters
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: os.path.relpath(p, ROOT))
+def test_links_point_at_what_exists(path):
+    assert os.path.isfile(path)
+    problems = [f"{os.path.relpath(path, ROOT)}:{n}: [{text}]({target}): {problem}"
+                for n, text, target in links(path) for problem in [check_link(path, text, target)] if problem]
+    assert not problems, "\n".join(problems)
+
+
+def test_code_references_are_checked(tmp_path):
+    (tmp_path / "code.py").write_text("def alpha():\n    return 1\n")
+    doc = str(tmp_path / "doc.md")
+    assert check_link(doc, "`alpha`", "code.py#L1-L2") is None
+    assert "not in" in check_link(doc, "`beta`", "code.py#L1-L2")
+    assert "outside" in check_link(doc, "`alpha`", "code.py#L1-L9")
+    assert "does not exist" in check_link(doc, "x", "missing.py")
+    (tmp_path / "doc.md").write_text("# 第一章 Model\n")
+    assert check_link(doc, "x", "#第一章-model") is None
+    assert "no heading" in check_link(doc, "x", "#第二章")
