@@ -64,9 +64,29 @@ def check_link(path: str, text: str, target: str) -> str | None:
     name = re.fullmatch(r"`([^`]+)`", text)
     if name:
         symbol = name.group(1).split(".")[-1].removesuffix("()")
-        if symbol not in "\n".join(code[first - 1:last]):
-            return f"`{symbol}` is not in {file} lines {first}-{last}: the code moved, update the anchor"
+        start = first - 1
+        while start < last - 1 and code[start].lstrip().startswith("@"):
+            start += 1  # decorators belong to the definition below them
+        if symbol not in code[start]:
+            return f"`{symbol}` is not on line {start + 1} of {file}: the code moved, update the anchor"
+        if re.match(rf"\s*(async def|def|class) {re.escape(symbol)}\b", code[start]):
+            end = block_end(code, start)
+            if last != end + 1:
+                return f"`{symbol}` spans lines {first}-{end + 1} of {file}, the link says {first}-{last}"
     return None
+
+
+def block_end(code: list[str], start: int) -> int:
+    """Index of the last line of the def/class that starts at code[start] (by indentation)."""
+    indent = len(code[start]) - len(code[start].lstrip())
+    end = start
+    for i in range(start + 1, len(code)):
+        line = code[i]
+        if line.strip() and len(line) - len(line.lstrip()) <= indent and not line.lstrip().startswith((")", "]")):
+            break
+        if line.strip():
+            end = i
+    return end
 
 
 def test_docs_exist_for_every_stage():
@@ -86,7 +106,8 @@ def test_code_references_are_checked(tmp_path):
     (tmp_path / "code.py").write_text("def alpha():\n    return 1\n")
     doc = str(tmp_path / "doc.md")
     assert check_link(doc, "`alpha`", "code.py#L1-L2") is None
-    assert "not in" in check_link(doc, "`beta`", "code.py#L1-L2")
+    assert "not on line" in check_link(doc, "`beta`", "code.py#L1-L2")
+    assert "spans lines 1-2" in check_link(doc, "`alpha`", "code.py#L1")
     assert "outside" in check_link(doc, "`alpha`", "code.py#L1-L9")
     assert "does not exist" in check_link(doc, "x", "missing.py")
     (tmp_path / "doc.md").write_text("# 第一章 Model\n")
