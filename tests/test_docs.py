@@ -1,5 +1,5 @@
 """Every link in the README files and docs/ points at something that exists: files, headings, and
-code line anchors (#L10-L20) whose lines still hold the name the link shows."""
+code line anchors (#L10-L20) that start at the definition the link names and cover all of it."""
 import glob
 import os
 import re
