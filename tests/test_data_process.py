@@ -152,6 +152,10 @@ def test_keyset_sorted_and_recent_parts_agree():
     probe = np.array([[5, 6], [2**64 - 1, 2**63 + 7]], dtype=np.uint64)
     found = keys.in_sorted(probe) | np.vectorize(lambda k: int(k) in keys.recent)(probe)
     assert found.tolist() == [[True, False], [True, True]]
+    again = KeySet(merge_every=2)
+    for batch in ([5, 1], [5], [9], [2**64 - 1, 0], [7, 3]):
+        again.add(batch)
+    assert again.sorted.tolist() == [0, 1, 3, 5, 7, 9, 2**64 - 1] and not again.recent  # sorted, each key once
 
 
 def test_dedup_decisions_do_not_depend_on_merging(tmp_path, small_tokenizer, monkeypatch):
