@@ -11,6 +11,7 @@ BaiduBaiKe, C4_zh, WuDao, shibing624/medical); generic txt, jsonl, json, csv and
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import json
 import os
@@ -48,8 +49,18 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
             raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _jsonl_records(path: str, source: str) -> Iterator[tuple[str, dict | None, Doc | None]]:
-    """(where, record, None) for each JSON object line, or (where, None, error Doc)."""
+NOT_AN_OBJECT = "malformed record (not a JSON object)"
+
+
+def json_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
+    """Records of a JSON list file, or of a JSON-lines file (told apart by the first character):
+    (where, record, None), or (where, None, what is wrong) for a line that is not JSON or a record
+    that is not an object."""
+    with _open_text(path) as f:
+        is_list = f.read(64).lstrip().startswith("[")
+    if is_list:
+        yield from _checked_records(path, _json_list(path))
+        return
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -57,12 +68,22 @@ def _jsonl_records(path: str, source: str) -> Iterator[tuple[str, dict | None, D
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            yield where, None, Doc(None, source, where, f"malformed JSON ({e.msg})")
+            yield where, None, f"malformed JSON ({e.msg})"
             continue
-        if not isinstance(record, dict):
-            yield where, None, Doc(None, source, where, "malformed record (not a JSON object)")
-            continue
-        yield where, record, None
+        yield (where, record, None) if isinstance(record, dict) else (where, None, NOT_AN_OBJECT)
+
+
+def _checked_records(path: str, data: list) -> Iterator[tuple[str, dict | None, str | None]]:
+    for i, record in enumerate(data):
+        where = f"{path}:record {i}"
+        yield (where, record, None) if isinstance(record, dict) else (where, None, NOT_AN_OBJECT)
+
+
+def _with_docs(records: Iterator[tuple[str, dict | None, str | None]],
+               source: str) -> Iterator[tuple[str, dict | None, Doc | None]]:
+    """The records, each error as a Doc that is counted and reported."""
+    for where, record, error in records:
+        yield where, record, (Doc(None, source, where, error) if error else None)
 
 
 def _json_list(path: str) -> list:
@@ -71,6 +92,8 @@ def _json_list(path: str) -> list:
             data = json.load(f)
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return data
 
 
@@ -96,18 +119,10 @@ def _field_docs(records: Iterator[tuple[str, dict | None, Doc | None]], source: 
         raise CorpusError(f"{path}: no record has {field_desc}")
 
 
-def _get_text(record: dict, field: str) -> str | None:
+def text_field(record: dict, field: str) -> str | None:
+    """record[field] when it is a string, else None."""
     value = record.get(field)
     return value if isinstance(value, str) else None
-
-
-def _list_records(path: str, data: list, source: str) -> Iterator[tuple[str, dict | None, Doc | None]]:
-    for i, record in enumerate(data):
-        where = f"{path}:record {i}"
-        if isinstance(record, dict):
-            yield where, record, None
-        else:
-            yield where, None, Doc(None, source, where, "malformed record (not a JSON object)")
 
 
 # ------------------------------------------------------------- the seed's formats and generic ones
@@ -135,7 +150,7 @@ def read_txt(path: str, source: str, per: str = "line") -> Iterator[Doc]:
 
 def read_jsonl(path: str, source: str, field: str = "text") -> Iterator[Doc]:
     """One JSON object a line with a text field (C4_zh and shibing624/medical use `text`)."""
-    yield from _field_docs(_jsonl_records(path, source), source, lambda r: _get_text(r, field),
+    yield from _field_docs(_with_docs(json_records(path), source), source, lambda r: text_field(r, field),
                            path, f"'{field}'")
 
 
@@ -149,7 +164,7 @@ def read_json(path: str, source: str, field: str = "text") -> Iterator[Doc]:
     data = _json_list(path)
     if not isinstance(data, list):
         raise CorpusError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    yield from _field_docs(_list_records(path, data, source), source, lambda r: _get_text(r, field),
+    yield from _field_docs(_with_docs(_checked_records(path, data), source), source, lambda r: text_field(r, field),
                            path, f"'{field}'")
 
 
@@ -165,12 +180,12 @@ def read_wudao(path: str, source: str) -> Iterator[Doc]:
         raise CorpusError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
 
     def text(record: dict) -> str | None:
-        content = _get_text(record, "content")
+        content = text_field(record, "content")
         if content is None:
             return None
-        title = _get_text(record, "title") or ""
+        title = text_field(record, "title") or ""
         return f"{title}\n{content}" if title else content
-    yield from _field_docs(_list_records(path, data, source), source, text, path, "'content'")
+    yield from _field_docs(_with_docs(_checked_records(path, data), source), source, text, path, "'content'")
 
 
 def read_baidubaike(path: str, source: str) -> Iterator[Doc]:
@@ -186,7 +201,7 @@ def read_baidubaike(path: str, source: str) -> Iterator[Doc]:
                 parts += [section.get("title"), section.get("content")]
         parts = [p.strip() for p in parts if isinstance(p, str) and p.strip()]
         return "\n".join(parts) if len(parts) > 1 or sections else None
-    yield from _field_docs(_jsonl_records(path, source), source, text, path, "'title'/'summary'/'sections'")
+    yield from _field_docs(_with_docs(json_records(path), source), source, text, path, "'title'/'summary'/'sections'")
 
 
 def read_table(path: str, source: str, column: str = "text") -> Iterator[Doc]:
@@ -233,7 +248,7 @@ def read_idioms(path: str, source: str) -> Iterator[Doc]:
     data = _json_list(path)
 
     def text(r: dict) -> str | None:
-        word, explanation = _get_text(r, "word"), _get_text(r, "explanation")
+        word, explanation = text_field(r, "word"), text_field(r, "explanation")
         if not word or not explanation:
             return None
         parts = [f"{word}（{r.get('pinyin', '')}）：{explanation}"]
@@ -242,7 +257,7 @@ def read_idioms(path: str, source: str) -> Iterator[Doc]:
         if r.get("example") and r["example"] != "无":
             parts.append(f"例子：{r['example'].replace('～', word)}")
         return "\n".join(parts)
-    yield from _field_docs(_list_records(path, data, source), source, text, path, "'word'/'explanation'")
+    yield from _field_docs(_with_docs(_checked_records(path, data), source), source, text, path, "'word'/'explanation'")
 
 
 def read_dictionary(path: str, source: str) -> Iterator[Doc]:
@@ -250,12 +265,12 @@ def read_dictionary(path: str, source: str) -> Iterator[Doc]:
     data = _json_list(path)
 
     def text(r: dict) -> str | None:
-        word, explanation = _get_text(r, "word"), _get_text(r, "explanation")
+        word, explanation = text_field(r, "word"), text_field(r, "explanation")
         if not word or not explanation:
             return None
         body = "\n".join(line.strip() for line in explanation.splitlines() if line.strip())
         return f"{word}（{r.get('pinyin', '')}）\n{body}"
-    yield from _field_docs(_list_records(path, data, source), source, text, path, "'word'/'explanation'")
+    yield from _field_docs(_with_docs(_checked_records(path, data), source), source, text, path, "'word'/'explanation'")
 
 
 def read_news(path: str, source: str) -> Iterator[Doc]:
@@ -395,6 +410,7 @@ _LINE_EDGES_RE = re.compile(r" ?\n ?")
 _BLANK_LINES_RE = re.compile(r"\n{3,}")
 
 
+@functools.cache
 def _one_pass_table() -> dict[int, str | None]:
     """For str.translate: every character of the Basic Multilingual Plane to its NFKC form, control
     characters to nothing, a lone carriage return to a newline."""
@@ -409,8 +425,6 @@ def _one_pass_table() -> dict[int, str | None]:
     return table
 
 
-_ONE_PASS = _one_pass_table()
-
 
 def clean_text(text: str) -> str:
     """NFKC, no control characters, runs of spaces collapsed, lines trimmed, at most one blank line."""
@@ -418,7 +432,7 @@ def clean_text(text: str) -> str:
     # NFKC character by character plus dropping controls in one pass is about a third cheaper than
     # normalising; where characters compose across each other (or lie outside the BMP) the result is
     # not normalised, and the text takes the full path.
-    fast = text.translate(_ONE_PASS)
+    fast = text.translate(_one_pass_table())  # built on first use, not at import
     if unicodedata.is_normalized("NFKC", fast):
         text = fast
     else:

@@ -14,6 +14,7 @@ their file and line.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -121,20 +122,16 @@ def densify(signatures: np.ndarray) -> np.ndarray:
     return out
 
 
-_PROBES: dict[int, np.ndarray] = {}
-
-
+@functools.cache
 def _probe_table(n_perm: int) -> np.ndarray:
     """(probes, n_perm) bin indices: row t is where each bin looks on its t-th try. The last n_perm
     rows visit every bin, so every empty bin finds a filled one."""
-    if n_perm not in _PROBES:
-        tries = np.arange(1, 8 * n_perm + 1, dtype=np.uint64)[:, None]
-        bins = np.arange(n_perm, dtype=np.uint64)[None, :]
-        with np.errstate(over="ignore"):
-            random = (_mix64(tries * _GOLDEN + bins * np.uint64(0xD6E8FEB86659FD93)) % np.uint64(n_perm))
-        sweep = (np.arange(n_perm, dtype=np.uint64)[:, None] + bins) % np.uint64(n_perm)
-        _PROBES[n_perm] = np.concatenate([random, sweep]).astype(np.int64)
-    return _PROBES[n_perm]
+    tries = np.arange(1, 8 * n_perm + 1, dtype=np.uint64)[:, None]
+    bins = np.arange(n_perm, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):
+        random = (_mix64(tries * _GOLDEN + bins * np.uint64(0xD6E8FEB86659FD93)) % np.uint64(n_perm))
+    sweep = (np.arange(n_perm, dtype=np.uint64)[:, None] + bins) % np.uint64(n_perm)
+    return np.concatenate([random, sweep]).astype(np.int64)
 
 
 def minhash(text: str, n_perm: int, ngram: int) -> np.ndarray:

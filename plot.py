@@ -54,7 +54,7 @@ def plot(runs: list[str], out: str, smooth: int, metric: str = "loss", x: str = 
     for run in runs:
         records = read_metrics(run)
         name = os.path.basename(os.path.normpath(run))
-        train = [(r[x], r[metric]) for r in records if r.get(metric) == r.get(metric) and metric in r]  # no NaN
+        train = [(r[x], r[metric]) for r in records if metric in r and r[metric] == r[metric]]  # no NaN
         val = [(r[x], r[f"val_{metric}"]) for r in records if f"val_{metric}" in r]
         if not train and not val:
             raise SystemExit(f"error: {run} logged no '{metric}' (its metrics: "

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from configurator import parse_config
-from corpora import CorpusError, clean_text
+from corpora import CorpusError, clean_text, json_records, text_field
 from data_process import text_hash, write_json_atomic
 
 
@@ -55,39 +55,9 @@ class Config:
 # ------------------------------------------------------------------ readers
 
 def _records(path: str, source: str) -> Iterator[tuple[str, dict | None, Sample | None]]:
-    """JSON list or JSON lines; (where, record, None) or (where, None, an error Sample)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(64).lstrip()
-            f.seek(0)
-            if head.startswith("["):
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
-                for i, r in enumerate(data):
-                    yield (f"{path}:record {i}", r, None) if isinstance(r, dict) else \
-                        (f"{path}:record {i}", None, Sample(None, None, [], source, f"{path}:record {i}",
-                                                            "not a JSON object"))
-                return
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, None, Sample(None, None, [], source, where, f"malformed JSON ({e.msg})")
-                    continue
-                yield (where, r, None) if isinstance(r, dict) else \
-                    (where, None, Sample(None, None, [], source, where, "not a JSON object"))
-    except OSError as e:
-        raise CorpusError(f"cannot read {path}: {e.strerror}") from None
-
-
-def _text(r: dict, key: str) -> str | None:
-    v = r.get(key)
-    return v if isinstance(v, str) else None
+    """The records of a JSON list or JSON-lines file, each error as a Sample that is counted."""
+    for where, record, error in json_records(path):
+        yield where, record, (Sample(None, None, [], source, where, error) if error else None)
 
 
 def read_alpaca(path: str, source: str) -> Iterator[Sample]:
@@ -96,7 +66,7 @@ def read_alpaca(path: str, source: str) -> Iterator[Sample]:
         if error:
             yield error
             continue
-        instruction, extra, output = _text(r, "instruction"), _text(r, "input") or "", _text(r, "output")
+        instruction, extra, output = text_field(r, "instruction"), text_field(r, "input") or "", text_field(r, "output")
         if instruction is None or output is None:
             yield Sample(None, None, [], source, where, "missing 'instruction' or 'output'")
             continue
@@ -158,7 +128,7 @@ def read_chatmed(path: str, source: str) -> Iterator[Sample]:
         if error:
             yield error
             continue
-        query, response = _text(r, "query"), _text(r, "response")
+        query, response = text_field(r, "query"), text_field(r, "response")
         if query is None or response is None:
             yield Sample(None, None, [], source, where, "missing 'query' or 'response'")
             continue
@@ -273,6 +243,26 @@ def verdict(s: Sample, cfg: Config, seen: set[int]) -> str | None:
     return None
 
 
+class SplitCsv:
+    """The train and val CSV files, written under temporary names and renamed when complete."""
+
+    def __init__(self, paths: dict[str, str], header: list[str]):
+        self.paths, self.written = paths, Counter()
+        self.files = {split: open(path + ".tmp", "w", encoding="utf-8", newline="") for split, path in paths.items()}
+        self.writers = {split: csv.writer(f) for split, f in self.files.items()}
+        for writer in self.writers.values():
+            writer.writerow(header)
+
+    def write(self, split: str, row: list[str]) -> None:
+        self.writers[split].writerow(row)
+        self.written[split] += 1
+
+    def commit(self) -> None:
+        for split, f in self.files.items():
+            f.close()
+            os.replace(f.name, self.paths[split])
+
+
 def run(cfg: Config) -> dict:
     paths = {split: os.path.join(cfg.out_dir, name) for split, name in (("train", "sft_data.csv"),
                                                                         ("val", "sft_val.csv"))}
@@ -282,11 +272,7 @@ def run(cfg: Config) -> dict:
     counts: dict[str, Counter] = defaultdict(Counter)
     malformed: list[str] = []
     seen: set[int] = set()
-    files = {split: open(p + ".tmp", "w", encoding="utf-8", newline="") for split, p in paths.items()}
-    writers = {split: csv.writer(f) for split, f in files.items()}
-    for w in writers.values():
-        w.writerow(["prompt", "answer", "history"])
-    written = Counter()
+    out = SplitCsv(paths, ["prompt", "answer", "history"])
     for s in iter_samples(cfg):
         c = counts[s.source]
         c["read"] += 1
@@ -298,11 +284,9 @@ def run(cfg: Config) -> dict:
             continue
         c["kept"] += 1
         split = "val" if is_val(s, cfg.val_fraction) else "train"
-        writers[split].writerow([s.prompt, s.answer, json.dumps(s.history, ensure_ascii=False)])
-        written[split] += 1
-    for split, f in files.items():
-        f.close()
-        os.replace(f.name, paths[split])
+        out.write(split, [s.prompt, s.answer, json.dumps(s.history, ensure_ascii=False)])
+    out.commit()
+    written = out.written
     meta = {"samples": dict(written), "sources": {k: dict(v) for k, v in counts.items()},
             "malformed_examples": malformed}
     print(f"wrote {paths['train']} ({written['train']:,} samples) and {paths['val']} ({written['val']:,})")
@@ -404,11 +388,7 @@ def write_pairs(cfg: Config) -> dict:
              for split, name in (("train", "preference.csv"), ("val", "preference_val.csv"))}
     counts: dict[str, Counter] = defaultdict(Counter)
     seen: set[int] = set()
-    files = {split: open(p + ".tmp", "w", encoding="utf-8", newline="") for split, p in paths.items()}
-    writers = {split: csv.writer(f) for split, f in files.items()}
-    for w in writers.values():
-        w.writerow(["prompt", "chosen", "rejected"])
-    written = Counter()
+    out = SplitCsv(paths, ["prompt", "chosen", "rejected"])
     for p in iter_pairs(cfg):
         c = counts[p.source]
         c["read"] += 1
@@ -433,11 +413,9 @@ def write_pairs(cfg: Config) -> dict:
         c["kept"] += 1
         group_key = text_hash(p.group) if p.group else key
         split = "val" if group_key % 1_000_000 < cfg.val_fraction * 1_000_000 else "train"
-        writers[split].writerow([p.prompt, p.chosen, p.rejected])
-        written[split] += 1
-    for split, f in files.items():
-        f.close()
-        os.replace(f.name, paths[split])
+        out.write(split, [p.prompt, p.chosen, p.rejected])
+    out.commit()
+    written = out.written
     print(f"wrote {paths['train']} ({written['train']:,} pairs) and {paths['val']} ({written['val']:,})")
     print_counts(counts)
     return {"pairs": dict(written), "sources": {k: dict(v) for k, v in counts.items()}}
