@@ -40,13 +40,17 @@ def _open_text(path: str):
         raise CorpusError(f"cannot read {path}: {e.strerror}") from None
 
 
+def _not_utf8(path: str, e: UnicodeDecodeError) -> CorpusError:
+    return CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+
+
 def _lines(path: str) -> Iterator[tuple[int, str]]:
     with _open_text(path) as f:
         try:
             for number, line in enumerate(f, 1):
                 yield number, line.rstrip("\r\n")
         except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise _not_utf8(path, e) from None
 
 
 NOT_AN_OBJECT = "malformed record (not a JSON object)"
@@ -57,7 +61,10 @@ def json_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
     (where, record, None), or (where, None, what is wrong) for a line that is not JSON or a record
     that is not an object."""
     with _open_text(path) as f:
-        is_list = f.read(64).lstrip().startswith("[")
+        try:
+            is_list = f.read(64).lstrip().startswith("[")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
     if is_list:
         yield from _checked_records(path, _json_list(path))
         return
@@ -93,7 +100,7 @@ def _json_list(path: str) -> list:
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
         except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise _not_utf8(path, e) from None
     return data
 
 
@@ -148,29 +155,15 @@ def read_txt(path: str, source: str, per: str = "line") -> Iterator[Doc]:
         yield Doc("\n".join(block), source, f"{path}:{start}")
 
 
-def read_jsonl(path: str, source: str, field: str = "text") -> Iterator[Doc]:
-    """One JSON object a line with a text field (C4_zh and shibing624/medical use `text`)."""
+def read_json_records(path: str, source: str, field: str = "text") -> Iterator[Doc]:
+    """JSON lines (C4_zh and shibing624/medical use `text`) or a JSON list of objects, with a text field."""
     yield from _field_docs(_with_docs(json_records(path), source), source, lambda r: text_field(r, field),
-                           path, f"'{field}'")
-
-
-def read_json(path: str, source: str, field: str = "text") -> Iterator[Doc]:
-    """A JSON list of objects with a text field; a .json file that holds JSON lines is read as such."""
-    with _open_text(path) as f:
-        starts_as_object = f.read(64).lstrip().startswith("{")
-    if starts_as_object:  # JSON lines in a .json file
-        yield from read_jsonl(path, source, field)
-        return
-    data = _json_list(path)
-    if not isinstance(data, list):
-        raise CorpusError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    yield from _field_docs(_with_docs(_checked_records(path, data), source), source, lambda r: text_field(r, field),
                            path, f"'{field}'")
 
 
 def read_wikipedia_cn(path: str, source: str) -> Iterator[Doc]:
     """wikipedia-cn-20230720-filtered: a JSON list of {"completion": ...}."""
-    yield from read_json(path, source, "completion")
+    yield from read_json_records(path, source, "completion")
 
 
 def read_wudao(path: str, source: str) -> Iterator[Doc]:
@@ -315,9 +308,9 @@ def read_poetry(path: str, source: str) -> Iterator[Doc]:
 
 READERS: dict[str, Callable[..., Iterator[Doc]]] = {
     "txt": read_txt, "txt_blocks": lambda p, s: read_txt(p, s, per="block"),
-    "jsonl": read_jsonl, "json": read_json, "csv": read_table, "parquet": read_table,
+    "jsonl": read_json_records, "json": read_json_records, "csv": read_table, "parquet": read_table,
     "wikipedia": read_wikipedia_cn, "baidubaike": read_baidubaike, "wudao": read_wudao,
-    "c4": read_jsonl, "medical": read_jsonl,
+    "c4": read_json_records, "medical": read_json_records,
     "peoples_daily": read_peoples_daily, "idioms": read_idioms, "dictionary": read_dictionary,
     "news": read_news, "poetry": read_poetry,
 }
