@@ -94,6 +94,11 @@ def test_unreadable_inputs(tmp_path):
     broken.write_text('[{"completion": "a"},')
     with pytest.raises(CorpusError, match="malformed JSON"):
         docs_of(f"wikipedia:{broken}")
+    for spec in ("json", "jsonl", "wikipedia"):  # the first bytes are read to tell a list from lines
+        utf16 = tmp_path / f"utf16_{spec}.json"
+        utf16.write_bytes('[{"text": "一"}]'.encode("utf-16"))
+        with pytest.raises(CorpusError, match="not UTF-8"):
+            docs_of(f"{spec}:{utf16}")
 
 
 def test_clean_text():
