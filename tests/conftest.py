@@ -1,3 +1,4 @@
+import csv
 import os
 import sys
 
@@ -54,3 +55,11 @@ def small_tokenizer(tmp_path_factory) -> str:
     train(Config(sources="", inputs=f"txt:{folder / 'corpus.txt'}", out=str(out), vocab_size=600,
                  compare_with="", character_coverage=1.0))
     return str(out)
+
+
+def write_csv(path, header: list[str], rows) -> None:
+    """A CSV file as the SFT, preference and evaluation scripts read it."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)

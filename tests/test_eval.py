@@ -1,4 +1,3 @@
-import csv
 import json
 import subprocess
 import sys
@@ -6,7 +5,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, write_csv
 
 from chatglm_tokenizer import load_tokenizer
 from dataset_sft import collate, encode_turns, make_example
@@ -100,11 +99,9 @@ def test_chat_from_a_pipe(chat_ckpt, small_tokenizer):
 
 def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, tmp_path):
     val = tmp_path / "val.csv"
-    with open(val, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "answer", "history"])
-        for i, word in enumerate(["画蛇添足", "守株待兔", "亡羊补牢", "对牛弹琴", "井底之蛙"]):
-            w.writerow([f"成语“{word}”是什么意思？", f"第{i}个意思", "[]"])
+    write_csv(val, ["prompt", "answer", "history"],
+              [[f"成语“{word}”是什么意思？", f"第{i}个意思", "[]"]
+               for i, word in enumerate(["画蛇添足", "守株待兔", "亡羊补牢", "对牛弹琴", "井底之蛙"])])
     out = tmp_path / "eval"
     run = [sys.executable, f"{ROOT}/eval.py", f"--ckpt={chat_ckpt}", f"--tokenizer={small_tokenizer}",
            f"--val_data={val}", f"--out={out}", "--max_new_tokens=8", "--questions=你好|再见"]

@@ -1,4 +1,3 @@
-import csv
 import math
 import os
 import subprocess
@@ -6,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, write_csv
 from test_pretrain import (
     corpus,  # noqa: F401  (module fixture)
     metrics,
@@ -108,16 +107,11 @@ def test_reward_model_reads_the_last_real_token():
 def preference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pref")
     for name, n in (("train.csv", 48), ("val.csv", 16)):
-        with open(folder / name, "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["prompt", "chosen", "rejected"])
-            for i in range(n):
-                w.writerow([f"第{i}个问题", "春眠不觉晓，处处闻啼鸟。", "白日依山尽"])
-    with open(folder / "prompts.csv", "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "answer", "history"])
-        for word in ("画蛇添足", "守株待兔", "亡羊补牢", "对牛弹琴"):
-            w.writerow([f"成语“{word}”是什么意思？", "比喻做多余的事", "[]"])
+        write_csv(folder / name, ["prompt", "chosen", "rejected"],
+                  [[f"第{i}个问题", "春眠不觉晓，处处闻啼鸟。", "白日依山尽"] for i in range(n)])
+    write_csv(folder / "prompts.csv", ["prompt", "answer", "history"],
+              [[f"成语“{word}”是什么意思？", "比喻做多余的事", "[]"]
+               for word in ("画蛇添足", "守株待兔", "亡羊补牢", "对牛弹琴")])
     return folder
 
 

@@ -1,11 +1,10 @@
-import csv
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, write_csv
 from test_pretrain import command as pretrain_command
 from test_pretrain import (
     corpus,  # noqa: F401  (the module fixture: a small corpus and a preset)
@@ -22,12 +21,9 @@ def pretrained(corpus, small_tokenizer, tmp_path_factory):  # noqa: F811
     run_ok(pretrain_command(corpus, small_tokenizer, out, "--max_steps=10", "--eval_interval=100000"))
     data = tmp_path_factory.mktemp("sft")
     for name, n in (("train.csv", 64), ("val.csv", 8)):
-        with open(data / name, "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["prompt", "answer", "history"])
-            for i in range(n):
-                answer = "春眠不觉晓，处处闻啼鸟。" if i % 2 else "床前明月光。"
-                w.writerow([f"第{i}首诗的下一句是什么？", answer, "[]"])
+        write_csv(data / name, ["prompt", "answer", "history"],
+                  [[f"第{i}首诗的下一句是什么？", "春眠不觉晓，处处闻啼鸟。" if i % 2 else "床前明月光。", "[]"]
+                   for i in range(n)])
     return out / "ckpt.pt", data
 
 

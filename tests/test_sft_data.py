@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import write_csv
 
 from chatglm_tokenizer import load_tokenizer
 from dataset_sft import IGNORE_INDEX, SFTDataset, chat_prompt_ids, collate, encode_turns, make_example
@@ -91,10 +92,8 @@ def test_sft_data_process_formats_counts_and_split(tmp_path):
 
 def test_sft_dataset_on_real_tokenizer(tmp_path, small_tokenizer):
     path = tmp_path / "d.csv"
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "answer", "history"])
-        w.writerow(["床前明月光", "疑是地上霜", json.dumps([["春眠", "不觉晓"]], ensure_ascii=False)])
+    write_csv(path, ["prompt", "answer", "history"],
+              [["床前明月光", "疑是地上霜", json.dumps([["春眠", "不觉晓"]], ensure_ascii=False)]])
     tok = load_tokenizer(small_tokenizer)
     ds = SFTDataset(str(path), tok, 64)
     x, y = ds[0]
