@@ -23,14 +23,14 @@ import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from itertools import chain, islice
+from itertools import chain
 
 import numpy as np
 from tqdm import tqdm
 
 from chatglm_tokenizer import SPTokenizer, load_tokenizer
 from configurator import parse_config
-from corpora import CorpusError, Doc, builtin_input, clean_text, iter_corpus, parse_input
+from corpora import CorpusError, Doc, builtin_input, clean_texts, iter_corpus, parse_input
 
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max)  # 65,535 ids fit in uint16
@@ -52,7 +52,8 @@ class Config:
     rows: int = 8  # MinHash values per LSH band
     val_fraction: float = 0.01  # share of documents (by hash of their text) that go to val.bin
     workers: int = 2  # tokenizing processes; 0 does everything in this process
-    batch_docs: int = 256  # documents per work batch
+    batch_docs: int = 4096  # at most this many documents per work batch
+    batch_chars: int = 1 << 18  # and about this many characters
     overwrite: bool = False  # replace an existing corpus made with other settings
 
 
@@ -165,20 +166,16 @@ def _init_worker(tokenizer_path: str) -> None:
 @dataclass
 class Processed:
     """A batch of documents after cleaning, hashing and tokenizing, in few arrays (cheap to send)."""
-    long_enough: list[bool]  # False where the cleaned text is shorter than min_chars
-    n_chars: list[int]  # characters of each cleaned text
+    long_enough: np.ndarray  # (n,) bool: False where the cleaned text is shorter than min_chars
+    n_chars: np.ndarray  # (n,) characters of each cleaned text
     hashes: np.ndarray  # (n,) uint64 hash of each cleaned text
     band_keys: np.ndarray | None  # (n, bands) uint64 MinHash LSH keys, without near_dedup None
     tokens: np.ndarray  # the tokens of every long-enough document, concatenated
     offsets: np.ndarray  # (n + 1,) document i's tokens are tokens[offsets[i]:offsets[i + 1]]
 
-    def doc_tokens(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
-
 
 def process_batch(texts: list[str], cfg: Config) -> Processed:
-    cleaned = [clean_text(t) for t in texts]
-    cleaned = [t if len(t) >= cfg.min_chars else None for t in cleaned]
+    cleaned = [t if len(t) >= cfg.min_chars else None for t in clean_texts(texts)]
     keep = [t for t in cleaned if t is not None]
     encoded = iter(_TOKENIZER.encode_batch(keep)) if keep else iter(())
     band_keys = None
@@ -190,84 +187,129 @@ def process_batch(texts: list[str], cfg: Config) -> Processed:
     np.cumsum([len(x) for x in ids], out=offsets[1:])
     tokens = np.fromiter(chain.from_iterable(ids), dtype=TOKEN_DTYPE, count=int(offsets[-1]))
     hashes = np.array([0 if t is None else text_hash(t) for t in cleaned], dtype=np.uint64)
-    return Processed([t is not None for t in cleaned], [len(t or "") for t in cleaned], hashes, band_keys,
-                     tokens, offsets)
+    return Processed(np.array([t is not None for t in cleaned], dtype=bool),
+                     np.array([len(t or "") for t in cleaned], dtype=np.int64), hashes, band_keys, tokens, offsets)
 
 
 # ------------------------------------------------------------------ the main process
 
 class KeySet:
-    """A set of uint64 keys in 8 bytes each: a sorted array, plus a Python set of recent keys that is
-    merged into it when it grows (a Python set costs about 70 bytes a key)."""
+    """A set of uint64 keys in 8 bytes each: a big sorted array and a small one that new keys are
+    inserted into; the small one is merged into the big one when it grows, so most inserts copy only
+    the small array (inserting into the big one at every batch would copy the whole index each time)."""
 
     def __init__(self, merge_every: int = 1 << 18):
-        self.sorted = np.empty(0, dtype=np.uint64)
-        self.recent: set[int] = set()
+        self.big = np.empty(0, dtype=np.uint64)
+        self.small = np.empty(0, dtype=np.uint64)
         self.merge_every = merge_every
 
-    def in_sorted(self, keys: np.ndarray) -> np.ndarray:
-        """Which keys (any shape) are in the sorted part."""
-        if len(self.sorted) == 0:
-            return np.zeros(keys.shape, dtype=bool)
-        at = np.searchsorted(self.sorted, keys).clip(max=len(self.sorted) - 1)
-        return self.sorted[at] == keys
+    def __contains__(self, key: int) -> bool:
+        return bool(self.contains(np.array([key], dtype=np.uint64))[0])
 
-    def add(self, keys: list[int]) -> None:
-        self.recent.update(keys)
-        if len(self.recent) >= self.merge_every:
-            new = np.sort(np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
-            new = new[~self.in_sorted(new)]
-            # Inserting the sorted newcomers copies the big array once; np.union1d would sort it all
-            # again at every merge (8.6 s at 10M keys against 0.25 s).
-            self.sorted = np.insert(self.sorted, np.searchsorted(self.sorted, new), new)
-            self.recent.clear()
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Which keys (any shape) are in the set."""
+        flat = keys.ravel()
+        order = np.argsort(flat)
+        ordered = flat[order]  # binary searches for sorted keys are several times faster
+        found = np.empty(len(flat), dtype=bool)
+        found[order] = _in_sorted(self.big, ordered) | _in_sorted(self.small, ordered)
+        return found.reshape(keys.shape)
+
+    def add(self, keys: np.ndarray) -> None:
+        """Add keys that are not in the set yet (repeats among them are fine)."""
+        new = np.sort(keys, axis=None)
+        new = new[np.append(True, new[1:] != new[:-1])] if len(new) else new
+        self.small = _insert_sorted(self.small, new)
+        if len(self.small) >= self.merge_every:
+            self.big = _insert_sorted(self.big, self.small)
+            self.small = np.empty(0, dtype=np.uint64)
 
     def __len__(self) -> int:
-        return len(self.sorted) + len(self.recent)
+        return len(self.big) + len(self.small)
+
+
+def _in_sorted(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if len(table) == 0:
+        return np.zeros(keys.shape, dtype=bool)
+    return table[np.searchsorted(table, keys).clip(max=len(table) - 1)] == keys
+
+
+def _insert_sorted(table: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Sorted `new` (none of them in `table`) put in their places: one copy of the table, where
+    np.union1d would sort it all again (8.6 s at 10M keys against 0.25 s)."""
+    return np.insert(table, np.searchsorted(table, new), new)
+
+
+KEEP, DUPLICATE, NEAR_DUPLICATE, TOO_SHORT, MALFORMED = range(5)
+VERDICTS = ["kept", "dropped_duplicate", "dropped_near_duplicate", "dropped_too_short", "dropped_malformed"]
 
 
 class Deduplicator:
-    """Exact and near-duplicate decisions, made in document order so that runs are reproducible.
-    Near duplicates are documents that share a MinHash LSH band key of the same band."""
+    """Exact and near-duplicate decisions, the same as taking the documents one by one in order (so
+    runs are reproducible), made a batch at a time with numpy. Near duplicates are documents that share
+    a MinHash LSH band key with an earlier kept document."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.exact, self.bands = KeySet(), KeySet()
 
-    def verdicts(self, out: Processed, candidates: list[bool]) -> list[str | None]:
-        """For each document of the batch, None to keep it or the reason to drop it; documents that are
-        not candidates (malformed, too short) get None and leave no trace."""
-        old_exact = self.exact.in_sorted(out.hashes).tolist()
-        hashes = out.hashes.tolist()
-        near = out.band_keys is not None
-        if near:
-            old_bands = self.bands.in_sorted(out.band_keys).any(axis=1).tolist()
-            band_keys = out.band_keys.tolist()
-        result: list[str | None] = []
-        for i, candidate in enumerate(candidates):
-            verdict = None
-            if candidate and self.cfg.dedup:
-                if old_exact[i] or hashes[i] in self.exact.recent:
-                    verdict = "duplicate"
-                else:
-                    self.exact.add([hashes[i]])
-            if candidate and verdict is None and near:
-                if old_bands[i] or not self.bands.recent.isdisjoint(band_keys[i]):
-                    verdict = "near_duplicate"
-                else:
-                    self.bands.add(band_keys[i])
-            result.append(verdict)
+    def verdicts(self, out: Processed, candidates: np.ndarray) -> np.ndarray:
+        """KEEP, DUPLICATE or NEAR_DUPLICATE for each candidate of the batch (others get KEEP and leave
+        no trace in the index)."""
+        verdict = np.full(len(candidates), KEEP, dtype=np.int8)
+        live = np.flatnonzero(candidates)
+        if self.cfg.dedup:
+            hashes = out.hashes[live]
+            repeated = np.ones(len(live), dtype=bool)
+            repeated[np.unique(hashes, return_index=True)[1]] = False  # not the first in the batch
+            duplicate = repeated | self.exact.contains(hashes)
+            verdict[live[duplicate]] = DUPLICATE
+            self.exact.add(hashes[~duplicate])
+            live = live[~duplicate]
+        if out.band_keys is not None:
+            keys = out.band_keys[live]
+            near = self.bands.contains(keys).any(axis=1)
+            near |= self._near_within_batch(keys, near)
+            verdict[live[near]] = NEAR_DUPLICATE
+            self.bands.add(keys[~near].ravel())
+        return verdict
+
+    @staticmethod
+    def _near_within_batch(keys: np.ndarray, near: np.ndarray) -> np.ndarray:
+        """Which documents share a band key with an earlier kept document of the same batch. Only the
+        few that share a key with any other document of the batch are walked through in order."""
+        flat = keys.ravel()
+        _, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+        shared = (counts[inverse] > 1).reshape(keys.shape).any(axis=1)
+        result = np.zeros(len(keys), dtype=bool)
+        kept_keys: set[int] = set()
+        for i in np.flatnonzero(shared & ~near).tolist():
+            row = keys[i].tolist()
+            if kept_keys.isdisjoint(row):
+                kept_keys.update(row)
+            else:
+                result[i] = True
         return result
 
 
-def _batches(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
-    while batch := list(islice(docs, size)):
+def _batches(docs: Iterator[Doc], max_docs: int, max_chars: int) -> Iterator[list[Doc]]:
+    """Batches of up to max_docs documents and about max_chars characters: enough work per batch to
+    make its fixed costs small, and a bounded amount of text in flight whatever the documents' size."""
+    batch: list[Doc] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text or "")
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
 def fingerprint(cfg: Config, tokenizer: SPTokenizer) -> dict:
     """What the output depends on: settings that shape it, the inputs' sizes and times, the tokenizer."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in {"workers", "batch_docs", "overwrite", "out_dir"}}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in {"workers", "batch_docs", "batch_chars", "overwrite", "out_dir"}}
     files = []
     for name in [s for s in cfg.sources.split(",") if s.strip()]:
         files.append(builtin_input(name.strip(), cfg.raw_dir).path)  # names the unknown or missing source
@@ -287,27 +329,28 @@ class CorpusWriter:
     when the run completes, so an interrupted run never leaves a half corpus that looks whole)."""
 
     def __init__(self, out_dir: str, eos_id: int, val_fraction: float):
-        self.out_dir, self.eos = out_dir, np.array([eos_id], dtype=TOKEN_DTYPE)
+        self.out_dir, self.eos = out_dir, TOKEN_DTYPE(eos_id)
         self.val_cut = int(val_fraction * 1_000_000)
         self.files = {split: open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") for split in ("train", "val")}
-        self.pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         self.tokens, self.docs, self.chars = Counter(), Counter(), Counter()
 
-    def add(self, text_h: int, tokens: np.ndarray, n_chars: int) -> None:
-        split = "val" if text_h % 1_000_000 < self.val_cut else "train"
-        self.pending[split] += [tokens, self.eos]
-        self.tokens[split] += len(tokens) + 1
-        self.docs[split] += 1
-        self.chars[split] += n_chars
-
-    def flush(self) -> None:
-        for split, parts in self.pending.items():
-            if parts:
-                self.files[split].write(np.concatenate(parts).tobytes())
-                parts.clear()
+    def add(self, out: Processed, kept: np.ndarray) -> None:
+        """Append the tokens of the batch's documents `kept` (indices), an eos after each."""
+        val = out.hashes[kept] % np.uint64(1_000_000) < self.val_cut
+        owner = np.repeat(np.arange(len(out.hashes)), np.diff(out.offsets))  # the document of each token
+        for split, docs in (("train", kept[~val]), ("val", kept[val])):
+            if len(docs) == 0:
+                continue
+            chosen = np.zeros(len(out.hashes), dtype=bool)
+            chosen[docs] = True
+            lengths = out.offsets[docs + 1] - out.offsets[docs]
+            tokens = np.insert(out.tokens[chosen[owner]], np.cumsum(lengths), self.eos)
+            self.files[split].write(tokens.tobytes())
+            self.tokens[split] += len(tokens)
+            self.docs[split] += len(docs)
+            self.chars[split] += int(out.n_chars[docs].sum())
 
     def commit(self) -> None:
-        self.flush()
         for split, f in self.files.items():
             f.close()
             os.replace(f.name, os.path.join(self.out_dir, f"{split}.bin"))
@@ -350,7 +393,7 @@ def run(cfg: Config) -> dict:
     malformed: list[str] = []
     dedup = Deduplicator(cfg)
     writer = CorpusWriter(cfg.out_dir, tokenizer.eos_id, cfg.val_fraction)
-    batches = _batches(iter_corpus(cfg.sources, cfg.inputs, cfg.raw_dir), cfg.batch_docs)
+    batches = _batches(iter_corpus(cfg.sources, cfg.inputs, cfg.raw_dir), cfg.batch_docs, cfg.batch_chars)
 
     def work() -> Iterator[tuple[list[Doc], Processed]]:
         pending = ((b, [d.text or "" for d in b]) for b in batches)
@@ -374,23 +417,17 @@ def run(cfg: Config) -> dict:
 
     bar = tqdm(unit=" docs", desc=f"processing into {cfg.out_dir}", mininterval=1.0, smoothing=0.1)
     for docs, out in work():
-        candidates = [doc.error is None and out.long_enough[i] for i, doc in enumerate(docs)]
-        verdicts = dedup.verdicts(out, candidates)
-        for i, doc in enumerate(docs):
+        malformed_here = np.array([doc.error is not None for doc in docs])
+        status = np.where(malformed_here, MALFORMED, np.where(out.long_enough, KEEP, TOO_SHORT))
+        candidates = status == KEEP
+        status = np.where(candidates, dedup.verdicts(out, candidates), status)
+        writer.add(out, np.flatnonzero(status == KEEP))
+        for doc, s in zip(docs, status.tolist()):
             c = counts[doc.source]
             c["read"] += 1
-            if doc.error is not None:
-                c["dropped_malformed"] += 1
-                if len(malformed) < 100:
-                    malformed.append(f"{doc.where}: {doc.error}")
-            elif not out.long_enough[i]:
-                c["dropped_too_short"] += 1
-            elif verdicts[i] is not None:
-                c[f"dropped_{verdicts[i]}"] += 1
-            else:
-                c["kept"] += 1
-                writer.add(int(out.hashes[i]), out.doc_tokens(i), out.n_chars[i])
-        writer.flush()
+            c[VERDICTS[s]] += 1
+            if s == MALFORMED and len(malformed) < 100:
+                malformed.append(f"{doc.where}: {doc.error}")
         bar.update(len(docs))
         bar.set_postfix(tokens=f"{sum(writer.tokens.values()) / 1e6:.1f}M", refresh=False)
     bar.close()

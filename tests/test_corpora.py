@@ -106,6 +106,10 @@ def test_clean_text():
     assert clean_text(raw) == "ABC123 全角 空格\n\n第二段 多个 空格"
 
 
+CLEANING_CASES = ["e\u200d\u0301x", "ｅ\u0301", "\u1100\u1161", "Å\r\nB\rC", "𝐀𝐁 ①", "ﾊﾟ", "ﬁ", "\u3000全角　空格\t，？！",
+                  "\x00ab\x85c\ufeff", "e\u0301", "正常的中文句子。", "坏\ud800代理\udfff对", "\ud83d\ude00", "½ ㈠ ㎏"]
+
+
 @pytest.mark.parametrize("text", ["e\u200d\u0301x", "ｅ\u0301", "\u1100\u1161", "Å\r\nB\rC", "𝐀𝐁 ①", "ﾊﾟ", "ﬁ",
                                   "\u3000全角　空格\t，？！", "\x00ab\x85c\ufeff", "e\u0301", "正常的中文句子。"])
 def test_clean_text_fast_path_is_nfkc(text):
@@ -116,3 +120,15 @@ def test_clean_text_fast_path_is_nfkc(text):
     expected = _CONTROL_RE.sub("", unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n"))
     expected = _BLANK_LINES_RE.sub("\n\n", _LINE_EDGES_RE.sub("\n", _SPACES_RE.sub(" ", expected))).strip()
     assert clean_text(text) == expected
+
+
+def test_clean_texts_equals_clean_text_one_by_one():
+    """The batched cleaning (one numpy pass) gives clean_text's result for every text, also where a
+    text ends in "\\r" and the next starts with "\\n", and drops lone surrogates (json.loads makes them
+    from "\\ud800"; sentencepiece cannot encode them)."""
+    from corpora import clean_texts
+    texts = CLEANING_CASES + ["a\r", "\nb", "", "\r", "\n\r", "  lead\t\ttabs  \n  \n\n\n\nend  ", "\u3000"]
+    texts += ["".join(texts), "人民日报，１９９８年。" * 50]
+    assert clean_texts(texts) == [clean_text(t) for t in texts]
+    assert clean_texts([]) == []
+    assert clean_text("坏\ud800代理\udfff对") == "坏代理对"

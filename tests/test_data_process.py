@@ -142,20 +142,55 @@ def test_cli_errors_are_one_line(tmp_path, small_tokenizer):
                                                   f"{tmp_path}/none.jsonl does not exist"]
 
 
-def test_keyset_sorted_and_recent_parts_agree():
+def test_keyset_big_and_small_parts_agree():
     from data_process import KeySet
     keys = KeySet(merge_every=3)
-    values = np.array([5, 2**63 + 7, 11, 3, 2**64 - 1], dtype=np.uint64)
-    for v in values.tolist():
-        keys.add([v])
-    assert len(keys) == 5 and len(keys.sorted) == 3 and len(keys.recent) == 2
+    for batch in ([5, 2**63 + 7], [11], [3, 2**64 - 1]):
+        keys.add(np.array(batch, dtype=np.uint64))
+    assert len(keys) == 5 and len(keys.big) == 3 and len(keys.small) == 2
     probe = np.array([[5, 6], [2**64 - 1, 2**63 + 7]], dtype=np.uint64)
-    found = keys.in_sorted(probe) | np.vectorize(lambda k: int(k) in keys.recent)(probe)
-    assert found.tolist() == [[True, False], [True, True]]
+    assert keys.contains(probe).tolist() == [[True, False], [True, True]]
+    assert 3 in keys and 4 not in keys
     again = KeySet(merge_every=2)
-    for batch in ([5, 1], [5], [9], [2**64 - 1, 0], [7, 3]):
-        again.add(batch)
-    assert again.sorted.tolist() == [0, 1, 3, 5, 7, 9, 2**64 - 1] and not again.recent  # sorted, each key once
+    for batch in ([5, 1, 5], [9], [2**64 - 1, 0], [7, 3]):
+        again.add(np.array([k for k in batch if k not in again], dtype=np.uint64))
+    assert again.big.tolist() == [0, 1, 3, 5, 7, 9, 2**64 - 1] and len(again.small) == 0  # sorted, each once
+
+
+def test_dedup_decisions_match_one_by_one_in_order():
+    """The batched decisions equal the plain definition: documents in order, each dropped if its hash
+    was kept before (duplicate) or it shares a band key with a kept document (near duplicate)."""
+    from data_process import DUPLICATE, KEEP, NEAR_DUPLICATE, Config, Deduplicator, Processed
+    rng = np.random.default_rng(0)
+    dedup = Deduplicator(Config())
+    seen_hashes: set[int] = set()
+    seen_keys: set[int] = set()
+    every: list[int] = []
+    for _ in range(5):
+        n = 300
+        hashes = rng.integers(0, 1000, n).astype(np.uint64)  # many exact repeats, within and across batches
+        bands = (rng.integers(0, 300, (n, 8)) * 8 + np.arange(8)).astype(np.uint64)  # and shared band keys
+        candidates = rng.random(n) < 0.9
+        out = Processed(candidates, np.ones(n, dtype=np.int64), hashes, bands, np.empty(0, np.uint16),
+                        np.zeros(n + 1, np.int64))
+        got = dedup.verdicts(out, candidates).tolist()
+        expected = []
+        for i in range(n):
+            verdict = KEEP
+            if candidates[i]:
+                if int(hashes[i]) in seen_hashes:
+                    verdict = DUPLICATE
+                else:
+                    seen_hashes.add(int(hashes[i]))
+                    row = set(bands[i].tolist())
+                    if row & seen_keys:
+                        verdict = NEAR_DUPLICATE
+                    else:
+                        seen_keys |= row
+            expected.append(verdict)
+        assert got == expected
+        every += got
+    assert min(every.count(v) for v in (DUPLICATE, NEAR_DUPLICATE, KEEP)) > 50
 
 
 def test_dedup_decisions_do_not_depend_on_merging(tmp_path, small_tokenizer, monkeypatch):
