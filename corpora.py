@@ -467,9 +467,9 @@ def clean_texts(texts: list[str]) -> list[str]:
     lengths = np.array([len(t) for t in texts], dtype=np.int64)
     codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
     owner = np.repeat(np.arange(len(texts)), lengths)
-    # "\r\n" -> "\n" inside a text (the table turns the remaining lone "\r" into "\n").
+    # "\r\n" -> "\n" (the table turns the remaining lone "\r" into "\n"). A "\r" that ends one text
+    # and meets the next text's "\n" is dropped too: a text's last line break is stripped anyway.
     crlf = np.flatnonzero((codes[:-1] == 13) & (codes[1:] == 10))
-    crlf = crlf[owner[crlf] == owner[crlf + 1]]
     mapped = _one_pass_array()[codes]
     mapped[crlf] = _DROP
     expanding = mapped == _EXPANDS
