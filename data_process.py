@@ -93,11 +93,14 @@ def minhash_batch(texts: list[str], n_perm: int, ngram: int) -> np.ndarray:
     # The start of every shingle that lies inside one text.
     first = np.repeat(starts - np.concatenate([[0], np.cumsum(n_shingles)[:-1]]), n_shingles)
     positions = np.arange(n_shingles.sum()) + first
-    hashes = np.zeros(len(positions), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for j in range(ngram):
-            hashes = hashes * np.uint64(1_000_003) + codes[positions + j]
-        hashes = _mix64(hashes)
+        # The hash of the n-gram at every position of the joined text (slices, no gathers), then of
+        # those that lie inside one text.
+        rolling = codes[:len(codes) - ngram + 1].copy()
+        for j in range(1, ngram):
+            rolling *= np.uint64(1_000_003)
+            rolling += codes[j:len(codes) - ngram + 1 + j]
+        hashes = _mix64(rolling[positions])
     owner = np.repeat(np.arange(len(texts), dtype=np.int64), n_shingles)
     signatures = np.full(len(texts) * n_perm, _EMPTY, dtype=np.uint64)
     np.minimum.at(signatures, owner * n_perm + (hashes % np.uint64(n_perm)).astype(np.int64), hashes)
@@ -109,18 +112,21 @@ def densify(signatures: np.ndarray) -> np.ndarray:
     first filled bin along a probe sequence that depends on j only (Shrivastava 2017, "optimal
     densification"), so two texts still agree on it with probability their Jaccard similarity, and
     bins of one LSH band borrow from unrelated bins rather than from the same neighbour."""
-    rows, bins = np.nonzero(signatures == _EMPTY)
-    out = signatures.copy()
-    probes = _probe_table(signatures.shape[1])
+    n_perm = signatures.shape[1]
+    flat = signatures.ravel()  # flat indices: a 1-D take is several times cheaper than 2-D indexing
+    out = flat.copy()
+    empty = np.flatnonzero(flat == _EMPTY)
+    row_start, bins = empty - empty % n_perm, empty % n_perm
+    probes = _probe_table(n_perm)
     first_try, tries = 0, 1
-    while len(rows) and first_try < len(probes):  # 1, 2, 4... tries at a time: most bins need one or two
-        borrowed = signatures[rows, probes[first_try:first_try + tries, bins]]  # (tries, empty bins)
+    while len(empty) and first_try < len(probes):  # 1, 2, 4... tries at a time: most bins need one or two
+        borrowed = flat[row_start + probes[first_try:first_try + tries, bins]]  # (tries, empty bins)
         found = borrowed != _EMPTY
         done = found.any(axis=0)
-        out[rows[done], bins[done]] = borrowed[found.argmax(axis=0)[done], np.flatnonzero(done)]
-        rows, bins = rows[~done], bins[~done]
+        out[empty[done]] = borrowed[found.argmax(axis=0)[done], np.flatnonzero(done)]
+        empty, row_start, bins = empty[~done], row_start[~done], bins[~done]
         first_try, tries = first_try + tries, tries * 2
-    return out
+    return out.reshape(signatures.shape)
 
 
 @functools.cache
@@ -174,21 +180,26 @@ class Processed:
     offsets: np.ndarray  # (n + 1,) document i's tokens are tokens[offsets[i]:offsets[i + 1]]
 
 
+def text_hashes(texts: list[str]) -> np.ndarray:
+    """text_hash of each text, as a uint64 array."""
+    digests = b"".join([hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in texts])
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
 def process_batch(texts: list[str], cfg: Config) -> Processed:
-    cleaned = [t if len(t) >= cfg.min_chars else None for t in clean_texts(texts)]
-    keep = [t for t in cleaned if t is not None]
-    encoded = iter(_TOKENIZER.encode_batch(keep)) if keep else iter(())
-    band_keys = None
-    if cfg.near_dedup:
-        signatures = minhash_batch([t or "" for t in cleaned], cfg.bands * cfg.rows, cfg.ngram)
-        band_keys = lsh_keys(signatures, cfg.bands)
-    ids = [next(encoded) if t is not None else [] for t in cleaned]
+    cleaned = clean_texts(texts)
+    n_chars = np.array([len(t) for t in cleaned], dtype=np.int64)
+    long_enough = n_chars >= cfg.min_chars
+    ids = iter(_TOKENIZER.encode_batch([t for t, ok in zip(cleaned, long_enough) if ok]))
+    ids = [next(ids) if ok else [] for ok in long_enough.tolist()]
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(x) for x in ids], out=offsets[1:])
     tokens = np.fromiter(chain.from_iterable(ids), dtype=TOKEN_DTYPE, count=int(offsets[-1]))
-    hashes = np.array([0 if t is None else text_hash(t) for t in cleaned], dtype=np.uint64)
-    return Processed(np.array([t is not None for t in cleaned], dtype=bool),
-                     np.array([len(t or "") for t in cleaned], dtype=np.int64), hashes, band_keys, tokens, offsets)
+    band_keys = None
+    if cfg.near_dedup:
+        signatures = minhash_batch(cleaned, cfg.bands * cfg.rows, cfg.ngram)
+        band_keys = lsh_keys(signatures, cfg.bands)
+    return Processed(long_enough, n_chars, text_hashes(cleaned), band_keys, tokens, offsets)
 
 
 # ------------------------------------------------------------------ the main process
