@@ -121,12 +121,33 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        is_causal = mask is None and T > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None and cache is None and _matmul_attention_is_faster(q):
+            out = causal_attention_by_matmul(q, k, v, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                 dropout_p=dropout, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, -1)))
+
+
+def _matmul_attention_is_faster(q: torch.Tensor) -> bool:
+    """On CPU in bfloat16/float16, PyTorch's flash-attention kernel is slow for short sequences: at 256
+    tokens two matmuls and a softmax take 0.7x its time (0.55x compiled); at 512 they break even,
+    longer they lose, and in float32 the kernel is faster (bench/bench_attention.py)."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and 1 < q.size(-2) <= 256
+
+
+def causal_attention_by_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim), future positions masked) v for (B, heads, T, head_dim) inputs,
+    written out; k and v may have fewer heads (grouped-query attention)."""
+    if k.size(1) != q.size(1):
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    return F.dropout(probs, dropout) @ v if dropout else probs @ v
 
 
 class FeedForward(nn.Module):

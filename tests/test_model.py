@@ -149,6 +149,40 @@ def test_cached_logits_equal_full_forward(n_kv_heads):
     assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_attention_by_matmul_equals_sdpa(n_kv_heads):
+    from model import causal_attention_by_matmul
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 20, 16, requires_grad=True)
+    k, v = (torch.randn(2, n_kv_heads, 20, 16, requires_grad=True) for _ in range(2))
+    ours = causal_attention_by_matmul(q, k, v, 0.0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_heads != 4)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    grad = torch.randn_like(ref)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours_grads, ref_grads))
+
+
+def test_bfloat16_training_forward_takes_the_matmul_attention(monkeypatch):
+    """On CPU in bfloat16 short sequences go through the written-out attention, and give the loss the
+    fused kernel gives (to bfloat16 precision)."""
+    import model as model_module
+    model = small_model(scrambled=False).train()
+    tokens = torch.randint(0, 97, (2, 33))
+    calls = []
+    original = model_module.causal_attention_by_matmul
+    monkeypatch.setattr(model_module, "causal_attention_by_matmul", lambda *a: calls.append(1) or original(*a))
+    model(tokens[:, :-1], tokens[:, 1:])
+    assert calls == []  # float32: the fused kernel is faster
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = model(tokens[:, :-1], tokens[:, 1:])[1]
+        assert len(calls) == model.args.n_layers
+        monkeypatch.setattr(model_module, "_matmul_attention_is_faster", lambda q: False)
+        fused = model(tokens[:, :-1], tokens[:, 1:])[1]
+    assert len(calls) == model.args.n_layers and abs(ours.item() - fused.item()) < 2e-2 * fused.item()
+
+
 def test_left_padding_matches_unpadded():
     model = small_model()
     prompt = torch.randint(0, 97, (1, 6))
