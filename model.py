@@ -131,9 +131,9 @@ class Attention(nn.Module):
 
 
 def _matmul_attention_is_faster(q: torch.Tensor) -> bool:
-    """On CPU in bfloat16/float16, PyTorch's flash-attention kernel is slow for short sequences: at 256
-    tokens two matmuls and a softmax take 0.7x its time (0.55x compiled); at 512 they break even,
-    longer they lose, and in float32 the kernel is faster (bench/bench_attention.py)."""
+    """On CPU in bfloat16/float16, PyTorch's flash-attention kernel is slow for short sequences: at
+    128-256 tokens two matmuls and a softmax take 0.4-0.6x its time (0.5-0.9x compiled); from 512 on,
+    and in float32, the kernel is faster (bench/bench_attention.py)."""
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and 1 < q.size(-2) <= 256
 
 
