@@ -320,7 +320,8 @@ def _batches(docs: Iterator[Doc], max_docs: int, max_chars: int) -> Iterator[lis
 
 def fingerprint(cfg: Config, tokenizer: SPTokenizer) -> dict:
     """What the output depends on: settings that shape it, the inputs' sizes and times, the tokenizer."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in {"workers", "batch_docs", "batch_chars", "overwrite", "out_dir"}}
+    not_shaping = {"workers", "batch_docs", "batch_chars", "overwrite", "out_dir"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in not_shaping}
     files = []
     for name in [s for s in cfg.sources.split(",") if s.strip()]:
         files.append(builtin_input(name.strip(), cfg.raw_dir).path)  # names the unknown or missing source

@@ -1,6 +1,7 @@
 """Training throughput and MFU: our model.py against `transformers`' LlamaForCausalLM at the same shape,
-batch and dtype, eager and torch.compile, in one run. MFU is against the matmul peak of the same dtype
-measured in the same run.
+batch and dtype, eager and torch.compile, in one run. MFU is against the matmul peak of the same dtype,
+measured just before and just after each row (the higher of the two: on a shared machine the speed
+drifts within a run, and the peak of another moment would make MFU drift with it).
 
     python bench/bench_train.py --presets tiny baby_92m --dtypes float32 bfloat16 --modes eager compiled
 """
@@ -64,11 +65,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    peaks = {d: measure_peak_flops("cpu", d, seconds=2.0) for d in args.dtypes}
-    print(f"torch {torch.__version__}, {args.threads} threads; matmul peak "
-          + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()))
+    print(f"torch {torch.__version__}, {args.threads} threads")
     print(f"{'preset':<9} {'dtype':<9} {'mode':<9} {'ours tok/s':>10} {'MFU':>6} {'transformers tok/s':>18} "
-          f"{'ratio':>6} {'warm-up s (ours/hf)':>20}")
+          f"{'ratio':>6} {'warm-up s (ours/hf)':>20} {'peak GFLOP/s':>12}")
     for preset in args.presets:
         model_args = model_args_from_preset(preset)
         T = model_args.max_seq_len
@@ -85,14 +84,17 @@ def main() -> None:
                 run_ours = torch.compile(ours) if mode == "compiled" else ours
                 run_hf = torch.compile(hf) if mode == "compiled" else hf
                 warm = 3 if mode == "compiled" else 1
+                peak = measure_peak_flops("cpu", dtype, seconds=1.0)
                 # Two rounds, alternating, best of each: neither side pays the other's cold start.
                 ours_speed, ours_warm = train_speed(run_ours, ours_loss, batch, dtype, args.steps, warm)
                 hf_speed, hf_warm = train_speed(run_hf, hf_loss, batch, dtype, args.steps, warm)
                 ours_speed = max(ours_speed, train_speed(run_ours, ours_loss, batch, dtype, args.steps, 0)[0])
                 hf_speed = max(hf_speed, train_speed(run_hf, hf_loss, batch, dtype, args.steps, 0)[0])
-                mfu = ours_speed * flops / peaks[dtype]
+                peak = max(peak, measure_peak_flops("cpu", dtype, seconds=1.0))
+                mfu = ours_speed * flops / peak
                 print(f"{preset:<9} {dtype:<9} {mode:<9} {ours_speed:>10,.0f} {100 * mfu:>5.1f}% {hf_speed:>18,.0f} "
-                      f"{ours_speed / hf_speed:>5.2f}x {ours_warm:>9.0f} / {hf_warm:<8.0f}", flush=True)
+                      f"{ours_speed / hf_speed:>5.2f}x {ours_warm:>9.0f} / {hf_warm:<8.0f} {peak / 1e9:>12.0f}",
+                      flush=True)
 
 
 if __name__ == "__main__":
