@@ -475,7 +475,7 @@ def clean_texts(texts: list[str]) -> list[str]:
     table, expanding = _one_pass_array()
     lengths = np.array([len(t) for t in texts], dtype=np.int64)
     codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
-    owner = np.repeat(np.arange(len(texts)), lengths)
+    owner = np.repeat(np.arange(len(texts), dtype=np.int32), lengths)  # the text of each character
     mapped = table[codes]
     flagged = np.flatnonzero(((mapped & _EXPANDS_FLAG) != 0) & (mapped != _DROP))
     expands = np.zeros(len(texts), dtype=bool)
