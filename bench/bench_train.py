@@ -1,7 +1,8 @@
 """Training throughput and MFU: our model.py against `transformers`' LlamaForCausalLM at the same shape,
 batch and dtype, eager and torch.compile, in one run. MFU is against the matmul peak of the same dtype,
 measured just before and just after each row (the higher of the two: on a shared machine the speed
-drifts within a run, and the peak of another moment would make MFU drift with it).
+drifts within a run, and the peak of another moment would make MFU drift with it). glibc is asked to
+keep freed memory (trainer.keep_freed_memory), for both models, as the training scripts do.
 
     python bench/bench_train.py --presets tiny baby_92m --dtypes float32 bfloat16 --modes eager compiled
 """
@@ -16,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import Transformer, model_args_from_preset  # noqa: E402
-from trainer import autocast, make_optimizer, measure_peak_flops  # noqa: E402
+from trainer import autocast, keep_freed_memory, make_optimizer, measure_peak_flops  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import hf_model  # noqa: E402
@@ -65,7 +66,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads")
+    # As our training scripts do on a CPU; it applies to the whole process, so to transformers as well.
+    kept = keep_freed_memory()
+    print(f"torch {torch.__version__}, {args.threads} threads, freed memory kept for reuse: {kept}")
     print(f"{'preset':<9} {'dtype':<9} {'mode':<9} {'ours tok/s':>10} {'MFU':>6} {'transformers tok/s':>18} "
           f"{'ratio':>6} {'warm-up s (ours/hf)':>20} {'peak GFLOP/s':>12}")
     for preset in args.presets:

@@ -1,5 +1,6 @@
 import io
 import os
+import platform
 
 import pytest
 import torch
@@ -37,6 +38,13 @@ def loss_fn(model, b):
 
 def settings(**kw):
     return TrainerSettings(**{"lr": 1e-2, "warmup_steps": 2, "max_steps": 20, "dtype": "float32", **kw})
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator settings are glibc's")
+def test_glibc_accepts_the_allocator_settings():
+    """mallopt answers 0 to a parameter or value it does not take: both settings must be accepted."""
+    from trainer import keep_freed_memory
+    assert keep_freed_memory() is True
 
 
 def test_cosine_schedule():
