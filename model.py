@@ -143,11 +143,14 @@ def causal_attention_by_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if k.size(1) != q.size(1):
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    T = q.size(-2)
-    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-    return F.dropout(probs, dropout) @ v if dropout else probs @ v
+    B, H, T, D = q.shape
+    # scale * q k^T + mask in one baddbmm: the mask is added as -inf above the diagonal.
+    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    scores = torch.baddbmm(future, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    return (probs @ v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
 class FeedForward(nn.Module):
