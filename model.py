@@ -132,10 +132,9 @@ class Attention(nn.Module):
 
 def _matmul_attention_is_faster(q: torch.Tensor) -> bool:
     """On CPU in bfloat16/float16, PyTorch's flash-attention kernel is slow for short sequences: at
-    128-256 tokens the written-out attention takes 0.2-0.8x its time (0.2-0.4x compiled), at 1,024 it
-    loses; in float32 the kernel is faster for most shapes (bench/bench_attention.py). 512 tokens were
-    not measured in a whole training step, so they keep the kernel."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and 1 < q.size(-2) <= 256
+    128-512 tokens the written-out attention takes 0.2-0.9x its time (0.2-0.7x compiled), at 1,024 it
+    loses; in float32 the kernel is faster for most shapes (bench/bench_attention.py)."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and 1 < q.size(-2) <= 512
 
 
 def causal_attention_by_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
