@@ -214,9 +214,6 @@ class KeySet:
         self.small = np.empty(0, dtype=np.uint64)
         self.merge_every = merge_every
 
-    def __contains__(self, key: int) -> bool:
-        return bool(self.contains(np.array([key], dtype=np.uint64))[0])
-
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """Which keys (any shape) are in the set."""
         flat = keys.ravel()

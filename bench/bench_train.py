@@ -16,6 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as model_module  # noqa: E402
 from model import Transformer, model_args_from_preset  # noqa: E402
 from trainer import autocast, keep_freed_memory, make_optimizer, measure_peak_flops  # noqa: E402
 
@@ -64,7 +65,12 @@ def main() -> None:
     parser.add_argument("--batch_tokens", type=int, default=4096, help="tokens per step (batch x max_seq_len)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attention", choices=["auto", "kernel"], default="auto",
+                        help="kernel: our model always uses F.scaled_dot_product_attention (the previous "
+                             "behaviour), to compare with model.py's choice")
     args = parser.parse_args()
+    if args.attention == "kernel":
+        model_module._matmul_attention_is_faster = lambda q: False
     torch.set_num_threads(args.threads)
     # As our training scripts do on a CPU; it applies to the whole process, so to transformers as well.
     kept = keep_freed_memory()
