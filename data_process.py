@@ -116,16 +116,25 @@ def densify(signatures: np.ndarray) -> np.ndarray:
     flat = signatures.ravel()  # flat indices: a 1-D take is several times cheaper than 2-D indexing
     out = flat.copy()
     empty = np.flatnonzero(flat == _EMPTY)
-    row_start, bins = empty - empty % n_perm, empty % n_perm
-    probes = _probe_table(n_perm)
+    if len(flat) < 2**31:
+        empty = empty.astype(np.int32)  # half the memory traffic of int64 indices
+    bins = empty % n_perm
+    row_start = empty - bins
+    probes = _probe_table(n_perm).astype(empty.dtype)
     first_try, tries = 0, 1
-    while len(empty) and first_try < len(probes):  # 1, 2, 4... tries at a time: most bins need one or two
-        borrowed = flat[row_start + probes[first_try:first_try + tries, bins]]  # (tries, empty bins)
-        found = borrowed != _EMPTY
-        done = found.any(axis=0)
-        out[empty[done]] = borrowed[found.argmax(axis=0)[done], np.flatnonzero(done)]
+    while len(empty) and first_try < len(probes):
+        if tries == 1:  # most empty bins find a filled one in one or two tries: no 2-D arrays then
+            borrowed = flat[row_start + probes[first_try][bins]]
+            done = borrowed != _EMPTY
+            out[empty[done]] = borrowed[done]
+        else:
+            borrowed = flat[row_start + probes[first_try:first_try + tries, bins]]  # (tries, empty bins)
+            found = borrowed != _EMPTY
+            done = found.any(axis=0)
+            out[empty[done]] = borrowed[found.argmax(axis=0)[done], np.flatnonzero(done)]
         empty, row_start, bins = empty[~done], row_start[~done], bins[~done]
-        first_try, tries = first_try + tries, tries * 2
+        first_try += tries
+        tries = 1 if first_try < 3 else 2 * tries  # then 2, 4, 8... tries at a time for the few left
     return out.reshape(signatures.shape)
 
 
@@ -175,7 +184,7 @@ class Processed:
     long_enough: np.ndarray  # (n,) bool: False where the cleaned text is shorter than min_chars
     n_chars: np.ndarray  # (n,) characters of each cleaned text
     hashes: np.ndarray  # (n,) uint64 hash of each cleaned text
-    band_keys: np.ndarray | None  # (n, bands) uint64 MinHash LSH keys, without near_dedup None
+    band_keys: np.ndarray | None  # (n, bands) uint64 MinHash LSH keys (0 for the too short), or None
     tokens: np.ndarray  # the tokens of every long-enough document, concatenated
     offsets: np.ndarray  # (n + 1,) document i's tokens are tokens[offsets[i]:offsets[i + 1]]
 
@@ -196,9 +205,12 @@ def process_batch(texts: list[str], cfg: Config) -> Processed:
     np.cumsum([len(x) for x in ids], out=offsets[1:])
     tokens = np.fromiter(chain.from_iterable(ids), dtype=TOKEN_DTYPE, count=int(offsets[-1]))
     band_keys = None
-    if cfg.near_dedup:
-        signatures = minhash_batch(cleaned, cfg.bands * cfg.rows, cfg.ngram)
-        band_keys = lsh_keys(signatures, cfg.bands)
+    if cfg.near_dedup:  # only for documents long enough to keep: the short ones cost the most to densify
+        band_keys = np.zeros((len(cleaned), cfg.bands), dtype=np.uint64)
+        if long_enough.any():
+            signatures = minhash_batch([t for t, ok in zip(cleaned, long_enough) if ok], cfg.bands * cfg.rows,
+                                       cfg.ngram)
+            band_keys[long_enough] = lsh_keys(signatures, cfg.bands)
     return Processed(long_enough, n_chars, text_hashes(cleaned), band_keys, tokens, offsets)
 
 
@@ -387,6 +399,18 @@ def check_output(cfg: Config, fp: dict) -> bool:
     return False
 
 
+def count_verdicts(counts: dict[str, Counter], sources: list[str], status: np.ndarray) -> None:
+    """Add each document (its source, its verdict) to counts[source]: "read" and the verdict's name."""
+    names, first, source_of = np.unique(np.array(sources), return_index=True, return_inverse=True)
+    for k in np.argsort(first).tolist():  # new sources enter counts in the order they came
+        counts[str(names[k])]
+    pairs, n = np.unique(source_of * len(VERDICTS) + status, return_counts=True)
+    for pair, number in zip(pairs.tolist(), n.tolist()):
+        c = counts[str(names[pair // len(VERDICTS)])]
+        c["read"] += number
+        c[VERDICTS[pair % len(VERDICTS)]] += number
+
+
 def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > MAX_VOCAB + 1:
@@ -431,12 +455,9 @@ def run(cfg: Config) -> dict:
         candidates = status == KEEP
         status = np.where(candidates, dedup.verdicts(out, candidates), status)
         writer.add(out, np.flatnonzero(status == KEEP))
-        for doc, s in zip(docs, status.tolist()):
-            c = counts[doc.source]
-            c["read"] += 1
-            c[VERDICTS[s]] += 1
-            if s == MALFORMED and len(malformed) < 100:
-                malformed.append(f"{doc.where}: {doc.error}")
+        count_verdicts(counts, [doc.source for doc in docs], status)
+        for i in np.flatnonzero(status == MALFORMED)[:max(0, 100 - len(malformed))].tolist():
+            malformed.append(f"{docs[i].where}: {docs[i].error}")
         bar.update(len(docs))
         bar.set_postfix(tokens=f"{sum(writer.tokens.values()) / 1e6:.1f}M", refresh=False)
     bar.close()

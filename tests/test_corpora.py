@@ -1,8 +1,10 @@
 import json
+import random
+import re
 
 import pytest
 
-from corpora import CorpusError, clean_text, parse_input, read_input
+from corpora import CorpusError, clean_text, parse_input, read_input, read_peoples_daily, strip_pku_tags
 
 
 def docs_of(spec: str):
@@ -99,6 +101,27 @@ def test_unreadable_inputs(tmp_path):
         utf16.write_bytes('[{"text": "一"}]'.encode("utf-16"))
         with pytest.raises(CorpusError, match="not UTF-8"):
             docs_of(f"{spec}:{utf16}")
+
+
+def test_peoples_daily_loses_tags_brackets_and_spaces(tmp_path):
+    path = tmp_path / "199801.txt"
+    path.write_text("19980101-01-001-001/m  迈向/v  [中国/ns  政府/n]nt  １/m  张/q\n\n"
+                    "新/a  世纪/n  \u3000/w  1/2/m\n", encoding="utf-8")
+    docs = list(read_peoples_daily(str(path), "pd"))
+    assert [d.text for d in docs] == ["19980101-01-001-001迈向中国政府１张", "新世纪1/2"]
+    assert [d.where for d in docs] == [f"{path}:1", f"{path}:3"]  # the blank line is no document
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_strip_pku_tags_equals_the_regex(seed):
+    """The numpy passes remove what the regex does, on lines full of slashes, brackets, letters and
+    every kind of whitespace, a tag cut by the end of a line included."""
+    pattern = re.compile(r"/[A-Za-z]+\]?[A-Za-z]*|\[|\s")
+    alphabet = list("/[]aZq中1 \t\u3000\x1c\x85") + ["\ud800", "😀"]
+    rng = random.Random(seed)
+    for _ in range(500):
+        lines = ["".join(rng.choices(alphabet, k=rng.randint(0, 12))) for _ in range(rng.randint(1, 6))]
+        assert strip_pku_tags(lines) == [pattern.sub("", line) for line in lines]
 
 
 def test_clean_text():

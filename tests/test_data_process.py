@@ -132,6 +132,35 @@ def test_minhash_of_short_texts_fills_every_bin_and_stays_unbiased():
     assert np.sqrt(np.mean((np.array(estimates) - np.array(truths)) ** 2)) < 0.1
 
 
+def test_densify_takes_the_first_filled_bin_along_each_probe_sequence():
+    """The batched densification equals its definition taken bin by bin, for rows from one filled bin
+    (a text of one shingle) to nearly full."""
+    from data_process import _EMPTY, _probe_table, densify
+    rng = np.random.default_rng(0)
+    rows, n_perm = 300, 64
+    filled = rng.random((rows, n_perm)) < rng.choice([0.0, 0.05, 0.3, 0.9], size=(rows, 1))
+    filled[np.arange(rows), rng.integers(0, n_perm, rows)] = True
+    signatures = np.where(filled, rng.integers(0, 2**63, (rows, n_perm), dtype=np.uint64), _EMPTY)
+    probes = _probe_table(n_perm)
+    expected = signatures.copy()
+    for r, j in zip(*np.nonzero(~filled)):
+        t = next(t for t in range(len(probes)) if filled[r, probes[t, j]])
+        expected[r, j] = signatures[r, probes[t, j]]
+    assert (densify(signatures) == expected).all()
+
+
+def test_count_verdicts_keeps_sources_in_the_order_they_came():
+    from collections import Counter, defaultdict
+
+    from data_process import DUPLICATE, KEEP, TOO_SHORT, count_verdicts
+    counts = defaultdict(Counter)
+    count_verdicts(counts, ["zeta", "zeta", "alpha", "zeta"], np.array([KEEP, DUPLICATE, TOO_SHORT, KEEP]))
+    count_verdicts(counts, ["alpha"], np.array([KEEP]))
+    assert list(counts) == ["zeta", "alpha"]
+    assert counts == {"zeta": {"read": 3, "kept": 2, "dropped_duplicate": 1},
+                      "alpha": {"read": 2, "kept": 1, "dropped_too_short": 1}}
+
+
 def test_cli_errors_are_one_line(tmp_path, small_tokenizer):
     import subprocess
     import sys
