@@ -23,7 +23,6 @@ import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from itertools import chain
 
 import numpy as np
 from tqdm import tqdm
@@ -199,11 +198,11 @@ def process_batch(texts: list[str], cfg: Config) -> Processed:
     cleaned = clean_texts(texts)
     n_chars = np.array([len(t) for t in cleaned], dtype=np.int64)
     long_enough = n_chars >= cfg.min_chars
-    ids = iter(_TOKENIZER.encode_batch([t for t, ok in zip(cleaned, long_enough) if ok]))
-    ids = [next(ids) if ok else [] for ok in long_enough.tolist()]
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in ids], out=offsets[1:])
-    tokens = np.fromiter(chain.from_iterable(ids), dtype=TOKEN_DTYPE, count=int(offsets[-1]))
+    ids, lengths = _TOKENIZER.encode_joined([t for t, ok in zip(cleaned, long_enough) if ok])
+    offsets = np.zeros(len(cleaned) + 1, dtype=np.int64)
+    offsets[1:][long_enough] = lengths  # the short ones have no tokens
+    np.cumsum(offsets, out=offsets)
+    tokens = ids.astype(TOKEN_DTYPE)  # run() checked that every id fits
     band_keys = None
     if cfg.near_dedup:  # only for documents long enough to keep: the short ones cost the most to densify
         band_keys = np.zeros((len(cleaned), cfg.bands), dtype=np.uint64)

@@ -1,6 +1,7 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from chatglm_tokenizer import TokenizerNotFound, load_tokenizer
@@ -56,3 +57,12 @@ def test_huggingface_autotokenizer_gives_same_ids(chatglm_path, tmp_path):
 def test_missing_tokenizer_says_where_to_get_it(tmp_path):
     with pytest.raises(TokenizerNotFound, match="huggingface.co/THUDM/chatglm2-6b"):
         load_tokenizer(str(tmp_path / "nope.model"))
+
+
+def test_encode_joined_equals_encode_batch(small_tokenizer):
+    tok = load_tokenizer(small_tokenizer)
+    texts = [MIXED, "", "你好", "a"]
+    ids, lengths = tok.encode_joined(texts)
+    assert ids.dtype == np.int32 and lengths.tolist() == [len(tok.encode(t)) for t in texts]
+    assert ids.tolist() == [i for t in texts for i in tok.encode(t)]
+    assert tok.encode_joined([])[0].shape == (0,)
