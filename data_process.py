@@ -15,6 +15,7 @@ their file and line.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import multiprocessing as mp
@@ -435,17 +436,23 @@ def run(cfg: Config) -> dict:
                 yield b, process_batch(texts, cfg)
             return
         ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer,)) as pool:
-            # A bounded window of batches in flight: Pool.imap would read the whole corpus ahead.
-            in_flight: deque = deque()
-            for b, texts in pending:
-                in_flight.append((b, pool.apply_async(process_batch, (texts, cfg))))
-                if len(in_flight) >= 2 * cfg.workers + 2:
+        # Forked workers share this process's pages until either side writes to them; the garbage
+        # collector writes to every object it scans, so existing objects are kept out of its sight.
+        gc.freeze()
+        try:
+            with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer,)) as pool:
+                # A bounded window of batches in flight: Pool.imap would read the whole corpus ahead.
+                in_flight: deque = deque()
+                for b, texts in pending:
+                    in_flight.append((b, pool.apply_async(process_batch, (texts, cfg))))
+                    if len(in_flight) >= 2 * cfg.workers + 2:
+                        b0, result = in_flight.popleft()
+                        yield b0, result.get()
+                while in_flight:
                     b0, result = in_flight.popleft()
                     yield b0, result.get()
-            while in_flight:
-                b0, result = in_flight.popleft()
-                yield b0, result.get()
+        finally:
+            gc.unfreeze()
 
     bar = tqdm(unit=" docs", desc=f"processing into {cfg.out_dir}", mininterval=1.0, smoothing=0.1)
     for docs, out in work():
