@@ -1,6 +1,7 @@
 """Preprocessing benchmarks.
 
     python bench/bench_data.py throughput   # data_process.py vs. the seed's approach, built-in corpus
+    python bench/bench_data.py stages   # where data_process.py's CPU time goes, stage by stage
     python bench/bench_data.py memory --sizes_gb 0.5 2   # peak memory on big generated corpora
     python bench/bench_data.py chars_per_token   # our tokenizer vs. ChatGLM2 on held-out news
 
@@ -110,6 +111,36 @@ def throughput(args) -> None:
         print(f"{name:<50} {seconds:>8.2f} {chars / seconds / 1e6:>10.2f} {seconds / ours:>7.2f}x")
 
 
+def stages(args) -> None:
+    """CPU seconds of each stage of data_process.py on the built-in corpus, one stage after the other in
+    this process (the real run spreads them over the main process and the workers)."""
+    import data_process
+    from corpora import clean_texts
+    tok = load_tokenizer(args.tokenizer or default_tokenizer())
+    cfg = Config()
+    timing: dict[str, float] = {}
+
+    def timed(name: str, work, *args):
+        start = time.process_time()
+        result = work(*args)
+        timing[name] = timing.get(name, 0.0) + time.process_time() - start
+        return result
+    docs = timed("reading the sources", lambda: list(iter_corpus(SOURCES, "", args.raw_dir)))
+    batches = list(data_process._batches(iter(docs), cfg.batch_docs, cfg.batch_chars))
+    for batch in batches:
+        cleaned = timed("cleaning", clean_texts, [d.text or "" for d in batch])
+        long_enough = [t for t in cleaned if len(t) >= cfg.min_chars]
+        timed("tokenizing (sentencepiece)", tok.encode_joined, long_enough)
+        signatures = timed("MinHash signatures", data_process.minhash_batch, long_enough, cfg.bands * cfg.rows,
+                           cfg.ngram)
+        timed("LSH keys", data_process.lsh_keys, signatures, cfg.bands)
+        timed("text hashes", data_process.text_hashes, cleaned)
+    print(f"{len(docs):,} documents in {len(batches)} batches; CPU seconds, one stage after the other:")
+    for name, seconds in timing.items():
+        print(f"  {name:<34} {seconds:6.3f}")
+    print(f"  {'total':<34} {sum(timing.values()):6.3f}")
+
+
 def make_corpus(path: str, gb: float, raw_dir: str) -> None:
     """Unique documents of 5-40 real sentences drawn at random: real text, no duplicates to skip."""
     sentences = []
@@ -195,7 +226,7 @@ def chars_per_token(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["throughput", "memory", "chars_per_token"])
+    parser.add_argument("what", choices=["throughput", "stages", "memory", "chars_per_token"])
     parser.add_argument("--raw_dir", default=os.path.join(ROOT, "data", "raw"))
     parser.add_argument("--tokenizer", default=None, help="default: the ChatGLM2 tokenizer.model")
     parser.add_argument("--ours", default=os.path.join(ROOT, "data", "tokenizer", "tokenizer.model"))
@@ -204,7 +235,7 @@ def main() -> None:
     parser.add_argument("--no_dedup", action="store_true", help="memory: measure without the deduplication index")
     parser.add_argument("--workdir", default=None, help="where generated corpora are kept (default: a temp dir)")
     args = parser.parse_args()
-    {"throughput": throughput, "memory": memory, "chars_per_token": chars_per_token}[args.what](args)
+    {"throughput": throughput, "stages": stages, "memory": memory, "chars_per_token": chars_per_token}[args.what](args)
 
 
 if __name__ == "__main__":
