@@ -199,18 +199,17 @@ def process_batch(texts: list[str], cfg: Config) -> Processed:
     cleaned = clean_texts(texts)
     n_chars = np.array([len(t) for t in cleaned], dtype=np.int64)
     long_enough = n_chars >= cfg.min_chars
-    ids, lengths = _TOKENIZER.encode_joined([t for t, ok in zip(cleaned, long_enough) if ok])
+    to_keep = [t for t, ok in zip(cleaned, long_enough.tolist()) if ok]  # the short ones are dropped anyway
+    ids, lengths = _TOKENIZER.encode_joined(to_keep)
     offsets = np.zeros(len(cleaned) + 1, dtype=np.int64)
     offsets[1:][long_enough] = lengths  # the short ones have no tokens
     np.cumsum(offsets, out=offsets)
     tokens = ids.astype(TOKEN_DTYPE)  # run() checked that every id fits
     band_keys = None
-    if cfg.near_dedup:  # only for documents long enough to keep: the short ones cost the most to densify
+    if cfg.near_dedup:  # signatures of the long enough only: the short ones cost the most to densify
         band_keys = np.zeros((len(cleaned), cfg.bands), dtype=np.uint64)
-        if long_enough.any():
-            signatures = minhash_batch([t for t, ok in zip(cleaned, long_enough) if ok], cfg.bands * cfg.rows,
-                                       cfg.ngram)
-            band_keys[long_enough] = lsh_keys(signatures, cfg.bands)
+        if to_keep:
+            band_keys[long_enough] = lsh_keys(minhash_batch(to_keep, cfg.bands * cfg.rows, cfg.ngram), cfg.bands)
     return Processed(long_enough, n_chars, text_hashes(cleaned), band_keys, tokens, offsets)
 
 

@@ -149,6 +149,17 @@ def test_densify_takes_the_first_filled_bin_along_each_probe_sequence():
     assert (densify(signatures) == expected).all()
 
 
+def test_a_batch_of_short_documents_has_no_tokens_and_no_signatures(small_tokenizer):
+    from data_process import _init_worker, process_batch
+    _init_worker(small_tokenizer)
+    out = process_batch(["短", "", "也很短的"], Config())
+    assert not out.long_enough.any() and len(out.tokens) == 0 and out.offsets.tolist() == [0, 0, 0, 0]
+    assert out.band_keys.shape == (3, 8) and not out.band_keys.any()
+    mixed = process_batch(["短", "这是一个足够长的文档，会被保留下来。"], Config())
+    assert mixed.offsets[1] == 0 < mixed.offsets[2] == len(mixed.tokens)
+    assert not mixed.band_keys[0].any() and mixed.band_keys[1].all()
+
+
 def test_count_verdicts_keeps_sources_in_the_order_they_came():
     from collections import Counter, defaultdict
 
