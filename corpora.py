@@ -234,11 +234,10 @@ def strip_pku_tags(lines: list[str]) -> list[str]:
     r"""Each line without its PKU tags (`/` then ASCII letters, an optional `]` and more letters), `[`
     and whitespace: what re.sub(r"/[A-Za-z]+\]?[A-Za-z]*|\[|\s", "", line) gives, for many lines in a
     few numpy passes (the regex pays for each of the million tags; this takes about 0.6x its time)."""
-    lengths = np.array([len(t) for t in lines], dtype=np.int64)
-    codes = np.frombuffer("".join(lines).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    codes, ends = _code_points(lines)
     index = np.int32 if len(codes) < 2**31 else np.int64  # half the memory traffic of int64
     line_start = np.zeros(len(codes) + 1, dtype=bool)
-    line_start[np.cumsum(lengths) - lengths] = True
+    line_start[np.append(0, ends[:-1])] = True
     letter = (codes | 0x20) - ord("a") < 26  # ASCII letters (unsigned: below "a" wraps to huge)
     # Runs: a character that is not a letter, or starts a line, opens a run; the letters after it join it.
     run = np.cumsum(~letter | line_start[:-1], dtype=index) - 1
@@ -247,10 +246,20 @@ def strip_pku_tags(lines: list[str]) -> list[str]:
     tag[run[(codes == ord("/")) & after_letter]] = True  # "/" and the letters after it
     closing = (codes == ord("]")) & np.append(False, tag[run[:-1]] & ~line_start[1:-1])
     tag[run[closing]] = True  # "]" right after a tag's letters, and the letters after it
-    keep = ~(tag[run] | _whitespace_table()[codes] | (codes == ord("[")))
-    ends = np.append(0, np.cumsum(keep, dtype=index))[np.cumsum(lengths)].tolist()
+    return _split_kept(codes, ~(tag[run] | _whitespace_table()[codes] | (codes == ord("["))), ends)
+
+
+def _code_points(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The texts joined into one array of code points (lone surrogates kept), and where each ends."""
+    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    return codes, np.cumsum([len(t) for t in texts], dtype=np.int64)
+
+
+def _split_kept(codes: np.ndarray, keep: np.ndarray, ends: np.ndarray) -> list[str]:
+    """The texts that `ends` delimits in `codes`, each with only the characters where `keep` is True."""
+    new_ends = np.append(0, np.cumsum(keep, dtype=np.int64))[ends].tolist()
     joined = codes[keep].tobytes().decode("utf-32-le", "surrogatepass")
-    return [joined[start:end] for start, end in zip([0] + ends, ends)]
+    return [joined[start:end] for start, end in zip([0] + new_ends, new_ends)]
 
 
 @functools.cache
@@ -496,24 +505,19 @@ def clean_texts(texts: list[str]) -> list[str]:
     """clean_text of every text, with the character mapping done for the whole list in one numpy
     pass (str.translate looks each character up in a dict; this is several times faster)."""
     table, expanding = _one_pass_array()
-    lengths = np.array([len(t) for t in texts], dtype=np.int64)
-    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
-    owner = np.repeat(np.arange(len(texts), dtype=np.int32), lengths)  # the text of each character
+    codes, ends = _code_points(texts)
     mapped = table[codes]
     flagged = np.flatnonzero(((mapped & _EXPANDS_FLAG) != 0) & (mapped != _DROP))
     expands = np.zeros(len(texts), dtype=bool)
-    expands[owner[flagged]] = True
+    expands[np.searchsorted(ends, flagged, side="right")] = True  # the texts that hold them
     mapped[flagged] ^= _EXPANDS_FLAG
     # "\r\n" -> "\n" (the table turns the remaining lone "\r" into "\n"). A "\r" that ends one text
     # and meets the next text's "\n" is dropped too: a text's last line break is stripped anyway.
     mapped[np.flatnonzero((codes[:-1] == 13) & (codes[1:] == 10))] = _DROP
-    kept = mapped != _DROP
-    new_ends = np.cumsum(np.bincount(owner[kept], minlength=len(texts))).tolist()
-    joined = mapped[kept].tobytes().decode("utf-32-le")
+    fast_texts = _split_kept(mapped, mapped != _DROP, ends)
     one_pass = _one_pass_table()
     result = []
-    for i, (start, end) in enumerate(zip([0] + new_ends, new_ends)):
-        fast = joined[start:end]
+    for i, fast in enumerate(fast_texts):
         if expands[i]:
             fast = expanding.sub(lambda m: one_pass[ord(m.group())], fast)
         result.append(_tidy(fast) if unicodedata.is_normalized("NFKC", fast) else clean_text(texts[i]))

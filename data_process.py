@@ -59,12 +59,13 @@ class Config:
 
 # ------------------------------------------------------------------ hashing (deterministic everywhere)
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
 
 
 def text_hash(text: str) -> int:
     """64-bit hash of a document, the same in every process and run (Python's hash() is not)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return int.from_bytes(_digest(text), "little")
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -191,8 +192,7 @@ class Processed:
 
 def text_hashes(texts: list[str]) -> np.ndarray:
     """text_hash of each text, as a uint64 array."""
-    digests = b"".join([hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in texts])
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+    return np.frombuffer(b"".join(map(_digest, texts)), dtype="<u8").astype(np.uint64)
 
 
 def process_batch(texts: list[str], cfg: Config) -> Processed:
@@ -399,15 +399,15 @@ def check_output(cfg: Config, fp: dict) -> bool:
 
 
 def count_verdicts(counts: dict[str, Counter], sources: list[str], status: np.ndarray) -> None:
-    """Add each document (its source, its verdict) to counts[source]: "read" and the verdict's name."""
+    """Add each document (its source, its verdict) to counts[source]: "read" and the verdict's name.
+    Sources enter counts in the order they came."""
     names, first, source_of = np.unique(np.array(sources), return_index=True, return_inverse=True)
-    for k in np.argsort(first).tolist():  # new sources enter counts in the order they came
-        counts[str(names[k])]
-    pairs, n = np.unique(source_of * len(VERDICTS) + status, return_counts=True)
-    for pair, number in zip(pairs.tolist(), n.tolist()):
-        c = counts[str(names[pair // len(VERDICTS)])]
-        c["read"] += number
-        c[VERDICTS[pair % len(VERDICTS)]] += number
+    for k in np.argsort(first).tolist():
+        c = counts[str(names[k])]
+        verdicts, n = np.unique(status[source_of == k], return_counts=True)
+        c["read"] += int(n.sum())
+        for verdict, number in zip(verdicts.tolist(), n.tolist()):
+            c[VERDICTS[verdict]] += number
 
 
 def run(cfg: Config) -> dict:

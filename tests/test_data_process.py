@@ -132,6 +132,12 @@ def test_minhash_of_short_texts_fills_every_bin_and_stays_unbiased():
     assert np.sqrt(np.mean((np.array(estimates) - np.array(truths)) ** 2)) < 0.1
 
 
+def test_text_hashes_equal_text_hash():
+    from data_process import text_hash, text_hashes
+    texts = ["", "人民日报", "a" * 1000, "😀"]
+    assert text_hashes(texts).tolist() == [text_hash(t) for t in texts]
+
+
 def test_densify_takes_the_first_filled_bin_along_each_probe_sequence():
     """The batched densification equals its definition taken bin by bin, for rows from one filled bin
     (a text of one shingle) to nearly full."""
