@@ -28,7 +28,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from chatglm_tokenizer import load_tokenizer  # noqa: E402
-from corpora import iter_corpus  # noqa: E402
+from corpora import CorpusError, iter_corpus  # noqa: E402
 from data_process import Config, run  # noqa: E402
 
 CHATGLM = os.path.join(ROOT, "..", "shared", "chatglm_tokenizer", "tokenizer.model")
@@ -235,7 +235,11 @@ def main() -> None:
     parser.add_argument("--no_dedup", action="store_true", help="memory: measure without the deduplication index")
     parser.add_argument("--workdir", default=None, help="where generated corpora are kept (default: a temp dir)")
     args = parser.parse_args()
-    {"throughput": throughput, "stages": stages, "memory": memory, "chars_per_token": chars_per_token}[args.what](args)
+    benchmarks = {"throughput": throughput, "stages": stages, "memory": memory, "chars_per_token": chars_per_token}
+    try:
+        benchmarks[args.what](args)
+    except (CorpusError, FileNotFoundError) as e:  # a missing tokenizer or source: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
