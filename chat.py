@@ -15,10 +15,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from chatglm_tokenizer import load_tokenizer
+from common import pick_device
 from configurator import parse_config
 from dataset_sft import chat_prompt_ids
 from model import load_model
-from trainer import pick_device
 
 
 @dataclass

@@ -25,11 +25,16 @@ class Config:
     out_dir: str = "out"  # checkpoints, evaluations and plots go under it
     sft_dir: str = "sft_data"  # instruction data
     vocab_size: int = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
-    pretrain_steps: int = 1000  # optimizer steps of 4,096 tokens (about 11 minutes on 2 CPU cores)
-    sft_steps: int = 1000  # SFT optimizer steps of 16 samples
-    rm_steps: int = 400  # reward-model steps of 16 pairs
-    dpo_steps: int = 250  # DPO steps of 16 pairs
-    grpo_steps: int = 100  # GRPO steps of 4 prompts x 8 sampled answers
+    pretrain_steps: int = 1000  # at most this many optimizer steps of 4,096 tokens
+    sft_steps: int = 1000  # at most this many SFT optimizer steps of 16 samples
+    rm_steps: int = 400  # at most this many reward-model steps of 16 pairs
+    dpo_steps: int = 250  # at most this many DPO steps of 16 pairs
+    grpo_steps: int = 100  # at most this many GRPO steps of 4 prompts x 8 sampled answers
+    pretrain_min: float = 10.0  # pretraining's time budget: as many steps as fit, at most pretrain_steps
+    sft_min: float = 5.0  # SFT's time budget
+    rm_min: float = 2.5  # the reward model's time budget
+    dpo_min: float = 2.5  # DPO's time budget
+    grpo_min: float = 2.5  # GRPO's time budget
 
 
 def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
@@ -48,24 +53,29 @@ def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
          ["data_process.py", f"--raw_dir={raw}", tokenizer, f"--out_dir={corpus}"]),
         ("pretrain the tiny model", None,
          ["pretrain.py", "config/pretrain_tiny.py", f"--data={corpus}", tokenizer, f"--out_dir={out}/pretrain",
-          f"--max_steps={cfg.pretrain_steps}"]),
+          f"--max_steps={cfg.pretrain_steps}",
+          f"--time_budget_min={cfg.pretrain_min}"]),
         ("plot the loss curve", None, ["plot.py", f"{out}/pretrain"]),
         ("build the instruction data", sft_data,
          ["sft_data_process.py", f"--raw_dir={raw}", f"--out_dir={cfg.sft_dir}"]),
         ("instruction-tune (SFT)", None,
          ["sft.py", "config/sft_tiny.py", f"--init_from={out}/pretrain/ckpt.pt", f"--data={sft_data}",
-          f"--val_data={sft_val}", tokenizer, f"--out_dir={out}/sft", f"--max_steps={cfg.sft_steps}"]),
+          f"--val_data={sft_val}", tokenizer, f"--out_dir={out}/sft", f"--max_steps={cfg.sft_steps}",
+          f"--time_budget_min={cfg.sft_min}"]),
         ("train the reward model", None,
          ["reward_model.py", f"--init_from={out}/sft/ckpt.pt", f"--data={cfg.sft_dir}/preference.csv",
-          f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/rm", f"--max_steps={cfg.rm_steps}"]),
+          f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/rm", f"--max_steps={cfg.rm_steps}",
+          f"--time_budget_min={cfg.rm_min}"]),
         ("score the reward model on held-out pairs", f"{out}/rm/eval.json",
          ["reward_model.py", "--eval_only=true", f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/rm"]),
         ("DPO", None,
          ["dpo.py", f"--init_from={out}/sft/ckpt.pt", f"--data={cfg.sft_dir}/preference.csv",
-          f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/dpo", f"--max_steps={cfg.dpo_steps}"]),
+          f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/dpo", f"--max_steps={cfg.dpo_steps}",
+          f"--time_budget_min={cfg.dpo_min}"]),
         ("GRPO", None,
          ["grpo.py", f"--init_from={out}/sft/ckpt.pt", f"--prompts={sft_data}", tokenizer, f"--out_dir={out}/grpo",
-          f"--max_steps={cfg.grpo_steps}"]),
+          f"--max_steps={cfg.grpo_steps}",
+          f"--time_budget_min={cfg.grpo_min}"]),
         ("evaluate the base model on the corpus", f"{out}/eval/base_pretrain.json",
          ["eval_pretrain.py", f"--ckpt={out}/pretrain/ckpt.pt", tokenizer, f"--bin={corpus}/val.bin",
           f"--json={out}/eval/base_pretrain.json"]),
@@ -82,6 +92,16 @@ def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
 
 
 MODELS = ("base", "sft", "dpo", "grpo")
+OTHER_STAGES_MIN = 4.0  # download, tokenizer, preprocessing, evaluations: a few minutes on any CPU
+
+
+def budget_line(cfg: Config) -> str:
+    """The time each training stage may take (each fits its steps into it), and the total to expect."""
+    budgets = {"pretraining": cfg.pretrain_min, "SFT": cfg.sft_min, "reward model": cfg.rm_min, "DPO": cfg.dpo_min,
+               "GRPO": cfg.grpo_min}
+    total = sum(budgets.values()) + OTHER_STAGES_MIN
+    return ("time budgets: " + ", ".join(f"{name} {m:g} min" for name, m in budgets.items())
+            + f"; the whole demo within about {total:g} min (a stage that is done already is skipped)")
 
 
 def read_json(path: str) -> dict:
@@ -134,6 +154,7 @@ def samples(cfg: Config) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
     plan = stages(cfg)
+    print(budget_line(cfg), flush=True)
     for i, (name, done_file, command) in enumerate(plan, 1):
         header = f"[{i}/{len(plan)}] {name}"
         if done_file is not None and os.path.exists(done_file):

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from chatglm_tokenizer import load_tokenizer
+from common import pick_device
 from configurator import parse_config
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import Transformer, load_model
 from sft_data_process import CHAR_PROMPT, IDIOM_PROMPT
-from trainer import pick_device
 
 SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？",
                   "前列腺囊肿的症状是什么？", "请问，世界上最大的动物是什么？"]

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from chatglm_tokenizer import load_tokenizer
+from common import pick_device
 from configurator import parse_config
 from corpora import clean_text
 from dataset import PretrainDataset
 from model import Transformer, load_model
-from trainer import pick_device
 
 SEED_PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："]
 

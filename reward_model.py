@@ -157,7 +157,7 @@ def pair_kind(prompt: str) -> str:
 
 def evaluate_only(cfg: Config) -> dict:
     """Held-out pairwise accuracy of a trained reward model, overall and per kind of pair."""
-    from trainer import pick_device
+    from common import pick_device
     device = pick_device(cfg.device)
     tok = load_tokenizer(cfg.tokenizer)
     model, _ = load_reward_model(os.path.join(cfg.out_dir, "ckpt.pt"), device)

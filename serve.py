@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from chatglm_tokenizer import load_tokenizer
+from common import pick_device
 from configurator import parse_config
 from dataset_sft import chat_prompt_ids
 from model import load_model
-from trainer import pick_device
 
 PAGE = "serve_page.html"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import glob
 import json
@@ -32,10 +33,28 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common import pick_device
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------ distributed set-up
+
+def stage_start_time() -> float:
+    """When this process started (time.time() scale), so that a time budget includes the imports; now
+    where /proc cannot tell (not Linux) or the process is older than a minute (a notebook, a test
+    session: the stage did not begin with it)."""
+    now = time.time()
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the name
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return now
+    return started if 0 <= now - started <= 60 else now
+
 
 @dataclass
 class Dist:
@@ -43,6 +62,7 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    started: float = field(default_factory=stage_start_time)  # time budgets count from here
 
     @property
     def master(self) -> bool:
@@ -51,12 +71,6 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def keep_freed_memory() -> bool:
@@ -115,15 +129,50 @@ def print0(*args, dist: Dist | None = None, **kwargs) -> None:
 
 # ------------------------------------------------------------------ precision, schedule, optimizer
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """'auto' is bfloat16 where the device has it (CPUs here do, and it is faster), else float16."""
+def choose_cpu_dtype(capability: str, float32_flops: float, bfloat16_flops: float) -> tuple[str, str]:
+    """bfloat16 autocast only where this CPU multiplies bfloat16 matrices clearly faster than float32
+    (native bf16 instructions); without them a bfloat16 matmul is emulated and many times slower.
+    Returns (dtype, the reason, for the log)."""
+    ratio = bfloat16_flops / float32_flops
+    if ratio >= 1.2:
+        return "bfloat16", f"cpu {capability}, bfloat16 (bfloat16 matmul {ratio:.1f}x float32 here)"
+    slower = f"{1 / ratio:.0f}x slower" if ratio < 0.5 else "no faster"
+    return "float32", f"cpu {capability}, float32 (bfloat16 matmul {slower} here)"
+
+
+@functools.cache
+def cpu_matmul_probe() -> tuple[float, float]:
+    """FLOP/s of a 256x256 matmul in float32 and in bfloat16 on this CPU (about a tenth of a second)."""
+    return matmul_flops("cpu", "float32", 0.04, n=256), matmul_flops("cpu", "bfloat16", 0.04, n=256)
+
+
+def resolve_dtype(dtype: str, device: str, cpu_probe: Callable[[], tuple[float, float]] = cpu_matmul_probe,
+                  bf16_on_mps: bool | None = None) -> tuple[str, str]:
+    """The training dtype for `dtype` on `device`, and why (one line for the log). 'auto' is bfloat16
+    on CUDA where supported, else float16 (with loss scaling); on Apple GPUs bfloat16 where the OS
+    has it (macOS 14), else float16; on a CPU whichever of bfloat16 and float32 multiplies faster here
+    (cpu_probe, measured once)."""
+    kind = device.split(":")[0]
     if dtype != "auto":
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
-        return dtype
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16"
+        reason = f"{kind}, {dtype} as asked"
+        if kind == "cpu" and dtype != "float32":
+            auto, why = choose_cpu_dtype(torch.backends.cpu.get_cpu_capability(), *cpu_probe())
+            if auto == "float32":
+                reason += f"; --dtype=auto would choose {why.split(', ', 1)[1]}"
+        return dtype, reason
+    if kind == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "cuda, bfloat16"
+        return "float16", "cuda, float16 with loss scaling (no bfloat16 on this GPU)"
+    if kind == "mps":
+        if torch.backends.mps.is_macos_or_newer(14, 0) if bf16_on_mps is None else bf16_on_mps:
+            return "bfloat16", "mps, bfloat16"
+        return "float16", "mps, float16 with loss scaling (bfloat16 needs macOS 14)"
+    if kind == "cpu":
+        return choose_cpu_dtype(torch.backends.cpu.get_cpu_capability(), *cpu_probe())
+    return "float32", f"{kind}, float32"
 
 
 def autocast(device: str, dtype: str):
@@ -134,12 +183,13 @@ def autocast(device: str, dtype: str):
 
 
 def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup over warmup_steps optimizer steps, then cosine decay to min_lr at max_steps."""
+    """Linear warmup over warmup_steps optimizer steps, then cosine decay that reaches min_lr at the
+    last step (max_steps - 1)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    if step >= max_steps:
+    if step >= max_steps - 1:
         return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    progress = (step - warmup_steps) / max(1, max_steps - 1 - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
@@ -159,20 +209,39 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
-def measure_peak_flops(device: str, dtype: str, seconds: float = 1.0) -> float:
-    """FLOP/s of a large matmul in dtype on this device: the peak that MFU is reported against."""
-    n = 2048 if device == "cpu" else 8192
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (timings of asynchronous GPU work need it)."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        torch.cuda.synchronize()
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_flops(device: str, dtype: str, seconds: float = 1.0, n: int | None = None) -> float:
+    """FLOP/s of repeated n x n matmuls in dtype on this device, over about `seconds`."""
+    n = n or (2048 if device == "cpu" else 8192)
     torch_dtype = DTYPES[dtype]
     a = torch.randn(n, n, device=device, dtype=torch_dtype)
     b = torch.randn(n, n, device=device, dtype=torch_dtype)
     a @ b
+    synchronize(device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
     return 2 * n ** 3 * count / (time.perf_counter() - start)
+
+
+def measure_peak_flops(device: str, dtype: str, seconds: float = 1.0) -> float:
+    """The peak that MFU is reported against: the matmul FLOP/s of the dtype the run computes in, or
+    of float32 where that is higher (under autocast some work stays in float32, so a slower dtype's
+    peak would let MFU pass 100%)."""
+    peak = matmul_flops(device, dtype, seconds)
+    if dtype != "float32":
+        peak = max(peak, matmul_flops(device, "float32", seconds))
+    return peak
 
 
 # ------------------------------------------------------------------ RNG state (exact resume)
@@ -304,6 +373,7 @@ class TrainConfig:
     save_interval: int = 500  # steps between checkpoints
     keep_last: int = 2  # numbered checkpoints kept besides ckpt.pt
     time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 for no limit
+    time_budget_min: float = 0.0  # fit the steps (at most max_steps) into this many minutes of the whole stage; 0: off
     peak_tflops: float = 0.0  # the device's peak for MFU; 0 measures a matmul at start
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
     max_nonfinite_in_a_row: int = 10  # stop the run after this many non-finite losses in a row
@@ -363,7 +433,7 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, settings: TrainerSettings, dist: Dist):
         self.settings, self.dist = settings, dist
-        self.dtype = resolve_dtype(settings.dtype, dist.device)
+        self.dtype, self.precision = resolve_dtype(settings.dtype, dist.device)
         self.raw_model = model.to(dist.device)
         self.model = self._wrap(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, settings.lr, settings.weight_decay,
@@ -372,6 +442,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dist.device.split(":")[0], enabled=self.dtype == "float16")
         self.step = 0
         self.nonfinite_total = 0
+        self.fitted_to_budget = False  # max_steps and warmup_steps were fitted to a time budget
         self.nonfinite_in_a_row = 0
 
     @contextlib.contextmanager
@@ -480,7 +551,9 @@ class Trainer:
             optimizer = get_optimizer_state_dict(self.raw_model, self.optimizer,
                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {"model": self.model_state(), "optimizer": optimizer, "scaler": self.scaler.state_dict(),
-                "step": self.step, "nonfinite_total": self.nonfinite_total, "rng": rng_state()}
+                "step": self.step, "nonfinite_total": self.nonfinite_total, "rng": rng_state(),
+                "schedule": {"max_steps": self.settings.max_steps, "warmup_steps": self.settings.warmup_steps,
+                             "fitted_to_budget": self.fitted_to_budget}}
 
     def resume(self, out_dir: str, allowed: bool, expect: dict) -> dict | None:
         """Load out_dir/ckpt.pt when it exists (None when it does not): refuse it unless allowed, or when
@@ -525,19 +598,19 @@ class Trainer:
 @dataclass
 class LoopSettings:
     out_dir: str
-    max_steps: int
     log_interval: int = 10
     eval_interval: int = 200
     save_interval: int = 500
     keep_last: int = 2
     time_limit_min: float = 0.0
+    time_budget_min: float = 0.0
     peak_flops: float = 1.0  # FLOP/s of one device, for MFU
     flops_per_token: float = 0.0  # training FLOPs per token of the model
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, max_steps: int, peak_flops: float, flops_per_token: float) -> LoopSettings:
-        return cls(cfg.out_dir, max_steps, cfg.log_interval, cfg.eval_interval, cfg.save_interval, cfg.keep_last,
-                   cfg.time_limit_min, peak_flops, flops_per_token)
+    def from_config(cls, cfg: TrainConfig, peak_flops: float, flops_per_token: float) -> LoopSettings:
+        return cls(cfg.out_dir, cfg.log_interval, cfg.eval_interval, cfg.save_interval, cfg.keep_last,
+                   cfg.time_limit_min, cfg.time_budget_min, peak_flops, flops_per_token)
 
 
 @dataclass
@@ -567,10 +640,17 @@ def start_run(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int
     if state is not None:
         order.load_state_dict(state["data"])
         tokens_seen = state["tokens_seen"]
+        schedule = state.get("schedule", {})
+        if cfg.time_budget_min > 0 and schedule.get("fitted_to_budget"):  # keep the steps fitted before
+            settings.max_steps, settings.warmup_steps = schedule["max_steps"], schedule["warmup_steps"]
+            trainer.fitted_to_budget = True
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    loop = LoopSettings.from_config(cfg, settings.max_steps, peak, flops_per_token)
-    print0(f"{settings.max_steps} steps ({settings.max_steps / steps_per_epoch:.2f} passes over {n_items:,} items); "
-           f"{dist.world_size} process(es) on {dist.device}, {trainer.dtype}", dist=dist)
+    loop = LoopSettings.from_config(cfg, peak, flops_per_token)
+    steps = f"{settings.max_steps} steps"
+    if cfg.time_budget_min > 0 and not trainer.fitted_to_budget:
+        steps = f"at most {steps}, as many as fit in {cfg.time_budget_min:g} min"
+    print0(f"{steps} ({settings.max_steps / steps_per_epoch:.2f} passes over {n_items:,} items); "
+           f"{dist.world_size} process(es) on {dist.device}; {trainer.precision}", dist=dist)
     return Run(trainer, order, loop, tokens_seen, state)
 
 
@@ -591,55 +671,173 @@ def validation_loss(trainer: Trainer, n_items: int, batch_of: Callable[[list[int
     return all_reduce_mean(sum(losses) / len(losses), dist)
 
 
+def steps_that_fit(seconds: float, step: int, step_s: float, eval_s: float, eval_interval: int, save_s: float,
+                   save_interval: int) -> int:
+    """The most optimizer steps after `step` that fit in `seconds`, counting the validations and
+    checkpoints they trigger (every eval_interval and save_interval steps) and the final ones."""
+    def cost(n: int) -> float:
+        end = step + n
+        evals = end // eval_interval - step // eval_interval + 1
+        saves = end // save_interval - step // save_interval + 1
+        return n * step_s + evals * eval_s + saves * save_s
+
+    lo, hi = 0, max(1, int(seconds / step_s) + 1)  # the steps alone overrun at hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= seconds else (lo, mid - 1)
+    return lo
+
+
+def all_reduce_max(value: float, dist: Dist) -> float:
+    if not dist.enabled:
+        return float(value)
+    t = torch.tensor(float(value), dtype=torch.float64, device=dist.device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return float(t)
+
+
+class TimeBudget:
+    """Fits a stage's optimizer steps into time_budget_min minutes counted from the stage's start
+    (dist.started). The steps after the first (which pays for compilation) are timed until there are
+    enough; one validation and one checkpoint are timed; then max_steps becomes what fits, at most the
+    configured max_steps, and the warmup shrinks in proportion, so the schedule keeps its shape and
+    reaches min_lr on the last step. The timing goes on: where the machine turns out slower, the
+    schedule is shortened again, never lengthened (the learning rate never climbs back)."""
+
+    MIN_TIMED_STEPS = 5
+
+    def __init__(self, trainer: Trainer, loop: LoopSettings):
+        self.trainer, self.loop = trainer, loop
+        self.on = loop.time_budget_min > 0
+        self.seconds = loop.time_budget_min * 60
+        self.deadline = trainer.dist.started + self.seconds
+        self.margin = 2.0 + 0.05 * self.seconds  # what the estimate cannot see: the exit, slower steps
+        self.pending = self.on and not trainer.fitted_to_budget
+        self.first_step = trainer.step + 1
+        self.timed_s, self.timed_steps = 0.0, 0
+        self.eval_s = self.save_s = 0.0
+
+    def add_step(self, step: int, seconds: float) -> None:
+        if self.on and step > self.first_step:
+            self.timed_s += seconds
+            self.timed_steps += 1
+
+    def ready(self) -> bool:
+        """Enough steps are timed to fit the schedule."""
+        enough_s = min(60.0, 0.1 * self.seconds)
+        return self.pending and self.timed_steps >= self.MIN_TIMED_STEPS and self.timed_s >= enough_s
+
+    def stop_at(self) -> float:
+        """When to stop at the latest, leaving time for the last checkpoint; inf without a budget."""
+        return self.deadline - self.save_s - 1.0 if self.on else math.inf
+
+    def _steps_left(self, margin: float) -> tuple[int, float, float]:
+        dist, step = self.trainer.dist, self.trainer.step
+        step_s = all_reduce_max(self.timed_s / max(1, self.timed_steps), dist)
+        left = all_reduce_max(self.deadline - time.time(), dist)
+        n = steps_that_fit(left - margin, step, step_s, self.eval_s, self.loop.eval_interval, self.save_s,
+                           self.loop.save_interval)
+        return n, step_s, left
+
+    def fit(self, eval_s: float, save_s: float) -> str:
+        """Set max_steps and warmup_steps from the timings; returns the line that says so."""
+        trainer, s = self.trainer, self.trainer.settings
+        self.eval_s, self.save_s = all_reduce_max(eval_s, trainer.dist), all_reduce_max(save_s, trainer.dist)
+        n, step_s, left = self._steps_left(self.margin)
+        configured = s.max_steps
+        s.max_steps = max(trainer.step + 1, min(configured, trainer.step + n))
+        # The warmup shrinks with the schedule, but need not go below a tenth of it.
+        s.warmup_steps = min(s.warmup_steps, max(1, round(s.warmup_steps * s.max_steps / configured),
+                                                 s.max_steps // 10))
+        trainer.fitted_to_budget, self.pending = True, False
+        return (f"time budget {self.loop.time_budget_min:g} min: {step_s:.3f} s a step, validation "
+                f"{self.eval_s:.1f} s, checkpoint {self.save_s:.1f} s, {left:.0f} s left -> {s.max_steps} steps "
+                f"(of at most {configured}), warmup {s.warmup_steps}")
+
+    def shorten_if_late(self) -> str | None:
+        """After the fit: if the steps left no longer fit (the machine slowed down), end the schedule
+        earlier. Returns the line that says so, or None. Called on the same steps on every rank."""
+        if not self.on or self.pending or not self.timed_steps:
+            return None
+        trainer, s = self.trainer, self.trainer.settings
+        n, step_s, _ = self._steps_left(self.margin / 2)
+        if trainer.step + n >= s.max_steps:
+            return None
+        s.max_steps = max(trainer.step + 1, trainer.step + n)
+        return f"time budget: steps take {step_s:.3f} s now, the schedule ends at step {s.max_steps}"
+
+
 def fit(trainer: Trainer, loop: LoopSettings, next_batches: Callable[[], tuple[list[Any], int]],
         loss_fn: Callable[[torch.nn.Module, Any], Any],
         evaluate: Callable[[], dict[str, float]] | None = None,
         extra_state: Callable[[], dict] | None = None, tokens_seen: int = 0) -> None:
-    """Train until loop.max_steps optimizer steps: next_batches() gives the micro-batches of one step
-    and the number of tokens they hold on this rank; evaluate() gives validation metrics; extra_state()
-    what a checkpoint holds beyond the trainer's state (model args, data position, config). Logs to
-    metrics.jsonl, checkpoints every save_interval steps, at the end, at the time limit and on
-    SIGINT/SIGTERM. The caller has resumed the trainer (and passes the tokens seen so far)."""
-    dist = trainer.dist
+    """Train until trainer.settings.max_steps optimizer steps (fitted to loop.time_budget_min when set):
+    next_batches() gives the micro-batches of one step and the number of tokens they hold on this rank;
+    evaluate() gives validation metrics; extra_state() what a checkpoint holds beyond the trainer's
+    state (model args, data position, config). Logs to metrics.jsonl, checkpoints every save_interval
+    steps, at the end, at the time limit and on SIGINT/SIGTERM. The caller has resumed the trainer
+    (and passes the tokens seen so far)."""
+    dist, settings = trainer.dist, trainer.settings
     log = MetricsLog(loop.out_dir, dist, resume_step=trainer.step if trainer.step else None)
+    budget = TimeBudget(trainer, loop)
     start_time = last_time = time.time()
+    time_limit = start_time + 60 * loop.time_limit_min if loop.time_limit_min > 0 else math.inf
     last_tokens, last_step = tokens_seen, trainer.step
+
+    def save() -> float:
+        began = time.time()
+        state = trainer.state_dict()
+        state.update(tokens_seen=tokens_seen, **(extra_state() if extra_state else {}))
+        if dist.master:
+            save_checkpoint(loop.out_dir, state, trainer.step, loop.keep_last)
+        return time.time() - began
+
     with StopSignal() as stop:
-        while trainer.step < loop.max_steps:
+        while trainer.step < settings.max_steps:
+            began = time.time()
             batches, n_tokens = next_batches()
             stats = trainer.train_step(batches, loss_fn)
             tokens_seen += int(all_reduce_mean(n_tokens, dist) * dist.world_size)
             step = trainer.step
+            budget.add_step(step, time.time() - began)
+            fit_now = budget.ready() and not stats.skipped
             record = {"step": step, "tokens": tokens_seen, "loss": stats.loss, "lr": stats.lr,
                       "grad_norm": stats.grad_norm, **stats.metrics}
             if stats.skipped:
                 record["skipped_nonfinite"] = trainer.nonfinite_total
                 print0(f"step {step}: non-finite loss, step skipped ({trainer.nonfinite_total} so far)", dist=dist)
-            done = step >= loop.max_steps
-            over_time = loop.time_limit_min > 0 and time.time() - start_time > loop.time_limit_min * 60
+            if step % loop.log_interval == 0 and (note := budget.shorten_if_late()):
+                print0(note, dist=dist)
+            done = step >= settings.max_steps
+            stop_at = min(time_limit, budget.stop_at())
+            over_time = stop_at < math.inf and all_reduce_max(float(time.time() > stop_at), dist) > 0
             console = None
-            if step % loop.log_interval == 0 or step % loop.eval_interval == 0 or done or over_time:
+            if step % loop.log_interval == 0 or step % loop.eval_interval == 0 or done or over_time or fit_now:
                 now = time.time()
                 speed = (tokens_seen - last_tokens) / max(now - last_time, 1e-9)
                 mfu = speed * loop.flops_per_token / (loop.peak_flops * dist.world_size)
                 record.update(tokens_per_s=speed, mfu=mfu)
-                eta = (loop.max_steps - step) * (now - last_time) / max(step - last_step, 1)
-                console = (f"step {step}/{loop.max_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
+                eta = (settings.max_steps - step) * (now - last_time) / max(step - last_step, 1)
+                console = (f"step {step}/{settings.max_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
                            f"{speed:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {eta / 60:.1f} min"
                            + "".join(f" {k} {v:.3f}" for k, v in stats.metrics.items()))
-            if evaluate is not None and (step % loop.eval_interval == 0 or done or over_time) and not stats.skipped:
+            eval_s = 0.0
+            if evaluate is not None and not stats.skipped and (
+                    step % loop.eval_interval == 0 or done or over_time or fit_now):
+                began = time.time()
                 metrics = evaluate()
+                eval_s = time.time() - began
                 record.update(metrics)
                 console += " | " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             if console is not None:
                 print0(console, dist=dist)
                 last_time, last_tokens, last_step = time.time(), tokens_seen, step  # speed excludes evaluation
             log.log(record)
-            if step % loop.save_interval == 0 or done or stop.requested or over_time:
-                state = trainer.state_dict()
-                state.update(tokens_seen=tokens_seen, **(extra_state() if extra_state else {}))
-                if dist.master:
-                    save_checkpoint(loop.out_dir, state, step, loop.keep_last)
+            if step % loop.save_interval == 0 or done or stop.requested or over_time or fit_now:
+                save_s = save()
+                if fit_now:
+                    print0(budget.fit(eval_s, save_s), dist=dist)
+                    last_time = time.time()
             if stop.requested or over_time:
                 print0(f"stopped at step {step}; rerun the same command to continue", dist=dist)
                 break

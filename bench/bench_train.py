@@ -4,7 +4,11 @@ measured just before and just after each row (the higher of the two: on a shared
 drifts within a run, and the peak of another moment would make MFU drift with it). glibc is asked to
 keep freed memory (trainer.keep_freed_memory), for both models, as the training scripts do.
 
-    python bench/bench_train.py --presets tiny baby_92m --dtypes float32 bfloat16 --modes eager compiled
+    python bench/bench_train.py --presets tiny baby_92m --dtypes auto float32 --modes eager compiled
+
+`auto` is the dtype the training scripts choose on this CPU (trainer.resolve_dtype: bfloat16 only where
+its matmul is faster than float32's here); the line above the table says which and why. bfloat16 on a
+CPU without native bf16 instructions (AVX2) is many times slower: ask for it only to see that.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as model_module  # noqa: E402
 from model import Transformer, model_args_from_preset  # noqa: E402
-from trainer import autocast, keep_freed_memory, make_optimizer, measure_peak_flops  # noqa: E402
+from trainer import autocast, keep_freed_memory, make_optimizer, measure_peak_flops, resolve_dtype  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import hf_model  # noqa: E402
@@ -60,7 +64,7 @@ def hf_loss(model, x, y):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "baby_92m"])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["auto", "float32"], help="auto, float32, bfloat16, float16")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
     parser.add_argument("--batch_tokens", type=int, default=4096, help="tokens per step (batch x max_seq_len)")
     parser.add_argument("--steps", type=int, default=5)
@@ -74,7 +78,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # As our training scripts do on a CPU; it applies to the whole process, so to transformers as well.
     kept = keep_freed_memory()
+    auto, reason = resolve_dtype("auto", "cpu")
+    dtypes = list(dict.fromkeys(auto if d == "auto" else d for d in args.dtypes))
     print(f"torch {torch.__version__}, {args.threads} threads, freed memory kept for reuse: {kept}")
+    print(f"dtype auto: {reason}")
     print(f"{'preset':<9} {'dtype':<9} {'mode':<9} {'ours tok/s':>10} {'MFU':>6} {'transformers tok/s':>18} "
           f"{'ratio':>6} {'warm-up s (ours/hf)':>20} {'peak GFLOP/s':>12}")
     for preset in args.presets:
@@ -84,7 +91,7 @@ def main() -> None:
         torch.manual_seed(0)
         x = torch.randint(3, model_args.vocab_size, (B, T + 1))
         batch = (x[:, :-1], x[:, 1:])
-        for dtype in args.dtypes:
+        for dtype in dtypes:
             for mode in args.modes:
                 torch.manual_seed(0)
                 ours = Transformer(model_args)

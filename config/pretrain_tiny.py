@@ -1,5 +1,5 @@
-# The CPU demo: the tiny model on the built-in corpus (data/demo) with our 8k tokenizer, about 11 minutes
-# on 2 cores (bfloat16 autocast + torch.compile).
+# The CPU demo: the tiny model on the built-in corpus (data/demo) with our 8k tokenizer (dtype auto: bfloat16
+# autocast where this CPU has native bf16, else float32; torch.compile). Times: BENCHMARKS.md.
 model = "tiny"
 data = "data/demo"
 tokenizer = "data/tokenizer/tokenizer.model"

@@ -83,6 +83,50 @@ def test_sigterm_then_resume_is_exact(corpus, small_tokenizer, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def schedule_of(out) -> dict:
+    return torch.load(out / "ckpt.pt", weights_only=False)["schedule"]
+
+
+def test_time_budget_ends_within_it_with_the_schedule_complete(corpus, small_tokenizer, tmp_path):
+    out = tmp_path / "budget"
+    began = time.time()
+    result = run_ok(command(corpus, small_tokenizer, out, "--time_budget_min=1", "--max_steps=1000000",
+                            "--min_lr=1e-4", "--eval_interval=200", "--eval_batches=4", "--save_interval=500"))
+    took = time.time() - began
+    assert took <= 60, f"a 1-minute budget took {took:.1f} s"
+    assert took >= 45, f"a 1-minute budget used only {took:.1f} s: the fit wastes the budget"
+    assert "time budget 1 min:" in result.stdout
+    rows = metrics(out)
+    last = rows[-1]
+    assert schedule_of(out)["fitted_to_budget"] and last["step"] == schedule_of(out)["max_steps"] > 100
+    assert [m["step"] for m in rows] == list(range(1, last["step"] + 1))
+    assert last["lr"] == pytest.approx(1e-4) and rows[-2]["lr"] > 1e-4  # min_lr reached at the last step
+
+
+def test_time_budget_resume_keeps_the_fitted_steps(corpus, small_tokenizer, tmp_path):
+    out = tmp_path / "budget"
+    args = ("--time_budget_min=0.5", "--max_steps=1000000", "--min_lr=1e-4", "--log_interval=1",
+            "--eval_interval=100000", "--save_interval=100000")
+    proc = subprocess.Popen(command(corpus, small_tokenizer, out, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((out / "ckpt.pt").exists() and len(metrics(out)) >= 40):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "time budget 0.5 min:" in stdout
+    fitted = schedule_of(out)
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert fitted["fitted_to_budget"] and stopped_at < fitted["max_steps"]
+
+    resumed = run_ok(command(corpus, small_tokenizer, out, *args))
+    assert "time budget" not in resumed.stdout  # not fitted again
+    assert schedule_of(out) == fitted
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == list(range(1, fitted["max_steps"] + 1))
+    assert rows[-1]["lr"] == pytest.approx(1e-4)
+
+
 def torchrun(corpus, tokenizer, out, port, *extra):
     run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
             *command(corpus, tokenizer, out, *extra)[1:]], timeout=300)
