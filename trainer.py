@@ -465,15 +465,15 @@ class Trainer:
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.settings.fsdp:
-            if not self.dist.enabled:
-                raise ValueError("fsdp needs several processes: launch with torchrun")
+            if not torch_dist.is_initialized():
+                raise ValueError("fsdp needs a process group: launch with torchrun")
             from torch.distributed.fsdp import fully_shard
             for block in [m for m in model.modules() if type(m).__name__ == "TransformerBlock"]:
                 fully_shard(block)  # one unit per block, so that only one block is gathered at a time
             fully_shard(model)
         if self.settings.compile:
             model = torch.compile(model)
-        if self.dist.enabled and not self.settings.fsdp:
+        if torch_dist.is_initialized() and not self.settings.fsdp:  # under torchrun, one process too
             device_ids = [self.dist.local_rank] if self.dist.device.startswith("cuda") else None
             model = DDP(model, device_ids=device_ids)
         return model

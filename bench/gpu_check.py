@@ -1,0 +1,175 @@
+"""One GPU check of everything that runs on GPUs, in one table, in a few minutes on one GPU:
+training steps of the seed's presets in bf16 (eager and compiled; tokens/s, MFU, peak memory) with the
+fused AdamW, the trainer's DDP and FSDP2 wrappers under torchrun (nccl; one process is enough to run
+the code), and KV-cache decoding at batch 1 and 32.
+
+    python bench/gpu_check.py                                 # on a CUDA GPU
+    python bench/gpu_check.py --device=cpu --presets=tiny --dtype=float32 --steps=2 --batch_size=2 \\
+        --decode_tokens=4                                     # the same code on a CPU, in seconds (tests)
+
+MFU is against the GPU's dense bf16 peak from the table below when its name is there, else against
+the matmul peak measured here (the table's figure is the vendor's; the measured one is printed too).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from model import Transformer, model_args_from_preset  # noqa: E402
+from trainer import Trainer, TrainerSettings, matmul_flops, setup_distributed, synchronize, teardown  # noqa: E402
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
+GPU_PEAK_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100": 756, "H800": 989,
+                   "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10G": 70, "A10": 125,
+                   "RTX 4090": 165, "RTX 3090": 71, "RTX A6000": 155, "V100": 125, "T4": 65}
+
+
+def peak_flops(device: str, dtype: str) -> tuple[float, str]:
+    """(FLOP/s, where it came from): the table's figure for a known GPU, else a matmul measured here."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():  # longer keys first in the table where names overlap
+            if key in name:
+                return tflops * 1e12, f"{name}: {tflops} TFLOP/s from the data sheet"
+    measured = matmul_flops(device, dtype, seconds=1.0)
+    return measured, f"{device}: {measured / 1e12:.2f} TFLOP/s measured ({dtype} matmul)"
+
+
+def peak_memory_gib(device: str) -> float | None:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def train_row(preset: str, dist, args, mode: str, fsdp: bool = False) -> dict:
+    """Tokens/s over args.steps optimizer steps (after warm-up) of the trainer's own step."""
+    torch.manual_seed(0)
+    model_args = model_args_from_preset(preset, max_seq_len=args.seq_len) if args.seq_len else \
+        model_args_from_preset(preset)
+    T = model_args.max_seq_len
+    reset_peak_memory(dist.device)
+    model = Transformer(model_args)
+    settings = TrainerSettings(dtype=args.dtype, compile=mode == "compiled", fsdp=fsdp, max_steps=10**6,
+                               warmup_steps=1)
+    trainer = Trainer(model, settings, dist)
+    x = torch.randint(3, model_args.vocab_size, (args.batch_size, T + 1), device=dist.device)
+    batch = (x[:, :-1], x[:, 1:])
+
+    def loss_fn(m, b):
+        return m(b[0], b[1])[1]
+    for _ in range(3 if mode == "compiled" else 1):
+        trainer.train_step([batch], loss_fn)
+    synchronize(dist.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step([batch], loss_fn)
+    synchronize(dist.device)
+    seconds = time.perf_counter() - start
+    trainer.release()
+    tokens_per_s = args.steps * args.batch_size * T * dist.world_size / seconds
+    return {"tokens_per_s": tokens_per_s, "flops": tokens_per_s * model.flops_per_token(T),
+            "memory_gib": peak_memory_gib(dist.device), "dtype": trainer.dtype, "processes": dist.world_size}
+
+
+def decode_row(preset: str, device: str, batch: int, new_tokens: int) -> dict:
+    torch.manual_seed(0)
+    model = Transformer(model_args_from_preset(preset)).to(device).eval()
+    if device != "cpu":
+        model = model.to(torch.bfloat16)  # served in bf16 on a GPU
+    reset_peak_memory(device)
+    prompts = [[3 + (i * 7 + j) % 100 for j in range(16)] for i in range(batch)]
+    model.generate(prompts, 2, eos_id=None)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    model.generate(prompts, new_tokens, eos_id=None)
+    synchronize(device)
+    return {"tokens_per_s": batch * new_tokens / (time.perf_counter() - start), "flops": None,
+            "memory_gib": peak_memory_gib(device), "dtype": str(model.output.weight.dtype).removeprefix("torch."),
+            "processes": 1}
+
+
+def distributed_part(args) -> None:
+    """Run under torchrun: DDP and FSDP2 training rows of the first preset; rank 0 prints JSON."""
+    dist = setup_distributed(args.device)
+    try:
+        rows = {f"{kind} x{dist.world_size}": train_row(args.presets[0], dist, args, "eager", fsdp=kind == "FSDP2")
+                for kind in ("DDP", "FSDP2")}
+        if dist.master:
+            print("ROWS " + json.dumps(rows), flush=True)
+    finally:
+        teardown(dist)
+
+
+def run_distributed(args) -> dict:
+    """This script under torchrun with args.processes processes; their rows."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.processes}",
+               f"--master_port={args.port}", os.path.abspath(__file__), "--part=distributed",
+               *[a for a in sys.argv[1:] if not a.startswith("--part")]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ROWS ")]
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"error: the torchrun part failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return json.loads(lines[-1][5:])
+
+
+def table(rows: dict[str, dict], peak: float) -> str:
+    lines = [f"{'check':<34} {'dtype':<9} {'tokens/s':>12} {'MFU':>7} {'peak memory GiB':>16}"]
+    for name, r in rows.items():
+        mfu = f"{100 * r['flops'] / (peak * r['processes']):.1f}%" if r["flops"] else "-"
+        memory = f"{r['memory_gib']:.2f}" if r["memory_gib"] is not None else "-"
+        lines.append(f"{name:<34} {r['dtype']:<9} {r['tokens_per_s']:>12,.0f} {mfu:>7} {memory:>16}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--presets", nargs="+", default=["baby_92m", "baby_218m"])
+    parser.add_argument("--dtype", default="bfloat16", help="training dtype (bfloat16, float16, float32, auto)")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences per training step")
+    parser.add_argument("--seq_len", type=int, default=0, help="0 keeps the preset's max_seq_len")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per row")
+    parser.add_argument("--decode_tokens", type=int, default=128, help="new tokens per decode row")
+    parser.add_argument("--processes", type=int, default=1, help="torchrun processes for DDP and FSDP2 (0: skip)")
+    parser.add_argument("--port", type=int, default=29531)
+    parser.add_argument("--part", choices=["all", "distributed"], default="all", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA GPU here; pass --device=cpu to run the same code on the CPU")
+    if args.part == "distributed":
+        return distributed_part(args)
+    began = time.time()
+    dist = setup_distributed(args.device)
+    peak, source = peak_flops(dist.device, "bfloat16" if args.dtype == "auto" else args.dtype)
+    print(f"torch {torch.__version__}; MFU against {source}", flush=True)
+    rows = {}
+    for preset in args.presets:
+        for mode in args.modes:
+            rows[f"train {preset} {mode}"] = train_row(preset, dist, args, mode)
+            print(f"  {list(rows)[-1]}: {rows[list(rows)[-1]]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    if args.processes:
+        rows.update({f"train {args.presets[0]} {k}": v for k, v in run_distributed(args).items()})
+    for preset in args.presets:
+        for batch in (1, 32):
+            rows[f"decode {preset} batch {batch}"] = decode_row(preset, dist.device, batch, args.decode_tokens)
+    print(table(rows, peak))
+    print(f"{time.time() - began:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()

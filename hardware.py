@@ -1,0 +1,124 @@
+"""What a training run needs of the hardware: common GPUs (memory, dense bf16 peak) and a model of the
+memory one training process holds, part by part, for our Transformer under the trainer's AdamW.
+
+The memory model counts what PyTorch keeps: float32 weights, gradients and AdamW's two moments; the
+half-precision copies of the weights that autocast makes and the backward pass keeps; the activations
+each layer saves for backward (per token, from model.py's operations); and the logits, which are
+float32 for the loss; and the backward pass's own buffers by a factor measured on a CPU.
+tests/test_plan.py checks the whole against the peak memory of real training steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model import ModelArgs
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float
+    bf16_tflops: float  # dense (no sparsity) tensor-core peak from the data sheet
+    usd_per_hour: float  # a typical cloud price for one GPU, for the cost estimate
+
+
+GPUS = {g.name: g for g in (
+    GPU("H200", 141, 989, 3.5), GPU("H100", 80, 989, 2.5), GPU("A100-80G", 80, 312, 1.6),
+    GPU("A100-40G", 40, 312, 1.2), GPU("L40S", 48, 362, 1.0), GPU("A10", 24, 125, 0.6), GPU("L4", 24, 121, 0.5),
+    GPU("4090", 24, 165, 0.4), GPU("3090", 24, 71, 0.25), GPU("V100", 32, 125, 0.5), GPU("T4", 16, 65, 0.2),
+)}
+
+# Names torch.cuda.get_device_name() returns, longest first where one contains another.
+DEVICE_NAMES = (("H200", "H200"), ("H100", "H100"), ("H800", "H100"), ("A100-SXM4-80GB", "A100-80G"),
+                ("A100 80GB", "A100-80G"), ("A100", "A100-40G"), ("A800", "A100-80G"), ("L40S", "L40S"),
+                ("A10", "A10"), ("L4", "L4"), ("RTX 4090", "4090"), ("RTX 3090", "3090"), ("V100", "V100"),
+                ("T4", "T4"))
+
+
+def gpu_of_device_name(device_name: str) -> GPU | None:
+    """The table's entry for a name such as 'NVIDIA H100 80GB HBM3', or None."""
+    for key, name in DEVICE_NAMES:
+        if key in device_name:
+            return GPUS[name]
+    return None
+
+
+def n_params(args: ModelArgs) -> int:
+    """Unique parameters of our Transformer (the embedding is tied to the output)."""
+    d, kv = args.dim, args.n_kv_heads * (args.dim // args.n_heads)
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * args.hidden_dim + 2 * d
+    return args.vocab_size * d + args.n_layers * per_layer + d
+
+
+def activation_bytes_per_token(args: ModelArgs, seq_len: int, dtype_bytes: int, matmul_attention: bool) -> float:
+    """Bytes one token's activations take from the forward pass until the backward pass frees them.
+    Per layer: the float32 residual stream and each RMSNorm's float32 normalised input (4 x dim each),
+    the half-precision inputs autocast makes for the projections, q and k after RoPE, v, the
+    attention output and its reshaped copy, and the feed-forward's four hidden-size tensors (w1 x, its
+    SiLU, w3 x, their product). Flash attention adds its float32 log-sum-exp per head; the written-out
+    attention (model.py's choice on a CPU in bf16) keeps the probabilities, seq_len per head."""
+    d, h, heads = args.dim, args.hidden_dim, args.n_heads
+    kv = args.n_kv_heads * (d // heads)
+    per_layer = 16 * d + dtype_bytes * (5 * d + 2 * kv + 4 * h)
+    per_layer += dtype_bytes * heads * seq_len if matmul_attention else 4 * heads
+    return args.n_layers * per_layer + 8 * d  # + the final norm's input and output
+
+
+def logits_bytes_per_token(args: ModelArgs) -> float:
+    """At the start of the backward pass the loss holds three float32 vocabulary-sized tensors per
+    token: the log-softmax it saved, the gradient of the loss and the gradient of the logits."""
+    return 12 * args.vocab_size
+
+
+# The backward pass allocates gradients of activations while the saved ones are still held, and the
+# allocator does not reuse every freed block: peaks measured on a CPU (tests/test_plan.py) are this
+# much above the saved activations and logits. An empirical factor, not derived.
+BACKWARD_OVERHEAD = 0.35
+
+
+@dataclass
+class MemoryPlan:
+    weights: float  # bytes per process: float32 weights
+    half_weights: float  # autocast's half-precision copies, kept for backward
+    gradients: float
+    optimizer: float  # AdamW's two moments
+    activations: float
+    logits: float
+    backward: float  # gradients of activations, allocator slack (BACKWARD_OVERHEAD)
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.half_weights + self.gradients + self.optimizer + self.activations + self.logits
+                + self.backward)
+
+
+def training_memory(args: ModelArgs, micro_batch: int, seq_len: int, dtype: str = "bfloat16", processes: int = 1,
+                    fsdp: bool = False, matmul_attention: bool = False) -> MemoryPlan:
+    """Peak memory of one training process. Under FSDP weights, gradients and optimizer states are
+    split across the processes, and one block at a time is gathered whole."""
+    half = dtype in ("bfloat16", "float16")
+    dtype_bytes = 2 if half else 4
+    p = n_params(args)
+    shard = processes if fsdp else 1
+    d = args.dim
+    block = 2 * d * d + 2 * d * args.n_kv_heads * (d // args.n_heads) + 3 * d * args.hidden_dim
+    gathered = 4 * block if fsdp and processes > 1 else 0  # one block's full weights at a time
+    tokens = micro_batch * seq_len
+    activations = tokens * activation_bytes_per_token(args, seq_len, dtype_bytes, matmul_attention)
+    logits = tokens * logits_bytes_per_token(args)
+    return MemoryPlan(
+        weights=4 * p / shard + gathered,
+        half_weights=dtype_bytes * p if half else 0.0,
+        gradients=4 * p / shard + gathered,
+        optimizer=8 * p / shard,
+        activations=activations,
+        logits=logits,
+        backward=BACKWARD_OVERHEAD * (activations + logits))
+
+
+def largest_micro_batch(args: ModelArgs, seq_len: int, memory_bytes: float, **kw) -> int:
+    """The most sequences per micro-batch whose planned memory fits in memory_bytes (0: none fits)."""
+    batch = 0
+    while training_memory(args, batch + 1, seq_len, **kw).total <= memory_bytes and batch < 65536:
+        batch += 1
+    return batch
