@@ -1,0 +1,110 @@
+"""Will it fit, and how long will it take? Memory per GPU, the largest micro-batch, the gradient
+accumulation for a number of tokens per step, and the time and cost of a pretraining run.
+
+    python plan.py --model=baby_218m --gpu=3090 --gpus=4 --tokens=10B
+    python plan.py --model=baby_92m --gpu=H100 --gpus=8 --tokens=50B --mfu=0.45
+
+Memory comes from hardware.training_memory (checked against measured peaks on a CPU); time is the
+training FLOPs (model.flops_per_token) over the GPUs' dense bf16 peak at the stated MFU. Measure your
+own MFU with bench/gpu_check.py and pass it with --mfu.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from configurator import parse_config
+from hardware import GPUS, MemoryPlan, largest_micro_batch, training_memory
+from model import Transformer, model_args_from_preset
+
+
+@dataclass
+class Config:
+    model: str = "baby_92m"  # model preset (tiny, baby_92m, baby_218m) or a path to one
+    gpu: str = "3090"  # one of: H200, H100, A100-80G, A100-40G, L40S, A10, L4, 4090, 3090, V100, T4
+    gpus: int = 1  # GPUs in all, one process each
+    tokens: str = "10B"  # training tokens: 10B, 500M, 2e9...
+    seq_len: int = 0  # 0 keeps the preset's max_seq_len
+    tokens_per_step: int = 65536  # tokens per optimizer step (the seed's recipe: 32 x 4 x 512)
+    micro_batch: int = 0  # sequences per GPU per micro-step; 0: the largest that fits without FSDP
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32
+    mfu: float = 0.35  # the model FLOPs utilisation assumed for the time (bench/gpu_check.py measures it)
+    usd_per_gpu_hour: float = 0.0  # 0: the table's typical cloud price
+    reserve_gib: float = 1.5  # GPU memory left for the CUDA context and the allocator
+
+
+def parse_count(text: str) -> float:
+    """'10B' -> 1e10; also K, M, T and plain or scientific numbers."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKmMbBtT]?)\s*", text)
+    if not match:
+        raise ValueError(f"--tokens: expected a count such as 10B, 500M or 2e9, got {text!r}")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
+    return float(match.group(1)) * scale
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:8.2f}"
+
+
+def memory_table(plain: MemoryPlan, sharded: MemoryPlan, gpus: int) -> list[str]:
+    rows = [("float32 weights", "weights"), ("half-precision copies (autocast)", "half_weights"),
+            ("gradients", "gradients"), ("AdamW moments", "optimizer"), ("activations", "activations"),
+            ("logits (loss, float32)", "logits"), ("backward buffers", "backward")]
+    lines = [f"  {'GiB per GPU':<34}{'without FSDP':>14}{f'FSDP x{gpus}':>14}"]
+    lines += [f"  {label:<34}{gib(getattr(plain, key)):>14}{gib(getattr(sharded, key)):>14}" for label, key in rows]
+    lines.append(f"  {'total':<34}{gib(plain.total):>14}{gib(sharded.total):>14}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    if cfg.gpu not in GPUS:
+        raise SystemExit(f"error: --gpu={cfg.gpu!r} is not in the table; one of: {', '.join(GPUS)}")
+    if cfg.gpus < 1 or not 0 < cfg.mfu <= 1 or cfg.tokens_per_step < 1 or cfg.micro_batch < 0:
+        raise SystemExit("error: --gpus and --tokens_per_step must be positive, --micro_batch >= 0, --mfu in (0, 1]")
+    try:
+        tokens = parse_count(cfg.tokens)
+        overrides = {"max_seq_len": cfg.seq_len} if cfg.seq_len else {}
+        args = model_args_from_preset(cfg.model, **overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    gpu, T = GPUS[cfg.gpu], args.max_seq_len
+    with torch.device("meta"):  # the shapes only, no memory
+        model = Transformer(args)
+    flops_per_token = model.flops_per_token(T)
+    print(f"{cfg.model}: {model.num_params() / 1e6:.1f}M parameters "
+          f"({model.num_params(count_tied_twice=True) / 1e6:.1f}M counting the tied embedding twice), "
+          f"{T} tokens a sequence, {flops_per_token:.3g} training FLOPs a token")
+
+    capacity = (gpu.memory_gib - cfg.reserve_gib) * 2**30
+    kw = {"dtype": cfg.dtype, "processes": cfg.gpus}
+    fit_plain = largest_micro_batch(args, T, capacity, **kw)
+    fit_fsdp = largest_micro_batch(args, T, capacity, fsdp=True, **kw)
+    micro = cfg.micro_batch or max(1, fit_plain or fit_fsdp)
+    print(f"\nmemory of one training process, micro-batch {micro} x {T} tokens, {cfg.dtype}:")
+    print("\n".join(memory_table(training_memory(args, micro, T, **kw),
+                                 training_memory(args, micro, T, fsdp=True, **kw), cfg.gpus)))
+    print(f"\nlargest micro-batch in {gpu.memory_gib:g} GiB ({cfg.gpu}, {cfg.reserve_gib:g} GiB kept free): "
+          f"{fit_plain} without FSDP, {fit_fsdp} with FSDP over {cfg.gpus} GPU(s)")
+    if fit_plain == 0 and fit_fsdp == 0:
+        print("not even one sequence fits: a shorter --seq_len, a smaller model or a larger GPU")
+    per_micro_step = micro * T * cfg.gpus
+    accum = max(1, math.ceil(cfg.tokens_per_step / per_micro_step))
+    print(f"tokens per optimizer step: {micro} x {T} x {cfg.gpus} GPU(s) x grad_accum {accum} = "
+          f"{per_micro_step * accum:,} (asked: {cfg.tokens_per_step:,}); "
+          f"torchrun --nproc_per_node={cfg.gpus} pretrain.py --batch_size={micro} --grad_accum={accum}")
+
+    seconds = tokens * flops_per_token / (cfg.gpus * gpu.bf16_tflops * 1e12 * cfg.mfu)
+    price = cfg.usd_per_gpu_hour or gpu.usd_per_hour
+    hours = seconds / 3600
+    print(f"time for {tokens:.3g} tokens at {100 * cfg.mfu:.0f}% MFU of {cfg.gpus} x {gpu.bf16_tflops:g} TFLOP/s: "
+          f"{hours:.1f} h ({hours / 24:.1f} days), about ${hours * cfg.gpus * price:,.0f} at ${price:g} a GPU-hour; "
+          f"{tokens / (cfg.tokens_per_step or 1):,.0f} optimizer steps")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
