@@ -23,16 +23,18 @@ class GPU:
 
 
 GPUS = {g.name: g for g in (
-    GPU("H200", 141, 989, 3.5), GPU("H100", 80, 989, 2.5), GPU("A100-80G", 80, 312, 1.6),
-    GPU("A100-40G", 40, 312, 1.2), GPU("L40S", 48, 362, 1.0), GPU("A10", 24, 125, 0.6), GPU("L4", 24, 121, 0.5),
-    GPU("4090", 24, 165, 0.4), GPU("3090", 24, 71, 0.25), GPU("V100", 32, 125, 0.5), GPU("T4", 16, 65, 0.2),
+    GPU("H200", 141, 989, 3.5), GPU("H100", 80, 989, 2.5), GPU("H100-PCIe", 80, 756, 2.0),
+    GPU("A100-80G", 80, 312, 1.6), GPU("A100-40G", 40, 312, 1.2), GPU("L40S", 48, 362, 1.0), GPU("L40", 48, 181, 0.9),
+    GPU("A10G", 24, 70, 0.5), GPU("A10", 24, 125, 0.6), GPU("L4", 24, 121, 0.5), GPU("4090", 24, 165, 0.4),
+    GPU("3090", 24, 71, 0.25), GPU("V100", 32, 125, 0.5), GPU("T4", 16, 65, 0.2),
 )}
 
-# Names torch.cuda.get_device_name() returns, longest first where one contains another.
-DEVICE_NAMES = (("H200", "H200"), ("H100", "H100"), ("H800", "H100"), ("A100-SXM4-80GB", "A100-80G"),
-                ("A100 80GB", "A100-80G"), ("A100", "A100-40G"), ("A800", "A100-80G"), ("L40S", "L40S"),
-                ("A10", "A10"), ("L4", "L4"), ("RTX 4090", "4090"), ("RTX 3090", "3090"), ("V100", "V100"),
-                ("T4", "T4"))
+# Parts of the names torch.cuda.get_device_name() returns, tried in order (longer first where one
+# contains another).
+DEVICE_NAMES = (("H200", "H200"), ("H100 PCIe", "H100-PCIe"), ("H100", "H100"), ("H800", "H100"),
+                ("A100-SXM4-80GB", "A100-80G"), ("A100 80GB", "A100-80G"), ("A100", "A100-40G"),
+                ("A800", "A100-80G"), ("L40S", "L40S"), ("L40", "L40"), ("A10G", "A10G"), ("A10", "A10"),
+                ("L4", "L4"), ("RTX 4090", "4090"), ("RTX 3090", "3090"), ("V100", "V100"), ("T4", "T4"))
 
 
 def gpu_of_device_name(device_name: str) -> GPU | None:

@@ -25,7 +25,7 @@ from model import Transformer, model_args_from_preset
 @dataclass
 class Config:
     model: str = "baby_92m"  # model preset (tiny, baby_92m, baby_218m) or a path to one
-    gpu: str = "3090"  # one of: H200, H100, A100-80G, A100-40G, L40S, A10, L4, 4090, 3090, V100, T4
+    gpu: str = "3090"  # H200, H100, H100-PCIe, A100-80G, A100-40G, L40S, L40, A10G, A10, L4, 4090, 3090, V100, T4
     gpus: int = 1  # GPUs in all, one process each
     tokens: str = "10B"  # training tokens: 10B, 500M, 2e9...
     seq_len: int = 0  # 0 keeps the preset's max_seq_len

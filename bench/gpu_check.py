@@ -7,8 +7,8 @@ the code), and KV-cache decoding at batch 1 and 32.
     python bench/gpu_check.py --device=cpu --presets=tiny --dtype=float32 --steps=2 --batch_size=2 \\
         --decode_tokens=4                                     # the same code on a CPU, in seconds (tests)
 
-MFU is against the GPU's dense bf16 peak from the table below when its name is there, else against
-the matmul peak measured here (the table's figure is the vendor's; the measured one is printed too).
+MFU is against the GPU's dense bf16 peak from hardware.py's table when its name is there, else against
+the matmul peak measured here.
 """
 from __future__ import annotations
 
@@ -23,22 +23,18 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from hardware import gpu_of_device_name  # noqa: E402
 from model import Transformer, model_args_from_preset  # noqa: E402
 from trainer import Trainer, TrainerSettings, matmul_flops, setup_distributed, synchronize, teardown  # noqa: E402
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
-GPU_PEAK_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100": 756, "H800": 989,
-                   "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10G": 70, "A10": 125,
-                   "RTX 4090": 165, "RTX 3090": 71, "RTX A6000": 155, "V100": 125, "T4": 65}
 
 
 def peak_flops(device: str, dtype: str) -> tuple[float, str]:
     """(FLOP/s, where it came from): the table's figure for a known GPU, else a matmul measured here."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():  # longer keys first in the table where names overlap
-            if key in name:
-                return tflops * 1e12, f"{name}: {tflops} TFLOP/s from the data sheet"
+        gpu = gpu_of_device_name(name)
+        if gpu is not None:
+            return gpu.bf16_tflops * 1e12, f"{name}: {gpu.bf16_tflops:g} TFLOP/s dense bf16 from the data sheet"
     measured = matmul_flops(device, dtype, seconds=1.0)
     return measured, f"{device}: {measured / 1e12:.2f} TFLOP/s measured ({dtype} matmul)"
 
