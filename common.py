@@ -1,7 +1,15 @@
-"""What every entry point shares: the choice of device."""
+"""What the entry points share: the choice of device, printing on the first process only, and
+writing JSON safely."""
 from __future__ import annotations
 
+import json
+import os
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from trainer import Dist
 
 
 def mps_available() -> bool:
@@ -20,3 +28,17 @@ def pick_device(device: str = "auto", *, cuda: bool | None = None, mps: bool | N
     if mps_available() if mps is None else mps:
         return "mps"
     return "cpu"
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """JSON to a temp file, then renamed: a crash never leaves a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+    os.replace(tmp, path)
+
+
+def print0(*args, dist: Dist | None = None, **kwargs) -> None:
+    """print, flushed, on the master process only (every process without dist)."""
+    if dist is None or dist.master:
+        print(*args, **kwargs, flush=True)

@@ -115,3 +115,18 @@ def chat_prompt_ids(tok: SPTokenizer, history: list[tuple[str, str]], question: 
             break
         ids = turn + ids
     return ids
+
+
+def read_pairs(path: str) -> list[tuple[str, str, str]]:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"prompt", "chosen", "rejected"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{path}: missing columns {sorted(missing)} (expected prompt, chosen, rejected)")
+            rows = [(r["prompt"], r["chosen"], r["rejected"]) for r in reader]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run sft_data_process.py first") from None
+    if not rows:
+        raise ValueError(f"{path} has no pairs")
+    return rows

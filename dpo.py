@@ -20,16 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from chatglm_tokenizer import load_tokenizer
-from dataset_sft import collate, encode_turns, make_example
+from common import print0
+from dataset_sft import collate, encode_turns, make_example, read_pairs
 from model import answer_logprobs, load_model
-from reward_model import read_pairs
 from trainer import (
     Dist,
     TrainConfig,
     all_reduce_mean,
     autocast,
     fit,
-    print0,
     run_stage,
     start_run,
 )

@@ -14,8 +14,7 @@ import csv
 import json
 import os
 import sys
-import unicodedata
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ from common import pick_device
 from configurator import parse_config
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import Transformer, load_model
-from sft_data_process import CHAR_PROMPT, IDIOM_PROMPT
+from tasks import char_f1, rouge_l, task_of
 
 SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？",
                   "前列腺囊肿的症状是什么？", "请问，世界上最大的动物是什么？"]
@@ -46,42 +45,6 @@ class Config:
     reward_model: str = ""  # also report the mean reward of the answers under this reward model
     out: str = "out/eval"  # answers.csv and summary.json
     device: str = "auto"
-
-
-def char_f1(prediction: str, reference: str) -> float:
-    """F1 of the characters in common (as multisets), the usual metric for Chinese QA."""
-    common = sum((Counter(prediction) & Counter(reference)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(prediction), common / len(reference)
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure over characters: from the longest common subsequence."""
-    if not prediction or not reference:
-        return 0.0
-    previous = [0] * (len(reference) + 1)
-    for p in prediction:
-        current = [0]
-        for j, r in enumerate(reference):
-            current.append(previous[j] + 1 if p == r else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(prediction), lcs / len(reference)
-    return 2 * precision * recall / (precision + recall)
-
-
-def task_of(prompt: str) -> str:
-    """idiom, character or other, from the built-in task templates (after the same NFKC cleaning)."""
-    prompt = unicodedata.normalize("NFKC", prompt)
-    if prompt.startswith(IDIOM_PROMPT.split("{")[0]) and prompt.endswith(IDIOM_PROMPT.split("}")[-1]):
-        return "idiom"
-    if prompt.startswith(CHAR_PROMPT.split("{")[0]) and prompt.endswith(CHAR_PROMPT.split("}")[-1]):
-        return "character"
-    return "other"
 
 
 def answer(model: Transformer, tok, conversations: list[tuple[list, str]], cfg: Config) -> list[str]:
@@ -150,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         summary["val_answer_loss"] = answer_loss(model, tok, cfg.val_data, len(rows), cfg.batch_size)
         rewards = None
         if cfg.reward_model:
-            from reward_model import load_reward_model
+            from reward import load_reward_model
             rm, _ = load_reward_model(cfg.reward_model, model.freqs_cos.device)
             rewards = rm.score(tok, [p for p, _, _ in rows], predictions)
         summary["scores"] = score(rows, predictions, cfg.exact_match_chars, rewards)

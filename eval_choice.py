@@ -25,8 +25,8 @@ from chatglm_tokenizer import load_tokenizer
 from common import pick_device
 from configurator import parse_config
 from dataset_sft import collate, read_sft_csv
-from eval import task_of
 from model import Transformer, answer_logprobs, load_model
+from tasks import task_of
 
 LETTERS = "ABCD"
 

@@ -19,15 +19,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from chatglm_tokenizer import load_tokenizer
+from common import print0
 from dataset_sft import chat_prompt_ids, collate, read_sft_csv
-from eval import char_f1, task_of
 from model import load_model, token_logprobs
+from tasks import char_f1, task_of
 from trainer import (
     Dist,
     TrainConfig,
     autocast,
     fit,
-    print0,
     run_stage,
     start_run,
 )
@@ -87,7 +87,7 @@ def make_rewarder(cfg: Config, tok, device: str):
     if cfg.reward == "f1":
         return lambda prompts, answers, references: [char_f1(a, r) for a, r in zip(answers, references)]
     if cfg.reward == "model":
-        from reward_model import load_reward_model
+        from reward import load_reward_model
         rm, _ = load_reward_model(cfg.reward_model, device)
         return lambda prompts, answers, references: rm.score(tok, prompts, answers)
     raise ValueError(f"--reward must be f1 or model, not {cfg.reward!r}")

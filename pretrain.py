@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from chatglm_tokenizer import load_tokenizer
+from common import print0
 from dataset import PretrainDataset, bin_files, check_tokenizer
 from model import ModelArgs, Transformer, load_model, model_args_from_preset
 from trainer import (
     Dist,
     TrainConfig,
     fit,
-    print0,
     run_stage,
     start_run,
     validation_loss,

@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from chatglm_tokenizer import load_tokenizer
+from common import print0
 from dataset_sft import SFTDataset
 from lora import apply_lora, lora_state_dict
 from model import load_model
@@ -22,7 +23,6 @@ from trainer import (
     Dist,
     TrainConfig,
     fit,
-    print0,
     run_stage,
     save_atomic,
     start_run,

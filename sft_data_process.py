@@ -22,9 +22,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from common import write_json_atomic
 from configurator import parse_config
 from corpora import CorpusError, clean_text, json_records, text_field
-from data_process import text_hash, write_json_atomic
+from dedup import text_hash
+from tasks import CHAR_PROMPT, IDIOM_PROMPT, POEM_PROMPT
 
 
 @dataclass
@@ -133,10 +135,6 @@ def read_chatmed(path: str, source: str) -> Iterator[Sample]:
             yield Sample(None, None, [], source, where, "missing 'query' or 'response'")
             continue
         yield Sample(query, response, [], source, where)
-
-
-IDIOM_PROMPT = "成语“{word}”是什么意思?"  # ASCII ?: the cleaning (NFKC) turns ？ into ?
-CHAR_PROMPT = "“{word}”字是什么意思?"
 
 
 def idiom_meaning(record: dict) -> str | None:
@@ -325,9 +323,6 @@ def idiom_pairs(path: str, seed: int = 0) -> Iterator[Pair]:
         while other == meaning or other is None:
             other = meanings[rng.randrange(len(meanings))][1]
         yield Pair(IDIOM_PROMPT.format(word=word), meaning, other, "idioms", where, group=f"idiom:{word}")
-
-
-POEM_PROMPT = "“{line}”的下一句是什么?"
 
 
 def poem_pairs(folder: str, seed: int = 0) -> Iterator[Pair]:

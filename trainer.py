@@ -24,6 +24,7 @@ import random
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import pick_device
+from common import pick_device, print0
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,11 +121,6 @@ def all_reduce_mean(value: float | torch.Tensor, dist: Dist) -> float:
     t = torch.tensor(float(value), dtype=torch.float64, device=dist.device)
     torch_dist.all_reduce(t)
     return float(t) / dist.world_size
-
-
-def print0(*args, dist: Dist | None = None, **kwargs) -> None:
-    if dist is None or dist.master:
-        print(*args, **kwargs, flush=True)
 
 
 # ------------------------------------------------------------------ precision, schedule, optimizer
@@ -700,11 +696,15 @@ class TimeBudget:
     """Fits a stage's optimizer steps into time_budget_min minutes counted from the stage's start
     (dist.started). The steps after the first (which pays for compilation) are timed until there are
     enough; one validation and one checkpoint are timed; then max_steps becomes what fits, at most the
-    configured max_steps, and the warmup shrinks in proportion, so the schedule keeps its shape and
-    reaches min_lr on the last step. The timing goes on: where the machine turns out slower, the
-    schedule is shortened again, never lengthened (the learning rate never climbs back)."""
+    configured max_steps, and the warmup shrinks with it, so the schedule reaches min_lr on its last
+    step. The timing goes on, over the most recent steps: the schedule is shortened whenever the steps
+    left no longer fit (the machine slowed down), and lengthened, up to the configured max_steps, when
+    clearly more fit and most of the schedule is still ahead (a slow spell during the first timing)."""
 
     MIN_TIMED_STEPS = 5
+    RECENT_STEPS = 50  # the speed that later adjustments go by
+    LENGTHEN_BY = 1.05  # lengthen only for at least this many more steps...
+    LENGTHEN_BEFORE = 0.8  # ...and only before this share of the schedule is done
 
     def __init__(self, trainer: Trainer, loop: LoopSettings):
         self.trainer, self.loop = trainer, loop
@@ -713,14 +713,18 @@ class TimeBudget:
         self.deadline = trainer.dist.started + self.seconds
         self.margin = 2.0 + 0.05 * self.seconds  # what the estimate cannot see: the exit, slower steps
         self.pending = self.on and not trainer.fitted_to_budget
+        self.adjusting = self.pending  # a resumed run keeps the schedule it was fitted to
+        self.cap = trainer.settings.max_steps  # the configured max_steps
         self.first_step = trainer.step + 1
         self.timed_s, self.timed_steps = 0.0, 0
+        self.recent: deque[float] = deque(maxlen=self.RECENT_STEPS)
         self.eval_s = self.save_s = 0.0
 
     def add_step(self, step: int, seconds: float) -> None:
         if self.on and step > self.first_step:
             self.timed_s += seconds
             self.timed_steps += 1
+            self.recent.append(seconds)
 
     def ready(self) -> bool:
         """Enough steps are timed to fit the schedule."""
@@ -731,39 +735,44 @@ class TimeBudget:
         """When to stop at the latest, leaving time for the last checkpoint; inf without a budget."""
         return self.deadline - self.save_s - 1.0 if self.on else math.inf
 
-    def _steps_left(self, margin: float) -> tuple[int, float, float]:
-        dist, step = self.trainer.dist, self.trainer.step
-        step_s = all_reduce_max(self.timed_s / max(1, self.timed_steps), dist)
-        left = all_reduce_max(self.deadline - time.time(), dist)
-        n = steps_that_fit(left - margin, step, step_s, self.eval_s, self.loop.eval_interval, self.save_s,
-                           self.loop.save_interval)
-        return n, step_s, left
+    def _steps_left(self, step_s: float, margin: float) -> int:
+        left = all_reduce_max(self.deadline - time.time(), self.trainer.dist)
+        return steps_that_fit(left - margin, self.trainer.step, step_s, self.eval_s, self.loop.eval_interval,
+                              self.save_s, self.loop.save_interval)
 
     def fit(self, eval_s: float, save_s: float) -> str:
         """Set max_steps and warmup_steps from the timings; returns the line that says so."""
-        trainer, s = self.trainer, self.trainer.settings
-        self.eval_s, self.save_s = all_reduce_max(eval_s, trainer.dist), all_reduce_max(save_s, trainer.dist)
-        n, step_s, left = self._steps_left(self.margin)
-        configured = s.max_steps
-        s.max_steps = max(trainer.step + 1, min(configured, trainer.step + n))
+        trainer, dist, s = self.trainer, self.trainer.dist, self.trainer.settings
+        self.eval_s, self.save_s = all_reduce_max(eval_s, dist), all_reduce_max(save_s, dist)
+        step_s = all_reduce_max(self.timed_s / self.timed_steps, dist)
+        n = self._steps_left(step_s, self.margin)
+        s.max_steps = max(trainer.step + 1, min(self.cap, trainer.step + n))
         # The warmup shrinks with the schedule, but need not go below a tenth of it.
-        s.warmup_steps = min(s.warmup_steps, max(1, round(s.warmup_steps * s.max_steps / configured),
+        s.warmup_steps = min(s.warmup_steps, max(1, round(s.warmup_steps * s.max_steps / self.cap),
                                                  s.max_steps // 10))
         trainer.fitted_to_budget, self.pending = True, False
         return (f"time budget {self.loop.time_budget_min:g} min: {step_s:.3f} s a step, validation "
-                f"{self.eval_s:.1f} s, checkpoint {self.save_s:.1f} s, {left:.0f} s left -> {s.max_steps} steps "
-                f"(of at most {configured}), warmup {s.warmup_steps}")
+                f"{self.eval_s:.1f} s, checkpoint {self.save_s:.1f} s, {self.deadline - time.time():.0f} s left -> "
+                f"{s.max_steps} steps (of at most {self.cap}), warmup {s.warmup_steps}")
 
-    def shorten_if_late(self) -> str | None:
-        """After the fit: if the steps left no longer fit (the machine slowed down), end the schedule
-        earlier. Returns the line that says so, or None. Called on the same steps on every rank."""
-        if not self.on or self.pending or not self.timed_steps:
+    def adjust_to_speed(self) -> str | None:
+        """After the fit: end the schedule earlier if the steps left no longer fit at the recent speed,
+        or later if clearly more fit. Returns the line that says so, or None. Every rank calls it on
+        the same steps."""
+        if not self.adjusting or self.pending or not self.recent:
             return None
         trainer, s = self.trainer, self.trainer.settings
-        n, step_s, _ = self._steps_left(self.margin / 2)
-        if trainer.step + n >= s.max_steps:
+        step_s = all_reduce_max(sum(self.recent) / len(self.recent), trainer.dist)
+        fits = trainer.step + self._steps_left(step_s, self.margin / 2)
+        if fits < s.max_steps:
+            s.max_steps = max(trainer.step + 1, fits)
+        elif trainer.step < self.LENGTHEN_BEFORE * s.max_steps and s.max_steps < self.cap:
+            fits = min(self.cap, trainer.step + self._steps_left(step_s, self.margin))
+            if fits < self.LENGTHEN_BY * s.max_steps:
+                return None
+            s.max_steps = fits
+        else:
             return None
-        s.max_steps = max(trainer.step + 1, trainer.step + n)
         return f"time budget: steps take {step_s:.3f} s now, the schedule ends at step {s.max_steps}"
 
 
@@ -806,7 +815,7 @@ def fit(trainer: Trainer, loop: LoopSettings, next_batches: Callable[[], tuple[l
             if stats.skipped:
                 record["skipped_nonfinite"] = trainer.nonfinite_total
                 print0(f"step {step}: non-finite loss, step skipped ({trainer.nonfinite_total} so far)", dist=dist)
-            if step % loop.log_interval == 0 and (note := budget.shorten_if_late()):
+            if step % loop.log_interval == 0 and (note := budget.adjust_to_speed()):
                 print0(note, dist=dist)
             done = step >= settings.max_steps
             stop_at = min(time_limit, budget.stop_at())

@@ -115,6 +115,7 @@ def stages(args) -> None:
     """CPU seconds of each stage of data_process.py on the built-in corpus, one stage after the other in
     this process (the real run spreads them over the main process and the workers)."""
     import data_process
+    import dedup
     from corpora import clean_texts
     tok = load_tokenizer(args.tokenizer or default_tokenizer())
     cfg = Config()
@@ -131,10 +132,10 @@ def stages(args) -> None:
         cleaned = timed("cleaning", clean_texts, [d.text or "" for d in batch])
         long_enough = [t for t in cleaned if len(t) >= cfg.min_chars]
         timed("tokenizing (sentencepiece)", tok.encode_joined, long_enough)
-        signatures = timed("MinHash signatures", data_process.minhash_batch, long_enough, cfg.bands * cfg.rows,
+        signatures = timed("MinHash signatures", dedup.minhash_batch, long_enough, cfg.bands * cfg.rows,
                            cfg.ngram)
-        timed("LSH keys", data_process.lsh_keys, signatures, cfg.bands)
-        timed("text hashes", data_process.text_hashes, cleaned)
+        timed("LSH keys", dedup.lsh_keys, signatures, cfg.bands)
+        timed("text hashes", dedup.text_hashes, cleaned)
     print(f"{len(docs):,} documents in {len(batches)} batches; CPU seconds, one stage after the other:")
     for name, seconds in timing.items():
         print(f"  {name:<34} {seconds:6.3f}")

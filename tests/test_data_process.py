@@ -7,8 +7,9 @@ from conftest import write_corpus
 
 from chatglm_tokenizer import load_tokenizer
 from corpora import CorpusError, clean_text
-from data_process import Config, minhash, run
+from data_process import Config, run
 from dataset import CorpusMismatch, bin_files, check_tokenizer
+from dedup import minhash
 
 
 def make_inputs(tmp_path):
@@ -115,7 +116,7 @@ def test_minhash_estimates_jaccard():
 
 
 def test_minhash_of_short_texts_fills_every_bin_and_stays_unbiased():
-    from data_process import minhash_batch
+    from dedup import minhash_batch
     rng = np.random.default_rng(0)
     estimates, truths = [], []
     for _ in range(200):  # 12-80 characters: most of the 64 bins are empty before densification
@@ -133,7 +134,7 @@ def test_minhash_of_short_texts_fills_every_bin_and_stays_unbiased():
 
 
 def test_text_hashes_equal_text_hash():
-    from data_process import text_hash, text_hashes
+    from dedup import text_hash, text_hashes
     texts = ["", "人民日报", "a" * 1000, "😀"]
     assert text_hashes(texts).tolist() == [text_hash(t) for t in texts]
 
@@ -141,7 +142,7 @@ def test_text_hashes_equal_text_hash():
 def test_densify_takes_the_first_filled_bin_along_each_probe_sequence():
     """The batched densification equals its definition taken bin by bin, for rows from one filled bin
     (a text of one shingle) to nearly full."""
-    from data_process import _EMPTY, _probe_table, densify
+    from dedup import _EMPTY, _probe_table, densify
     rng = np.random.default_rng(0)
     rows, n_perm = 300, 64
     filled = rng.random((rows, n_perm)) < rng.choice([0.0, 0.05, 0.3, 0.9], size=(rows, 1))
@@ -169,7 +170,8 @@ def test_a_batch_of_short_documents_has_no_tokens_and_no_signatures(small_tokeni
 def test_count_verdicts_keeps_sources_in_the_order_they_came():
     from collections import Counter, defaultdict
 
-    from data_process import DUPLICATE, KEEP, TOO_SHORT, count_verdicts
+    from data_process import count_verdicts
+    from dedup import DUPLICATE, KEEP, TOO_SHORT
     counts = defaultdict(Counter)
     count_verdicts(counts, ["zeta", "zeta", "alpha", "zeta"], np.array([KEEP, DUPLICATE, TOO_SHORT, KEEP]))
     count_verdicts(counts, ["alpha"], np.array([KEEP]))
@@ -189,7 +191,7 @@ def test_cli_errors_are_one_line(tmp_path, small_tokenizer):
 
 
 def test_keyset_big_and_small_parts_agree():
-    from data_process import KeySet
+    from dedup import KeySet
     keys = KeySet(merge_every=3)
     for batch in ([5, 2**63 + 7], [11], [3, 2**64 - 1]):
         keys.add(np.array(batch, dtype=np.uint64))
@@ -207,9 +209,9 @@ def test_keyset_big_and_small_parts_agree():
 def test_dedup_decisions_match_one_by_one_in_order():
     """The batched decisions equal the plain definition: documents in order, each dropped if its hash
     was kept before (duplicate) or it shares a band key with a kept document (near duplicate)."""
-    from data_process import DUPLICATE, KEEP, NEAR_DUPLICATE, Config, Deduplicator, Processed
+    from dedup import DUPLICATE, KEEP, NEAR_DUPLICATE, Deduplicator
     rng = np.random.default_rng(0)
-    dedup = Deduplicator(Config())
+    dedup = Deduplicator(exact=True)
     seen_hashes: set[int] = set()
     seen_keys: set[int] = set()
     every: list[int] = []
@@ -218,9 +220,7 @@ def test_dedup_decisions_match_one_by_one_in_order():
         hashes = rng.integers(0, 1000, n).astype(np.uint64)  # many exact repeats, within and across batches
         bands = (rng.integers(0, 300, (n, 8)) * 8 + np.arange(8)).astype(np.uint64)  # and shared band keys
         candidates = rng.random(n) < 0.9
-        out = Processed(candidates, np.ones(n, dtype=np.int64), hashes, bands, np.empty(0, np.uint16),
-                        np.zeros(n + 1, np.int64))
-        got = dedup.verdicts(out, candidates).tolist()
+        got = dedup.verdicts(hashes, bands, candidates).tolist()
         expected = []
         for i in range(n):
             verdict = KEEP
@@ -241,11 +241,11 @@ def test_dedup_decisions_match_one_by_one_in_order():
 
 
 def test_dedup_decisions_do_not_depend_on_merging(tmp_path, small_tokenizer, monkeypatch):
-    import data_process
+    import dedup
     _, inputs = make_inputs(tmp_path)
     meta, _ = process(tmp_path, small_tokenizer, inputs, out="a")
-    original = data_process.KeySet.__init__
-    monkeypatch.setattr(data_process.KeySet, "__init__", lambda self, merge_every=0: original(self, 5))
+    original = dedup.KeySet.__init__
+    monkeypatch.setattr(dedup.KeySet, "__init__", lambda self, merge_every=0: original(self, 5))
     merged, _ = process(tmp_path, small_tokenizer, inputs, out="b")
     assert merged["sources"] == meta["sources"]
     assert open(tmp_path / "a/train.bin", "rb").read() == open(tmp_path / "b/train.bin", "rb").read()

@@ -9,9 +9,10 @@ from conftest import ROOT, write_csv
 
 from chatglm_tokenizer import load_tokenizer
 from dataset_sft import collate, encode_turns, make_example
-from eval import char_f1, rouge_l, score, task_of
+from eval import score
 from eval_choice import Question, choose, read_choice_csv, write_choice_csv
 from model import ModelArgs, Transformer
+from tasks import char_f1, rouge_l, task_of
 from trainer import Dist, Trainer, TrainerSettings
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)

@@ -16,7 +16,7 @@ from test_sft import pretrained  # noqa: F401  (module fixture)
 from dpo import dpo_loss
 from grpo import grpo_advantages, grpo_loss
 from model import ModelArgs, Transformer, answer_logprobs
-from reward_model import RewardModel, bradley_terry_loss, load_reward_model
+from reward import RewardModel, bradley_terry_loss, load_reward_model
 
 
 def sig(x):

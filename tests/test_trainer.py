@@ -224,3 +224,34 @@ def test_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path):
     for key, value in single.model_state().items():
         assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key])
         assert torch.allclose(ranks[0]["model"][key], value, atol=1e-5)
+
+
+def test_time_budget_follows_the_speed_both_ways():
+    """After the fit, a slower machine shortens the schedule at once; a faster one lengthens it (up to
+    the configured max_steps) only while most of the schedule is ahead."""
+    import time
+    from types import SimpleNamespace
+
+    from trainer import LoopSettings, TimeBudget
+    settings = SimpleNamespace(max_steps=1000, warmup_steps=10)
+    trainer = SimpleNamespace(dist=Dist(started=time.time()), settings=settings, step=0, fitted_to_budget=False)
+    budget = TimeBudget(trainer, LoopSettings("out", eval_interval=10**6, save_interval=10**6, time_budget_min=2))
+    for step in range(1, 12):  # the first step (compilation) is not timed
+        budget.add_step(step, 0.5)
+    assert not budget.ready()  # 5 s timed: less than a tenth of the budget
+    for step in range(12, 32):
+        budget.add_step(step, 0.5)
+    trainer.step = 31
+    assert budget.ready()
+    budget.fit(eval_s=0.0, save_s=0.0)
+    assert 240 < settings.max_steps < 260  # step 31 + (120 s less the 8 s margin) / 0.5 s
+    fitted = settings.max_steps
+    budget.recent.extend([1.0] * 50)  # twice as slow: shortened
+    assert budget.adjust_to_speed() is not None and settings.max_steps < 0.6 * fitted
+    shortened = settings.max_steps
+    budget.recent.extend([0.1] * 50)  # much faster, early in the schedule: lengthened, within the cap
+    assert budget.adjust_to_speed() is not None and shortened < settings.max_steps <= 1000
+    trainer.step = int(0.9 * settings.max_steps)
+    longest = settings.max_steps
+    budget.recent.extend([0.01] * 50)  # faster still, but near the end: kept
+    assert budget.adjust_to_speed() is None and settings.max_steps == longest
