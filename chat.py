@@ -14,11 +14,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model_and_tokenizer
 from common import pick_device
 from configurator import parse_config
 from dataset_sft import chat_prompt_ids
-from model import load_model
 
 
 @dataclass
@@ -75,8 +74,7 @@ def apply_setting(cfg: Config, assignment: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
     try:
-        tok = load_tokenizer(cfg.tokenizer)
-        model, _ = load_model(cfg.ckpt, pick_device(cfg.device))
+        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     interactive = sys.stdin.isatty()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from trainer import Dist
+    from distributed import Dist
 
 
 def mps_available() -> bool:

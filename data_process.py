@@ -27,9 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from chatglm_tokenizer import SPTokenizer, load_tokenizer
+from cleaning import clean_texts
 from common import write_json_atomic
 from configurator import parse_config
-from corpora import CorpusError, Doc, builtin_input, clean_texts, iter_corpus, parse_input
+from corpora import CorpusError, Doc, builtin_input, iter_corpus, parse_input
 from dedup import KEEP, MALFORMED, TOO_SHORT, VERDICTS, Deduplicator, lsh_keys, minhash_batch, text_hashes
 
 TOKEN_DTYPE = np.uint16

@@ -13,7 +13,7 @@ import json
 import torch
 
 from chatglm_tokenizer import SPTokenizer
-from corpora import clean_text
+from cleaning import clean_text
 
 IGNORE_INDEX = -100
 

@@ -165,7 +165,7 @@ def _in_sorted(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 def _insert_sorted(table: np.ndarray, new: np.ndarray) -> np.ndarray:
     """Sorted `new` (none of them in `table`) put in their places: one copy of the table, where
-    np.union1d would sort it all again (8.6 s at 10M keys against 0.25 s)."""
+    np.union1d would sort it all again."""
     return np.insert(table, np.searchsorted(table, new), new)
 
 

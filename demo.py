@@ -138,8 +138,8 @@ CHAT_QUESTIONS = ("成语“画蛇添足”是什么意思?", "成语“守株�
 def samples(cfg: Config) -> str:
     """Greedy continuations of the base model and chat answers of the SFT model, as Markdown."""
     from chatglm_tokenizer import load_tokenizer
+    from checkpoint import load_model
     from dataset_sft import chat_prompt_ids
-    from model import load_model
     tok = load_tokenizer(f"{cfg.data_dir}/tokenizer/tokenizer.model")
     lines = ["| model | prompt | output (greedy, repetition penalty 1.1) |", "|---|---|---|"]
     for name, prompts in (("base", BASE_PROMPTS), ("sft", CHAT_QUESTIONS)):

@@ -14,24 +14,18 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model_and_tokenizer
 from common import print0
 from dataset_sft import collate, encode_turns, make_example, read_pairs
-from model import answer_logprobs, load_model
-from trainer import (
-    Dist,
-    TrainConfig,
-    all_reduce_mean,
-    autocast,
-    fit,
-    run_stage,
-    start_run,
-)
+from distributed import Dist, all_reduce_mean
+from model import answer_logprobs
+from precision import autocast
+from trainer import TrainConfig, fit, run_stage, start_run
 
 
 @dataclass
@@ -74,10 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg: Config, dist: Dist) -> None:
-    tok = load_tokenizer(cfg.tokenizer)
-    policy, init = load_model(cfg.init_from)
-    if init.get("tokenizer_sha256") not in (None, tok.sha256):
-        raise ValueError(f"{cfg.init_from} was trained with another tokenizer than {cfg.tokenizer}")
+    policy, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
     reference = copy.deepcopy(policy).to(dist.device).eval().requires_grad_(False)
     policy.train()
     pairs = read_pairs(cfg.data)
@@ -85,7 +76,7 @@ def train(cfg: Config, dist: Dist) -> None:
     max_len = policy.args.max_seq_len
     print0(f"DPO from {cfg.init_from}: {len(pairs):,} pairs, beta {cfg.beta}", dist=dist)
     run = start_run(cfg, policy, dist, len(pairs), cfg.batch_size, policy.flops_per_token(max_len),
-                    {"model_args": asdict(policy.args)})
+                    stage="dpo", tokenizer_sha256=tok.sha256)
     trainer, order = run.trainer, run.order
 
     def with_reference(x: torch.Tensor, y: torch.Tensor):
@@ -123,11 +114,7 @@ def train(cfg: Config, dist: Dist) -> None:
                 totals["val_accuracy"] += metrics["accuracy"] * share
         return {k: all_reduce_mean(v, dist) for k, v in totals.items()}
 
-    def extra_state() -> dict:
-        return {"model_args": asdict(policy.args), "data": order.state_dict(), "config": asdict(cfg),
-                "tokenizer_sha256": tok.sha256, "stage": "dpo"}
-
-    fit(trainer, run.loop, next_batches, loss_fn, validation if val else None, extra_state, run.tokens_seen)
+    fit(run, next_batches, loss_fn, validation if val else None)
     print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
 
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model_and_tokenizer
 from common import pick_device
 from configurator import parse_config
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
-from model import Transformer, load_model
+from model import Transformer
 from tasks import char_f1, rouge_l, task_of
 
 SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？",
@@ -94,8 +94,7 @@ def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
     try:
-        tok = load_tokenizer(cfg.tokenizer)
-        model, _ = load_model(cfg.ckpt, pick_device(cfg.device))
+        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
         questions = cfg.questions.split("|") if cfg.questions else []
         if cfg.questions_file:
             with open(cfg.questions_file, encoding="utf-8") as f:

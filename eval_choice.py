@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model_and_tokenizer
 from common import pick_device
 from configurator import parse_config
 from dataset_sft import collate, read_sft_csv
-from model import Transformer, answer_logprobs, load_model
+from model import Transformer, answer_logprobs
 from tasks import task_of
 
 LETTERS = "ABCD"
@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.format not in ("chat", "plain"):
         raise SystemExit(f"error: --format must be chat or plain, not {cfg.format!r}")
     try:
-        tok = load_tokenizer(cfg.tokenizer)
-        model, _ = load_model(cfg.ckpt, pick_device(cfg.device))
+        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
         questions = read_choice_csv(cfg.file) if cfg.file else idiom_set(cfg.val_data, cfg.idiom_questions, cfg.seed)
         shots = read_choice_csv(cfg.dev_file)[:cfg.shots] if cfg.dev_file and cfg.shots else []
     except (FileNotFoundError, ValueError) as e:

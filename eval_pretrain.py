@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model_and_tokenizer
+from cleaning import clean_text
 from common import pick_device
 from configurator import parse_config
-from corpora import clean_text
 from dataset import PretrainDataset
-from model import Transformer, load_model
+from model import Transformer
 
 SEED_PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："]
 
@@ -116,8 +116,7 @@ def perplexity(model: Transformer, tok, cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
     try:
-        tok = load_tokenizer(cfg.tokenizer)
-        model, _ = load_model(cfg.ckpt, pick_device(cfg.device))
+        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
         prompts = cfg.prompts.split("|")
         if cfg.prompts_file:
             with open(cfg.prompts_file, encoding="utf-8") as f:

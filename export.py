@@ -29,9 +29,9 @@ import torch
 
 from chatglm_tokenizer import HERE as TOKENIZER_CODE
 from chatglm_tokenizer import SPTokenizer, resolve_tokenizer_path
+from checkpoint import load_model, save_atomic
 from configurator import parse_config
-from model import ModelArgs, Transformer, load_model, model_args_from_preset
-from trainer import save_atomic
+from model import ModelArgs, Transformer, model_args_from_preset
 
 # question + bos, the answer generated until eos: the SFT format, turn after turn.
 CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}<s>"

@@ -14,23 +14,18 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model_and_tokenizer
 from common import print0
 from dataset_sft import chat_prompt_ids, collate, read_sft_csv
-from model import load_model, token_logprobs
+from distributed import Dist
+from model import token_logprobs
+from precision import autocast
 from tasks import char_f1, task_of
-from trainer import (
-    Dist,
-    TrainConfig,
-    autocast,
-    fit,
-    run_stage,
-    start_run,
-)
+from trainer import TrainConfig, fit, run_stage, start_run
 
 
 @dataclass
@@ -94,10 +89,7 @@ def make_rewarder(cfg: Config, tok, device: str):
 
 
 def train(cfg: Config, dist: Dist) -> None:
-    tok = load_tokenizer(cfg.tokenizer)
-    policy, init = load_model(cfg.init_from)
-    if init.get("tokenizer_sha256") not in (None, tok.sha256):
-        raise ValueError(f"{cfg.init_from} was trained with another tokenizer than {cfg.tokenizer}")
+    policy, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
     reference = copy.deepcopy(policy).to(dist.device).eval().requires_grad_(False)
     policy.train()
     rows = [(p, a) for p, a, h in read_sft_csv(cfg.prompts) if not h and (cfg.task == "all" or task_of(p) == cfg.task)]
@@ -108,7 +100,7 @@ def train(cfg: Config, dist: Dist) -> None:
     print0(f"GRPO from {cfg.init_from}: {len(rows):,} {cfg.task} prompts, groups of {cfg.group_size}, "
            f"reward {cfg.reward}", dist=dist)
     run = start_run(cfg, policy, dist, len(rows), cfg.prompts_per_step, policy.flops_per_token(max_len),
-                    {"model_args": asdict(policy.args)})
+                    stage="grpo", tokenizer_sha256=tok.sha256)
     trainer, order, state = run.trainer, run.order, run.state
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + 1000 * dist.rank + trainer.step)
     if state is not None and "sampler" in state and not dist.enabled:  # one process resumes its sampling exactly
@@ -149,11 +141,7 @@ def train(cfg: Config, dist: Dist) -> None:
         loss, kl = grpo_loss(logp, old, ref, advantages, mask.float(), cfg.clip_eps, cfg.kl_beta)
         return loss, {**stats, "kl": float(kl)}
 
-    def extra_state() -> dict:
-        return {"model_args": asdict(policy.args), "data": order.state_dict(), "config": asdict(cfg),
-                "tokenizer_sha256": tok.sha256, "stage": "grpo", "sampler": generator.get_state()}
-
-    fit(trainer, run.loop, rollouts, loss_fn, None, extra_state, run.tokens_seen)
+    fit(run, rollouts, loss_fn, None, lambda: {"sampler": generator.get_state()})
     print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
 
 

@@ -131,9 +131,9 @@ class Attention(nn.Module):
 
 
 def _matmul_attention_is_faster(q: torch.Tensor) -> bool:
-    """On CPU in bfloat16/float16, PyTorch's flash-attention kernel is slow for short sequences: at
-    128-512 tokens the written-out attention takes 0.2-0.9x its time (0.2-0.7x compiled), at 1,024 it
-    loses; in float32 the kernel is faster for most shapes (bench/bench_attention.py)."""
+    """On CPU in bfloat16/float16, PyTorch's flash-attention kernel is slow for short sequences: up to
+    512 tokens the written-out attention is faster, at 1,024 it loses; in float32 the kernel is faster
+    for most shapes (bench/bench_attention.py, BENCHMARKS.md)."""
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and 1 < q.size(-2) <= 512
 
 
@@ -193,7 +193,8 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # Residual projections get a smaller init so the residual stream does not grow with depth (GPT-2).
+        # GPT-2's smaller init for residual projections, applied as llama2.c and the seed do: to wo and to
+        # w3 (the feed-forward's linear branch; its residual projection is w2). Kept so runs match the seed's.
         for name, p in self.named_parameters():
             if name.endswith(("wo.weight", "w3.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
@@ -304,8 +305,8 @@ class Transformer(nn.Module):
             step_input = nxt[:, None]
 
     def _output_transposed(self) -> torch.Tensor:
-        """The output matrix stored as (dim, vocab): a one-row matmul reads it about 1.7x faster than
-        the (vocab, dim) layout here, and at batch 1 decoding is bound by reading weights. Cached until
+        """The output matrix stored as (dim, vocab): a one-row matmul reads it faster than the (vocab,
+        dim) layout on a CPU (BENCHMARKS.md), and at batch 1 decoding is bound by reading weights. Cached until
         the weights change."""
         w = self.output.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
@@ -355,75 +356,6 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 
 
 # ---------------------------------------------------------------- checkpoints
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message says which key and why."""
-
-
-def clean_state_dict(state: dict) -> dict:
-    """Strip the `_orig_mod.` prefix torch.compile adds (the seed's .pth files have it)."""
-    return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-
-
-def load_state_dict_strict(model: Transformer, state: dict, source: str = "checkpoint") -> None:
-    state = clean_state_dict(state)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{source} does not match the model: missing keys {missing[:8]}"
-                              f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                              f"{'...' if len(unexpected) > 8 else ''}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{source}: key {key} has shape {tuple(value.shape)} "
-                                  f"but the model expects {tuple(expected[key].shape)}")
-    model.load_state_dict(state, strict=True)
-
-
-def model_args_from_state_dict(state: dict, n_heads: int = 8, **overrides) -> ModelArgs:
-    """Infer the shape of a raw state_dict (the seed's .pth); the head count cannot be read off
-    the weights, so it is given (all the seed's models use 8)."""
-    state = clean_state_dict(state)
-    vocab_size, dim = state["tok_embeddings.weight"].shape
-    n_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
-    head_dim = dim // n_heads
-    args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab_size,
-                n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim,
-                hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0])
-    args.update(overrides)
-    return ModelArgs(**args)
-
-
-def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelArgs | None = None,
-               **arg_overrides) -> tuple[Transformer, dict]:
-    """Load our ckpt.pt (model + model_args + training state) or a raw state_dict .pth.
-
-    Returns the model in eval mode and the checkpoint dict (empty apart from 'model' for a raw .pth)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}")
-    if "model" in ckpt and isinstance(ckpt["model"], dict):
-        state = ckpt["model"]
-        if model_args is None:
-            if "model_args" not in ckpt:
-                raise CheckpointError(f"{path}: has 'model' but no 'model_args'; pass model_args")
-            model_args = ModelArgs(**{**ckpt["model_args"], **arg_overrides})
-    else:
-        state, ckpt = ckpt, {}
-        if model_args is None:
-            model_args = model_args_from_state_dict(state, **arg_overrides)
-    model = Transformer(model_args)
-    if ckpt.get("lora"):  # an SFT run with adapters: rebuild them, load, and merge them in
-        from lora import apply_lora, merge_lora
-        apply_lora(model, **ckpt["lora"])
-        model.load_state_dict(clean_state_dict(state), strict=True)
-        merge_lora(model)
-    else:
-        load_state_dict_strict(model, state, source=path)
-    return model.to(device).eval(), ckpt
 
 
 def token_logprobs(model: Transformer, inputs: torch.Tensor,

@@ -15,22 +15,17 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model
 from common import print0
 from dataset import PretrainDataset, bin_files, check_tokenizer
-from model import ModelArgs, Transformer, load_model, model_args_from_preset
-from trainer import (
-    Dist,
-    TrainConfig,
-    fit,
-    run_stage,
-    start_run,
-    validation_loss,
-)
+from distributed import Dist
+from model import ModelArgs, Transformer, model_args_from_preset
+from trainer import TrainConfig, fit, run_stage, start_run, validation_loss
 
 
 @dataclass
@@ -91,7 +86,7 @@ def train(cfg: Config, dist: Dist) -> None:
            f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice); "
            f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}", dist=dist)
     run = start_run(cfg, model, dist, len(data), cfg.batch_size, model.flops_per_token(args.max_seq_len),
-                    {"model_args": asdict(args)})
+                    stage="pretrain", tokenizer_sha256=tokenizer.sha256)
     trainer, order = run.trainer, run.order
     if run.state is None and cfg.init_from:
         init, _ = load_model(cfg.init_from, model_args=args)
@@ -109,12 +104,7 @@ def train(cfg: Config, dist: Dist) -> None:
             metrics["val_bpc"] = metrics["val_loss"] / math.log(2) / chars_per_token
         return metrics
 
-    def extra_state() -> dict:
-        return {"model_args": asdict(args), "data": order.state_dict(), "config": asdict(cfg),
-                "tokenizer_sha256": tokenizer.sha256, "stage": "pretrain"}
-
-    fit(trainer, run.loop, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
-        validation if val is not None else None, extra_state, run.tokens_seen)
+    fit(run, next_batches, lambda m, batch: m(batch[0], batch[1])[1], validation if val is not None else None)
     print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; plot: python plot.py {cfg.out_dir}", dist=dist)
 
 

@@ -12,24 +12,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model_and_tokenizer
 from common import print0
 from configurator import parse_config
 from dataset_sft import read_pairs
-from model import load_model
+from distributed import Dist, all_reduce_mean
+from precision import autocast
 from reward import RewardModel, load_reward_model, pair_batch, pair_loss, pairwise_accuracy
 from tasks import pair_kind
-from trainer import (
-    Dist,
-    TrainConfig,
-    all_reduce_mean,
-    autocast,
-    fit,
-    run_stage,
-    start_run,
-)
+from trainer import TrainConfig, fit, run_stage, start_run
 
 
 @dataclass
@@ -82,16 +76,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg: Config, dist: Dist) -> None:
-    tok = load_tokenizer(cfg.tokenizer)
-    base, init = load_model(cfg.init_from)
-    if init.get("tokenizer_sha256") not in (None, tok.sha256):
-        raise ValueError(f"{cfg.init_from} was trained with another tokenizer than {cfg.tokenizer}")
+    base, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
     model = RewardModel(base).train()
     pairs = read_pairs(cfg.data)
     val = read_pairs(cfg.val_data)[:cfg.eval_pairs] if cfg.val_data else []
     print0(f"reward model from {cfg.init_from}: {len(pairs):,} pairs", dist=dist)
     run = start_run(cfg, model, dist, len(pairs), cfg.batch_size, base.flops_per_token(base.args.max_seq_len),
-                    {"model_args": asdict(base.args)})
+                    stage="reward", tokenizer_sha256=tok.sha256)
     trainer, order = run.trainer, run.order
 
     def next_batches():
@@ -105,11 +96,7 @@ def train(cfg: Config, dist: Dist) -> None:
             return {"val_accuracy": all_reduce_mean(pairwise_accuracy(m, tok, mine, cfg.batch_size, dist.device),
                                                     dist)}
 
-    def extra_state() -> dict:
-        return {"model_args": asdict(base.args), "data": order.state_dict(), "config": asdict(cfg),
-                "tokenizer_sha256": tok.sha256, "stage": "reward"}
-
-    fit(trainer, run.loop, next_batches, pair_loss, validation if val else None, extra_state, run.tokens_seen)
+    fit(run, next_batches, pair_loss, validation if val else None)
     print0(f"reward model: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
 
 

@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 
-from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model_and_tokenizer
 from common import pick_device
 from configurator import parse_config
 from dataset_sft import chat_prompt_ids
-from model import load_model
 
 PAGE = "serve_page.html"
 
@@ -103,8 +102,7 @@ class Generator:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.tok = load_tokenizer(cfg.tokenizer)
-        self.model, _ = load_model(cfg.ckpt, pick_device(cfg.device))
+        self.model, _, self.tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
         self.lock = threading.Lock()
 
     def stream(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,

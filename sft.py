@@ -12,22 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from chatglm_tokenizer import load_tokenizer
+from checkpoint import load_model_and_tokenizer, save_atomic
 from common import print0
 from dataset_sft import SFTDataset
+from distributed import Dist
 from lora import apply_lora, lora_state_dict
-from model import load_model
-from trainer import (
-    Dist,
-    TrainConfig,
-    fit,
-    run_stage,
-    save_atomic,
-    start_run,
-    validation_loss,
-)
+from trainer import TrainConfig, fit, run_stage, start_run, validation_loss
 
 
 @dataclass
@@ -62,10 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg: Config, dist: Dist) -> None:
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    model, init = load_model(cfg.init_from)
-    if init.get("tokenizer_sha256") not in (None, tokenizer.sha256):
-        raise ValueError(f"{cfg.init_from} was trained with another tokenizer than {cfg.tokenizer}")
+    model, _, tokenizer = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
     args = model.args
     max_seq_len = min(cfg.max_seq_len or args.max_seq_len, args.max_seq_len)
     data = SFTDataset(cfg.data, tokenizer, max_seq_len)
@@ -78,7 +67,7 @@ def train(cfg: Config, dist: Dist) -> None:
     model.train()
     print0(f"SFT of {cfg.init_from}: {len(data):,} samples", dist=dist)
     run = start_run(cfg, model, dist, len(data), cfg.batch_size, model.flops_per_token(max_seq_len),
-                    {"model_args": asdict(args), "lora": lora})
+                    stage="sft", tokenizer_sha256=tokenizer.sha256, expect={"lora": lora})
     trainer, order = run.trainer, run.order
 
     def next_batches():
@@ -86,14 +75,10 @@ def train(cfg: Config, dist: Dist) -> None:
         tokens = sum(int((x != tokenizer.pad_id).sum()) for x, _ in batches)  # processed, padding excluded
         return [(x.to(dist.device), y.to(dist.device)) for x, y in batches], tokens
 
-    def extra_state() -> dict:
-        return {"model_args": asdict(args), "lora": lora, "data": order.state_dict(), "config": asdict(cfg),
-                "tokenizer_sha256": tokenizer.sha256, "stage": "sft"}
-
-    fit(trainer, run.loop, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
+    fit(run, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
         (lambda: {"val_loss": validation_loss(trainer, len(val), lambda ids: val.batch(ids, tokenizer.pad_id),
                                               cfg.eval_batches, cfg.batch_size, shuffle=False)}) if val else None,
-        extra_state, run.tokens_seen)
+        lambda: {"lora": lora})
     if lora and dist.master:
         save_atomic({"lora": lora, "adapters": lora_state_dict(model), "base": cfg.init_from},
                     os.path.join(cfg.out_dir, "adapter.pt"))

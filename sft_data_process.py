@@ -22,9 +22,10 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from cleaning import clean_text
 from common import write_json_atomic
 from configurator import parse_config
-from corpora import CorpusError, clean_text, json_records, text_field
+from corpora import CorpusError, json_records, text_field
 from dedup import text_hash
 from tasks import CHAR_PROMPT, IDIOM_PROMPT, POEM_PROMPT
 

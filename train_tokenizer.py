@@ -17,9 +17,10 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from chatglm_tokenizer import DEFAULT_MODEL, load_tokenizer
+from cleaning import clean_text
 from common import write_json_atomic
 from configurator import parse_config
-from corpora import CorpusError, clean_text, iter_corpus
+from corpora import CorpusError, iter_corpus
 from dedup import text_hash
 
 MAX_VOCAB = 65535  # ids must fit in uint16

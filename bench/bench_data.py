@@ -116,7 +116,7 @@ def stages(args) -> None:
     this process (the real run spreads them over the main process and the workers)."""
     import data_process
     import dedup
-    from corpora import clean_texts
+    from cleaning import clean_texts
     tok = load_tokenizer(args.tokenizer or default_tokenizer())
     cfg = Config()
     timing: dict[str, float] = {}
@@ -213,7 +213,7 @@ def memory(args) -> None:
 
 def chars_per_token(args) -> None:
     """Held-out documents of the news sources: People's Daily 1998 and the 10-topic news set."""
-    from corpora import clean_text
+    from cleaning import clean_text
     from train_tokenizer import held_out
     texts = [clean_text(d.text) for d in iter_corpus("peoples_daily,news", "", args.raw_dir) if d.text]
     texts = [t for t in texts if t and held_out(t)]

@@ -23,9 +23,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from distributed import setup_distributed, teardown  # noqa: E402
 from hardware import gpu_of_device_name  # noqa: E402
 from model import Transformer, model_args_from_preset  # noqa: E402
-from trainer import Trainer, TrainerSettings, matmul_flops, setup_distributed, synchronize, teardown  # noqa: E402
+from precision import matmul_flops, synchronize  # noqa: E402
+from trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def peak_flops(device: str, dtype: str) -> tuple[float, str]:
@@ -59,9 +61,8 @@ def train_row(preset: str, dist, args, mode: str, fsdp: bool = False) -> dict:
     T = model_args.max_seq_len
     reset_peak_memory(dist.device)
     model = Transformer(model_args)
-    settings = TrainerSettings(dtype=args.dtype, compile=mode == "compiled", fsdp=fsdp, max_steps=10**6,
-                               warmup_steps=1)
-    trainer = Trainer(model, settings, dist)
+    cfg = TrainConfig(dtype=args.dtype, compile=mode == "compiled", fsdp=fsdp, max_steps=10**6, warmup_steps=1)
+    trainer = Trainer(model, cfg, dist)
     x = torch.randint(3, model_args.vocab_size, (args.batch_size, T + 1), device=dist.device)
     batch = (x[:, :-1], x[:, 1:])
 

@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from corpora import CorpusError, clean_text, parse_input, read_input, read_peoples_daily, strip_pku_tags
+from cleaning import clean_text, strip_pku_tags
+from corpora import CorpusError, parse_input, read_input, read_peoples_daily
 
 
 def docs_of(spec: str):
@@ -139,7 +140,7 @@ def test_clean_text_fast_path_is_nfkc(text):
     """The one-pass translation must give what NFKC followed by dropping controls gives."""
     import unicodedata
 
-    from corpora import _BLANK_LINES_RE, _CONTROL_RE, _LINE_EDGES_RE, _SPACES_RE
+    from cleaning import _BLANK_LINES_RE, _CONTROL_RE, _LINE_EDGES_RE, _SPACES_RE
     expected = _CONTROL_RE.sub("", unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n"))
     expected = _BLANK_LINES_RE.sub("\n\n", _LINE_EDGES_RE.sub("\n", _SPACES_RE.sub(" ", expected))).strip()
     assert clean_text(text) == expected
@@ -149,7 +150,7 @@ def test_clean_texts_equals_clean_text_one_by_one():
     """The batched cleaning (one numpy pass) gives clean_text's result for every text, also where a
     text ends in "\\r" and the next starts with "\\n", and drops lone surrogates (json.loads makes them
     from "\\ud800"; sentencepiece cannot encode them)."""
-    from corpora import clean_texts
+    from cleaning import clean_texts
     texts = CLEANING_CASES + ["a\r", "\nb", "", "\r", "\n\r", "  lead\t\ttabs  \n  \n\n\n\nend  ", "\u3000"]
     texts += ["".join(texts), "人民日报，１９９８年。" * 50]
     assert clean_texts(texts) == [clean_text(t) for t in texts]

@@ -9,11 +9,12 @@ from conftest import ROOT, write_csv
 
 from chatglm_tokenizer import load_tokenizer
 from dataset_sft import collate, encode_turns, make_example
+from distributed import Dist
 from eval import score
 from eval_choice import Question, choose, read_choice_csv, write_choice_csv
 from model import ModelArgs, Transformer
 from tasks import char_f1, rouge_l, task_of
-from trainer import Dist, Trainer, TrainerSettings
+from trainer import TrainConfig, Trainer
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
 
@@ -59,7 +60,8 @@ def test_choice_scorer_reaches_100_after_overfitting_and_chance_before(tmp_path,
     model = Transformer(TINY)
     before = sum(p == q.answer for p, q in zip(choose(model.eval(), tok, qs, [], "chat", 16), qs)) / len(qs)
     examples = [make_example(*encode_turns(tok, [(q.question, q.options[q.answer])], 64)) for q in qs]
-    trainer = Trainer(model.train(), TrainerSettings(lr=3e-3, warmup_steps=5, max_steps=200, dtype="float32"), Dist())
+    trainer = Trainer(model.train(), TrainConfig(lr=3e-3, min_lr=1e-4, warmup_steps=5, max_steps=200, weight_decay=0.1,
+                                                    dtype="float32"), Dist())
     batch = collate(examples)
     for _ in range(150):
         trainer.train_step([batch], lambda m, b: m(b[0], b[1])[1])

@@ -3,9 +3,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from checkpoint import load_model
+from distributed import Dist
 from lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
-from model import ModelArgs, Transformer, load_model
-from trainer import Dist, Trainer, TrainerSettings
+from model import ModelArgs, Transformer
+from trainer import TrainConfig, Trainer
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=60, max_seq_len=16, multiple_of=16)
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wv", "w1", "w2"]}
@@ -37,7 +39,8 @@ def test_only_adapters_train():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = Trainer(model, TrainerSettings(lr=1e-2, warmup_steps=1, dtype="float32"), Dist())
+    trainer = Trainer(model, TrainConfig(lr=1e-2, min_lr=1e-4, warmup_steps=1, max_steps=1000,
+                                                weight_decay=0.1, dtype="float32"), Dist())
     x = torch.randint(0, 60, (4, 16))
     for _ in range(3):
         trainer.train_step([(x, torch.roll(x, -1, 1))], lambda m, b: m(b[0], b[1])[1])

@@ -20,11 +20,12 @@ MEASURE = """
 import os, sys, threading, time, torch
 sys.path.insert(0, {root!r})
 from model import ModelArgs, Transformer, model_args_from_preset
-from trainer import Dist, Trainer, TrainerSettings, keep_freed_memory
+from trainer import TrainConfig, Trainer
+from distributed import Dist, keep_freed_memory
 keep_freed_memory()
 torch.set_num_threads(2)
 def steps(model, batch, n):
-    trainer = Trainer(model, TrainerSettings(dtype={dtype!r}, max_steps=10), Dist())
+    trainer = Trainer(model, TrainConfig(dtype={dtype!r}, max_steps=10), Dist())
     x = torch.randint(3, model.args.vocab_size, (batch, model.args.max_seq_len + 1))
     for _ in range(n):
         trainer.train_step([(x[:, :-1], x[:, 1:])], lambda m, b: m(b[0], b[1])[1])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, write_corpus
 
-from model import load_model
+from checkpoint import load_model
 
 PRESET = "dim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 600\nmax_seq_len = 32\nmultiple_of = 16\n"
 

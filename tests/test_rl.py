@@ -77,7 +77,8 @@ def test_grpo_clipped_objective_inside_and_outside_the_range():
 
 
 def test_equal_rewards_give_no_update():
-    from trainer import Dist, Trainer, TrainerSettings
+    from distributed import Dist
+    from trainer import TrainConfig, Trainer
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=20, max_seq_len=8, multiple_of=16))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -87,7 +88,7 @@ def test_equal_rewards_give_no_update():
     with torch.no_grad():
         old, mask = token_logprobs(model, x, y)
     advantages = grpo_advantages(torch.full((1, 4), 0.7)).view(-1)
-    trainer = Trainer(model, TrainerSettings(lr=1e-2, warmup_steps=1, weight_decay=0.0, dtype="float32"), Dist())
+    trainer = Trainer(model, TrainConfig(lr=1e-2, min_lr=1e-4, warmup_steps=1, max_steps=1000, dtype="float32"), Dist())
     trainer.train_step([None], lambda m, _: grpo_loss(token_logprobs(m, x, y)[0], old, old, advantages,
                                                       mask.float(), 0.2, 0.04)[0])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -127,12 +128,16 @@ def test_reward_model_and_dpo_scripts_run(pretrained, preference, small_tokenize
     run_ok([sys.executable, os.path.join(ROOT, "reward_model.py"), *common(ckpt, small_tokenizer, tmp_path / "rm"),
             *args, "--max_steps=6"])
     rm, state = load_reward_model(str(tmp_path / "rm" / "ckpt.pt"))
-    assert state["stage"] == "reward" and "val_accuracy" in metrics(tmp_path / "rm")[-1]
+    # The pairs are trivially separable (the same chosen and rejected answer every time): a reward model
+    # stuck at chance (0.5) fails here.
+    assert state["stage"] == "reward" and metrics(tmp_path / "rm")[-1]["val_accuracy"] >= 0.9
     run_ok([sys.executable, os.path.join(ROOT, "dpo.py"), *common(ckpt, small_tokenizer, tmp_path / "dpo"), *args,
             "--max_steps=6"])
-    last = metrics(tmp_path / "dpo")[-1]
+    first, last = metrics(tmp_path / "dpo")[0], metrics(tmp_path / "dpo")[-1]
     assert {"reward_chosen", "reward_rejected", "margin", "accuracy", "val_loss"} <= set(last)
-    from model import load_model
+    # DPO moves the policy towards the chosen answers: the implicit reward margin grows from 0.
+    assert abs(first["margin"]) < 1e-3 < last["margin"] and last["accuracy"] == 1.0
+    from checkpoint import load_model
     _, state = load_model(str(tmp_path / "dpo" / "ckpt.pt"))
     assert state["stage"] == "dpo" and state["step"] == 6
 
@@ -144,7 +149,7 @@ def test_grpo_script_runs(pretrained, preference, small_tokenizer, tmp_path):  #
             "--max_new_tokens=8", "--lr=1e-4", "--warmup_steps=1"])
     records = metrics(tmp_path / "grpo")
     assert len(records) == 3 and all({"reward", "kl", "answer_tokens"} <= set(r) for r in records)
-    from model import load_model
+    from checkpoint import load_model
     _, state = load_model(str(tmp_path / "grpo" / "ckpt.pt"))
     assert state["stage"] == "grpo"
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *common(ckpt, small_tokenizer, tmp_path / "x"),

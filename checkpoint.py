@@ -1,0 +1,129 @@
+"""Checkpoints: written atomically (a temp file, then a rename), the newest few kept; loaded whether
+they are our ckpt.pt (model + model_args + training state) or the seed's raw state_dict .pth, with the
+model's shape read from the file and every mismatch named."""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import torch
+
+from chatglm_tokenizer import SPTokenizer, load_tokenizer
+from model import ModelArgs, Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message says which key and why."""
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip the `_orig_mod.` prefix torch.compile adds (the seed's .pth files have it)."""
+    return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+def load_state_dict_strict(model: Transformer, state: dict, source: str = "checkpoint") -> None:
+    state = clean_state_dict(state)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match the model: missing keys {missing[:8]}"
+                              f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                              f"{'...' if len(unexpected) > 8 else ''}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{source}: key {key} has shape {tuple(value.shape)} "
+                                  f"but the model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def model_args_from_state_dict(state: dict, n_heads: int = 8, **overrides) -> ModelArgs:
+    """Infer the shape of a raw state_dict (the seed's .pth); the head count cannot be read off
+    the weights, so it is given (all the seed's models use 8)."""
+    state = clean_state_dict(state)
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    n_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+    head_dim = dim // n_heads
+    args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab_size,
+                n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim,
+                hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0])
+    args.update(overrides)
+    return ModelArgs(**args)
+
+
+def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelArgs | None = None,
+               **arg_overrides) -> tuple[Transformer, dict]:
+    """Load our ckpt.pt (model + model_args + training state) or a raw state_dict .pth.
+
+    Returns the model in eval mode and the checkpoint dict (empty apart from 'model' for a raw .pth)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}")
+    if "model" in ckpt and isinstance(ckpt["model"], dict):
+        state = ckpt["model"]
+        if model_args is None:
+            if "model_args" not in ckpt:
+                raise CheckpointError(f"{path}: has 'model' but no 'model_args'; pass model_args")
+            model_args = ModelArgs(**{**ckpt["model_args"], **arg_overrides})
+    else:
+        state, ckpt = ckpt, {}
+        if model_args is None:
+            model_args = model_args_from_state_dict(state, **arg_overrides)
+    model = Transformer(model_args)
+    if ckpt.get("lora"):  # an SFT run with adapters: rebuild them, load, and merge them in
+        from lora import apply_lora, merge_lora
+        apply_lora(model, **ckpt["lora"])
+        model.load_state_dict(clean_state_dict(state), strict=True)
+        merge_lora(model)
+    else:
+        load_state_dict_strict(model, state, source=path)
+    return model.to(device).eval(), ckpt
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temp file, then rename: a crash mid-write never replaces a good file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str:
+    """Write ckpt_<step>.pt, point ckpt.pt at it (a hard link, renamed into place) and keep only the
+    newest keep_last numbered files. Returns the path of ckpt.pt."""
+    os.makedirs(out_dir, exist_ok=True)
+    numbered = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    save_atomic(state, numbered)
+    latest = os.path.join(out_dir, "ckpt.pt")
+    link_tmp = latest + ".link"
+    if os.path.exists(link_tmp):
+        os.remove(link_tmp)
+    try:
+        os.link(numbered, link_tmp)
+    except OSError:  # file systems without hard links: a second write
+        save_atomic(state, link_tmp)
+    os.replace(link_tmp, latest)
+    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last or None]:
+        os.remove(old)
+    return latest
+
+
+def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch.device = "cpu"
+                             ) -> tuple[Transformer, dict, SPTokenizer]:
+    """A checkpoint's model (as load_model) and the tokenizer to read it with, refused together when
+    they do not belong together: the checkpoint records another tokenizer's sha256, or the tokenizer
+    has more pieces than the model has ids (its ids would index past the embedding)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    model, ckpt = load_model(path, device)
+    if ckpt.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+        raise ValueError(f"{path} was trained with another tokenizer than {tokenizer_path}")
+    if tokenizer.n_pieces > model.args.vocab_size:
+        raise ValueError(f"{tokenizer_path} has {tokenizer.n_pieces:,} pieces but the model in {path} has "
+                         f"{model.args.vocab_size:,} ids: they do not belong together")
+    return model, ckpt, tokenizer
