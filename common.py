@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from distributed import Dist
+
+class Ranked(Protocol):
+    master: bool  # the first process (distributed.Dist is one)
 
 
 def mps_available() -> bool:
@@ -38,7 +39,7 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def print0(*args, dist: Dist | None = None, **kwargs) -> None:
+def print0(*args, dist: Ranked | None = None, **kwargs) -> None:
     """print, flushed, on the master process only (every process without dist)."""
     if dist is None or dist.master:
         print(*args, **kwargs, flush=True)

@@ -15,6 +15,7 @@ import glob
 import itertools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,42 +34,55 @@ class CorpusError(Exception):
     """A problem with a whole input (missing file, unknown format, a named field nowhere)."""
 
 
-def _open_text(path: str):
+def _open_text(path: str, encoding: str = "utf-8"):
+    """A text file; in UTF-8 without its byte-order mark if a Windows editor wrote one."""
+    if encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+        encoding = "utf-8-sig"
     try:
-        return open(path, encoding="utf-8", errors="strict", newline="")
+        return open(path, encoding=encoding, errors="strict", newline="")
     except OSError as e:
         raise CorpusError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _not_utf8(path: str, e: UnicodeDecodeError) -> CorpusError:
-    return CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+def _undecodable(path: str, e: UnicodeDecodeError) -> CorpusError:
+    return CorpusError(f"{path}: not {e.encoding.removesuffix('-sig').upper()} text ({e.reason} at byte {e.start}); "
+                       "Chinese text from Windows is often GB18030: pass --encoding=gb18030")
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    with _open_text(path) as f:
+def warn_empty(path: str) -> None:
+    """An empty input file is read as zero documents, and said so."""
+    print(f"warning: {path} is empty: 0 documents", file=sys.stderr, flush=True)
+
+
+def _lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(line number, line without its CR/LF) of a text file; an empty file warns and yields nothing."""
+    number = 0
+    with _open_text(path, encoding) as f:
         try:
             for number, line in enumerate(f, 1):
                 yield number, line.rstrip("\r\n")
         except UnicodeDecodeError as e:
-            raise _not_utf8(path, e) from None
+            raise _undecodable(path, e) from None
+    if number == 0:
+        warn_empty(path)
 
 
 NOT_AN_OBJECT = "malformed record (not a JSON object)"
 
 
-def json_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
+def json_records(path: str, encoding: str = "utf-8") -> Iterator[tuple[str, dict | None, str | None]]:
     """Records of a JSON list file, or of a JSON-lines file (told apart by the first character):
     (where, record, None), or (where, None, what is wrong) for a line that is not JSON or a record
     that is not an object."""
-    with _open_text(path) as f:
+    with _open_text(path, encoding) as f:
         try:
             is_list = f.read(64).lstrip().startswith("[")
         except UnicodeDecodeError as e:
-            raise _not_utf8(path, e) from None
+            raise _undecodable(path, e) from None
     if is_list:
-        yield from _checked_records(path, _json_list(path))
+        yield from _checked_records(path, _json_list(path, encoding))
         return
-    for number, line in _lines(path):
+    for number, line in _lines(path, encoding):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -86,14 +100,19 @@ def _checked_records(path: str, data: list) -> Iterator[tuple[str, dict | None, 
         yield (where, record, None) if isinstance(record, dict) else (where, None, NOT_AN_OBJECT)
 
 
-def _json_list(path: str) -> list:
-    with _open_text(path) as f:
+def _json_list(path: str, encoding: str = "utf-8") -> list:
+    """The JSON document of a file; an empty file is an empty list (zero documents, with a warning)."""
+    with _open_text(path, encoding) as f:
         try:
-            data = json.load(f)
+            text = f.read()
+            if not text.strip():
+                warn_empty(path)
+                return []
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
         except UnicodeDecodeError as e:
-            raise _not_utf8(path, e) from None
+            raise _undecodable(path, e) from None
     return data
 
 
@@ -127,16 +146,16 @@ def text_field(record: dict, field: str) -> str | None:
 
 # ------------------------------------------------------------- the seed's formats and generic ones
 
-def read_txt(path: str, source: str, per: str = "line") -> Iterator[Doc]:
+def read_txt(path: str, source: str, per: str = "line", encoding: str = "utf-8") -> Iterator[Doc]:
     """Plain text: one document per line, or per block separated by blank lines (per='block')."""
     if per == "line":
-        for number, line in _lines(path):
+        for number, line in _lines(path, encoding):
             if line.strip():
                 yield Doc(line, source, f"{path}:{number}")
         return
     block: list[str] = []
     start = 1
-    for number, line in _lines(path):
+    for number, line in _lines(path, encoding):
         if line.strip():
             if not block:
                 start = number
@@ -148,20 +167,20 @@ def read_txt(path: str, source: str, per: str = "line") -> Iterator[Doc]:
         yield Doc("\n".join(block), source, f"{path}:{start}")
 
 
-def read_json_records(path: str, source: str, field: str = "text") -> Iterator[Doc]:
+def read_json_records(path: str, source: str, field: str = "text", encoding: str = "utf-8") -> Iterator[Doc]:
     """JSON lines (C4_zh and shibing624/medical use `text`) or a JSON list of objects, with a text field."""
-    yield from _field_docs(json_records(path), source, lambda r: text_field(r, field),
+    yield from _field_docs(json_records(path, encoding), source, lambda r: text_field(r, field),
                            path, f"'{field}'")
 
 
-def read_wikipedia_cn(path: str, source: str) -> Iterator[Doc]:
+def read_wikipedia_cn(path: str, source: str, encoding: str = "utf-8") -> Iterator[Doc]:
     """wikipedia-cn-20230720-filtered: a JSON list of {"completion": ...}."""
-    yield from read_json_records(path, source, "completion")
+    yield from read_json_records(path, source, "completion", encoding)
 
 
-def read_wudao(path: str, source: str) -> Iterator[Doc]:
+def read_wudao(path: str, source: str, encoding: str = "utf-8") -> Iterator[Doc]:
     """WuDaoCorpora: a JSON list of {"title", "content"}; the title heads the document."""
-    data = _json_list(path)
+    data = _json_list(path, encoding)
     if not isinstance(data, list):
         raise CorpusError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
 
@@ -174,7 +193,7 @@ def read_wudao(path: str, source: str) -> Iterator[Doc]:
     yield from _field_docs(_checked_records(path, data), source, text, path, "'content'")
 
 
-def read_baidubaike(path: str, source: str) -> Iterator[Doc]:
+def read_baidubaike(path: str, source: str, encoding: str = "utf-8") -> Iterator[Doc]:
     """563w_baidubaike jsonl: {"title", "summary", "sections": [{"title", "content"}]}. Every section
     is kept, and so is the last record (the seed lost its last partial batch)."""
     def text(record: dict) -> str | None:
@@ -186,11 +205,13 @@ def read_baidubaike(path: str, source: str) -> Iterator[Doc]:
             if isinstance(section, dict):
                 parts += [section.get("title"), section.get("content")]
         parts = [p.strip() for p in parts if isinstance(p, str) and p.strip()]
+        if len(parts) == 1 and not sections and isinstance(record.get("title"), str):
+            return ""  # a title alone: an empty entry (counted as such), not a malformed one
         return "\n".join(parts) if len(parts) > 1 or sections else None
-    yield from _field_docs(json_records(path), source, text, path, "'title'/'summary'/'sections'")
+    yield from _field_docs(json_records(path, encoding), source, text, path, "'title'/'summary'/'sections'")
 
 
-def read_table(path: str, source: str, column: str = "text") -> Iterator[Doc]:
+def read_table(path: str, source: str, column: str = "text", encoding: str = "utf-8") -> Iterator[Doc]:
     """A .csv (with a header) or .parquet file, one document per row of the named column."""
     if path.endswith(".parquet"):
         import pandas as pd
@@ -203,15 +224,21 @@ def read_table(path: str, source: str, column: str = "text") -> Iterator[Doc]:
             yield Doc(value, source, where) if isinstance(value, str) else \
                 Doc(None, source, where, f"non-text value in column '{column}'")
         return
-    with _open_text(path) as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise CorpusError(f"{path}: no column '{column}' (columns: {reader.fieldnames})")
-        for i, row in enumerate(reader):
-            value = row.get(column)
-            where = f"{path}:row {i + 1}"
-            yield Doc(value, source, where) if value is not None else \
-                Doc(None, source, where, f"short row without column '{column}'")
+    with _open_text(path, encoding) as f:
+        try:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                warn_empty(path)
+                return
+            if column not in reader.fieldnames:
+                raise CorpusError(f"{path}: no column '{column}' (columns: {reader.fieldnames})")
+            for i, row in enumerate(reader):
+                value = row.get(column)
+                where = f"{path}:row {i + 1}"
+                yield Doc(value, source, where) if value is not None else \
+                    Doc(None, source, where, f"short row without column '{column}'")
+        except UnicodeDecodeError as e:
+            raise _undecodable(path, e) from None
 
 
 # ------------------------------------------------------------------- the built-in real sources
@@ -297,8 +324,10 @@ def read_poetry(path: str, source: str) -> Iterator[Doc]:
 
 # ----------------------------------------------------------------------------- dispatch
 
+# The formats of files users bring: these read text in the encoding asked for (the built-in sources are UTF-8).
+_TAKES_ENCODING = {"txt", "txt_blocks", "jsonl", "json", "csv", "wikipedia", "baidubaike", "wudao", "c4", "medical"}
 READERS: dict[str, Callable[..., Iterator[Doc]]] = {
-    "txt": read_txt, "txt_blocks": lambda p, s: read_txt(p, s, per="block"),
+    "txt": read_txt, "txt_blocks": lambda p, s, **kw: read_txt(p, s, per="block", **kw),
     "jsonl": read_json_records, "json": read_json_records, "csv": read_table, "parquet": read_table,
     "wikipedia": read_wikipedia_cn, "baidubaike": read_baidubaike, "wudao": read_wudao,
     "c4": read_json_records, "medical": read_json_records,
@@ -360,11 +389,14 @@ def parse_input(spec: str) -> InputSpec:
     return InputSpec(fmt, path, field)
 
 
-def read_input(spec: InputSpec) -> Iterator[Doc]:
-    """All documents of one input (a file, or every matching file in a folder, in sorted order)."""
+def read_input(spec: InputSpec, encoding: str = "utf-8") -> Iterator[Doc]:
+    """All documents of one input (a file, or every matching file in a folder, in sorted order), text
+    files read in `encoding`."""
     reader = READERS[spec.fmt]
     kwargs = {} if spec.field is None else {"field" if spec.fmt in {"jsonl", "json", "c4", "medical"}
                                             else "column": spec.field}
+    if spec.fmt in _TAKES_ENCODING:
+        kwargs["encoding"] = encoding
     if os.path.isdir(spec.path) and spec.fmt != "poetry":
         files = sorted(f for f in glob.glob(os.path.join(spec.path, "**", "*"), recursive=True)
                        if os.path.isfile(f) and not os.path.basename(f).startswith("."))
@@ -374,11 +406,14 @@ def read_input(spec: InputSpec) -> Iterator[Doc]:
         yield from reader(file, spec.name, **kwargs)
 
 
-def iter_corpus(sources: str, inputs: str, raw_dir: str = "data/raw") -> Iterator[Doc]:
-    """Every document of the comma-separated built-in sources, then of the input specs."""
-    specs = [builtin_input(name.strip(), raw_dir) for name in sources.split(",") if name.strip()]
-    specs += [parse_input(spec.strip()) for spec in inputs.split(",") if spec.strip()]
-    if not specs:
+def iter_corpus(sources: str, inputs: str, raw_dir: str = "data/raw", encoding: str = "utf-8") -> Iterator[Doc]:
+    """Every document of the comma-separated built-in sources, then of the input specs (your files,
+    read in `encoding`; the built-in sources are UTF-8)."""
+    builtin = [builtin_input(name.strip(), raw_dir) for name in sources.split(",") if name.strip()]
+    yours = [parse_input(spec.strip()) for spec in inputs.split(",") if spec.strip()]
+    if not builtin and not yours:
         raise CorpusError("no input: give --sources and/or --inputs")
-    for spec in specs:
+    for spec in builtin:
         yield from read_input(spec)
+    for spec in yours:
+        yield from read_input(spec, encoding)

@@ -31,17 +31,18 @@ from cleaning import clean_texts
 from common import write_json_atomic
 from configurator import parse_config
 from corpora import CorpusError, Doc, builtin_input, iter_corpus, parse_input
-from dedup import KEEP, MALFORMED, TOO_SHORT, VERDICTS, Deduplicator, lsh_keys, minhash_batch, text_hashes
+from dedup import EMPTY, KEEP, MALFORMED, TOO_SHORT, VERDICTS, Deduplicator, lsh_keys, minhash_batch, text_hashes
 
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max)  # 65,535 ids fit in uint16
-FORMAT_VERSION = 2  # raise when a change of this file changes what it writes: old outputs are then redone
+FORMAT_VERSION = 3  # raise when a change of this file changes what it writes: old outputs are then redone
 
 
 @dataclass
 class Config:
     sources: str = "peoples_daily,idioms,dictionary"  # built-in sources in data/raw (download_data.py)
     inputs: str = ""  # your files, comma-separated: PATH, FORMAT:PATH or FORMAT:PATH:FIELD
+    encoding: str = "utf-8"  # of your text files (gb18030 for Chinese Windows files); a BOM is fine
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
     out_dir: str = "data/demo"  # train.bin, val.bin and meta.json go here
     tokenizer: str = "data/tokenizer/tokenizer.model"  # ours (train_tokenizer.py) or ChatGLM2's file
@@ -207,7 +208,8 @@ def run(cfg: Config) -> dict:
     malformed: list[str] = []
     dedup = Deduplicator(exact=cfg.dedup)
     writer = CorpusWriter(cfg.out_dir, tokenizer.eos_id, cfg.val_fraction)
-    batches = _batches(iter_corpus(cfg.sources, cfg.inputs, cfg.raw_dir), cfg.batch_docs, cfg.batch_chars)
+    batches = _batches(iter_corpus(cfg.sources, cfg.inputs, cfg.raw_dir, cfg.encoding), cfg.batch_docs,
+                       cfg.batch_chars)
 
     def work() -> Iterator[tuple[list[Doc], Processed]]:
         pending = ((b, [d.text or "" for d in b]) for b in batches)
@@ -238,7 +240,8 @@ def run(cfg: Config) -> dict:
     bar = tqdm(unit=" docs", desc=f"processing into {cfg.out_dir}", mininterval=1.0, smoothing=0.1)
     for docs, out in work():
         malformed_here = np.array([doc.error is not None for doc in docs])
-        status = np.where(malformed_here, MALFORMED, np.where(out.long_enough, KEEP, TOO_SHORT))
+        status = np.where(malformed_here, MALFORMED,
+                          np.where(out.long_enough, KEEP, np.where(out.n_chars == 0, EMPTY, TOO_SHORT)))
         candidates = status == KEEP
         status = np.where(candidates, dedup.verdicts(out.hashes, out.band_keys, candidates), status)
         writer.add(out, np.flatnonzero(status == KEEP))

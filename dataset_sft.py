@@ -53,7 +53,7 @@ def read_sft_csv(path: str) -> list[tuple[str, str, list[list[str]]]]:
     """(prompt, answer, history) rows of an sft_data.csv; a malformed history is an error naming the row."""
     rows = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             missing = {"prompt", "answer"} - set(reader.fieldnames or [])
             if missing:
@@ -119,7 +119,7 @@ def chat_prompt_ids(tok: SPTokenizer, history: list[tuple[str, str]], question: 
 
 def read_pairs(path: str) -> list[tuple[str, str, str]]:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             missing = {"prompt", "chosen", "rejected"} - set(reader.fieldnames or [])
             if missing:

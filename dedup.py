@@ -169,10 +169,11 @@ def _insert_sorted(table: np.ndarray, new: np.ndarray) -> np.ndarray:
     return np.insert(table, np.searchsorted(table, new), new)
 
 
-KEEP, DUPLICATE, NEAR_DUPLICATE, TOO_SHORT, MALFORMED = range(5)
+KEEP, DUPLICATE, NEAR_DUPLICATE, TOO_SHORT, MALFORMED, EMPTY = range(6)
 
 
-VERDICTS = ["kept", "dropped_duplicate", "dropped_near_duplicate", "dropped_too_short", "dropped_malformed"]
+VERDICTS = ["kept", "dropped_duplicate", "dropped_near_duplicate", "dropped_too_short", "dropped_malformed",
+            "dropped_empty"]
 
 
 class Deduplicator:

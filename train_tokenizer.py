@@ -30,6 +30,7 @@ MAX_VOCAB = 65535  # ids must fit in uint16
 class Config:
     sources: str = "peoples_daily,idioms,dictionary"  # built-in sources in data/raw (download_data.py)
     inputs: str = ""  # your files, comma-separated: PATH, FORMAT:PATH or FORMAT:PATH:FIELD
+    encoding: str = "utf-8"  # of your text files (gb18030 for Chinese Windows files); a BOM is fine
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
     out: str = "data/tokenizer/tokenizer.model"  # the model file; tokenizer.json is written beside it
     vocab_size: int = 8192  # at most 65,535 so that ids fit in uint16
@@ -51,7 +52,7 @@ def split_corpus(cfg: Config) -> tuple[Iterator[str], list[str]]:
     def sentences() -> Iterator[str]:
         total = 0
         bar = tqdm(unit=" chars", unit_scale=True, desc="sampling text", mininterval=1.0)
-        for doc in iter_corpus(cfg.sources, cfg.inputs, cfg.raw_dir):
+        for doc in iter_corpus(cfg.sources, cfg.inputs, cfg.raw_dir, cfg.encoding):
             if doc.text is None:
                 continue
             text = clean_text(doc.text)

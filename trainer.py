@@ -475,6 +475,8 @@ def fit(run: Run, next_batches: Callable[[], tuple[list[Any], int]], loss_fn: Ca
             if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or done or over_time or fit_now:
                 now = time.time()
                 speed = (tokens_seen - last_tokens) / max(now - last_time, 1e-9)
+                # A device does at least what it was seen doing: a peak measured at a slow moment is raised.
+                run.peak_flops = max(run.peak_flops, speed * run.flops_per_token / dist.world_size)
                 mfu = speed * run.flops_per_token / (run.peak_flops * dist.world_size)
                 record.update(tokens_per_s=speed, mfu=mfu)
                 eta = (trainer.max_steps - step) * (now - last_time) / max(step - last_step, 1)

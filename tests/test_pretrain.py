@@ -44,7 +44,10 @@ def run_ok(cmd, **kw):
 
 def test_pretraining_lowers_validation_loss(corpus, small_tokenizer, tmp_path):
     out = tmp_path / "run"
-    run_ok(command(corpus, small_tokenizer, out, "--max_steps=60", "--eval_interval=20", "--eval_batches=4"))
+    # A peak far below what the CPU does: MFU still never passes 100%.
+    run_ok(command(corpus, small_tokenizer, out, "--max_steps=60", "--eval_interval=20", "--eval_batches=4",
+                   "--peak_tflops=1e-6"))
+    assert all(0 < m["mfu"] <= 1.0 for m in metrics(out) if "mfu" in m)
     vals = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
     assert len(vals) == 3 and vals[-1] < vals[1] < vals[0] - 0.2
     assert all("val_bpc" in m for m in metrics(out) if "val_loss" in m)

@@ -1,0 +1,117 @@
+"""Files as the world sends them: saved by Windows editors (byte-order mark, CRLF), in GBK, empty, or
+with entries that have nothing but a title. No record is lost silently: every document read is kept or
+dropped with a precise reason, and every kept one is in the .bin exactly once."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from chatglm_tokenizer import load_tokenizer
+from cleaning import clean_text
+from corpora import CorpusError, parse_input, read_input
+from data_process import Config, run
+from dataset import bin_files
+
+BOM = "\ufeff"
+TEXTS = ["今年全国粮食产量再创新高，农民收入稳步增长。", "中国人民银行宣布下调存款准备金率，保持流动性合理充裕。",
+         "床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+         "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。", "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。"]
+
+
+def write(path, text: str, encoding: str = "utf-8") -> str:
+    with open(path, "w", encoding=encoding, newline="") as f:
+        f.write(text)
+    return str(path)
+
+
+def files_of_every_format(folder, prefix: str = BOM, newline: str = "\n") -> dict[str, str]:
+    """The same six documents in each format, each file starting with `prefix`, lines ending in `newline`."""
+    records = [{"text": t} for t in TEXTS]
+    return {
+        "txt": write(folder / "a.txt", prefix + newline.join(TEXTS) + newline),
+        "jsonl": write(folder / "a.jsonl", prefix + newline.join(json.dumps(r, ensure_ascii=False) for r in records)
+                       + newline),
+        "json": write(folder / "a.json", prefix + json.dumps(records, ensure_ascii=False, indent=2)
+                      .replace("\n", newline)),
+        "wikipedia": write(folder / "wiki.json", prefix + json.dumps([{"completion": t} for t in TEXTS],
+                                                                      ensure_ascii=False, indent=2)),
+        "wudao": write(folder / "wudao.json", prefix + json.dumps([{"title": "标题", "content": t} for t in TEXTS],
+                                                                   ensure_ascii=False)),
+        "baidubaike": write(folder / "bk.json", prefix + newline.join(
+            json.dumps({"title": "词条", "summary": t, "sections": []}, ensure_ascii=False) for t in TEXTS)
+            + newline),
+        "csv": write(folder / "a.csv", prefix + "text" + newline + newline.join(TEXTS) + newline),
+    }
+
+
+def docs(fmt: str, path: str) -> list:
+    return list(read_input(parse_input(f"{fmt}:{path}")))
+
+
+@pytest.mark.parametrize("prefix,newline", [(BOM, "\n"), (BOM, "\r\n"), ("", "\r\n")],
+                         ids=["bom", "bom-crlf", "crlf"])
+def test_every_format_reads_every_record_with_bom_and_crlf(tmp_path, prefix, newline):
+    for fmt, path in files_of_every_format(tmp_path, prefix, newline).items():
+        read = docs(fmt, path)
+        assert [d.error for d in read] == [None] * len(TEXTS), (fmt, read[:2])
+        assert all(TEXTS[i] in read[i].text and BOM not in read[i].text for i in range(len(TEXTS))), fmt
+
+
+def test_empty_files_are_zero_documents_with_a_warning(tmp_path, capsys):
+    for fmt, path in files_of_every_format(tmp_path).items():
+        write(path, "")
+        assert docs(fmt, path) == [], fmt
+        assert f"warning: {path} is empty" in capsys.readouterr().err, fmt
+
+
+def test_gbk_file_is_read_with_encoding_and_a_one_line_error_without(tmp_path, small_tokenizer):
+    bodies = {"csv": "text\n" + "\n".join(TEXTS), "txt": "\n".join(TEXTS),
+              "jsonl": "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in TEXTS)}
+    for fmt, body in bodies.items():
+        path = write(tmp_path / f"gbk.{fmt}", body, encoding="gbk")
+        with pytest.raises(CorpusError, match=f"{path}: not UTF-8 text .*--encoding=gb18030"):
+            docs(fmt, path)
+        read = list(read_input(parse_input(f"{fmt}:{path}"), encoding="gb18030"))  # when the user says so
+        assert [d.text for d in read] == TEXTS, fmt
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "data_process.py"), "--sources=",
+                             f"--inputs=csv:{tmp_path / 'gbk.csv'}", f"--out_dir={tmp_path / 'out'}",
+                             f"--tokenizer={small_tokenizer}"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after the progress bar: one line naming the file
+    assert last.startswith("error: ") and "gbk.csv: not UTF-8" in last and result.stderr.count("error") == 1
+
+
+def test_title_only_entries_are_empty_not_malformed(tmp_path, small_tokenizer):
+    lines = [{"title": "只有标题"}, {"title": "词条", "summary": TEXTS[0], "sections": []}, "not an object"]
+    path = write(tmp_path / "bk.json", BOM + "\r\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\r\n")
+    meta = run(Config(sources="", inputs=f"baidubaike:{path}", out_dir=str(tmp_path / "out"),
+                      tokenizer=small_tokenizer, workers=0))
+    assert meta["sources"]["baidubaike:bk.json"] == {"read": 3, "kept": 1, "dropped_empty": 1, "dropped_malformed": 1}
+
+
+def test_documents_read_are_kept_or_dropped_and_each_kept_one_is_in_the_bin_once(tmp_path, small_tokenizer):
+    paths = files_of_every_format(tmp_path, BOM, "\r\n")
+    inputs = ",".join(f"{fmt}:{path}" for fmt, path in paths.items())
+    cfg = Config(sources="", inputs=inputs, out_dir=str(tmp_path / "out"), tokenizer=small_tokenizer, workers=2,
+                 val_fraction=0.3, near_dedup=False)
+    meta = run(cfg)
+    for counts in meta["sources"].values():
+        assert counts["read"] == len(TEXTS)
+        assert counts["read"] == counts.get("kept", 0) + sum(v for k, v in counts.items() if k.startswith("dropped_"))
+    tok = load_tokenizer(small_tokenizer)
+    decoded = []
+    for f in bin_files(cfg.out_dir, "train") + bin_files(cfg.out_dir, "val"):
+        stream = np.fromfile(f, dtype=np.uint16)
+        ends = np.flatnonzero(stream == tok.eos_id)
+        decoded += [tok.decode(part.tolist()) for part in np.split(stream, ends + 1)[:-1]]
+    # The same six texts in seven files: kept once (the first file), dropped as exact duplicates
+    # elsewhere, except wudao's and BaiduBaiKe's, whose titles make them other documents.
+    expected = [clean_text(t) for t in TEXTS] + [clean_text(f"标题\n{t}") for t in TEXTS] + \
+        [clean_text(f"词条\n{t}") for t in TEXTS]
+    assert sorted(decoded) == sorted(expected)
+    assert sum(c.get("kept", 0) for c in meta["sources"].values()) == len(decoded)
