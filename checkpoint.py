@@ -42,6 +42,10 @@ def model_args_from_state_dict(state: dict, n_heads: int = 8, **overrides) -> Mo
     """Infer the shape of a raw state_dict (the seed's .pth); the head count cannot be read off
     the weights, so it is given (all the seed's models use 8)."""
     state = clean_state_dict(state)
+    missing = [k for k in ("tok_embeddings.weight", "layers.0.attention.wk.weight", "layers.0.feed_forward.w1.weight")
+               if k not in state]
+    if missing:
+        raise CheckpointError(f"not a Llama2 state_dict of this project or the seed: no {missing[0]}")
     vocab_size, dim = state["tok_embeddings.weight"].shape
     n_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
     head_dim = dim // n_heads
@@ -52,14 +56,27 @@ def model_args_from_state_dict(state: dict, n_heads: int = 8, **overrides) -> Mo
     return ModelArgs(**args)
 
 
+def read_checkpoint(path: str) -> object:
+    """torch.load of a checkpoint file, with a one-line error for a path that is missing, a directory, or
+    a file that is not a PyTorch checkpoint (empty, truncated by an interrupted copy, another format)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; expected a checkpoint file (ckpt.pt or a .pth)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load fails in many ways on a bad file (zip, pickle, EOF, ...)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or another kind of "
+                              f"file?): {reason}") from None
+
+
 def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelArgs | None = None,
                **arg_overrides) -> tuple[Transformer, dict]:
     """Load our ckpt.pt (model + model_args + training state) or a raw state_dict .pth.
 
     Returns the model in eval mode and the checkpoint dict (empty apart from 'model' for a raw .pth)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}")
     if "model" in ckpt and isinstance(ckpt["model"], dict):
@@ -71,7 +88,10 @@ def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelA
     else:
         state, ckpt = ckpt, {}
         if model_args is None:
-            model_args = model_args_from_state_dict(state, **arg_overrides)
+            try:
+                model_args = model_args_from_state_dict(state, **arg_overrides)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
     model = Transformer(model_args)
     if ckpt.get("lora"):  # an SFT run with adapters: rebuild them, load, and merge them in
         from lora import apply_lora, merge_lora

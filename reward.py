@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chatglm_tokenizer import SPTokenizer
+from checkpoint import read_checkpoint
 from dataset_sft import encode_turns
 from model import ModelArgs, Transformer
 
@@ -74,10 +75,10 @@ def pair_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
 
 
 def load_reward_model(path: str, device: str = "cpu") -> tuple[RewardModel, dict]:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"reward model {path} does not exist: run reward_model.py first")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("stage") != "reward":
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or state.get("stage") != "reward":
         raise ValueError(f"{path} is not a reward model checkpoint (stage {state.get('stage')!r})")
     model = RewardModel(Transformer(ModelArgs(**state["model_args"])))
     model.load_state_dict(state["model"], strict=True)

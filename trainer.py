@@ -30,7 +30,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from budget import TimeBudget
-from checkpoint import clean_state_dict, save_checkpoint
+from checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
 from common import print0
 from distributed import Dist, all_reduce_max, all_reduce_mean, setup_distributed, teardown
 from precision import autocast, measure_peak_flops, resolve_dtype
@@ -337,7 +337,7 @@ class Trainer:
         if not allowed:
             raise FileExistsError(f"{path} exists; pass --resume=true to continue that run or choose another "
                                   "--out_dir")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
         for key, value in expect.items():
             if state.get(key) != value:
                 raise ValueError(f"{path} was made with other {key}: {state.get(key)} (this run: {value})")

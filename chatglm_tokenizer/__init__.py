@@ -29,5 +29,10 @@ def resolve_tokenizer_path(path: str | None = None) -> str:
 
 
 def load_tokenizer(path: str | None = None) -> SPTokenizer:
-    """The tokenizer at path (default chatglm_tokenizer/tokenizer.model)."""
-    return SPTokenizer(resolve_tokenizer_path(path))
+    """The tokenizer at path (default chatglm_tokenizer/tokenizer.model); a file that is not a
+    SentencePiece model is a one-line ValueError."""
+    path = resolve_tokenizer_path(path)
+    try:
+        return SPTokenizer(path)
+    except RuntimeError as e:  # sentencepiece: "could not parse ModelProto" and the like
+        raise ValueError(f"{path} is not a SentencePiece tokenizer model ({str(e).strip()[:80]})") from None

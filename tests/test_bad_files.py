@@ -1,0 +1,62 @@
+"""The wrong file in the right flag: every script that loads a checkpoint, given an empty, truncated or
+foreign file or a directory, and every script that loads a tokenizer, given a text file, stops with one
+line naming the file, never a traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from model import ModelArgs, Transformer
+
+# Each script with the flag that names the checkpoint it loads first.
+CHECKPOINT_FLAGS = [("eval.py", "--ckpt"), ("eval_choice.py", "--ckpt"), ("eval_pretrain.py", "--ckpt"),
+                    ("export.py", "--ckpt"), ("chat.py", "--ckpt"), ("serve.py", "--ckpt"), ("sft.py", "--init_from"),
+                    ("dpo.py", "--init_from"), ("grpo.py", "--init_from"), ("reward_model.py", "--init_from")]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("bad")
+    good = folder / "good.pt"
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=32, multiple_of=16)
+    torch.save({"model": Transformer(args).state_dict(), "model_args": vars(args)}, good)
+    data = good.read_bytes()
+    (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "notes.txt").write_text("这不是检查点\n", encoding="utf-8")
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")  # a readable file of another kind
+    (folder / "a_folder").mkdir()
+    return {kind: str(folder / name) for kind, name in (("truncated", "truncated.pt"), ("empty", "empty.pt"),
+                                                         ("text", "notes.txt"), ("foreign", "foreign.pt"),
+                                                         ("directory", "a_folder"))}
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, names: str) -> None:
+    assert result.returncode != 0, result.stdout[-500:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and names in last, result.stderr[-1000:]
+
+
+@pytest.mark.parametrize("script,flag", CHECKPOINT_FLAGS, ids=[s for s, _ in CHECKPOINT_FLAGS])
+def test_a_bad_checkpoint_is_one_line_naming_it(script, flag, bad_files, small_tokenizer):
+    for path in bad_files.values():
+        assert_one_line_error(run(script, f"{flag}={path}", f"--tokenizer={small_tokenizer}"), path)
+
+
+@pytest.mark.parametrize("script", ["eval.py", "eval_pretrain.py", "chat.py"])
+def test_a_text_file_as_tokenizer_is_one_line_naming_it(script, bad_files, tmp_path):
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=32, multiple_of=16)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": Transformer(args).state_dict(), "model_args": vars(args)}, ckpt)
+    result = run(script, f"--ckpt={ckpt}", f"--tokenizer={bad_files['text']}")
+    assert_one_line_error(result, bad_files["text"])
+    assert "not a SentencePiece tokenizer model" in result.stderr
