@@ -40,6 +40,8 @@ def _open_text(path: str, encoding: str = "utf-8"):
         encoding = "utf-8-sig"
     try:
         return open(path, encoding=encoding, errors="strict", newline="")
+    except LookupError:
+        raise CorpusError(f"--encoding={encoding}: not an encoding Python knows (utf-8, gb18030, big5...)") from None
     except OSError as e:
         raise CorpusError(f"cannot read {path}: {e.strerror}") from None
 

@@ -88,17 +88,18 @@ def teardown(dist: Dist) -> None:
         torch_dist.destroy_process_group()
 
 
-def all_reduce_mean(value: float | torch.Tensor, dist: Dist) -> float:
+def _all_reduce(value: float | torch.Tensor, dist: Dist, op: torch_dist.ReduceOp) -> float:
+    """One number combined over the processes (itself when there is one process)."""
     if not dist.enabled:
         return float(value)
     t = torch.tensor(float(value), dtype=torch.float64, device=dist.device)
-    torch_dist.all_reduce(t)
-    return float(t) / dist.world_size
+    torch_dist.all_reduce(t, op=op)
+    return float(t)
+
+
+def all_reduce_mean(value: float | torch.Tensor, dist: Dist) -> float:
+    return _all_reduce(value, dist, torch_dist.ReduceOp.SUM) / dist.world_size
 
 
 def all_reduce_max(value: float, dist: Dist) -> float:
-    if not dist.enabled:
-        return float(value)
-    t = torch.tensor(float(value), dtype=torch.float64, device=dist.device)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return float(t)
+    return _all_reduce(value, dist, torch_dist.ReduceOp.MAX)

@@ -75,6 +75,8 @@ def test_gbk_file_is_read_with_encoding_and_a_one_line_error_without(tmp_path, s
         path = write(tmp_path / f"gbk.{fmt}", body, encoding="gbk")
         with pytest.raises(CorpusError, match=f"{path}: not UTF-8 text .*--encoding=gb18030"):
             docs(fmt, path)
+        with pytest.raises(CorpusError, match="--encoding=gbk2: not an encoding"):
+            list(read_input(parse_input(f"{fmt}:{path}"), encoding="gbk2"))
         read = list(read_input(parse_input(f"{fmt}:{path}"), encoding="gb18030"))  # when the user says so
         assert [d.text for d in read] == TEXTS, fmt
     result = subprocess.run([sys.executable, os.path.join(ROOT, "data_process.py"), "--sources=",
