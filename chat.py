@@ -10,27 +10,38 @@ repetition_penalty or max_new_tokens; /settings shows them; /quit (or Ctrl-D) le
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from checkpoint import load_model_and_tokenizer
 from common import pick_device
-from configurator import parse_config
+from configurator import (
+    Device,
+    InputFile,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
+    PositiveFraction,
+    SettingError,
+    parse_config,
+    set_from_text,
+)
 from dataset_sft import chat_prompt_ids
 
 
 @dataclass
 class Config:
-    ckpt: str = "out/sft/ckpt.pt"
-    tokenizer: str = "data/tokenizer/tokenizer.model"
-    temperature: float = 0.0  # 0 is greedy
-    top_k: int = 0  # 0 keeps every token
-    top_p: float = 1.0
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 256
+    ckpt: InputFile = "out/sft/ckpt.pt"
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+    temperature: NonNegativeFloat = 0.0  # 0 is greedy
+    top_k: NonNegative = 0  # 0 keeps every token
+    top_p: PositiveFraction = 1.0
+    repetition_penalty: PositiveFloat = 1.1
+    max_new_tokens: Positive = 256
     seed: int = 0
-    device: str = "auto"
+    device: Device = "auto"
 
 
 SETTABLE = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
@@ -59,15 +70,15 @@ def stream_answer(model, tok, prompt_ids: list[int], cfg: Config, generator, out
 
 
 def apply_setting(cfg: Config, assignment: str) -> str:
+    """`/set NAME=VALUE`: checked as the --flag is; the answer to print."""
     name, _, value = assignment.partition("=")
     name = name.strip()
-    if name not in SETTABLE or not value:
+    if name not in SETTABLE or not value.strip():
         return f"usage: /set NAME=VALUE with NAME one of {', '.join(SETTABLE)}"
-    kind = next(f.type for f in fields(cfg) if f.name == name)
     try:
-        setattr(cfg, name, (int if kind in (int, "int") else float)(value))
-    except ValueError:
-        return f"{name} needs a number, not {value!r}"
+        set_from_text(cfg, name, value)
+    except SettingError as e:
+        return f"error: {e}"
     return f"{name} = {getattr(cfg, name)}"
 
 

@@ -10,14 +10,132 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
+import os
 import re
 import sys
 import types
 import typing
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 T = TypeVar("T")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a setting's value must be, declared in its type: `batch_size: Positive = 16`."""
+    low: float | None = None  # the smallest value allowed
+    high: float | None = None  # the largest value allowed
+    above: float | None = None  # values must be greater than this
+    choices: tuple[str, ...] = ()  # the values allowed
+    pattern: str = ""  # a regular expression the whole value matches
+    expected: str = ""  # what pattern means, for the error
+    path: str = ""  # file: an existing file ('' for none); out_dir: not a file; out_file: not a folder
+
+    def problem(self, value: Any, check_files: bool = True) -> str | None:
+        """Why value is not allowed, or None."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                return "must be a finite number"
+            if self.low is not None and value < self.low:
+                return f"must be at least {self.low:g}"
+            if self.high is not None and value > self.high:
+                return f"must be at most {self.high:g}"
+            if self.above is not None and value <= self.above:
+                return f"must be greater than {self.above:g}"
+        if isinstance(value, str):
+            if self.choices and value not in self.choices:
+                return f"must be one of {', '.join(self.choices)}"
+            if self.pattern and not re.fullmatch(self.pattern, value):
+                return f"must be {self.expected or self.pattern}"
+            return self._path_problem(value, check_files)
+        return None
+
+    def _path_problem(self, path: str, check_files: bool) -> str | None:
+        if self.path == "file" and path:
+            if os.path.isdir(path):
+                return "is a folder; a file is expected"
+            if check_files and not os.path.exists(path):
+                return "no such file"
+        if self.path == "out_dir" and os.path.isfile(path):
+            return "is a file; the folder to write into is expected"
+        if self.path == "out_file" and os.path.isdir(path):
+            return "is a folder; the file to write is expected"
+        return None
+
+
+Positive = Annotated[int, Check(low=1)]
+NonNegative = Annotated[int, Check(low=0)]
+PositiveFloat = Annotated[float, Check(above=0)]
+NonNegativeFloat = Annotated[float, Check(low=0)]
+Fraction = Annotated[float, Check(low=0, high=1)]
+PositiveFraction = Annotated[float, Check(above=0, high=1)]
+Port = Annotated[int, Check(low=0, high=65535)]  # 0: any free port
+SeqLen = Annotated[int, Check(low=0, high=1 << 17)]  # 0: the model's
+InputFile = Annotated[str, Check(path="file")]
+OutputDir = Annotated[str, Check(path="out_dir")]
+OutputFile = Annotated[str, Check(path="out_file")]
+Device = Annotated[str, Check(pattern=r"auto|cpu|mps|cuda(:\d+)?", expected="auto, cpu, mps, cuda or cuda:N")]
+Dtype = Annotated[str, Check(choices=("auto", "float32", "bfloat16", "float16"))]
+
+
+def one_of(*choices: str) -> Any:
+    """The type of a setting that is one of these strings."""
+    return Annotated[str, Check(choices=choices)]
+
+
+def in_range(low: float, high: float, kind: type = float) -> Any:
+    """The type of a number setting from low to high."""
+    return Annotated[kind, Check(low=low, high=high)]
+
+
+class SettingError(ValueError):
+    pass
+
+
+def _plain_type(hint: Any) -> tuple[Any, bool, Check | None]:
+    """(the type, whether None is allowed, its Check) of a field's annotation."""
+    check = None
+    if typing.get_origin(hint) is Annotated:
+        check = next((m for m in hint.__metadata__ if isinstance(m, Check)), None)
+        hint = typing.get_args(hint)[0]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in args if a is not type(None))
+    return hint, optional, check
+
+
+def check_value(name: str, hint: Any, value: Any, check_files: bool = True) -> Any:
+    """value as the field's type (an int for a float field, a whole float for an int field), or
+    SettingError naming the setting unless it has that type and passes the field's Check."""
+    kind, optional, check = _plain_type(hint)
+    if value is None and optional:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if kind in (int, float, str, bool) and type(value) is not kind:
+        raise SettingError(f"--{name}={value!r}: expected {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise SettingError(f"--{name}={value}: must be a finite number")
+    problem = check.problem(value, check_files) if check else None
+    if problem:
+        raise SettingError(f"--{name}={value}: {problem}")
+    return value
+
+
+def set_from_text(settings: Any, name: str, text: str) -> None:
+    """Set one field of a settings object from text, as its --flag would (chat's /set)."""
+    hint = typing.get_type_hints(type(settings), include_extras=True)[name]
+    try:
+        value = _converter(hint)(text.strip())
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise SettingError(f"--{name}={text.strip()}: {e}") from None
+    setattr(settings, name, check_value(name, hint, value))
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -36,12 +154,9 @@ def _field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
-def _converter(annotation: Any):
+def _converter(hint: Any):
     """A function from the flag's string to the field's type (int, float, str, bool, X | None)."""
-    args = typing.get_args(annotation)
-    optional = type(None) in args
-    if args and (typing.get_origin(annotation) in (typing.Union, types.UnionType)):
-        annotation = next(a for a in args if a is not type(None))
+    annotation, optional, _ = _plain_type(hint)
 
     def convert(text: str):
         if optional and text.lower() in {"none", "null", ""}:
@@ -50,6 +165,8 @@ def _converter(annotation: Any):
             if text.lower() in _TRUE | _FALSE:
                 return text.lower() in _TRUE
             raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if annotation is int and re.fullmatch(r"[+-]?[\d.]+[eE][+-]?\d+", text):
+            return int(float(text))  # 1e4 steps
         if annotation in (int, float, str):
             return annotation(text)
         return text
@@ -65,12 +182,21 @@ def read_config_file(path: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
 
 
-def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
-    """An instance of the settings dataclass cls: defaults < config files (in order) < --flags."""
-    hints = typing.get_type_hints(cls)
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None,
+                 check_files: bool = True) -> T:
+    """An instance of the settings dataclass cls: defaults < config files (in order) < --flags, each
+    value checked against its field's type and Check (with check_files=False, input files need not
+    exist yet: a pipeline's later stages read what its earlier ones write)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
     comments = _field_comments(cls)
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", metavar="config.py",
                         help="config files (Python assignments) applied in order before the flags")
     names = [f.name for f in dataclasses.fields(cls)]
@@ -89,10 +215,19 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
             parser.error(f"config file {path}: {type(e).__name__}: {e}")
         unknown = sorted(set(file_values) - set(names))
         if unknown:
-            parser.error(f"config file {path}: unknown settings {unknown} (see --help for the known ones)")
+            parser.error(f"config file {path}: unknown settings {unknown}")
         values.update(file_values)
     values.update({k: v for k, v in vars(args).items() if k != "configs"})
     try:
-        return cls(**values)
+        settings = cls(**values)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
+    problems = []
+    for name in names:
+        try:
+            setattr(settings, name, check_value(name, hints[name], getattr(settings, name), check_files))
+        except SettingError as e:
+            problems.append(str(e))
+    if problems:
+        parser.error("; ".join(problems))
+    return settings

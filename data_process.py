@@ -29,7 +29,7 @@ from tqdm import tqdm
 from chatglm_tokenizer import SPTokenizer, load_tokenizer
 from cleaning import clean_texts
 from common import write_json_atomic
-from configurator import parse_config
+from configurator import InputFile, NonNegative, OutputDir, Positive, in_range, parse_config
 from corpora import CorpusError, Doc, builtin_input, iter_corpus, parse_input
 from dedup import EMPTY, KEEP, MALFORMED, TOO_SHORT, VERDICTS, Deduplicator, lsh_keys, minhash_batch, text_hashes
 
@@ -44,18 +44,18 @@ class Config:
     inputs: str = ""  # your files, comma-separated: PATH, FORMAT:PATH or FORMAT:PATH:FIELD
     encoding: str = "utf-8"  # of your text files (gb18030 for Chinese Windows files); a BOM is fine
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
-    out_dir: str = "data/demo"  # train.bin, val.bin and meta.json go here
-    tokenizer: str = "data/tokenizer/tokenizer.model"  # ours (train_tokenizer.py) or ChatGLM2's file
-    min_chars: int = 10  # shorter cleaned documents are dropped
+    out_dir: OutputDir = "data/demo"  # train.bin, val.bin and meta.json go here
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"  # ours (train_tokenizer.py) or ChatGLM2's file
+    min_chars: NonNegative = 10  # shorter cleaned documents are dropped
     dedup: bool = True  # drop exact duplicates (after cleaning)
     near_dedup: bool = True  # drop near duplicates (MinHash LSH over character n-grams)
-    ngram: int = 5  # characters per shingle for MinHash
-    bands: int = 8  # LSH bands x rows = MinHash bins; 8x8 flags pairs with Jaccard >~ 0.8
-    rows: int = 8  # MinHash values per LSH band
-    val_fraction: float = 0.01  # share of documents (by hash of their text) that go to val.bin
-    workers: int = 2  # tokenizing processes; 0 does everything in this process
-    batch_docs: int = 4096  # at most this many documents per work batch
-    batch_chars: int = 1 << 18  # and about this many characters
+    ngram: Positive = 5  # characters per shingle for MinHash
+    bands: Positive = 8  # LSH bands x rows = MinHash bins; 8x8 flags pairs with Jaccard >~ 0.8
+    rows: Positive = 8  # MinHash values per LSH band
+    val_fraction: in_range(0, 0.5) = 0.01  # share of documents (by hash of their text) that go to val.bin
+    workers: NonNegative = 2  # tokenizing processes; 0 does everything in this process
+    batch_docs: Positive = 4096  # at most this many documents per work batch
+    batch_chars: Positive = 1 << 18  # and about this many characters
     overwrite: bool = False  # replace an existing corpus made with other settings
 
 

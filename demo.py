@@ -16,25 +16,25 @@ import sys
 import time
 from dataclasses import dataclass
 
-from configurator import parse_config
+from configurator import NonNegativeFloat, OutputDir, Positive, in_range, parse_config
 
 
 @dataclass
 class Config:
-    data_dir: str = "data"  # raw sources, tokenizer and corpus go under it
-    out_dir: str = "out"  # checkpoints, evaluations and plots go under it
-    sft_dir: str = "sft_data"  # instruction data
-    vocab_size: int = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
-    pretrain_steps: int = 1000  # at most this many optimizer steps of 4,096 tokens
-    sft_steps: int = 1000  # at most this many SFT optimizer steps of 16 samples
-    rm_steps: int = 400  # at most this many reward-model steps of 16 pairs
-    dpo_steps: int = 250  # at most this many DPO steps of 16 pairs
-    grpo_steps: int = 100  # at most this many GRPO steps of 4 prompts x 8 sampled answers
-    pretrain_min: float = 10.0  # pretraining's time budget: as many steps as fit, at most pretrain_steps
-    sft_min: float = 5.0  # SFT's time budget
-    rm_min: float = 2.5  # the reward model's time budget
-    dpo_min: float = 2.5  # DPO's time budget
-    grpo_min: float = 2.5  # GRPO's time budget
+    data_dir: OutputDir = "data"  # raw sources, tokenizer and corpus go under it
+    out_dir: OutputDir = "out"  # checkpoints, evaluations and plots go under it
+    sft_dir: OutputDir = "sft_data"  # instruction data
+    vocab_size: in_range(260, 65535, int) = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
+    pretrain_steps: Positive = 1000  # at most this many optimizer steps of 4,096 tokens
+    sft_steps: Positive = 1000  # at most this many SFT optimizer steps of 16 samples
+    rm_steps: Positive = 400  # at most this many reward-model steps of 16 pairs
+    dpo_steps: Positive = 250  # at most this many DPO steps of 16 pairs
+    grpo_steps: Positive = 100  # at most this many GRPO steps of 4 prompts x 8 sampled answers
+    pretrain_min: NonNegativeFloat = 10.0  # pretraining's time budget: as many steps as fit, at most pretrain_steps
+    sft_min: NonNegativeFloat = 5.0  # SFT's time budget
+    rm_min: NonNegativeFloat = 2.5  # the reward model's time budget
+    dpo_min: NonNegativeFloat = 2.5  # DPO's time budget
+    grpo_min: NonNegativeFloat = 2.5  # GRPO's time budget
 
 
 def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:

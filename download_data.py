@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
-from configurator import parse_config
+from configurator import OutputDir, parse_config
 
 
 @dataclass
@@ -52,7 +52,7 @@ DEFAULT_SOURCES = "peoples_daily,idioms,dictionary"
 @dataclass
 class Config:
     sources: str = DEFAULT_SOURCES  # comma-separated names, or 'all'
-    raw_dir: str = "data/raw"  # where each source's files go
+    raw_dir: OutputDir = "data/raw"  # where each source's files go
 
 
 def _is_done(folder: str) -> bool:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from checkpoint import load_model_and_tokenizer
 from common import print0
+from configurator import Fraction, InputFile, NonNegativeFloat, OutputDir, Positive, PositiveFloat
 from dataset_sft import collate, encode_turns, make_example, read_pairs
 from distributed import Dist, all_reduce_mean
 from model import answer_logprobs
@@ -30,20 +31,20 @@ from trainer import TrainConfig, fit, run_stage, start_run
 
 @dataclass
 class Config(TrainConfig):
-    init_from: str = "out/sft/ckpt.pt"  # the policy starts here and the frozen reference is this model
-    data: str = "sft_data/preference.csv"
-    val_data: str = "sft_data/preference_val.csv"
-    tokenizer: str = "data/tokenizer/tokenizer.model"
-    out_dir: str = "out/dpo"
-    beta: float = 0.1  # strength of the pull towards the reference
-    label_smoothing: float = 0.0  # assumed share of wrong preference labels (conservative DPO)
-    batch_size: int = 16  # pairs per micro-step in each process
-    epochs: float = 1.0
-    lr: float = 5e-5
-    min_lr: float = 5e-6
-    eval_interval: int = 100
-    eval_pairs: int = 256
-    save_interval: int = 200
+    init_from: InputFile = "out/sft/ckpt.pt"  # the policy starts here and the frozen reference is this model
+    data: InputFile = "sft_data/preference.csv"
+    val_data: InputFile = "sft_data/preference_val.csv"
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+    out_dir: OutputDir = "out/dpo"
+    beta: PositiveFloat = 0.1  # strength of the pull towards the reference
+    label_smoothing: Fraction = 0.0  # assumed share of wrong preference labels (conservative DPO)
+    batch_size: Positive = 16  # pairs per micro-step in each process
+    epochs: PositiveFloat = 1.0
+    lr: PositiveFloat = 5e-5
+    min_lr: NonNegativeFloat = 5e-6
+    eval_interval: Positive = 100
+    eval_pairs: Positive = 256
+    save_interval: Positive = 200
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

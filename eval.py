@@ -21,7 +21,7 @@ import torch
 
 from checkpoint import load_model_and_tokenizer
 from common import pick_device
-from configurator import parse_config
+from configurator import Device, InputFile, NonNegative, OutputDir, Positive, PositiveFloat, parse_config
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import Transformer
 from tasks import char_f1, rouge_l, task_of
@@ -32,19 +32,19 @@ SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是�
 
 @dataclass
 class Config:
-    ckpt: str = "out/sft/ckpt.pt"  # the model to evaluate
-    tokenizer: str = "data/tokenizer/tokenizer.model"
+    ckpt: InputFile = "out/sft/ckpt.pt"  # the model to evaluate
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
     questions: str = "|".join(SEED_QUESTIONS)  # questions separated by |
-    questions_file: str = ""  # one question a line (replaces --questions)
-    val_data: str = "sft_data/sft_val.csv"  # references to score against ('' for none)
-    max_samples: int = 300  # at most this many validation samples (the first ones)
-    max_new_tokens: int = 128
-    repetition_penalty: float = 1.0
-    batch_size: int = 16
-    exact_match_chars: int = 10  # exact match is reported for references up to this long
-    reward_model: str = ""  # also report the mean reward of the answers under this reward model
-    out: str = "out/eval"  # answers.csv and summary.json
-    device: str = "auto"
+    questions_file: InputFile = ""  # one question a line (replaces --questions)
+    val_data: InputFile = "sft_data/sft_val.csv"  # references to score against ('' for none)
+    max_samples: Positive = 300  # at most this many validation samples (the first ones)
+    max_new_tokens: Positive = 128
+    repetition_penalty: PositiveFloat = 1.0
+    batch_size: Positive = 16
+    exact_match_chars: NonNegative = 10  # exact match is reported for references up to this long
+    reward_model: InputFile = ""  # also report the mean reward of the answers under this reward model
+    out: OutputDir = "out/eval"  # answers.csv and summary.json
+    device: Device = "auto"
 
 
 def answer(model: Transformer, tok, conversations: list[tuple[list, str]], cfg: Config) -> list[str]:

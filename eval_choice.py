@@ -23,7 +23,7 @@ import torch
 
 from checkpoint import load_model_and_tokenizer
 from common import pick_device
-from configurator import parse_config
+from configurator import Device, InputFile, NonNegative, OutputFile, Positive, one_of, parse_config
 from dataset_sft import collate, read_sft_csv
 from model import Transformer, answer_logprobs
 from tasks import task_of
@@ -33,19 +33,19 @@ LETTERS = "ABCD"
 
 @dataclass
 class Config:
-    ckpt: str = "out/sft/ckpt.pt"
-    tokenizer: str = "data/tokenizer/tokenizer.model"
-    file: str = ""  # a C-Eval/CMMLU CSV; empty: the built-in idiom set from --val_data
-    dev_file: str = ""  # few-shot examples in the same layout (default: none)
-    shots: int = 0  # examples put before each question
-    format: str = "chat"  # chat (question + bos, as SFT trains) or plain ("问题：...\n答案：")
+    ckpt: InputFile = "out/sft/ckpt.pt"
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+    file: InputFile = ""  # a C-Eval/CMMLU CSV; empty: the built-in idiom set from --val_data
+    dev_file: InputFile = ""  # few-shot examples in the same layout (default: none)
+    shots: NonNegative = 0  # examples put before each question
+    format: one_of("chat", "plain") = "chat"  # chat (question + bos, as SFT trains) or plain ("问题：...\n答案：")
     val_data: str = "sft_data/sft_val.csv"  # held-out idioms for the built-in set
-    idiom_questions: int = 500  # at most this many built-in questions
+    idiom_questions: Positive = 500  # at most this many built-in questions
     seed: int = 0  # which distractors the built-in set draws
-    write_set: str = ""  # write the built-in set here as a C-Eval CSV
-    batch_size: int = 16
-    device: str = "auto"
-    json: str = ""  # also write the results here
+    write_set: OutputFile = ""  # write the built-in set here as a C-Eval CSV
+    batch_size: Positive = 16
+    device: Device = "auto"
+    json: OutputFile = ""  # also write the results here
 
 
 @dataclass
@@ -143,8 +143,6 @@ def choose(model: Transformer, tok, questions: list[Question], shots: list[Quest
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
-    if cfg.format not in ("chat", "plain"):
-        raise SystemExit(f"error: --format must be chat or plain, not {cfg.format!r}")
     try:
         model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
         questions = read_choice_csv(cfg.file) if cfg.file else idiom_set(cfg.val_data, cfg.idiom_questions, cfg.seed)

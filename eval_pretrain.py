@@ -20,7 +20,17 @@ import torch
 from checkpoint import load_model_and_tokenizer
 from cleaning import clean_text
 from common import pick_device
-from configurator import parse_config
+from configurator import (
+    Device,
+    InputFile,
+    NonNegative,
+    NonNegativeFloat,
+    OutputFile,
+    Positive,
+    PositiveFloat,
+    PositiveFraction,
+    parse_config,
+)
 from dataset import PretrainDataset
 from model import Transformer
 
@@ -29,22 +39,22 @@ SEED_PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "《�
 
 @dataclass
 class Config:
-    ckpt: str = "out/pretrain/ckpt.pt"  # our ckpt.pt or the seed's .pth
-    tokenizer: str = "data/tokenizer/tokenizer.model"
+    ckpt: InputFile = "out/pretrain/ckpt.pt"  # our ckpt.pt or the seed's .pth
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
     prompts: str = "|".join(SEED_PROMPTS)  # prompts separated by |
-    prompts_file: str = ""  # one prompt a line (replaces --prompts)
-    max_new_tokens: int = 100
-    temperature: float = 0.7  # 0 is greedy
-    top_k: int = 30
-    top_p: float = 0.95
-    repetition_penalty: float = 1.1
+    prompts_file: InputFile = ""  # one prompt a line (replaces --prompts)
+    max_new_tokens: Positive = 100
+    temperature: NonNegativeFloat = 0.7  # 0 is greedy
+    top_k: NonNegative = 30
+    top_p: PositiveFraction = 0.95
+    repetition_penalty: PositiveFloat = 1.1
     seed: int = 0  # sampling seed, so that a run can be repeated
-    bin: str = "data/demo/val.bin"  # a token file for perplexity ('' for none)
-    text: str = ""  # a UTF-8 text file for perplexity (cleaned and tokenized here)
-    max_windows: int = 200  # at most this many windows of max_seq_len tokens are scored
-    batch_size: int = 8
-    device: str = "auto"
-    json: str = ""  # also write the results here
+    bin: InputFile = "data/demo/val.bin"  # a token file for perplexity ('' for none)
+    text: InputFile = ""  # a UTF-8 text file for perplexity (cleaned and tokenized here)
+    max_windows: Positive = 200  # at most this many windows of max_seq_len tokens are scored
+    batch_size: Positive = 8
+    device: Device = "auto"
+    json: OutputFile = ""  # also write the results here
 
 
 def continuations(model: Transformer, tok, prompts: list[str], cfg: Config) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 
 from checkpoint import load_model_and_tokenizer
 from common import print0
+from configurator import InputFile, NonNegative, NonNegativeFloat, OutputDir, Positive, PositiveFloat, in_range, one_of
 from dataset_sft import chat_prompt_ids, collate, read_sft_csv
 from distributed import Dist
 from model import token_logprobs
@@ -30,26 +31,26 @@ from trainer import TrainConfig, fit, run_stage, start_run
 
 @dataclass
 class Config(TrainConfig):
-    init_from: str = "out/sft/ckpt.pt"  # the policy starts here; the frozen reference is this model
-    prompts: str = "sft_data/sft_data.csv"  # questions with reference answers
-    task: str = "idiom"  # which prompts: idiom, character, other or all
-    tokenizer: str = "data/tokenizer/tokenizer.model"
-    out_dir: str = "out/grpo"
-    reward: str = "f1"  # f1 (character F1 against the reference answer) or model (a reward model's score)
+    init_from: InputFile = "out/sft/ckpt.pt"  # the policy starts here; the frozen reference is this model
+    prompts: InputFile = "sft_data/sft_data.csv"  # questions with reference answers
+    task: one_of("idiom", "character", "other", "all") = "idiom"  # which prompts: idiom, character, other or all
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+    out_dir: OutputDir = "out/grpo"
+    reward: one_of("f1", "model") = "f1"  # f1 (character F1 against the reference) or model (a reward model's score)
     reward_model: str = "out/rm/ckpt.pt"  # used when reward=model
-    group_size: int = 8  # answers sampled per prompt
-    prompts_per_step: int = 4  # prompts per optimizer step in each process
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_k: int = 0  # 0 keeps every token
-    clip_eps: float = 0.2
-    kl_beta: float = 0.04
-    max_steps: int = 100
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 5
-    log_interval: int = 5
-    save_interval: int = 50
+    group_size: in_range(2, 1 << 16, int) = 8  # answers sampled per prompt
+    prompts_per_step: Positive = 4  # prompts per optimizer step in each process
+    max_new_tokens: Positive = 48
+    temperature: NonNegativeFloat = 1.0
+    top_k: NonNegative = 0  # 0 keeps every token
+    clip_eps: PositiveFloat = 0.2
+    kl_beta: NonNegativeFloat = 0.04
+    max_steps: NonNegative = 100
+    lr: PositiveFloat = 1e-4
+    min_lr: NonNegativeFloat = 1e-5
+    warmup_steps: NonNegative = 5
+    log_interval: Positive = 5
+    save_interval: Positive = 50
 
 
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -81,11 +82,9 @@ def make_rewarder(cfg: Config, tok, device: str):
     """rewards(prompts, answers, references) -> list of floats."""
     if cfg.reward == "f1":
         return lambda prompts, answers, references: [char_f1(a, r) for a, r in zip(answers, references)]
-    if cfg.reward == "model":
-        from reward import load_reward_model
-        rm, _ = load_reward_model(cfg.reward_model, device)
-        return lambda prompts, answers, references: rm.score(tok, prompts, answers)
-    raise ValueError(f"--reward must be f1 or model, not {cfg.reward!r}")
+    from reward import load_reward_model
+    rm, _ = load_reward_model(cfg.reward_model, device)
+    return lambda prompts, answers, references: rm.score(tok, prompts, answers)
 
 
 def train(cfg: Config, dist: Dist) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import parse_config
+from configurator import NonNegative, NonNegativeFloat, Positive, PositiveFraction, SeqLen, one_of, parse_config
 from hardware import GPUS, MemoryPlan, largest_micro_batch, training_memory
 from model import Transformer, model_args_from_preset
 
@@ -25,16 +25,16 @@ from model import Transformer, model_args_from_preset
 @dataclass
 class Config:
     model: str = "baby_92m"  # model preset (tiny, baby_92m, baby_218m) or a path to one
-    gpu: str = "3090"  # H200, H100, H100-PCIe, A100-80G, A100-40G, L40S, L40, A10G, A10, L4, 4090, 3090, V100, T4
-    gpus: int = 1  # GPUs in all, one process each
+    gpu: one_of(*GPUS) = "3090"  # H200, H100, A100-80G, L40S, 4090, 3090, T4... (all: hardware.GPUS)
+    gpus: Positive = 1  # GPUs in all, one process each
     tokens: str = "10B"  # training tokens: 10B, 500M, 2e9...
-    seq_len: int = 0  # 0 keeps the preset's max_seq_len
-    tokens_per_step: int = 65536  # tokens per optimizer step (the seed's recipe: 32 x 4 x 512)
-    micro_batch: int = 0  # sequences per GPU per micro-step; 0: the largest that fits without FSDP
-    dtype: str = "bfloat16"  # bfloat16, float16 or float32
-    mfu: float = 0.35  # the model FLOPs utilisation assumed for the time (bench/gpu_check.py measures it)
-    usd_per_gpu_hour: float = 0.0  # 0: the table's typical cloud price
-    reserve_gib: float = 1.5  # GPU memory left for the CUDA context and the allocator
+    seq_len: SeqLen = 0  # 0 keeps the preset's max_seq_len
+    tokens_per_step: Positive = 65536  # tokens per optimizer step (the seed's recipe: 32 x 4 x 512)
+    micro_batch: NonNegative = 0  # sequences per GPU per micro-step; 0: the largest that fits without FSDP
+    dtype: one_of("bfloat16", "float16", "float32") = "bfloat16"  # bfloat16, float16 or float32
+    mfu: PositiveFraction = 0.35  # the model FLOPs utilisation assumed for the time (bench/gpu_check.py measures it)
+    usd_per_gpu_hour: NonNegativeFloat = 0.0  # 0: the table's typical cloud price
+    reserve_gib: NonNegativeFloat = 1.5  # GPU memory left for the CUDA context and the allocator
 
 
 def parse_count(text: str) -> float:
@@ -62,10 +62,6 @@ def memory_table(plain: MemoryPlan, sharded: MemoryPlan, gpus: int) -> list[str]
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
-    if cfg.gpu not in GPUS:
-        raise SystemExit(f"error: --gpu={cfg.gpu!r} is not in the table; one of: {', '.join(GPUS)}")
-    if cfg.gpus < 1 or not 0 < cfg.mfu <= 1 or cfg.tokens_per_step < 1 or cfg.micro_batch < 0:
-        raise SystemExit("error: --gpus and --tokens_per_step must be positive, --micro_batch >= 0, --mfu in (0, 1]")
     try:
         tokens = parse_count(cfg.tokens)
         overrides = {"max_seq_len": cfg.seq_len} if cfg.seq_len else {}

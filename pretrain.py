@@ -22,6 +22,7 @@ import torch
 from chatglm_tokenizer import load_tokenizer
 from checkpoint import load_model
 from common import print0
+from configurator import Fraction, InputFile, NonNegative, NonNegativeFloat, OutputDir, Positive, PositiveFloat, SeqLen
 from dataset import PretrainDataset, bin_files, check_tokenizer
 from distributed import Dist
 from model import ModelArgs, Transformer, model_args_from_preset
@@ -31,19 +32,19 @@ from trainer import TrainConfig, fit, run_stage, start_run, validation_loss
 @dataclass
 class Config(TrainConfig):
     data: str = "data/demo"  # .bin files or folders (their train.bin/val.bin), comma-separated
-    tokenizer: str = "data/tokenizer/tokenizer.model"  # the tokenizer the corpus was made with
-    out_dir: str = "out/pretrain"  # ckpt.pt, metrics.jsonl
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"  # the tokenizer the corpus was made with
+    out_dir: OutputDir = "out/pretrain"  # ckpt.pt, metrics.jsonl
     model: str = "tiny"  # model preset in config/ (tiny, baby_92m, baby_218m) or a path to one
-    max_seq_len: int = 0  # 0 keeps the preset's
-    dropout: float = 0.0
-    init_from: str = ""  # start from these weights: our ckpt.pt or the seed's .pth
-    batch_size: int = 16  # windows per micro-step in each process
-    max_steps: int = 2000  # optimizer steps; the LR schedule is counted in these
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # at the end of the cosine decay
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    eval_batches: int = 20  # batches of val.bin per validation
+    max_seq_len: SeqLen = 0  # 0 keeps the preset's
+    dropout: Fraction = 0.0
+    init_from: InputFile = ""  # start from these weights: our ckpt.pt or the seed's .pth
+    batch_size: Positive = 16  # windows per micro-step in each process
+    max_steps: NonNegative = 2000  # optimizer steps; the LR schedule is counted in these
+    lr: PositiveFloat = 1e-3  # peak learning rate
+    min_lr: NonNegativeFloat = 1e-4  # at the end of the cosine decay
+    warmup_steps: NonNegative = 100
+    weight_decay: NonNegativeFloat = 0.1
+    eval_batches: Positive = 20  # batches of val.bin per validation
 
 
 def build_model_args(cfg: Config) -> ModelArgs:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from chatglm_tokenizer import load_tokenizer
 from checkpoint import load_model_and_tokenizer
 from common import print0
-from configurator import parse_config
+from configurator import InputFile, OutputDir, Positive, PositiveFloat, parse_config
 from dataset_sft import read_pairs
 from distributed import Dist, all_reduce_mean
 from precision import autocast
@@ -29,15 +29,15 @@ from trainer import TrainConfig, fit, run_stage, start_run
 @dataclass
 class Config(TrainConfig):
     init_from: str = "out/sft/ckpt.pt"  # the SFT model the reward model starts from
-    data: str = "sft_data/preference.csv"  # prompt, chosen, rejected
-    val_data: str = "sft_data/preference_val.csv"
-    tokenizer: str = "data/tokenizer/tokenizer.model"
-    out_dir: str = "out/rm"
-    batch_size: int = 16  # pairs per micro-step in each process
-    epochs: float = 1.0  # passes over the pairs, when max_steps is 0
-    eval_interval: int = 100
-    eval_pairs: int = 500  # held-out pairs scored at each evaluation (with eval_only: of each kind)
-    save_interval: int = 200
+    data: InputFile = "sft_data/preference.csv"  # prompt, chosen, rejected
+    val_data: InputFile = "sft_data/preference_val.csv"
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+    out_dir: OutputDir = "out/rm"
+    batch_size: Positive = 16  # pairs per micro-step in each process
+    epochs: PositiveFloat = 1.0  # passes over the pairs, when max_steps is 0
+    eval_interval: Positive = 100
+    eval_pairs: Positive = 500  # held-out pairs scored at each evaluation (with eval_only: of each kind)
+    save_interval: Positive = 200
     eval_only: bool = False  # only score out_dir/ckpt.pt on val_data, per kind of pair, into out_dir/eval.json
 
 

@@ -25,7 +25,7 @@ import torch
 
 from checkpoint import load_model_and_tokenizer
 from common import pick_device
-from configurator import parse_config
+from configurator import Device, InputFile, Port, Positive, parse_config
 from dataset_sft import chat_prompt_ids
 
 PAGE = "serve_page.html"
@@ -33,14 +33,14 @@ PAGE = "serve_page.html"
 
 @dataclass
 class Config:
-    ckpt: str = "out/sft/ckpt.pt"
-    tokenizer: str = "data/tokenizer/tokenizer.model"
+    ckpt: InputFile = "out/sft/ckpt.pt"
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
     host: str = "127.0.0.1"  # 0.0.0.0 to accept connections from other machines
-    port: int = 8000
+    port: Port = 8000
     api_key: str = ""  # when set, requests need `Authorization: Bearer <key>`
     model_name: str = "baby-llama2"  # the id /v1/models reports
-    max_tokens: int = 256  # default and upper bound of max_tokens
-    device: str = "auto"
+    max_tokens: Positive = 256  # default and upper bound of max_tokens
+    device: Device = "auto"
 
 
 class RequestError(Exception):

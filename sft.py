@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from checkpoint import load_model_and_tokenizer, save_atomic
 from common import print0
+from configurator import Fraction, InputFile, OutputDir, Positive, PositiveFloat, SeqLen
 from dataset_sft import SFTDataset
 from distributed import Dist
 from lora import apply_lora, lora_state_dict
@@ -24,22 +25,22 @@ from trainer import TrainConfig, fit, run_stage, start_run, validation_loss
 
 @dataclass
 class Config(TrainConfig):
-    init_from: str = "out/pretrain/ckpt.pt"  # the pretrained model (our ckpt.pt or the seed's .pth)
-    data: str = "sft_data/sft_data.csv"  # prompt, answer, history
-    val_data: str = "sft_data/sft_val.csv"  # held-out samples for the validation loss ('' for none)
-    tokenizer: str = "data/tokenizer/tokenizer.model"  # the tokenizer the model was pretrained with
-    out_dir: str = "out/sft"
-    max_seq_len: int = 0  # 0: the model's
-    batch_size: int = 16  # samples per micro-step in each process
-    epochs: float = 2.0  # passes over the data, when max_steps is 0
+    init_from: InputFile = "out/pretrain/ckpt.pt"  # the pretrained model (our ckpt.pt or the seed's .pth)
+    data: InputFile = "sft_data/sft_data.csv"  # prompt, answer, history
+    val_data: InputFile = "sft_data/sft_val.csv"  # held-out samples for the validation loss ('' for none)
+    tokenizer: InputFile = "data/tokenizer/tokenizer.model"  # the tokenizer the model was pretrained with
+    out_dir: OutputDir = "out/sft"
+    max_seq_len: SeqLen = 0  # 0: the model's
+    batch_size: Positive = 16  # samples per micro-step in each process
+    epochs: PositiveFloat = 2.0  # passes over the data, when max_steps is 0
     lora: bool = False  # train low-rank adapters only
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_rank: Positive = 8
+    lora_alpha: PositiveFloat = 16.0
     lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"  # names of the linear layers that get adapters
-    lora_dropout: float = 0.0
-    eval_interval: int = 100
-    eval_batches: int = 20
-    save_interval: int = 200
+    lora_dropout: Fraction = 0.0
+    eval_interval: Positive = 100
+    eval_batches: Positive = 20
+    save_interval: Positive = 200
 
 
 def lora_settings(cfg: Config) -> dict | None:

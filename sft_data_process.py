@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from cleaning import clean_text
 from common import write_json_atomic
-from configurator import parse_config
+from configurator import NonNegative, OutputDir, Positive, in_range, parse_config
 from corpora import CorpusError, json_records, text_field
 from dedup import text_hash
 from tasks import CHAR_PROMPT, IDIOM_PROMPT, POEM_PROMPT
@@ -45,13 +45,13 @@ class Sample:
 class Config:
     builtin: str = "idioms,dictionary,alpaca_demo"  # built-in tasks: idioms, dictionary, alpaca_demo
     preference: str = "idioms,poems,dpo_demo"  # built-in preference pairs: idioms, poems, dpo_demo
-    max_pairs_per_source: int = 30000  # keep the sources balanced (poems alone give 180k pairs)
+    max_pairs_per_source: Positive = 30000  # keep the sources balanced (poems alone give 180k pairs)
     inputs: str = ""  # your files, comma-separated FORMAT:PATH (alpaca, belle, medical, huatuo, disc, chatmed)
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
-    out_dir: str = "sft_data"  # sft_data.csv, sft_val.csv, meta.json
-    val_fraction: float = 0.1  # share of groups (idioms, characters, other samples) held out
-    max_chars: int = 1000  # samples longer than this (all turns) are dropped
-    min_answer_chars: int = 1
+    out_dir: OutputDir = "sft_data"  # sft_data.csv, sft_val.csv, meta.json
+    val_fraction: in_range(0, 0.5) = 0.1  # share of groups (idioms, characters, other samples) held out
+    max_chars: Positive = 1000  # samples longer than this (all turns) are dropped
+    min_answer_chars: NonNegative = 1
     overwrite: bool = False  # replace existing output files
 
 

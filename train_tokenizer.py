@@ -19,7 +19,7 @@ from tqdm import tqdm
 from chatglm_tokenizer import DEFAULT_MODEL, load_tokenizer
 from cleaning import clean_text
 from common import write_json_atomic
-from configurator import parse_config
+from configurator import OutputFile, Positive, PositiveFraction, in_range, parse_config
 from corpora import CorpusError, iter_corpus
 from dedup import text_hash
 
@@ -32,12 +32,12 @@ class Config:
     inputs: str = ""  # your files, comma-separated: PATH, FORMAT:PATH or FORMAT:PATH:FIELD
     encoding: str = "utf-8"  # of your text files (gb18030 for Chinese Windows files); a BOM is fine
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
-    out: str = "data/tokenizer/tokenizer.model"  # the model file; tokenizer.json is written beside it
-    vocab_size: int = 8192  # at most 65,535 so that ids fit in uint16
-    max_chars: int = 20_000_000  # stop sampling training text after this many characters
-    character_coverage: float = 0.995  # rarer characters fall back to UTF-8 bytes
+    out: OutputFile = "data/tokenizer/tokenizer.model"  # the model file; tokenizer.json is written beside it
+    vocab_size: in_range(260, MAX_VOCAB, int) = 8192  # 3 specials + 256 bytes at least; ids fit in uint16
+    max_chars: Positive = 20_000_000  # stop sampling training text after this many characters
+    character_coverage: PositiveFraction = 0.995  # rarer characters fall back to UTF-8 bytes
     compare_with: str = DEFAULT_MODEL  # another tokenizer to report characters per token for
-    threads: int = 2  # SentencePiece trainer threads
+    threads: Positive = 2  # SentencePiece trainer threads
     overwrite: bool = False  # replace an existing tokenizer at `out`
 
 
@@ -79,9 +79,6 @@ def chars_per_token(model_path: str, texts: list[str]) -> float:
 
 
 def train(cfg: Config) -> dict:
-    if not 259 < cfg.vocab_size <= MAX_VOCAB:
-        raise CorpusError(f"vocab_size {cfg.vocab_size} must be above 259 (3 specials + 256 bytes) "
-                          f"and at most {MAX_VOCAB} (uint16)")
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise CorpusError(f"{cfg.out} exists; pass --overwrite=true to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)

@@ -32,6 +32,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from budget import TimeBudget
 from checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
 from common import print0
+from configurator import (
+    Device,
+    Dtype,
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    OutputDir,
+    Positive,
+    PositiveFloat,
+    parse_config,
+)
 from distributed import Dist, all_reduce_max, all_reduce_mean, setup_distributed, teardown
 from precision import autocast, measure_peak_flops, resolve_dtype
 
@@ -143,36 +154,35 @@ class StopSignal:
 class TrainConfig:
     """The settings every training stage has. A stage's Config inherits them (and may give other
     defaults) and adds its own data and model settings."""
-    out_dir: str = "out/run"  # ckpt.pt, metrics.jsonl
-    grad_accum: int = 1  # micro-steps per optimizer step
-    max_steps: int = 0  # optimizer steps (the LR schedule counts these); 0: epochs passes over the data
-    epochs: float = 1.0  # passes over the data, when max_steps is 0
-    lr: float = 3e-4  # peak learning rate
-    min_lr: float = 3e-5  # learning rate at the end of the cosine decay
-    warmup_steps: int = 20  # optimizer steps of linear warmup
-    weight_decay: float = 0.0  # AdamW weight decay of the matrices (never of norms and biases)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    device: str = "auto"  # auto, cpu, cuda, cuda:1...
-    dtype: str = "auto"  # auto (bfloat16 where supported), float32, bfloat16, float16
+    out_dir: OutputDir = "out/run"  # ckpt.pt, metrics.jsonl
+    grad_accum: Positive = 1  # micro-steps per optimizer step
+    max_steps: NonNegative = 0  # optimizer steps (the LR schedule counts these); 0: epochs passes over the data
+    epochs: PositiveFloat = 1.0  # passes over the data, when max_steps is 0
+    lr: PositiveFloat = 3e-4  # peak learning rate
+    min_lr: NonNegativeFloat = 3e-5  # learning rate at the end of the cosine decay
+    warmup_steps: NonNegative = 20  # optimizer steps of linear warmup
+    weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay of the matrices (never of norms and biases)
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.95
+    grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping
+    device: Device = "auto"  # auto, cpu, cuda, cuda:1...
+    dtype: Dtype = "auto"  # auto (bfloat16 where supported), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model (costs tens of seconds at start)
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) across processes
     seed: int = 1337
-    log_interval: int = 10  # steps between log lines
-    eval_interval: int = 200  # steps between validations
-    save_interval: int = 500  # steps between checkpoints
-    keep_last: int = 2  # numbered checkpoints kept besides ckpt.pt
-    time_limit_min: float = 0.0  # stop (and save) after this many minutes; 0 for no limit
-    time_budget_min: float = 0.0  # fit the steps (at most max_steps) into this many minutes of the whole stage; 0: off
-    peak_tflops: float = 0.0  # the device's peak for MFU; 0 measures a matmul at start
+    log_interval: Positive = 10  # steps between log lines
+    eval_interval: Positive = 200  # steps between validations
+    save_interval: Positive = 500  # steps between checkpoints
+    keep_last: NonNegative = 2  # numbered checkpoints kept besides ckpt.pt
+    time_limit_min: NonNegativeFloat = 0.0  # stop (and save) after this many minutes; 0 for no limit
+    time_budget_min: NonNegativeFloat = 0.0  # fit the steps (at most max_steps) into this many minutes; 0: off
+    peak_tflops: NonNegativeFloat = 0.0  # the device's peak for MFU; 0 measures a matmul at start
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
-    max_nonfinite_in_a_row: int = 10  # stop the run after this many non-finite losses in a row
+    max_nonfinite_in_a_row: Positive = 10  # stop the run after this many non-finite losses in a row
 
 
 def run_stage(config_cls: type, train: Callable[[Any, Dist], None], argv: list[str] | None, doc: str | None) -> None:
     """A training script's main(): settings, distributed set-up, the stage, one-line errors, teardown."""
-    from configurator import parse_config
     cfg = parse_config(config_cls, argv, doc)
     dist = setup_distributed(cfg.device)
     try:

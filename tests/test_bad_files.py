@@ -11,10 +11,14 @@ from conftest import ROOT
 
 from model import ModelArgs, Transformer
 
-# Each script with the flag that names the checkpoint it loads first.
-CHECKPOINT_FLAGS = [("eval.py", "--ckpt"), ("eval_choice.py", "--ckpt"), ("eval_pretrain.py", "--ckpt"),
-                    ("export.py", "--ckpt"), ("chat.py", "--ckpt"), ("serve.py", "--ckpt"), ("sft.py", "--init_from"),
-                    ("dpo.py", "--init_from"), ("grpo.py", "--init_from"), ("reward_model.py", "--init_from")]
+# Each script with the flag that names the checkpoint it loads first, and its data flags (an existing file
+# or none, so that the checkpoint is what is wrong).
+CHECKPOINT_FLAGS = [("eval.py", "--ckpt", "--val_data="), ("eval_choice.py", "--ckpt", ""),
+                    ("eval_pretrain.py", "--ckpt", "--bin="), ("export.py", "--ckpt", ""), ("chat.py", "--ckpt", ""),
+                    ("serve.py", "--ckpt", ""), ("sft.py", "--init_from", "--data={data} --val_data="),
+                    ("dpo.py", "--init_from", "--data={data} --val_data="),
+                    ("grpo.py", "--init_from", "--prompts={data}"),
+                    ("reward_model.py", "--init_from", "--data={data} --val_data=")]
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +33,7 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
     (folder / "notes.txt").write_text("这不是检查点\n", encoding="utf-8")
     torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")  # a readable file of another kind
     (folder / "a_folder").mkdir()
+    (folder / "data.csv").write_text("prompt,answer,history\n", encoding="utf-8")
     return {kind: str(folder / name) for kind, name in (("truncated", "truncated.pt"), ("empty", "empty.pt"),
                                                          ("text", "notes.txt"), ("foreign", "foreign.pt"),
                                                          ("directory", "a_folder"))}
@@ -46,17 +51,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, names: str) -> No
     assert last.startswith("error: ") and names in last, result.stderr[-1000:]
 
 
-@pytest.mark.parametrize("script,flag", CHECKPOINT_FLAGS, ids=[s for s, _ in CHECKPOINT_FLAGS])
-def test_a_bad_checkpoint_is_one_line_naming_it(script, flag, bad_files, small_tokenizer):
+@pytest.mark.parametrize("script,flag,data_flags", CHECKPOINT_FLAGS, ids=[s for s, _, _ in CHECKPOINT_FLAGS])
+def test_a_bad_checkpoint_is_one_line_naming_it(script, flag, data_flags, bad_files, small_tokenizer):
+    data = os.path.join(os.path.dirname(bad_files["empty"]), "data.csv")
     for path in bad_files.values():
-        assert_one_line_error(run(script, f"{flag}={path}", f"--tokenizer={small_tokenizer}"), path)
+        result = run(script, f"{flag}={path}", f"--tokenizer={small_tokenizer}", *data_flags.format(data=data).split())
+        assert_one_line_error(result, path)
 
 
-@pytest.mark.parametrize("script", ["eval.py", "eval_pretrain.py", "chat.py"])
-def test_a_text_file_as_tokenizer_is_one_line_naming_it(script, bad_files, tmp_path):
+@pytest.mark.parametrize("script,data_flag", [("eval.py", "--val_data="), ("eval_pretrain.py", "--bin="),
+                                              ("chat.py", "--seed=0")])
+def test_a_text_file_as_tokenizer_is_one_line_naming_it(script, data_flag, bad_files, tmp_path):
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=32, multiple_of=16)
     ckpt = tmp_path / "ckpt.pt"
     torch.save({"model": Transformer(args).state_dict(), "model_args": vars(args)}, ckpt)
-    result = run(script, f"--ckpt={ckpt}", f"--tokenizer={bad_files['text']}")
+    result = run(script, f"--ckpt={ckpt}", f"--tokenizer={bad_files['text']}", data_flag)
     assert_one_line_error(result, bad_files["text"])
     assert "not a SentencePiece tokenizer model" in result.stderr

@@ -122,7 +122,9 @@ def test_time_budget_resume_keeps_the_fitted_steps(corpus, small_tokenizer, tmp_
     stopped_at = torch.load(out / "ckpt.pt", weights_only=False)["step"]
     assert fitted["fitted_to_budget"] and stopped_at < fitted["max_steps"]
 
-    resumed = run_ok(command(corpus, small_tokenizer, out, *args))
+    # The resumed process gets a budget of its own, with room to spare: what is tested is that the schedule
+    # is kept, not how fast this process runs.
+    resumed = run_ok(command(corpus, small_tokenizer, out, *args, "--time_budget_min=1"))
     assert "time budget" not in resumed.stdout  # not fitted again
     assert schedule_of(out) == fitted
     rows = metrics(out)
@@ -171,7 +173,7 @@ def test_errors_are_one_line(corpus, small_tokenizer, chatglm_path, tmp_path):
 def test_recipes_parse(recipe):
     from configurator import parse_config
     from pretrain import Config, build_model_args
-    cfg = parse_config(Config, [os.path.join(ROOT, "config", f"{recipe}.py"), "--max_steps=7"])
+    cfg = parse_config(Config, [os.path.join(ROOT, "config", f"{recipe}.py"), "--max_steps=7"], check_files=False)
     assert cfg.max_steps == 7 and cfg.model in recipe
     assert build_model_args(cfg).n_layers > 0
 

@@ -62,6 +62,7 @@ def test_lora_sft_trains_adapters_and_loads_merged(pretrained, small_tokenizer, 
 def test_wrong_tokenizer_is_refused(pretrained, chatglm_path, tmp_path):
     ckpt, data = pretrained
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), f"--init_from={ckpt}",
-                             f"--data={data / 'train.csv'}", f"--tokenizer={chatglm_path}", f"--out_dir={tmp_path}"],
+                             f"--data={data / 'train.csv'}", "--val_data=", f"--tokenizer={chatglm_path}",
+                             f"--out_dir={tmp_path}"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "trained with another tokenizer" in result.stderr.splitlines()[-1]
