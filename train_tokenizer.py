@@ -85,9 +85,12 @@ def train(cfg: Config) -> dict:
     sentences, held = split_corpus(cfg)
     prefix = cfg.out[:-len(".model")] if cfg.out.endswith(".model") else cfg.out
     tmp_prefix = prefix + ".tmp"
+    temps = [tmp_prefix + ".model", tmp_prefix + ".vocab"]
     try:
         _train_sentencepiece(cfg, sentences, tmp_prefix)
     except RuntimeError as e:  # SentencePiece's messages are long C++ traces; keep the reason
+        for path in filter(os.path.exists, temps):
+            os.remove(path)
         raise CorpusError(f"SentencePiece could not train: {str(e).split('] ')[-1]}") from None
     os.replace(tmp_prefix + ".model", cfg.out)
     os.replace(tmp_prefix + ".vocab", prefix + ".vocab")

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from budget import TimeBudget
 from checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
-from common import print0
+from common import print0, remove_stale_temps
 from configurator import (
     Device,
     Dtype,
@@ -401,6 +401,9 @@ def start_run(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int
     steps_per_epoch = max(1, n_items // (items_per_step * cfg.grad_accum * dist.world_size))
     trainer = Trainer(model, cfg, dist, max_steps=cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch))
     expect = {"model_args": asdict(model.args), "tokenizer_sha256": tokenizer_sha256, **(expect or {})}
+    if dist.master:
+        for path in remove_stale_temps(cfg.out_dir, ["ckpt*.pt", "metrics.jsonl", "*.json"]):
+            print0(f"removed {path}, left by an interrupted run")
     state = trainer.resume(cfg.out_dir, cfg.resume, expect)
     tokens_seen = 0
     if state is not None:
