@@ -13,6 +13,7 @@ request gets a 4xx JSON error in OpenAI's shape and the server goes on serving.
 """
 import asyncio
 import json
+import socket
 import sys
 import threading
 import time
@@ -243,10 +244,25 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(cfg)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    listener = listen(cfg.host, cfg.port)
     import uvicorn
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"serving {cfg.ckpt} at http://{cfg.host}:{cfg.port} (OpenAI API under /v1)", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    print(f"serving {cfg.ckpt} at http://{cfg.host}:{listener.getsockname()[1]} (OpenAI API under /v1)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (as uvicorn binds: address reuse on), or a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    return sock
 
 
 if __name__ == "__main__":

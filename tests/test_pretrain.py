@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, write_corpus
 
 from checkpoint import load_model
+from model import ModelArgs, Transformer
 
 PRESET = "dim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 600\nmax_seq_len = 32\nmultiple_of = 16\n"
 
@@ -183,3 +184,27 @@ def test_help_lists_settings():
                             text=True)
     assert result.returncode == 0 and "--grad_accum" in result.stdout
     assert "micro-steps per optimizer step" in result.stdout
+
+
+def test_a_bad_init_from_is_one_line_naming_it(corpus, small_tokenizer, tmp_path):
+    truncated = tmp_path / "half.pt"
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=32, multiple_of=16)
+    torch.save({"model": Transformer(args).state_dict(), "model_args": vars(args)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    result = subprocess.run(command(corpus, small_tokenizer, tmp_path / "out", f"--init_from={truncated}",
+                                    "--max_steps=2"), capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(truncated) in last
+
+
+def test_temp_files_of_a_killed_run_are_removed(corpus, small_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f"ckpt_0000500.pt.tmp{dead}", "ckpt.pt.link", "metrics.jsonl.tmp", "notes.txt"):
+        (out / name).write_bytes(b"x")
+    result = run_ok(command(corpus, small_tokenizer, out, "--max_steps=2"))
+    assert f"removed {out / f'ckpt_0000500.pt.tmp{dead}'}, left by an interrupted run" in result.stdout
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "ckpt_0000002.pt", "metrics.jsonl", "notes.txt"]

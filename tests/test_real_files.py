@@ -117,3 +117,57 @@ def test_documents_read_are_kept_or_dropped_and_each_kept_one_is_in_the_bin_once
         [clean_text(f"词条\n{t}") for t in TEXTS]
     assert sorted(decoded) == sorted(expected)
     assert sum(c.get("kept", 0) for c in meta["sources"].values()) == len(decoded)
+
+
+def test_sft_data_process_reads_gbk_with_encoding_and_a_one_line_error_without(tmp_path):
+    from sft_data_process import Config as SFTConfig
+    from sft_data_process import run as sft_run
+    records = [{"instruction": t[:8], "input": "", "output": t} for t in TEXTS]
+    path = write(tmp_path / "gbk.json", json.dumps(records, ensure_ascii=False), encoding="gbk")
+    settings = dict(builtin="", preference="", inputs=f"alpaca:{path}", out_dir=str(tmp_path / "out"))
+    with pytest.raises(CorpusError, match=f"{path}: not UTF-8 text .*--encoding=gb18030"):
+        sft_run(SFTConfig(**settings))
+    assert not os.path.exists(tmp_path / "out" / "sft_data.csv.tmp")  # the failed run left nothing
+    meta = sft_run(SFTConfig(**settings, encoding="gb18030"))
+    assert meta["sources"][f"alpaca:{os.path.basename(path)}"] == {"read": 6, "kept": 6}
+
+
+def test_an_edit_that_keeps_size_and_time_is_seen(tmp_path, small_tokenizer):
+    path = write(tmp_path / "a.txt", "\n".join(TEXTS) + "\n")
+    cfg = Config(sources="", inputs=f"txt:{path}", out_dir=str(tmp_path / "out"), tokenizer=small_tokenizer, workers=0)
+    run(cfg)
+    stat = os.stat(path)
+    write(path, "\n".join(TEXTS).replace("明月", "白云") + "\n")  # same size in bytes
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    with pytest.raises(CorpusError, match="already holds a corpus made from other inputs"):
+        run(cfg)
+
+
+def test_a_failed_run_keeps_the_old_corpus_and_leaves_no_temp_files(tmp_path, small_tokenizer):
+    good = write(tmp_path / "a.txt", "\n".join(TEXTS) + "\n")
+    bad = tmp_path / "b.txt"  # UTF-8 text that ends in bytes that are not
+    bad.write_bytes(("\n".join(TEXTS[:3]) + "\n").encode() + b"\xff\xfe\n")
+    out = tmp_path / "out"
+    run(Config(sources="", inputs=f"txt:{good}", out_dir=str(out), tokenizer=small_tokenizer, workers=0))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(CorpusError, match="not UTF-8"):
+        run(Config(sources="", inputs=f"txt:{good},txt:{bad}", out_dir=str(out), tokenizer=small_tokenizer,
+                   workers=0, overwrite=True))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path, small_tokenizer):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    leftovers = ["train.bin.tmp", "val.bin.tmp", "meta.json.tmp", f"ckpt_0000010.pt.tmp{dead}"]
+    kept = [f"ckpt_0000010.pt.tmp{os.getpid()}", "notes.tmp", "my.bin"]  # a live writer's; the user's
+    for name in leftovers + kept:
+        (out / name).write_bytes(b"x")
+    path = write(tmp_path / "a.txt", "\n".join(TEXTS) + "\n")
+    run(Config(sources="", inputs=f"txt:{path}", out_dir=str(out), tokenizer=small_tokenizer, workers=0))
+    from common import remove_stale_temps
+    assert remove_stale_temps(str(out), ["ckpt*.pt"]) == [str(out / f"ckpt_0000010.pt.tmp{dead}")]
+    assert sorted(os.listdir(out)) == sorted(kept + ["train.bin", "val.bin", "meta.json"])
