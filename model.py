@@ -93,11 +93,65 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.pos = 0  # slots filled so far
 
+    def advance(self, T: int) -> None:
+        self.pos += T
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.shape[2]
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class SlotKVCache:
+    """Keys and values for a changing set of sequences, each at its own length (continuous batching).
+    The active sequences are rows 0..n-1; a sequence that leaves is replaced by the last row, so the
+    rows in use stay one contiguous view. Each forward step adds one token to every active row."""
+
+    def __init__(self, args: ModelArgs, slots: int, max_len: int, device, dtype):
+        shape = (slots, args.n_kv_heads, max_len, args.dim // args.n_heads)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens held by each row
+        self.n = 0  # active rows
+        self.slots, self.max_len = slots, max_len
+
+    def add(self, prefilled: KVCache) -> int:
+        """Copy a one-sequence cache (a prompt's prefill) into the next free row; returns the row."""
+        row, length = self.n, prefilled.pos
+        for layer in range(len(self.k)):
+            self.k[layer][row, :, :length] = prefilled.k[layer][0, :, :length]
+            self.v[layer][row, :, :length] = prefilled.v[layer][0, :, :length]
+        self.lengths[row] = length
+        self.n += 1
+        return row
+
+    def remove(self, row: int) -> None:
+        """Free a row: the last active row moves into it (the caller renumbers that sequence)."""
+        last = self.n - 1
+        if row != last:
+            length = int(self.lengths[last])
+            for layer in range(len(self.k)):
+                self.k[layer][row, :, :length] = self.k[layer][last, :, :length]
+                self.v[layer][row, :, :length] = self.v[layer][last, :, :length]
+            self.lengths[row] = self.lengths[last]
+        self.n = last
+
+    def positions(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE tables (n, 1, D/2) at each row's next position, and the mask (n, 1, 1, S) of its keys."""
+        lengths = self.lengths[:self.n]
+        self._span = int(lengths.max()) + 1
+        keys = torch.arange(self._span, device=lengths.device)
+        return cos[lengths][:, None], sin[lengths][:, None], (keys[None] <= lengths[:, None])[:, None, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, at = torch.arange(self.n, device=k.device), self.lengths[:self.n]
+        self.k[layer][rows, :, at] = k[:, :, 0]
+        self.v[layer][rows, :, at] = v[:, :, 0]
+        return self.k[layer][:self.n, :, :self._span], self.v[layer][:self.n, :, :self._span]
+
+    def advance(self, T: int) -> None:
+        self.lengths[:self.n] += T
 
 
 class Attention(nn.Module):
@@ -112,7 +166,7 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | SlotKVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -216,7 +270,7 @@ class Transformer(nn.Module):
         return 6 * self.num_params() + 12 * self.args.n_layers * seq_len * self.args.dim
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, pad_left: torch.Tensor | None = None,
+                cache: KVCache | SlotKVCache | None = None, pad_left: torch.Tensor | None = None,
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V), or (B, 1, V) with last_only, and the mean cross-entropy over the targets
         that are not IGNORE_INDEX (None without targets).
@@ -231,19 +285,22 @@ class Transformer(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return logits, loss
 
-    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None,
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache | None = None,
                pad_left: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states (B, T, dim), before the output projection."""
         B, T = tokens.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.args.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
-        cos, sin, mask = self._positions(B, T, start, pad_left, tokens.device)
+        if isinstance(cache, SlotKVCache):  # one new token for each active row, at its own position
+            cos, sin, mask = cache.positions(self.freqs_cos, self.freqs_sin)
+        else:
+            start = cache.pos if cache is not None else 0
+            if start + T > self.args.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
+            cos, sin, mask = self._positions(B, T, start, pad_left, tokens.device)
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return self.norm(h)
 
     def _positions(self, B: int, T: int, start: int, pad_left, device):

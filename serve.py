@@ -8,17 +8,18 @@
     client.chat.completions.create(model="baby-llama2", messages=[{"role": "user", "content": "你好"}])
 
 Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (stream or not; temperature,
-top_p, max_tokens, stop). Requests are answered one generation at a time, in arrival order. A bad
-request gets a 4xx JSON error in OpenAI's shape and the server goes on serving.
+top_p, max_tokens, stop, n). Requests are decoded together (continuous batching, engine.py): up to
+--max_batch at once, each streamed token by token; more wait in arrival order. A client that goes away
+frees its place at once. A bad request gets a 4xx JSON error in OpenAI's shape.
 """
 import asyncio
+import copy
 import json
 import socket
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ from checkpoint import load_model_and_tokenizer
 from common import pick_device
 from configurator import Device, InputFile, Port, Positive, parse_config
 from dataset_sft import chat_prompt_ids
+from engine import Engine, Event, Sampling
+from engine import Request as EngineRequest
 
 PAGE = "serve_page.html"
 
@@ -41,6 +44,8 @@ class Config:
     api_key: str = ""  # when set, requests need `Authorization: Bearer <key>`
     model_name: str = "baby-llama2"  # the id /v1/models reports
     max_tokens: Positive = 256  # default and upper bound of max_tokens
+    max_batch: Positive = 8  # requests decoded together; more wait in arrival order
+    seed: int = 0  # of the sampling generator
     device: Device = "auto"
 
 
@@ -75,6 +80,15 @@ def stop_list(body: dict) -> list[str]:
     raise RequestError(400, "'stop' must be a string or a list of strings", "stop")
 
 
+def unicode_of(value: str, name: str) -> str:
+    """value, unless it holds what UTF-8 cannot encode (a lone surrogate from a JSON escape): then 400."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, f"'{name}' is not valid Unicode (a lone surrogate?)", name) from None
+    return value
+
+
 def chat_turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
     """(earlier user/assistant pairs, the last user message); a system message is put before the first
     user message (the model has no system role)."""
@@ -86,6 +100,7 @@ def chat_turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
                 "system", "user", "assistant"):
             raise RequestError(400, f"messages[{i}] needs a role (system, user, assistant) and a string content",
                                "messages")
+        unicode_of(m["content"], f"messages[{i}].content")
         if m["role"] == "system":
             system += m["content"] + "\n"
         elif m["role"] == "user":
@@ -98,51 +113,22 @@ def chat_turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
     return history, pending
 
 
-class Generator:
-    """The model behind a lock: one generation at a time, each streamed as text pieces."""
+class Server:
+    """The model, its tokenizer and the engine that decodes every request."""
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
         self.model, _, self.tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
-        self.lock = threading.Lock()
-
-    def stream(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,
-               stop: list[str]) -> Iterator[tuple[str, str | None]]:
-        """(new text, finish reason or None) pieces; the last piece carries 'stop' or 'length'."""
-        limit = self.model.args.max_seq_len
-        if len(ids) >= limit:
-            raise RequestError(400, f"the prompt has {len(ids)} tokens; this model's context is {limit}",
-                               "messages", "context_length_exceeded")
-        max_tokens = min(max_tokens, limit - len(ids))
-        out: list[int] = []
-        shown = ""
-        with self.lock:
-            for step in self.model.generate_stream([ids], max_tokens, temperature=temperature, top_p=top_p,
-                                                   eos_id=self.tok.eos_id):
-                if step[0] is None or step[0] == self.tok.eos_id:
-                    yield "", "stop"
-                    return
-                out.append(step[0])
-                text = self.tok.decode(out)
-                for s in stop:
-                    if s in text:
-                        yield text[len(shown):text.index(s)], "stop"
-                        return
-                if not text.endswith("\ufffd") and not any(text.endswith(s[:k]) for s in stop for k in
-                                                           range(1, len(s))):
-                    yield text[len(shown):], None
-                    shown = text
-        yield self.tok.decode(out)[len(shown):], "length"
+        self.engine = Engine(self.model, self.tok, cfg.max_batch, seed=cfg.seed)
 
 
-def create_app(cfg: Config, generator: "Generator | None" = None):
+def create_app(cfg: Config, server: "Server | None" = None):
     # No `from __future__ import annotations` in this file: FastAPI reads the `Request` annotations of
     # the handlers below at run time, and they name a class imported here.
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     app = FastAPI(title="baby-llama2-chinese")
-    gen = generator or Generator(cfg)
+    served = server or Server(cfg)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, e: RequestError):
@@ -158,49 +144,101 @@ def create_app(cfg: Config, generator: "Generator | None" = None):
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError(400, "the request body is not JSON") from None
+        except RecursionError:
+            raise RequestError(400, "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object")
         return body
 
-    def settings(body: dict) -> dict:
-        return {"max_tokens": int(number(body, "max_tokens", cfg.max_tokens, 1, cfg.max_tokens)),
-                "temperature": number(body, "temperature", 1.0, 0.0, 2.0),
-                "top_p": number(body, "top_p", 1.0, 0.0, 1.0), "stop": stop_list(body)}
+    def sampling(body: dict) -> Sampling:
+        return Sampling(max_tokens=int(number(body, "max_tokens", cfg.max_tokens, 1, cfg.max_tokens)),
+                        temperature=number(body, "temperature", 1.0, 0.0, 2.0),
+                        top_p=number(body, "top_p", 1.0, 0.0, 1.0), stop=stop_list(body))
 
-    def respond(body: dict, ids: list[int], kind: str):
-        params = settings(body)
+    def choices_wanted(body: dict) -> int:
+        n = body.get("n", 1)
+        if n is None:
+            return 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cfg.max_batch:
+            raise RequestError(400, f"'n' must be a whole number from 1 to {cfg.max_batch}", "n")
+        return n
+
+    async def respond(request: Request, body: dict, ids: list[int], kind: str):
+        """Submit n requests to the engine; stream their events, or gather them into one answer."""
+        n, settings = choices_wanted(body), sampling(body)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emitter(index: int):
+            def emit(event: Event) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                except RuntimeError:  # the event loop is gone (shutting down)
+                    pass
+            return emit
+
+        jobs = [EngineRequest(ids, copy.deepcopy(settings), emitter(i)) for i in range(n)]
+        try:
+            for job in jobs:
+                served.engine.submit(job)
+        except ValueError as e:
+            for job in jobs:
+                job.cancel()
+            raise RequestError(400, str(e), "messages" if kind == "chat" else "prompt",
+                               "context_length_exceeded") from None
         created, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        pieces = gen.stream(ids, **params)
-        first = next(pieces)  # errors (a prompt too long) surface here, before any byte is sent
 
-        def chunk(text: str, finish: str | None) -> dict:
+        def chunk(index: int, text: str, finish: str | None) -> dict:
             if kind == "chat":
-                choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+                choice = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish}
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
                         "choices": [choice]}
             return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+        async def until_all_end() -> AsyncIterator[tuple[int, Event]]:
+            """The events of the n jobs as they come; a client that goes away cancels them all."""
+            left = n
+            try:
+                while left:
+                    try:
+                        index, event = await asyncio.wait_for(events.get(), timeout=1.0)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                    left -= event.finish is not None
+                    yield index, event
+            finally:
+                for job in jobs:
+                    job.cancel()
 
         if body.get("stream"):
-            def events() -> Iterator[str]:
+            async def stream() -> AsyncIterator[str]:
                 if kind == "chat":
-                    opening = chunk("", None)
-                    opening["choices"][0]["delta"] = {"role": "assistant"}
-                    yield f"data: {json.dumps(opening, ensure_ascii=False)}\n\n"
-                for text, finish in [first, *pieces]:
-                    yield f"data: {json.dumps(chunk(text, finish), ensure_ascii=False)}\n\n"
+                    for index in range(n):
+                        opening = chunk(index, "", None)
+                        opening["choices"][0]["delta"] = {"role": "assistant"}
+                        yield f"data: {json.dumps(opening, ensure_ascii=False)}\n\n"
+                async for index, event in until_all_end():
+                    if event.text or event.finish:
+                        yield f"data: {json.dumps(chunk(index, event.text, event.finish), ensure_ascii=False)}\n\n"
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
-        results = [first, *pieces]
-        answer, finish = "".join(text for text, _ in results), results[-1][1]
-        n_answer = len(gen.tok.encode(answer)) if answer else 0
-        usage = {"prompt_tokens": len(ids), "completion_tokens": n_answer, "total_tokens": len(ids) + n_answer}
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        answers, finishes, generated = [""] * n, ["stop"] * n, 0
+        async for index, event in until_all_end():
+            answers[index] += event.text
+            if event.finish:
+                finishes[index], generated = event.finish, generated + event.tokens
+        usage = {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
         if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}
+            choices = [{"index": i, "message": {"role": "assistant", "content": answers[i]},
+                        "finish_reason": finishes[i]} for i in range(n)]
             return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
-                    "choices": [choice], "usage": usage}
+                    "choices": choices, "usage": usage}
+        choices = [{"index": i, "text": answers[i], "finish_reason": finishes[i], "logprobs": None} for i in range(n)]
         return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                "choices": [{"index": 0, "text": answer, "finish_reason": finish, "logprobs": None}], "usage": usage}
+                "choices": choices, "usage": usage}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -212,8 +250,8 @@ def create_app(cfg: Config, generator: "Generator | None" = None):
     async def chat(request: Request):
         body = await json_body(request)
         history, question = chat_turns(body.get("messages"))
-        ids = chat_prompt_ids(gen.tok, history, question, 10**9)
-        return await asyncio.to_thread(respond, body, ids, "chat")
+        ids = chat_prompt_ids(served.tok, history, question, 10**9)
+        return await respond(request, body, ids, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -221,7 +259,8 @@ def create_app(cfg: Config, generator: "Generator | None" = None):
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise RequestError(400, "'prompt' must be a non-empty string", "prompt")
-        return await asyncio.to_thread(respond, body, gen.tok.encode(prompt), "completion")
+        unicode_of(prompt, "prompt")
+        return await respond(request, body, served.tok.encode(prompt), "completion")
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -38,11 +38,9 @@ def http(method: str, url: str, data: bytes | None = None) -> Response:
         return Response(e.code, e.read().decode())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, small_tokenizer):
-    folder = tmp_path_factory.mktemp("serve")
+def start_server(folder, tokenizer, args: ModelArgs, *flags: str):
+    """serve.py in a process of its own, for a random model of this shape; (url, process)."""
     torch.manual_seed(0)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
     model = Transformer(args)
     with torch.no_grad():
         for p in model.parameters():
@@ -53,19 +51,35 @@ def server(tmp_path_factory, small_tokenizer):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={folder / 'ckpt.pt'}",
-                             f"--tokenizer={small_tokenizer}", f"--port={port}", "--max_tokens=24"],
+                             f"--tokenizer={tokenizer}", f"--port={port}", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
             if http("GET", f"{url}/v1/models").status_code == 200:
-                break
+                return url, proc
         except OSError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.communicate()[1][-2000:]}")
+    proc.kill()
+    pytest.fail(f"server did not start: {proc.communicate()[1][-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, small_tokenizer):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
+    url, proc = start_server(tmp_path_factory.mktemp("serve"), small_tokenizer, args, "--max_tokens=24")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory, small_tokenizer):
+    """A model big enough that a long answer takes a while, with two rows of batch."""
+    args = ModelArgs(dim=256, n_layers=6, n_heads=4, vocab_size=600, max_seq_len=512, multiple_of=16)
+    url, proc = start_server(tmp_path_factory.mktemp("slow"), small_tokenizer, args, "--max_tokens=400",
+                             "--max_batch=2")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -173,3 +187,80 @@ def test_web_page_streams_an_answer_in_chromium(server, tmp_path):
         assert browser.execute_script("return messages.length") == 0
     finally:
         browser.quit()
+
+
+def post(url: str, body) -> Response:
+    return http("POST", url, body if isinstance(body, bytes) else json.dumps(body).encode())
+
+
+def test_malformed_bodies_of_every_kind_get_4xx(server):
+    chat, completions = f"{server}/v1/chat/completions", f"{server}/v1/completions"
+    hello = [{"role": "user", "content": "你好"}]
+    cases = {"deeply nested": post(chat, b"[" * 100_000),
+             "lone surrogate prompt": post(completions, b'{"prompt": "\\ud800"}'),
+             "lone surrogate message": post(chat, b'{"messages": [{"role": "user", "content": "a\\udfff"}]}'),
+             "n=0": post(chat, {"messages": hello, "n": 0}), "n=1.5": post(chat, {"messages": hello, "n": 1.5}),
+             "n too many": post(chat, {"messages": hello, "n": 1000}),
+             "max_tokens=0": post(chat, {"messages": hello, "max_tokens": 0}),
+             "top_p=nan": post(chat, b'{"messages": [{"role": "user", "content": "a"}], "top_p": NaN}'),
+             "stop=3": post(chat, {"messages": hello, "stop": 3}), "a list": post(chat, [1, 2])}
+    for name, response in cases.items():
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+        assert response.json()["error"]["message"], name
+
+
+def test_n_choices_and_usage_counts_generated_tokens(server):
+    reply = post(f"{server}/v1/chat/completions", {"messages": [{"role": "user", "content": "你好"}], "n": 3,
+                                                    "max_tokens": 10, "temperature": 0})
+    body = reply.json()
+    assert reply.status_code == 200 and [c["index"] for c in body["choices"]] == [0, 1, 2]
+    answers = {c["message"]["content"] for c in body["choices"]}
+    assert len(answers) == 1  # greedy: the same answer three times
+    usage = body["usage"]
+    assert 0 < usage["completion_tokens"] <= 30
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    one = post(f"{server}/v1/completions", {"prompt": "床前明月光", "max_tokens": 7, "temperature": 0}).json()
+    if one["choices"][0]["finish_reason"] == "length":
+        assert one["usage"]["completion_tokens"] == 7  # counted as generated, not re-encoded from the text
+    assert one["usage"]["completion_tokens"] <= 7
+
+
+def stream_chunks(url: str, body: dict, drop_after: int | None = None) -> list[tuple[float, dict]]:
+    """(arrival time, chunk) of a streamed completion; with drop_after, hang up after that many bytes."""
+    import http.client
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    chunks, received = [], 0
+    while True:
+        line = response.fp.readline()
+        received += len(line)
+        if drop_after is not None and received >= drop_after:
+            connection.sock.close()  # the client goes away mid-stream
+            return chunks
+        if not line:
+            return chunks
+        line = line.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            chunks.append((time.perf_counter(), json.loads(line[6:])))
+
+
+def test_the_first_chunk_comes_before_the_answer_ends(slow_server):
+    began = time.perf_counter()
+    chunks = stream_chunks(slow_server, {"prompt": "床前明月光", "max_tokens": 200, "temperature": 0})
+    texts = [c["choices"][0]["text"] for _, c in chunks]
+    first = next(t for t, c in chunks if c["choices"][0]["text"])
+    end = chunks[-1][0]
+    assert len(texts) > 50  # a long answer, streamed piece by piece
+    assert first - began < 0.25 * (end - began), f"first chunk at {first - began:.2f} s of {end - began:.2f} s"
+
+
+def test_clients_that_hang_up_mid_stream_free_their_rows(slow_server):
+    body = {"prompt": "床前明月光", "max_tokens": 400, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: stream_chunks(slow_server, body, drop_after=300), range(20)))
+    began = time.time()
+    reply = post(f"{slow_server}/v1/completions", {"prompt": "你好", "max_tokens": 5, "temperature": 0})
+    assert reply.status_code == 200 and time.time() - began < 10, f"answered after {time.time() - began:.1f} s"

@@ -1,0 +1,179 @@
+"""Continuous batching: one thread owns the model and decodes every active request in one batch.
+
+A request joins at the next step (its prompt prefilled into a free row of the KV cache) and leaves as
+soon as it ends (eos, a stop string, its token limit) or its client goes away, freeing its row. Each
+keeps its own sampling settings. Requests beyond max_batch wait in arrival order. At batch 1 decoding
+is bound by reading the weights, so a batch of rows costs little more per step than one row: this is
+where serving many users at once gets its throughput (BENCHMARKS.md).
+
+    engine = Engine(model, tokenizer, max_batch=8)
+    engine.submit(Request(ids, Sampling(max_tokens=64), emit=print))   # emit(Event) from the engine thread
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model import KVCache, SlotKVCache, Transformer
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)  # strings that end the answer (not included)
+
+
+@dataclass
+class Event:
+    """What a request's emit receives: text as soon as it is whole, then one final event with the reason
+    ('stop', 'length' or 'cancelled') and the number of tokens generated."""
+    text: str = ""
+    finish: str | None = None
+    tokens: int = 0
+
+
+class Request:
+    def __init__(self, ids: list[int], sampling: Sampling, emit: Callable[[Event], None]):
+        self.ids, self.sampling, self.emit = ids, sampling, emit
+        self.out: list[int] = []  # tokens generated so far
+        self.shown = ""  # text already emitted
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Called from any thread (a client that went away): the engine frees the row at its next step."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, max_batch: int = 8, seed: int = 0):
+        self.model, self.tok = model, tokenizer
+        device = model.freqs_cos.device
+        self.cache = SlotKVCache(model.args, max_batch, model.args.max_seq_len, device,
+                                 model.tok_embeddings.weight.dtype)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []  # active[row] is the request in that row of the cache
+        self.wake = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; ValueError when its prompt leaves no room in the model's context."""
+        limit = self.model.args.max_seq_len
+        if not request.ids or len(request.ids) >= limit:
+            raise ValueError(f"the prompt has {len(request.ids)} tokens; this model's context is {limit}")
+        request.sampling.max_tokens = min(request.sampling.max_tokens, limit - len(request.ids))
+        with self.wake:
+            self.waiting.append(request)
+            self.wake.notify()
+
+    def busy(self) -> int:
+        """Requests active or waiting."""
+        return len(self.active) + len(self.waiting)
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                self.wake.wait_for(lambda: self.waiting or self.active)
+            try:
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as e:  # never leave a client waiting forever: end every request with the error
+                for request in self.active + list(self.waiting):
+                    request.emit(Event(f"[server error: {type(e).__name__}: {e}]", "error", len(request.out)))
+                self.active.clear()
+                self.waiting.clear()
+                self.cache.n = 0
+
+    @torch.inference_mode()
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows, in arrival order; each gets its first token."""
+        while self.waiting and len(self.active) < self.cache.slots:
+            with self.wake:
+                request = self.waiting.popleft()
+            if request.cancelled:
+                request.emit(Event(finish="cancelled"))
+                continue
+            ids = request.ids
+            prefill = KVCache(self.model.args, 1, len(ids), self.freqs_device, self.cache.k[0].dtype)
+            hidden = self.model.hidden(torch.tensor([ids], device=self.freqs_device), cache=prefill)
+            logits = (hidden[:, -1] @ self.model._output_transposed()).float()
+            self.cache.add(prefill)
+            self.active.append(request)
+            self._accept([request], self._sample(logits, [request]))
+
+    @property
+    def freqs_device(self) -> torch.device:
+        return self.model.freqs_cos.device
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """One token for every active request."""
+        self._drop([row for row, r in enumerate(self.active) if r.cancelled], "cancelled")
+        if not self.active:
+            return
+        last = torch.tensor([[r.out[-1]] for r in self.active], device=self.freqs_device)
+        logits = (self.model.hidden(last, cache=self.cache)[:, -1] @ self.model._output_transposed()).float()
+        self._accept(list(self.active), self._sample(logits, self.active))
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        """One token per row, each row with its request's temperature and top_p (0 temperature: greedy)."""
+        greedy = logits.argmax(-1)
+        temperature = torch.tensor([r.sampling.temperature for r in requests], device=logits.device)
+        if not bool((temperature > 0).any()):
+            return greedy.tolist()
+        top_p = torch.tensor([r.sampling.top_p for r in requests], device=logits.device)
+        scaled = logits / temperature.clamp(min=1e-6)[:, None]
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p[:, None]  # keep the smallest set reaching top_p
+        scaled = scaled.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
+        sampled = torch.multinomial(scaled.softmax(-1), 1, generator=self.generator).squeeze(-1)
+        return torch.where(temperature > 0, sampled, greedy).tolist()
+
+    def _accept(self, requests: list[Request], tokens: list[int]) -> None:
+        """Give each request its new token: emit the text it completes; end those that are done."""
+        ended: dict[int, str] = {}
+        for request, token in zip(requests, tokens):
+            finish = self._extend(request, token)
+            if finish:
+                ended[self.active.index(request)] = finish
+        for row in sorted(ended, reverse=True):  # from the last row: rows moved into freed ones are kept ones
+            self._drop([row], ended[row])
+
+    def _extend(self, request: Request, token: int) -> str | None:
+        """Add token to the request's answer and emit what is new; the finish reason when it ends."""
+        if token == self.tok.eos_id:
+            request.emit(Event(self.tok.decode(request.out)[len(request.shown):]))
+            return "stop"
+        request.out.append(token)
+        text = self.tok.decode(request.out)
+        stops = request.sampling.stop
+        for s in stops:
+            if s in text:
+                request.emit(Event(text[len(request.shown):text.index(s)]))
+                return "stop"
+        if len(request.out) >= request.sampling.max_tokens:
+            request.emit(Event(text[len(request.shown):]))
+            return "length"
+        # Hold back a character still missing bytes, and what may be the start of a stop string.
+        if not text.endswith("\ufffd") and not any(text.endswith(s[:k]) for s in stops for k in range(1, len(s))):
+            if len(text) > len(request.shown):
+                request.emit(Event(text[len(request.shown):]))
+                request.shown = text
+        return None
+
+    def _drop(self, rows: list[int], reason: str) -> None:
+        for row in sorted(rows, reverse=True):
+            request = self.active[row]
+            self.cache.remove(row)
+            self.active[row] = self.active[-1]
+            self.active.pop()
+            request.emit(Event(finish=reason, tokens=len(request.out)))
