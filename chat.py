@@ -25,6 +25,7 @@ from configurator import (
     PositiveFloat,
     PositiveFraction,
     SettingError,
+    one_of,
     parse_config,
     set_from_text,
 )
@@ -42,6 +43,7 @@ class Config:
     max_new_tokens: Positive = 256
     seed: int = 0
     device: Device = "auto"
+    quantize: one_of("", "int8") = ""  # int8: int8 weights (quantize.py), faster decoding on a CPU
 
 
 SETTABLE = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
@@ -85,7 +87,8 @@ def apply_setting(cfg: Config, assignment: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
     try:
-        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
+        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device),
+                                                  cfg.quantize)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     interactive = sys.stdin.isatty()

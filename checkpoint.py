@@ -134,11 +134,12 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str
     return latest
 
 
-def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch.device = "cpu"
-                             ) -> tuple[Transformer, dict, SPTokenizer]:
+def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch.device = "cpu",
+                             quantize: str = "") -> tuple[Transformer, dict, SPTokenizer]:
     """A checkpoint's model (as load_model) and the tokenizer to read it with, refused together when
     they do not belong together: the checkpoint records another tokenizer's sha256, or the tokenizer
-    has more pieces than the model has ids (its ids would index past the embedding)."""
+    has more pieces than the model has ids (its ids would index past the embedding). quantize="int8"
+    gives the model int8 weights (quantize.py; for inference)."""
     tokenizer = load_tokenizer(tokenizer_path)
     model, ckpt = load_model(path, device)
     if ckpt.get("tokenizer_sha256") not in (None, tokenizer.sha256):
@@ -146,4 +147,7 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch
     if tokenizer.n_pieces > model.args.vocab_size:
         raise ValueError(f"{tokenizer_path} has {tokenizer.n_pieces:,} pieces but the model in {path} has "
                          f"{model.args.vocab_size:,} ids: they do not belong together")
+    if quantize == "int8":
+        from quantize import quantize_int8
+        quantize_int8(model)
     return model, ckpt, tokenizer

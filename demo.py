@@ -121,13 +121,14 @@ def results_table(cfg: Config) -> str:
              + ", ".join(f"{k} {v['accuracy']:.3f} ({v['pairs']} pairs)" for k, v in rm.items() if k != "all")
              + " (chance 0.5).", "",
              "| model | idiom char F1 | idiom ROUGE-L | idiom mean reward | 4-way idiom accuracy (chance 0.25) "
-             "| SFT val answer loss |", "|---|---|---|---|---|---|"]
+             "| SFT val answer loss | distinct-2 | answers in a loop |", "|---|---|---|---|---|---|---|---|"]
     for name in MODELS:
         summary, choice = read_json(f"{ev}/{name}/summary.json"), read_json(f"{ev}/{name}_choice.json")
-        idiom = summary["scores"].get("idiom", {})
+        idiom, everything = summary["scores"].get("idiom", {}), summary["scores"]["all"]
         lines.append(f"| {name} | {idiom.get('f1', float('nan')):.3f} | {idiom.get('rouge_l', float('nan')):.3f} | "
                      f"{idiom.get('reward', float('nan')):.3f} | {choice['accuracy']:.3f} | "
-                     f"{summary['val_answer_loss']:.3f} |")
+                     f"{summary['val_answer_loss']:.3f} | {everything['distinct_2']:.3f} | "
+                     f"{everything['loop']:.1%} |")
     return "\n".join(lines)
 
 

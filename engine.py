@@ -104,7 +104,7 @@ class Engine:
             ids = request.ids
             prefill = KVCache(self.model.args, 1, len(ids), self.freqs_device, self.cache.k[0].dtype)
             hidden = self.model.hidden(torch.tensor([ids], device=self.freqs_device), cache=prefill)
-            logits = (hidden[:, -1] @ self.model._output_transposed()).float()
+            logits = self.model.next_token_logits(hidden[:, -1])
             self.cache.add(prefill)
             self.active.append(request)
             self._accept([request], self._sample(logits, [request]))
@@ -120,7 +120,7 @@ class Engine:
         if not self.active:
             return
         last = torch.tensor([[r.out[-1]] for r in self.active], device=self.freqs_device)
-        logits = (self.model.hidden(last, cache=self.cache)[:, -1] @ self.model._output_transposed()).float()
+        logits = self.model.next_token_logits(self.model.hidden(last, cache=self.cache)[:, -1])
         self._accept(list(self.active), self._sample(logits, self.active))
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:

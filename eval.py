@@ -21,10 +21,10 @@ import torch
 
 from checkpoint import load_model_and_tokenizer
 from common import pick_device
-from configurator import Device, InputFile, NonNegative, OutputDir, Positive, PositiveFloat, parse_config
+from configurator import Device, InputFile, NonNegative, OutputDir, Positive, PositiveFloat, one_of, parse_config
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import Transformer
-from tasks import char_f1, rouge_l, task_of
+from tasks import char_f1, distinct_n, has_loop, rouge_l, task_of
 
 SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？",
                   "前列腺囊肿的症状是什么？", "请问，世界上最大的动物是什么？"]
@@ -45,6 +45,7 @@ class Config:
     reward_model: InputFile = ""  # also report the mean reward of the answers under this reward model
     out: OutputDir = "out/eval"  # answers.csv and summary.json
     device: Device = "auto"
+    quantize: one_of("", "int8") = ""  # int8: int8 weights (quantize.py), faster decoding on a CPU
 
 
 def answer(model: Transformer, tok, conversations: list[tuple[list, str]], cfg: Config) -> list[str]:
@@ -76,25 +77,32 @@ def answer_loss(model: Transformer, tok, path: str, n: int, batch_size: int) -> 
 
 def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars: int,
           rewards: list[float] | None = None) -> dict:
+    """Per task and for all: mean char F1, ROUGE-L, exact match (short references), reward; and over the
+    task's answers distinct-1/2 and the share of answers stuck in a loop (tasks.has_loop)."""
     per_task: dict[str, list[dict]] = defaultdict(list)
+    answers: dict[str, list[str]] = defaultdict(list)
     for i, ((prompt, reference, _), prediction) in enumerate(zip(rows, predictions)):
-        s = {"f1": char_f1(prediction, reference), "rouge_l": rouge_l(prediction, reference)}
+        s = {"f1": char_f1(prediction, reference), "rouge_l": rouge_l(prediction, reference),
+             "loop": float(has_loop(prediction))}
         if rewards is not None:
             s["reward"] = rewards[i]
         if len(reference) <= exact_chars:
             s["exact_match"] = float(prediction.strip() == reference.strip())
-        per_task[task_of(prompt)].append(s)
-        per_task["all"].append(s)
+        for task in (task_of(prompt), "all"):
+            per_task[task].append(s)
+            answers[task].append(prediction)
     return {task: {"samples": len(items),
                    **{m: sum(s[m] for s in items if m in s) / max(1, sum(m in s for s in items))
-                      for m in ("f1", "rouge_l", "exact_match", "reward") if any(m in s for s in items)}}
+                      for m in ("f1", "rouge_l", "exact_match", "reward", "loop") if any(m in s for s in items)},
+                   "distinct_1": distinct_n(answers[task], 1), "distinct_2": distinct_n(answers[task], 2)}
             for task, items in per_task.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
     try:
-        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
+        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device),
+                                                  cfg.quantize)
         questions = cfg.questions.split("|") if cfg.questions else []
         if cfg.questions_file:
             with open(cfg.questions_file, encoding="utf-8") as f:
@@ -126,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
             em = f", exact match {s['exact_match']:.3f}" if "exact_match" in s else ""
             reward = f", mean reward {s['reward']:.3f}" if "reward" in s else ""
             print(f"  {task:<9} {s['samples']:>5} samples: char F1 {s['f1']:.3f}, "
-                  f"ROUGE-L {s['rouge_l']:.3f}{em}{reward}")
+                  f"ROUGE-L {s['rouge_l']:.3f}{em}{reward}; distinct-1 {s['distinct_1']:.3f}, "
+                  f"distinct-2 {s['distinct_2']:.3f}, in a loop {s['loop']:.1%}")
     with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=2)
     print(f"wrote {cfg.out}/summary.json" + (" and answers.csv" if rows else ""))

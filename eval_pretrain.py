@@ -29,6 +29,7 @@ from configurator import (
     Positive,
     PositiveFloat,
     PositiveFraction,
+    one_of,
     parse_config,
 )
 from dataset import PretrainDataset
@@ -54,6 +55,7 @@ class Config:
     max_windows: Positive = 200  # at most this many windows of max_seq_len tokens are scored
     batch_size: Positive = 8
     device: Device = "auto"
+    quantize: one_of("", "int8") = ""  # int8: int8 weights (quantize.py), faster decoding on a CPU
     json: OutputFile = ""  # also write the results here
 
 
@@ -126,7 +128,8 @@ def perplexity(model: Transformer, tok, cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
     try:
-        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
+        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device),
+                                                  cfg.quantize)
         prompts = cfg.prompts.split("|")
         if cfg.prompts_file:
             with open(cfg.prompts_file, encoding="utf-8") as f:

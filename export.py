@@ -30,7 +30,7 @@ import torch
 from chatglm_tokenizer import HERE as TOKENIZER_CODE
 from chatglm_tokenizer import SPTokenizer, resolve_tokenizer_path
 from checkpoint import load_model, save_atomic
-from configurator import parse_config
+from configurator import one_of, parse_config
 from model import ModelArgs, Transformer, model_args_from_preset
 
 # question + bos, the answer generated until eos: the SFT format, turn after turn.
@@ -46,6 +46,7 @@ class Config:
     out: str = "out/hf"  # the folder to write (export), or the ckpt.pt to write (import)
     import_from: str = ""  # a Hugging Face Llama folder to convert back into our format
     gguf: bool = False  # write a GGUF file (llama.cpp, Ollama) at --out instead of a folder
+    gguf_type: one_of("f32", "f16", "q8_0") = "f32"  # the GGUF's matrices: float32, float16 or 8-bit blocks
     overwrite: bool = False
 
 
@@ -181,9 +182,11 @@ GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv"
               "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
 
 
-def export_gguf(model: Transformer, tokenizer_path: str, out: str) -> None:
-    """A float32 GGUF file for llama.cpp, tokenizer inside. llama.cpp's Llama RoPE rotates adjacent
-    pairs, as ours does, so wq and wk go in unpermuted; the tied output matrix is not repeated."""
+def export_gguf(model: Transformer, tokenizer_path: str, out: str, kind: str = "f32") -> None:
+    """A GGUF file for llama.cpp, tokenizer inside; its matrices in kind (f32, f16, or q8_0: blocks of
+    32 int8 values with a float16 scale, by the gguf package's quantizer); norms stay float32, as
+    llama.cpp's converter keeps them. llama.cpp's Llama RoPE rotates adjacent pairs, as ours does, so
+    wq and wk go in unpermuted; the tied output matrix is not repeated."""
     import gguf
 
     from chatglm_tokenizer import load_tokenizer
@@ -199,7 +202,8 @@ def export_gguf(model: Transformer, tokenizer_path: str, out: str) -> None:
     writer.add_layer_norm_rms_eps(a.norm_eps)
     writer.add_rope_freq_base(a.rope_theta)
     writer.add_rope_dimension_count(a.dim // a.n_heads)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
     tokens, scores, types = [], [], []
     for i in range(a.vocab_size):  # the model's rows; ids past the tokenizer's (the seed's 64793) are padding
         piece = tok.id_to_piece(i) if i < tok.vocab_size else f"[PAD{i}]"
@@ -224,12 +228,25 @@ def export_gguf(model: Transformer, tokenizer_path: str, out: str) -> None:
     writer.add_add_space_prefix(tok.sp.encode("a", out_type=str)[0].startswith("\u2581"))  # ChatGLM2: yes
     writer.add_chat_template(CHAT_TEMPLATE)
     for name, tensor in gguf_tensors(model).items():
-        writer.add_tensor(name, tensor.float().numpy())
+        add_gguf_tensor(writer, name, tensor.float().numpy(), kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     os.replace(out + ".tmp", out)
+
+
+def add_gguf_tensor(writer, name: str, data, kind: str) -> None:
+    """A matrix in kind (q8_0 needs rows of whole 32-value blocks: others go in float16); vectors float32."""
+    import gguf
+    import numpy as np
+    if data.ndim < 2 or kind == "f32":
+        writer.add_tensor(name, data)
+    elif kind == "q8_0" and data.shape[-1] % 32 == 0:
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+    else:
+        writer.add_tensor(name, data.astype(np.float16))
 
 
 def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
@@ -273,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         args = model_args_from_preset(cfg.preset) if cfg.preset else None
         model, _ = load_model(cfg.ckpt, model_args=args)
         if cfg.gguf:
-            export_gguf(model, cfg.tokenizer, cfg.out)
+            export_gguf(model, cfg.tokenizer, cfg.out, cfg.gguf_type)
             print(f"wrote {cfg.out}: run it with llama.cpp, e.g. llama-cli -m {cfg.out}")
             return
         export_hf(model, cfg.tokenizer or None, cfg.out)

@@ -344,12 +344,11 @@ class Transformer(nn.Module):
         if use_cache:
             dtype = self.tok_embeddings.weight.dtype
             cache = KVCache(self.args, B, longest + max_new_tokens, device, dtype)
-        out_t = self._output_transposed()
         step_input = seq
         for _ in range(max_new_tokens):
             if not use_cache:
                 step_input = seq
-            logits = (self.hidden(step_input, cache=cache, pad_left=pad)[:, -1] @ out_t).float()
+            logits = self.next_token_logits(self.hidden(step_input, cache=cache, pad_left=pad)[:, -1])
             if repetition_penalty != 1.0:
                 logits = _penalize_repeats(logits, seq, pad, repetition_penalty)
             nxt = sample(logits, temperature, top_k, top_p, generator)
@@ -360,6 +359,12 @@ class Transformer(nn.Module):
                 return
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             step_input = nxt[:, None]
+
+    def next_token_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits (B, V) of last hidden states h (B, dim), for decoding."""
+        if isinstance(self.output, nn.Linear):
+            return (h @ self._output_transposed()).float()
+        return self.output(h).float()  # a quantized output layer (quantize.py)
 
     def _output_transposed(self) -> torch.Tensor:
         """The output matrix stored as (dim, vocab): a one-row matmul reads it faster than the (vocab,

@@ -27,7 +27,7 @@ import torch
 
 from checkpoint import load_model_and_tokenizer
 from common import pick_device
-from configurator import Device, InputFile, Port, Positive, parse_config
+from configurator import Device, InputFile, Port, Positive, one_of, parse_config
 from dataset_sft import chat_prompt_ids
 from engine import Engine, Event, Sampling
 from engine import Request as EngineRequest
@@ -47,6 +47,7 @@ class Config:
     max_batch: Positive = 8  # requests decoded together; more wait in arrival order
     seed: int = 0  # of the sampling generator
     device: Device = "auto"
+    quantize: one_of("", "int8") = ""  # int8: int8 weights (quantize.py), faster decoding on a CPU
 
 
 class RequestError(Exception):
@@ -117,7 +118,8 @@ class Server:
     """The model, its tokenizer and the engine that decodes every request."""
 
     def __init__(self, cfg: Config):
-        self.model, _, self.tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
+        self.model, _, self.tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device),
+                                                  cfg.quantize)
         self.engine = Engine(self.model, self.tok, cfg.max_batch, seed=cfg.seed)
 
 

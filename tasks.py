@@ -2,6 +2,7 @@
 them), which task a prompt belongs to, and the scores of an answer against a reference."""
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import Counter
 
@@ -34,6 +35,22 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(prediction), lcs / len(reference)
     return 2 * precision * recall / (precision + recall)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct character n-grams over all n-grams of the texts (distinct-1, distinct-2: low values mean
+    the answers say the same things over and over); 0 when there are none."""
+    grams = [t[i:i + n] for t in texts for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+_REPEATS = re.compile(r"(.{1,10}?)\1{2,}", flags=re.S)
+
+
+def has_loop(text: str) -> bool:
+    """An answer stuck in a loop: a unit of 1-10 characters three or more times in a row, four
+    characters or more in all ("爱爱爱爱", "好的好的好的"; not "哈哈哈")."""
+    return any(len(m.group(0)) >= 4 for m in _REPEATS.finditer(text))
 
 
 def task_of(prompt: str) -> str:

@@ -1,11 +1,13 @@
-"""Batch-1 decode speed: our KV cache vs. recomputing the whole sequence (the seed's way) vs.
-Hugging Face `LlamaForCausalLM.generate`, same shape, random weights, greedy, one run.
+"""Batch-1 decode speed: our KV cache in float32 and with int8 weights (quantize.py) vs. recomputing the
+whole sequence (the seed's way) vs. Hugging Face `LlamaForCausalLM.generate`, same shape, random
+weights, greedy, one run.
 
     python bench/bench_decode.py --presets tiny baby_92m --new_tokens 256
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -14,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import Transformer, model_args_from_preset  # noqa: E402
+from quantize import quantize_int8  # noqa: E402
 
 
 def hf_model(model: Transformer):
@@ -42,10 +45,14 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     model = Transformer(model_args_from_preset(preset, max_seq_len=prompt_len + new_tokens)).eval()
     prompt = torch.randint(3, model.args.vocab_size, (prompt_len,)).tolist()
     hf = hf_model(model)
+    int8 = quantize_int8(copy.deepcopy(model))
     ids = torch.tensor([prompt])
 
     def ours_cache():
         model.generate([prompt], new_tokens, eos_id=None)
+
+    def ours_int8():
+        int8.generate([prompt], new_tokens, eos_id=None)
 
     def ours_nocache():
         model.generate([prompt], new_tokens, eos_id=None, use_cache=False)
@@ -56,8 +63,9 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
                     min_new_tokens=new_tokens, do_sample=False)
 
     model.generate([prompt], 8, eos_id=None)  # warm-up
+    int8.generate([prompt], 8, eos_id=None)
     hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-    results = {"cache": new_tokens / timed(ours_cache, repeats),
+    results = {"cache": new_tokens / timed(ours_cache, repeats), "int8": new_tokens / timed(ours_int8, repeats),
                "no_cache": new_tokens / timed(ours_nocache, 1),
                "transformers": new_tokens / timed(transformers_generate, repeats)}
     return results
@@ -74,11 +82,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, batch 1, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, fp32, greedy")
-    print(f"{'preset':<10} {'KV cache tok/s':>15} {'no cache tok/s':>15} {'transformers tok/s':>19} "
-          f"{'vs no cache':>12} {'vs transformers':>16}")
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"{'preset':<10} {'KV cache tok/s':>15} {'int8 tok/s':>11} {'int8 vs fp32':>13} {'no cache tok/s':>15} "
+          f"{'transformers tok/s':>19} {'vs no cache':>12} {'vs transformers':>16}")
     for preset in args.presets:
         r = bench(preset, args.prompt_len, args.new_tokens, args.repeats)
-        print(f"{preset:<10} {r['cache']:>15.1f} {r['no_cache']:>15.1f} {r['transformers']:>19.1f} "
+        print(f"{preset:<10} {r['cache']:>15.1f} {r['int8']:>11.1f} {r['int8'] / r['cache']:>12.2f}x "
+              f"{r['no_cache']:>15.1f} {r['transformers']:>19.1f} "
               f"{r['cache'] / r['no_cache']:>11.2f}x {r['cache'] / r['transformers']:>15.2f}x")
 
 

@@ -37,12 +37,13 @@ def test_results_table(tmp_path):
     for i, name in enumerate(MODELS):
         (ev / name).mkdir()
         (ev / name / "summary.json").write_text(json.dumps({"val_answer_loss": 3.0 - i, "scores": {
-            "idiom": {"f1": 0.1 * i, "rouge_l": 0.05 * i, "reward": float(i)}}}))
+            "idiom": {"f1": 0.1 * i, "rouge_l": 0.05 * i, "reward": float(i)},
+            "all": {"distinct_2": 0.2 * i, "loop": 0.125 * i}}}))
         (ev / f"{name}_choice.json").write_text(json.dumps({"accuracy": 0.25 + 0.1 * i}))
     table = results_table(Config(out_dir=str(tmp_path)))
     assert "4.500 nats/token, 5.500 bits per character" in table
     assert "idiom 0.900 (10 pairs)" in table
-    assert "| grpo | 0.300 | 0.150 | 3.000 | 0.550 | 0.000 |" in table
+    assert "| grpo | 0.300 | 0.150 | 3.000 | 0.550 | 0.000 | 0.600 | 37.5% |" in table
 
 
 def test_samples_show_each_prompt_with_an_answer(tmp_path, small_tokenizer):

@@ -29,14 +29,25 @@ def test_char_f1_and_rouge_l_by_hand():
     assert rouge_l("ba", "ab") == pytest.approx(0.5)
 
 
+def test_repetition_metrics_by_hand():
+    from tasks import distinct_n, has_loop
+    assert distinct_n(["爱爱爱爱"], 1) == 0.25 and distinct_n(["爱爱爱爱"], 2) == 1 / 3
+    assert distinct_n(["春眠", "不觉"], 1) == 1.0 and distinct_n(["春", ""], 2) == 0.0
+    assert distinct_n(["ab", "ab"], 2) == 0.5  # over all the answers, not each one
+    assert has_loop("答案是爱爱爱爱") and has_loop("好的好的好的") and has_loop("指一种一种一种东西")
+    assert not has_loop("哈哈哈") and not has_loop("比喻做了多余的事，反而不恰当。") and not has_loop("谢谢")
+
+
 def test_task_of_and_score():
     assert task_of("成语“画蛇添足”是什么意思？") == "idiom"
     assert task_of("“好”字是什么意思？") == "character"
     assert task_of("你好") == "other"
     rows = [("成语“甲”是什么意思？", "比喻多此一举", []), ("你好", "你好啊", [])]
-    s = score(rows, ["比喻多此一举", "再见"], exact_chars=10)
+    s = score(rows, ["比喻多此一举", "再见再见再见"], exact_chars=10)
     assert s["idiom"]["f1"] == 1.0 and s["idiom"]["exact_match"] == 1.0
     assert s["all"]["samples"] == 2 and s["all"]["exact_match"] == 0.5
+    assert s["idiom"]["loop"] == 0.0 and s["other"]["loop"] == 1.0 and s["all"]["loop"] == 0.5
+    assert s["other"]["distinct_1"] == 2 / 6 and s["idiom"]["distinct_2"] == 1.0
 
 
 def questions():

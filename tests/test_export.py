@@ -139,3 +139,32 @@ def test_llama_cpp_greedy_tokens_match(tmp_path, small_tokenizer):
         if len(theirs) == 16:
             break
     assert ours == theirs
+
+
+def test_gguf_f16_and_q8_0_read_back_within_the_format_error(tmp_path, small_tokenizer):
+    gguf = pytest.importorskip("gguf")
+    from export import export_gguf, gguf_tensors
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=600, max_seq_len=64, multiple_of=32)
+    model = scrambled(args)
+    ours = {name: t.float().numpy() for name, t in gguf_tensors(model).items()}
+    sizes = {}
+    for kind in ("f32", "f16", "q8_0"):
+        path = tmp_path / f"m-{kind}.gguf"
+        export_gguf(model, small_tokenizer, str(path), kind)
+        sizes[kind] = sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors)
+        for t in gguf.GGUFReader(str(path)).tensors:
+            want = ours[t.name]
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+            if want.ndim == 1:
+                assert t.tensor_type == gguf.GGMLQuantizationType.F32 and (got == want).all()
+            elif kind == "f16":
+                assert t.tensor_type == gguf.GGMLQuantizationType.F16
+                assert abs(got - want).max() <= abs(want).max() * 2**-11
+            elif kind == "q8_0":
+                assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+                scale = abs(want).reshape(-1, 32).max(1, keepdims=True) / 127  # each block's, stored in float16:
+                bound = scale * (0.5 + 127 * 2**-11)  # half a step, plus 127 steps of the scale's rounding
+                assert (abs(got - want).reshape(-1, 32) <= bound + 1e-7).all(), t.name
+    matrices = sum(w.size for w in ours.values() if w.ndim == 2)
+    assert sizes["q8_0"] < 0.3 * sizes["f32"] and sizes["f16"] < 0.55 * sizes["f32"]
+    assert sizes["q8_0"] >= matrices * 34 / 32  # 34 bytes a block of 32

@@ -1,0 +1,158 @@
+"""Serving throughput and latency: 8 clients at once against one at a time, through serve.py's HTTP API.
+
+    python bench/bench_serve.py --tokenizer=../shared/chatglm_tokenizer/tokenizer.model --shapes=tiny,baby_92m
+    python bench/bench_serve.py --ckpt=out/sft/ckpt.pt --tokenizer=data/tokenizer/tokenizer.model
+
+For each model it starts serve.py (one process, --max_batch=16), then measures in the same run:
+aggregate generated tokens/s when the same requests come one after another and when 8 clients send them
+at once; the time to the first streamed token (median of 5) when the server is idle and while 8 other
+clients are streaming long answers. Greedy decoding, so both ways generate the same tokens. A shape
+without --ckpt gets random weights (its answers never end early); the vocabulary is the tokenizer's.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from chatglm_tokenizer import load_tokenizer  # noqa: E402
+from model import Transformer, model_args_from_preset  # noqa: E402
+
+QUESTIONS = ["成语“画蛇添足”是什么意思？", "“水”字是什么意思？", "请写一首关于秋天的诗。", "介绍一下长城。",
+             "成语“守株待兔”是什么意思？", "“山”字是什么意思？", "怎样学好数学？", "北京有哪些名胜古迹？"]
+
+
+class Server:
+    def __init__(self, ckpt: str, tokenizer: str, extra: list[str]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}",
+                                      f"--tokenizer={tokenizer}", f"--port={self.port}", "--max_batch=16",
+                                      "--max_tokens=4096", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"serve.py failed: {self.proc.stderr.read().decode()[-2000:]}") from None
+                time.sleep(0.5)
+        raise SystemExit("serve.py did not start in 5 minutes")
+
+    def ask(self, question: str, max_tokens: int, stream: bool = False) -> tuple[int, float, float]:
+        """(completion tokens, seconds to the first streamed text, seconds in all)."""
+        began = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0,
+                "stream": stream}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if not stream:
+            reply = json.loads(response.read())
+            return reply["usage"]["completion_tokens"], float("nan"), time.perf_counter() - began
+        first, pieces = float("nan"), 0
+        for line in response.fp:
+            line = line.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            if delta.get("content"):
+                pieces += 1
+                if first != first:
+                    first = time.perf_counter() - began
+        conn.close()
+        return pieces, first, time.perf_counter() - began
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def measure(server: Server, max_tokens: int, clients: int) -> dict:
+    server.ask(QUESTIONS[0], 8)  # warm up
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)]
+    began = time.perf_counter()
+    alone = sum(server.ask(q, max_tokens)[0] for q in questions)
+    alone_s = time.perf_counter() - began
+    began = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        together = sum(n for n, _, _ in pool.map(lambda q: server.ask(q, max_tokens), questions))
+    together_s = time.perf_counter() - began
+    idle_ttft = statistics.median(server.ask(q, 4, stream=True)[1] for q in QUESTIONS[:5])
+    stop = threading.Event()
+
+    def busy_client(q: str) -> None:
+        while not stop.is_set():
+            server.ask(q, max_tokens * 4, stream=True)
+    with ThreadPoolExecutor(clients) as pool:
+        for q in questions:
+            pool.submit(busy_client, q)
+        time.sleep(2.0)  # all of them decoding
+        busy_ttft = statistics.median(server.ask(q, 4, stream=True)[1] for q in QUESTIONS[:5])
+        stop.set()
+    return {"clients": clients, "tokens_alone": alone, "tokens_together": together,
+            "tokens_per_s_alone": alone / alone_s, "tokens_per_s_together": together / together_s,
+            "throughput_ratio": (together / together_s) / (alone / alone_s),
+            "ttft_idle_ms": idle_ttft * 1e3, "ttft_busy_ms": busy_ttft * 1e3, "ttft_ratio": busy_ttft / idle_ttft}
+
+
+def random_checkpoint(shape: str, vocab_size: int, folder: str) -> str:
+    torch.manual_seed(0)
+    args = model_args_from_preset(shape, vocab_size=vocab_size)
+    path = os.path.join(folder, f"{shape}.pt")
+    torch.save({"model": Transformer(args).state_dict(), "model_args": asdict(args)}, path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default="", help="a trained model (else random weights of --shapes)")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--shapes", default="tiny,baby_92m", help="presets given random weights when no --ckpt")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--max_tokens", type=int, default=64, help="tokens per answer in the throughput runs")
+    parser.add_argument("--serve_flags", default="", help="extra serve.py flags, e.g. --quantize=int8")
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args()
+    vocab = load_tokenizer(args.tokenizer).vocab_size
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        shapes = args.shapes.split(",")
+        models = [(args.ckpt, args.ckpt)] if args.ckpt else [
+            (f"{s} (random weights, vocab {vocab})", random_checkpoint(s, vocab, folder)) for s in shapes]
+        for name, ckpt in models:
+            server = Server(ckpt, args.tokenizer, args.serve_flags.split())
+            try:
+                rows.append({"model": name, **measure(server, args.max_tokens, args.clients)})
+            finally:
+                server.close()
+    machine = f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    print(f"| model | tokens/s, 1 at a time | tokens/s, {args.clients} clients | ratio | first token idle (ms) | "
+          f"first token, {args.clients} busy (ms) | ratio |  ({machine})")
+    for r in rows:
+        print(f"| {r['model']} | {r['tokens_per_s_alone']:.1f} | {r['tokens_per_s_together']:.1f} | "
+              f"{r['throughput_ratio']:.2f}x | {r['ttft_idle_ms']:.0f} | {r['ttft_busy_ms']:.0f} | "
+              f"{r['ttft_ratio']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
