@@ -31,7 +31,18 @@ from cleaning import clean_texts
 from common import PendingFiles, remove_stale_temps, write_json_atomic
 from configurator import InputFile, NonNegative, OutputDir, Positive, in_range, parse_config
 from corpora import CorpusError, Doc, builtin_input, iter_corpus, parse_input
-from dedup import EMPTY, KEEP, MALFORMED, TOO_SHORT, VERDICTS, Deduplicator, lsh_keys, minhash_batch, text_hashes
+from dedup import (
+    EMPTY,
+    KEEP,
+    MALFORMED,
+    TOO_SHORT,
+    VERDICTS,
+    Deduplicator,
+    held_out,
+    lsh_keys,
+    minhash_batch,
+    text_hashes,
+)
 
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max)  # 65,535 ids fit in uint16
@@ -153,12 +164,12 @@ class CorpusWriter(PendingFiles):
         super().__init__(list(paths.values()), "wb")
         self.split_files = {split: self.files[path] for split, path in paths.items()}
         self.eos = TOKEN_DTYPE(eos_id)
-        self.val_cut = int(val_fraction * 1_000_000)
+        self.val_fraction = val_fraction
         self.tokens, self.docs, self.chars = Counter(), Counter(), Counter()
 
     def add(self, out: Processed, kept: np.ndarray) -> None:
         """Append the tokens of the batch's documents `kept` (indices), an eos after each."""
-        val = out.hashes[kept] % np.uint64(1_000_000) < self.val_cut
+        val = held_out(out.hashes[kept], self.val_fraction)
         owner = np.repeat(np.arange(len(out.hashes)), np.diff(out.offsets))  # the document of each token
         for split, docs in (("train", kept[~val]), ("val", kept[val])):
             if len(docs) == 0:

@@ -17,6 +17,12 @@ def text_hash(text: str) -> int:
     return int.from_bytes(_digest(text), "little")
 
 
+def held_out(hashes, fraction: float):
+    """Whether documents (by text_hash) are held out: the same ones whatever the tokenizer or settings.
+    data_process.py's val.bin and train_tokenizer.py's held-out documents (at 1%) are the same set."""
+    return hashes % 1_000_000 < int(fraction * 1_000_000)
+
+
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: spreads the bits of each uint64."""
     x = x ^ (x >> np.uint64(30))

@@ -42,7 +42,8 @@ class Request:
     def __init__(self, ids: list[int], sampling: Sampling, emit: Callable[[Event], None]):
         self.ids, self.sampling, self.emit = ids, sampling, emit
         self.out: list[int] = []  # tokens generated so far
-        self.shown = ""  # text already emitted
+        self.text = ""  # text emitted so far: that of out[:read]
+        self.prefix = self.read = 0  # see Engine._pending
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -150,25 +151,35 @@ class Engine:
 
     def _extend(self, request: Request, token: int) -> str | None:
         """Add token to the request's answer and emit what is new; the finish reason when it ends."""
+        if token != self.tok.eos_id:
+            request.out.append(token)
+        pending = self._pending(request)
         if token == self.tok.eos_id:
-            request.emit(Event(self.tok.decode(request.out)[len(request.shown):]))
+            request.emit(Event(pending))
             return "stop"
-        request.out.append(token)
-        text = self.tok.decode(request.out)
         stops = request.sampling.stop
+        seen = request.text + pending
         for s in stops:
-            if s in text:
-                request.emit(Event(text[len(request.shown):text.index(s)]))
+            if s in seen[max(0, len(request.text) - len(s)):]:
+                request.emit(Event(seen[len(request.text):seen.index(s, max(0, len(request.text) - len(s)))]))
                 return "stop"
         if len(request.out) >= request.sampling.max_tokens:
-            request.emit(Event(text[len(request.shown):]))
+            request.emit(Event(pending))
             return "length"
         # Hold back a character still missing bytes, and what may be the start of a stop string.
-        if not text.endswith("\ufffd") and not any(text.endswith(s[:k]) for s in stops for k in range(1, len(s))):
-            if len(text) > len(request.shown):
-                request.emit(Event(text[len(request.shown):]))
-                request.shown = text
+        if pending and not pending.endswith("\ufffd") and not any(
+                seen.endswith(s[:k]) for s in stops for k in range(1, len(s))):
+            request.emit(Event(pending))
+            request.text += pending
+            request.prefix, request.read = request.read, len(request.out)
         return None
+
+    def _pending(self, request: Request) -> str:
+        """The text of the tokens not emitted yet. Only the last few tokens are decoded (decoding the whole
+        answer at every step would grow with its length): the text of out[prefix:] past that of
+        out[prefix:read], where read is where the emitted text ends and prefix the token before it."""
+        before = self.tok.decode(request.out[request.prefix:request.read])
+        return self.tok.decode(request.out[request.prefix:])[len(before):]
 
     def _drop(self, rows: list[int], reason: str) -> None:
         for row in sorted(rows, reverse=True):

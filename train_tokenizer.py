@@ -21,7 +21,7 @@ from cleaning import clean_text
 from common import write_json_atomic
 from configurator import OutputFile, Positive, PositiveFraction, in_range, parse_config
 from corpora import CorpusError, iter_corpus
-from dedup import text_hash
+from dedup import held_out, text_hash
 
 MAX_VOCAB = 65535  # ids must fit in uint16
 
@@ -41,8 +41,7 @@ class Config:
     overwrite: bool = False  # replace an existing tokenizer at `out`
 
 
-def held_out(text: str) -> bool:
-    return text_hash(text) % 100 == 0
+HELD_OUT = 0.01  # data_process.py's default val_fraction: the tokenizer never sees val.bin's documents
 
 
 def split_corpus(cfg: Config) -> tuple[Iterator[str], list[str]]:
@@ -58,7 +57,7 @@ def split_corpus(cfg: Config) -> tuple[Iterator[str], list[str]]:
             text = clean_text(doc.text)
             if not text:
                 continue
-            if held_out(text):
+            if held_out(text_hash(text), HELD_OUT):
                 held.append(text)
                 continue
             for line in text.split("\n"):

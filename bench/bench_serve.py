@@ -5,8 +5,8 @@
 
 For each model it starts serve.py (one process, --max_batch=16), then measures in the same run:
 aggregate generated tokens/s when the same requests come one after another and when 8 clients send them
-at once; the time to the first streamed token (median of 5) when the server is idle and while 8 other
-clients are streaming long answers. Greedy decoding, so both ways generate the same tokens. A shape
+at once; the time to the first token (a one-token answer, median of 5) when the server is idle and while
+8 other clients are streaming long answers. Greedy decoding, so both ways generate the same tokens. A shape
 without --ckpt gets random weights (its answers never end early); the vocabulary is the tokenizer's.
 """
 from __future__ import annotations
@@ -94,7 +94,8 @@ def measure(server: Server, max_tokens: int, clients: int) -> dict:
     with ThreadPoolExecutor(clients) as pool:
         together = sum(n for n, _, _ in pool.map(lambda q: server.ask(q, max_tokens), questions))
     together_s = time.perf_counter() - began
-    idle_ttft = statistics.median(server.ask(q, 4, stream=True)[1] for q in QUESTIONS[:5])
+    # The time to the first token: a one-token answer, whatever text that token makes.
+    idle_ttft = statistics.median(server.ask(q, 1)[2] for q in QUESTIONS[:5])
     stop = threading.Event()
 
     def busy_client(q: str) -> None:
@@ -104,7 +105,7 @@ def measure(server: Server, max_tokens: int, clients: int) -> dict:
         for q in questions:
             pool.submit(busy_client, q)
         time.sleep(2.0)  # all of them decoding
-        busy_ttft = statistics.median(server.ask(q, 4, stream=True)[1] for q in QUESTIONS[:5])
+        busy_ttft = statistics.median(server.ask(q, 1)[2] for q in QUESTIONS[:5])
         stop.set()
     return {"clients": clients, "tokens_alone": alone, "tokens_together": together,
             "tokens_per_s_alone": alone / alone_s, "tokens_per_s_together": together / together_s,

@@ -1,0 +1,110 @@
+"""The speedrun: how good a Chinese model a CPU pretraining budget buys, in held-out bits per character.
+
+    python speedrun.py --minutes=10                     # the recipe in config/speedrun.py
+    python speedrun.py --minutes=10 --recipe=config/pretrain_tiny.py --vocab_size=8192   # another one
+    python speedrun.py --minutes=3 --flags="--lr=3e-3"  # an ablation: pretrain.py flags on top of the recipe
+
+On the built-in People's Daily corpus (January 1998): trains our tokenizer on its training documents, makes
+the corpus (val.bin holds the held-out documents: 1% by hash of their text, the same whatever the
+tokenizer), pretrains the recipe with the budget (pretraining's wall time, compilation included, is the
+budget: the schedule is fitted to it and always ends annealed), then scores every held-out document
+(heldout.py; docs/speedrun.md). Tokenizer and corpus are made once per vocabulary size and reused; their
+times are reported apart. The last line says: bpc, steps, tokens seen, dtype, CPU capability.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from checkpoint import load_model
+from common import write_json_atomic
+from configurator import OutputDir, OutputFile, PositiveFloat, in_range, parse_config
+from heldout import bits, split_documents
+from precision import resolve_dtype
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Config:
+    minutes: PositiveFloat = 10.0  # the pretraining budget
+    recipe: str = "config/speedrun.py"  # pretrain.py settings (a config file of it)
+    vocab_size: in_range(260, 65535, int) = 8192  # our tokenizer's size
+    flags: str = ""  # more pretrain.py flags on top of the recipe (ablations)
+    raw_dir: str = "data/raw"  # where download_data.py puts People's Daily
+    work_dir: OutputDir = "out/speedrun"  # tokenizers, corpora and runs
+    name: str = ""  # the run's folder under work_dir/runs ('' for the time it started)
+    json: OutputFile = ""  # also write the result here
+
+
+def stage(command: list[str]) -> float:
+    """Run a step of the pipeline; its wall time in seconds."""
+    began = time.time()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, command[0]), *command[1:]])
+    if result.returncode != 0:
+        raise SystemExit(f"error: `python {' '.join(command)}` failed (exit {result.returncode})")
+    return time.time() - began
+
+
+def prepare(cfg: Config) -> tuple[str, str, dict]:
+    """The tokenizer and the corpus for cfg.vocab_size (made once), and the times they took."""
+    tokenizer = os.path.join(cfg.work_dir, f"tokenizer_{cfg.vocab_size}", "tokenizer.model")
+    data = os.path.join(cfg.work_dir, f"data_{cfg.vocab_size}")
+    times = {"download_s": stage(["download_data.py", "--sources=peoples_daily", f"--raw_dir={cfg.raw_dir}"])}
+    times["tokenizer_s"] = 0.0 if os.path.isfile(tokenizer) else stage(
+        ["train_tokenizer.py", "--sources=peoples_daily", f"--raw_dir={cfg.raw_dir}", f"--out={tokenizer}",
+         f"--vocab_size={cfg.vocab_size}"])
+    times["corpus_s"] = stage(["data_process.py", "--sources=peoples_daily", f"--raw_dir={cfg.raw_dir}",
+                               f"--tokenizer={tokenizer}", f"--out_dir={data}", "--val_fraction=0.01"])
+    return tokenizer, data, times
+
+
+def score(ckpt: str, data: str) -> dict:
+    """Held-out bits per character of the checkpoint on data/val.bin (heldout.py's protocol)."""
+    with open(os.path.join(data, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    model, state = load_model(ckpt)
+    docs = [d.tolist() for d in split_documents(np.fromfile(os.path.join(data, "val.bin"), dtype=np.uint16),
+                                                meta["eos_id"])]
+    total, tokens = bits(model, docs, meta["eos_id"], model.args.max_seq_len)
+    chars = meta["characters"]["val"]
+    return {"bpc": total / chars, "documents": len(docs), "characters": chars, "tokens_scored": tokens,
+            "steps": state["step"], "tokens_seen": state["tokens_seen"],
+            "dtype_setting": state.get("config", {}).get("dtype", "auto")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tokenizer, data, times = prepare(cfg)
+    run_dir = os.path.join(cfg.work_dir, "runs", cfg.name or time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        raise SystemExit(f"error: {run_dir} holds a run already; choose another --name")
+    times["pretrain_s"] = stage(["pretrain.py", cfg.recipe, f"--data={data}", f"--tokenizer={tokenizer}",
+                                 f"--out_dir={run_dir}", f"--time_budget_min={cfg.minutes}", "--resume=false",
+                                 *cfg.flags.split()])
+    began = time.time()
+    result = score(os.path.join(run_dir, "ckpt.pt"), data)
+    times["scoring_s"] = time.time() - began
+    dtype = resolve_dtype(result.pop("dtype_setting"), "cpu")[0]
+    result.update(times, dtype=dtype, cpu=torch.backends.cpu.get_cpu_capability(), minutes=cfg.minutes,
+                  settings=asdict(cfg))
+    write_json_atomic(os.path.join(run_dir, "speedrun.json"), result)
+    if cfg.json:
+        write_json_atomic(cfg.json, result)
+    print(f"speedrun: {result['bpc']:.4f} bits per character on {result['documents']:,} held-out documents "
+          f"({result['characters']:,} characters); {result['steps']} steps, {result['tokens_seen'] / 1e6:.2f}M "
+          f"tokens seen in {cfg.minutes:g} min ({times['pretrain_s']:.0f} s), {dtype}, CPU {result['cpu']}; "
+          f"tokenizer {times['tokenizer_s']:.0f} s, corpus {times['corpus_s']:.0f} s, scoring "
+          f"{times['scoring_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
