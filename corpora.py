@@ -213,18 +213,31 @@ def read_baidubaike(path: str, source: str, encoding: str = "utf-8") -> Iterator
     yield from _field_docs(json_records(path, encoding), source, text, path, "'title'/'summary'/'sections'")
 
 
+def _parquet_rows(path: str, source: str, column: str) -> Iterator[Doc]:
+    """The rows of one column of a parquet file, a batch at a time (row group by row group): memory stays
+    bounded by a row group however large the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        # Without pre-buffering: the default reads ahead far beyond the row group in hand.
+        table = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    except (OSError, pa.ArrowException) as e:
+        raise CorpusError(f"cannot read {path} as parquet: {e}") from None
+    if column not in table.schema_arrow.names:
+        raise CorpusError(f"{path}: no column '{column}' (columns: {table.schema_arrow.names})")
+    row = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[column]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            where = f"{path}:row {row}"
+            yield Doc(value, source, where) if isinstance(value, str) else \
+                Doc(None, source, where, f"non-text value in column '{column}'")
+
+
 def read_table(path: str, source: str, column: str = "text", encoding: str = "utf-8") -> Iterator[Doc]:
     """A .csv (with a header) or .parquet file, one document per row of the named column."""
     if path.endswith(".parquet"):
-        import pandas as pd
-        try:
-            frame = pd.read_parquet(path, columns=[column])
-        except (OSError, ValueError, KeyError) as e:
-            raise CorpusError(f"cannot read column '{column}' of {path}: {e}") from None
-        for i, value in enumerate(frame[column]):
-            where = f"{path}:row {i + 1}"
-            yield Doc(value, source, where) if isinstance(value, str) else \
-                Doc(None, source, where, f"non-text value in column '{column}'")
+        yield from _parquet_rows(path, source, column)
         return
     with _open_text(path, encoding) as f:
         try:
@@ -355,7 +368,9 @@ class InputSpec:
 # The sources download_data.py fetches: name -> (format, path inside data/raw/<name>/).
 BUILTIN = {"peoples_daily": ("peoples_daily", "199801.txt"), "reviews": ("txt", ""),
            "idioms": ("idioms", "idioms.json"), "dictionary": ("dictionary", "dictionary.json"),
-           "news": ("news", ""), "poetry": ("poetry", "")}
+           "news": ("news", ""), "poetry": ("poetry", ""),
+           # from the Hugging Face hub (hub.py)
+           "wikipedia_cn": ("wikipedia", "wikipedia-cn-20230720-filtered.json"), "medical": ("medical", "pretrain")}
 
 
 def builtin_input(name: str, raw_dir: str = "data/raw") -> InputSpec:

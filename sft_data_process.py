@@ -186,7 +186,10 @@ def read_char_tasks(path: str, source: str, encoding: str = "utf-8") -> Iterator
 READERS = {"alpaca": read_alpaca, "belle": read_alpaca, "medical": read_alpaca, "huatuo": read_huatuo,
            "disc": read_disc, "chatmed": read_chatmed, "idioms": read_idiom_tasks, "dictionary": read_char_tasks}
 BUILTIN = {"idioms": ("idioms", "idioms/idioms.json"), "dictionary": ("dictionary", "dictionary/dictionary.json"),
-           "alpaca_demo": ("alpaca", "sft_demo/alpaca_zh_demo.json")}
+           "alpaca_demo": ("alpaca", "sft_demo/alpaca_zh_demo.json"),
+           # from the Hugging Face hub (hub.py)
+           "alpaca_zh": ("alpaca", "alpaca_zh/alpaca_gpt4_data_zh.json"),
+           "belle": ("belle", "belle/Belle_open_source_1M.json")}
 
 
 def iter_samples(cfg: Config) -> Iterator[Sample]:

@@ -156,3 +156,64 @@ def test_clean_texts_equals_clean_text_one_by_one():
     assert clean_texts(texts) == [clean_text(t) for t in texts]
     assert clean_texts([]) == []
     assert clean_text("坏\ud800代理\udfff对") == "坏代理对"
+
+
+def write_parquet(path, rows: int, row_group: int, chars: int, seed: int = 0) -> None:
+    """rows documents of `chars` random CJK characters each (incompressible), row_group rows at a time."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(seed)
+    alphabet = np.frombuffer("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能"
+                             .encode(), dtype=np.uint8).reshape(-1, 3)  # 3 bytes each in UTF-8
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    with pq.ParquetWriter(path, schema, compression="none") as writer:
+        for start in range(0, rows, row_group):
+            n = min(row_group, rows - start)
+            data = alphabet[rng.integers(0, len(alphabet), n * chars)].tobytes()
+            offsets = np.arange(n + 1, dtype=np.int32) * (3 * chars)
+            texts = pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data))
+            writer.write_table(pa.table({"id": np.arange(start, start + n), "text": texts}, schema=schema))
+
+
+def test_parquet_is_read_a_row_group_at_a_time_with_the_same_documents(tmp_path):
+    import pandas as pd
+    path = tmp_path / "shards.parquet"
+    write_parquet(path, rows=5000, row_group=700, chars=50)
+    whole = pd.read_parquet(path, columns=["text"])["text"].tolist()
+    streamed = docs_of(f"parquet:{path}:text")
+    assert [d.text for d in streamed] == whole and streamed[-1].where.endswith(":row 5000")
+
+
+PEAK_RSS = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from corpora import parse_input, read_input
+docs = read_input(parse_input("parquet:" + sys.argv[2] + ":text"))
+first = next(docs)  # everything imported and the file opened
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+n, chars = 1, len(first.text)
+for doc in docs:
+    n, chars = n + 1, chars + len(doc.text)
+print(n, chars, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_parquet_file_larger_than_the_memory_bound_streams(tmp_path):
+    """A 1.2 GB parquet file (row groups of 15 MB) is read with less than 256 MiB more memory than reading its
+    first row takes."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    path = tmp_path / "big.parquet"
+    write_parquet(path, rows=2_000_000 // 5, row_group=5_000, chars=1000)  # 400k rows of 1,000 CJK chars
+    size = os.path.getsize(path)
+    assert size > 1_000_000_000
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, ROOT, str(path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows, chars, first_mib, peak_mib = map(int, result.stdout.split())
+    assert rows == 400_000 and chars == 400_000_000
+    assert peak_mib - first_mib < 256, f"peak RSS {peak_mib} MiB ({first_mib} after the first row)"
