@@ -182,7 +182,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (no usage block), exit status 2."""
 
     def error(self, message: str) -> typing.NoReturn:
@@ -196,7 +196,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
     exist yet: a pipeline's later stages read what its earlier ones write)."""
     hints = typing.get_type_hints(cls, include_extras=True)
     comments = _field_comments(cls)
-    parser = _OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", metavar="config.py",
                         help="config files (Python assignments) applied in order before the flags")
     names = [f.name for f in dataclasses.fields(cls)]

@@ -36,7 +36,7 @@ HUB_SOURCES: dict[str, HubSource] = {
                               "wikipedia", "cc-by-sa-3.0"),
     "medical": HubSource("shibing624/medical", ("pretrain/train_encyclopedia.json", "pretrain/medical_book_zh.json"),
                          "medical", "apache-2.0"),
-    "alpaca_zh": HubSource("shibing624/alpaca-zh", ("alpaca_gpt4_data_zh.json",), "alpaca", "cc-by-4.0"),
+    "alpaca_zh": HubSource("shibing624/alpaca-zh", ("alpaca_gpt4_data_zh.json",), "alpaca", "cc-by-nc-4.0"),
     "belle": HubSource("BelleGroup/train_1M_CN", ("Belle_open_source_1M.json",), "belle", "gpl-3.0"),
 }
 

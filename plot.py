@@ -17,6 +17,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from configurator import OneLineParser  # noqa: E402
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 def read_metrics(path: str) -> list[dict]:
     file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
@@ -74,10 +83,10 @@ def plot(runs: list[str], out: str, smooth: int, metric: str = "loss", x: str = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
     parser.add_argument("--out", default=None, help="PNG path (default: <first run>/<metric>.png)")
-    parser.add_argument("--smooth", type=int, default=20, help="moving average window for the train curve")
+    parser.add_argument("--smooth", type=positive_int, default=20, help="moving average window for the train curve")
     parser.add_argument("--metric", default="loss", help="a field of metrics.jsonl: loss, reward, margin, ...")
     parser.add_argument("--x", default="tokens", choices=["tokens", "step"], help="the horizontal axis")
     args = parser.parse_args(argv)

@@ -41,6 +41,7 @@ from configurator import (
     OutputDir,
     Positive,
     PositiveFloat,
+    one_of,
     parse_config,
 )
 from distributed import Dist, all_reduce_max, all_reduce_mean, setup_distributed, teardown
@@ -48,15 +49,24 @@ from precision import autocast, measure_peak_flops, resolve_dtype
 
 # ------------------------------------------------------------------ schedule and optimizer
 
-def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup over warmup_steps optimizer steps, then cosine decay that reaches min_lr at the
-    last step (max_steps - 1)."""
+STABLE_SHARE = 0.8  # warmup-stable-decay: the share of the steps after warmup at the peak rate
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int, shape: str = "cosine") -> float:
+    """Linear warmup over warmup_steps optimizer steps, then a decay that reaches min_lr at the last step
+    (max_steps - 1): cosine, linear, or wsd (the peak rate, then linear over the last fifth)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= max_steps - 1:
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - 1 - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+    if shape == "linear":
+        left = 1.0 - progress
+    elif shape == "wsd":
+        left = min(1.0, (1.0 - progress) / (1.0 - STABLE_SHARE))
+    else:
+        left = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + left * (lr - min_lr)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -159,7 +169,8 @@ class TrainConfig:
     max_steps: NonNegative = 0  # optimizer steps (the LR schedule counts these); 0: epochs passes over the data
     epochs: PositiveFloat = 1.0  # passes over the data, when max_steps is 0
     lr: PositiveFloat = 3e-4  # peak learning rate
-    min_lr: NonNegativeFloat = 3e-5  # learning rate at the end of the cosine decay
+    min_lr: NonNegativeFloat = 3e-5  # learning rate at the end of the decay
+    lr_schedule: one_of("cosine", "linear", "wsd") = "cosine"  # the decay after warmup (wsd: flat, then linear)
     warmup_steps: NonNegative = 20  # optimizer steps of linear warmup
     weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay of the matrices (never of norms and biases)
     beta1: Fraction = 0.9
@@ -273,7 +284,7 @@ class Trainer:
         """One optimizer step over the micro-batches (gradient accumulation); loss_fn(model, batch)
         returns the mean loss of one micro-batch, or (loss, {name: float}) with metrics to log."""
         s = self.cfg
-        lr = cosine_lr(self.step, s.lr, s.min_lr, self.warmup_steps, self.max_steps)
+        lr = lr_at(self.step, s.lr, s.min_lr, self.warmup_steps, self.max_steps, s.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = list(micro_batches)

@@ -168,6 +168,14 @@ def test_the_same_from_the_command_line(script, bad, user_files):
     assert snapshot(user_files["home"]) == before
 
 
+@pytest.mark.parametrize("args,names", [(["{dir}"], "no metrics at"), (["{dir}", "--smooth=0"], "--smooth"),
+                                        (["{dir}", "--x=time"], "--x")])
+def test_plot_errors_are_one_line(args, names, user_files):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), *[a.format(**user_files) for a in args]],
+                            capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result.returncode, result.stderr, names)
+
+
 def test_chat_set_answers_a_bad_value_in_one_line_and_goes_on(user_files):
     commands = "\n".join(["/set max_new_tokens=-1", "/set temperature=nan", "/set repetition_penalty=0",
                           "/set top_p=2", "/set temperature=-0.5", "/set top_k=x", "/set top_k=5", "/settings"])
