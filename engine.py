@@ -74,10 +74,6 @@ class Engine:
             self.waiting.append(request)
             self.wake.notify()
 
-    def busy(self) -> int:
-        """Requests active or waiting."""
-        return len(self.active) + len(self.waiting)
-
     def _loop(self) -> None:
         while True:
             with self.wake:

@@ -131,5 +131,5 @@ def _still_there(target: str, record_path: str) -> bool:
     """SOURCE.json's files are all there with their sizes (a cheap check; the hashes were checked then)."""
     with open(record_path, encoding="utf-8") as f:
         record = json.load(f)
-    return all(os.path.getsize(os.path.join(target, e["path"])) == e["size"]
-               if os.path.isfile(os.path.join(target, e["path"])) else False for e in record["files"])
+    paths = [(os.path.join(target, e["path"]), e["size"]) for e in record["files"]]
+    return all(os.path.isfile(path) and os.path.getsize(path) == size for path, size in paths)

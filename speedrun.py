@@ -82,7 +82,6 @@ def score(ckpt: str, data: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv, __doc__)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer, data, times = prepare(cfg)
     run_dir = os.path.join(cfg.work_dir, "runs", cfg.name or time.strftime("%Y%m%d-%H%M%S"))
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):

@@ -89,7 +89,7 @@ def test_requests_that_join_and_leave_get_what_they_get_alone(model):
         text, end = wait_end(events)
         assert request.out == want and end.finish == "length" and end.tokens == len(want)
         assert text == Tok().decode(want)  # the streamed pieces spell the whole answer
-    assert engine.busy() == 0 and engine.cache.n == 0
+    assert not engine.active and not engine.waiting and engine.cache.n == 0
 
 
 def test_a_cancelled_request_frees_its_row(model):
