@@ -25,7 +25,7 @@ class Config:
     out_dir: OutputDir = "out"  # checkpoints, evaluations and plots go under it
     sft_dir: OutputDir = "sft_data"  # instruction data
     vocab_size: in_range(260, 65535, int) = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
-    pretrain_steps: Positive = 1000  # at most this many optimizer steps of 4,096 tokens
+    pretrain_steps: Positive = 2000  # at most this many optimizer steps of 4,096 tokens
     sft_steps: Positive = 1000  # at most this many SFT optimizer steps of 16 samples
     rm_steps: Positive = 400  # at most this many reward-model steps of 16 pairs
     dpo_steps: Positive = 250  # at most this many DPO steps of 16 pairs

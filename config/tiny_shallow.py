@@ -1,4 +1,5 @@
-# The speedrun's model (speedrun.py, BENCHMARKS.md): tiny's vocabulary in 3 layers of 256 instead of 6 of 288.
+# The demo's and the speedrun's model (config/pretrain_tiny.py, BENCHMARKS.md): tiny's vocabulary in 3 layers
+# of 256 instead of 6 of 288.
 # On a 10-minute CPU budget fewer, narrower layers take more steps and learn more (the ablation table).
 dim = 256
 n_layers = 3
