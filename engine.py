@@ -1,8 +1,9 @@
 """Continuous batching: one thread owns the model and decodes every active request in one batch.
 
-A request joins at the next step (its prompt prefilled into a free row of the KV cache) and leaves as
-soon as it ends (eos, a stop string, its token limit) or its client goes away, freeing its row. Each
-keeps its own sampling settings. Requests beyond max_batch wait in arrival order. At batch 1 decoding
+A new request is prefilled at once, between two layers of the step that is running, and gets its first
+token there; it takes a free row of the KV cache when that step ends. It leaves as soon as it ends (eos,
+a stop string, its token limit) or its client goes away, freeing its row. Each keeps its own sampling
+settings. Requests beyond max_batch wait in arrival order. At batch 1 decoding
 is bound by reading the weights, so a batch of rows costs little more per step than one row: this is
 where serving many users at once gets its throughput (BENCHMARKS.md).
 
@@ -60,6 +61,7 @@ class Engine:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[row] is the request in that row of the cache
+        self.joining: list[tuple[Request, KVCache]] = []  # prefilled, to take the next free rows
         self.wake = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name="decode", daemon=True)
         self.thread.start()
@@ -83,16 +85,23 @@ class Engine:
                 if self.active:
                     self._step()
             except Exception as e:  # never leave a client waiting forever: end every request with the error
-                for request in self.active + list(self.waiting):
+                for request in self.active + [r for r, _ in self.joining] + list(self.waiting):
                     request.emit(Event(f"[server error: {type(e).__name__}: {e}]", "error", len(request.out)))
                 self.active.clear()
+                self.joining.clear()
                 self.waiting.clear()
                 self.cache.n = 0
 
-    @torch.inference_mode()
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, in arrival order; each gets its first token."""
-        while self.waiting and len(self.active) < self.cache.slots:
+        """Prefill waiting requests into free rows, in arrival order."""
+        self._prefill_waiting()
+        self._join()
+
+    @torch.inference_mode()
+    def _prefill_waiting(self) -> None:
+        """Prefill waiting requests (as many as rows are free) and give each its first token at once;
+        those it does not end go to self.joining, to take a row when no step is running."""
+        while self.waiting and len(self.active) + len(self.joining) < self.cache.slots:
             with self.wake:
                 request = self.waiting.popleft()
             if request.cancelled:
@@ -101,10 +110,17 @@ class Engine:
             ids = request.ids
             prefill = KVCache(self.model.args, 1, len(ids), self.freqs_device, self.cache.k[0].dtype)
             hidden = self.model.hidden(torch.tensor([ids], device=self.freqs_device), cache=prefill)
-            logits = self.model.next_token_logits(hidden[:, -1])
+            finish = self._extend(request, self._sample(self.model.next_token_logits(hidden[:, -1]), [request])[0])
+            if finish:
+                request.emit(Event(finish=finish, tokens=len(request.out)))
+            else:
+                self.joining.append((request, prefill))
+
+    def _join(self) -> None:
+        for request, prefill in self.joining:
             self.cache.add(prefill)
             self.active.append(request)
-            self._accept([request], self._sample(logits, [request]))
+        self.joining.clear()
 
     @property
     def freqs_device(self) -> torch.device:
@@ -112,13 +128,21 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self) -> None:
-        """One token for every active request."""
+        """One token for every active request. A request that arrives meanwhile is prefilled between two
+        layers, so its first token need not wait for the step to end; it joins the batch after it."""
         self._drop([row for row, r in enumerate(self.active) if r.cancelled], "cancelled")
         if not self.active:
             return
+
+        def between_layers() -> None:
+            if self.waiting:
+                self._prefill_waiting()
         last = torch.tensor([[r.out[-1]] for r in self.active], device=self.freqs_device)
-        logits = self.model.next_token_logits(self.model.hidden(last, cache=self.cache)[:, -1])
+        hidden = self.model.hidden(last, cache=self.cache, between_layers=between_layers)
+        between_layers()
+        logits = self.model.next_token_logits(hidden[:, -1])
         self._accept(list(self.active), self._sample(logits, self.active))
+        self._join()
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """One token per row, each row with its request's temperature and top_p (0 temperature: greedy)."""

@@ -36,6 +36,10 @@ HUB_SOURCES: dict[str, HubSource] = {
                               "wikipedia", "cc-by-sa-3.0"),
     "medical": HubSource("shibing624/medical", ("pretrain/train_encyclopedia.json", "pretrain/medical_book_zh.json"),
                          "medical", "apache-2.0"),
+    # mC4's Chinese part (the seed's C4_zh): 4 of its 1,024 training shards, JSON lines in gzip, at the commit
+    # that added the multilingual set (later commits renamed its files).
+    "c4_zh": HubSource("allenai/c4", tuple(f"multilingual/c4-zh.tfrecord-{i:05d}-of-01024.json.gz" for i in range(4)),
+                       "c4", "odc-by", revision="1ddc917116b730e1859edef32896ec5c16be51d0"),
     "alpaca_zh": HubSource("shibing624/alpaca-zh", ("alpaca_gpt4_data_zh.json",), "alpaca", "cc-by-nc-4.0"),
     "belle": HubSource("BelleGroup/train_1M_CN", ("Belle_open_source_1M.json",), "belle", "gpl-3.0"),
 }

@@ -286,8 +286,9 @@ class Transformer(nn.Module):
         return logits, loss
 
     def hidden(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache | None = None,
-               pad_left: torch.Tensor | None = None) -> torch.Tensor:
-        """The final normalised hidden states (B, T, dim), before the output projection."""
+               pad_left: torch.Tensor | None = None, between_layers: Callable[[], None] | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, dim), before the output projection. between_layers is
+        called after each layer (the serving engine prefills new requests there rather than after a step)."""
         B, T = tokens.shape
         if isinstance(cache, SlotKVCache):  # one new token for each active row, at its own position
             cos, sin, mask = cache.positions(self.freqs_cos, self.freqs_sin)
@@ -299,6 +300,8 @@ class Transformer(nn.Module):
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)
+            if between_layers is not None:
+                between_layers()
         if cache is not None:
             cache.advance(T)
         return self.norm(h)

@@ -45,6 +45,7 @@ from configurator import (
     parse_config,
 )
 from distributed import Dist, all_reduce_max, all_reduce_mean, setup_distributed, teardown
+from muon import MuonAdamW
 from precision import autocast, measure_peak_flops, resolve_dtype
 
 # ------------------------------------------------------------------ schedule and optimizer
@@ -70,17 +71,20 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device: str) -> torch.optim.AdamW:
-    """AdamW; matrices decay, norms and biases do not; the fused kernel on CUDA, CPU and Apple GPUs
-    (on a CPU many times faster than the default foreach kernels)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    seen, decay, no_decay = set(), [], []
-    for p in params:
-        if id(p) in seen:  # the tied embedding appears once
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+                   device: str, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (the fused kernel on CUDA, CPU and Apple GPUs: on a CPU many times faster than the foreach
+    kernels), or with kind="muon" Muon for the blocks' weight matrices and AdamW for the rest (muon.py).
+    Matrices decay, norms and biases do not. The groups keep the parameters' order, which checkpoints of
+    the optimizer's state rely on."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # a tied embedding once
+    matrices, no_decay = [(n, p) for n, p in named if p.dim() >= 2], [p for _, p in named if p.dim() < 2]
+    if kind == "muon":
+        groups = [{"params": [p for n, p in matrices if n.startswith("layers.")], "muon": True},
+                  {"params": [p for n, p in matrices if not n.startswith("layers.")]}]
+        groups = [{**g, "weight_decay": weight_decay} for g in groups] + [{"params": no_decay, "weight_decay": 0.0}]
+        return MuonAdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    groups = [{"params": [p for _, p in matrices], "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     fused = torch.device(device).type in ("cuda", "cpu", "mps")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
@@ -172,7 +176,8 @@ class TrainConfig:
     min_lr: NonNegativeFloat = 3e-5  # learning rate at the end of the decay
     lr_schedule: one_of("cosine", "linear", "wsd") = "cosine"  # the decay after warmup (wsd: flat, then linear)
     warmup_steps: NonNegative = 20  # optimizer steps of linear warmup
-    weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay of the matrices (never of norms and biases)
+    weight_decay: NonNegativeFloat = 0.0  # decoupled weight decay of the matrices (never of norms and biases)
+    optimizer: one_of("adamw", "muon") = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
     beta1: Fraction = 0.9
     beta2: Fraction = 0.95
     grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping
@@ -225,12 +230,15 @@ class Trainer:
     budget; max_steps overrides cfg.max_steps (a stage that counts epochs)."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, dist: Dist, max_steps: int = 0):
+        if cfg.optimizer == "muon" and cfg.fsdp:
+            raise SystemExit("error: --optimizer=muon needs each matrix whole; it cannot be combined with --fsdp")
         self.cfg, self.dist = cfg, dist
         self.max_steps, self.warmup_steps = max_steps or cfg.max_steps, cfg.warmup_steps
         self.dtype, self.precision = resolve_dtype(cfg.dtype, dist.device)
         self.raw_model = model.to(dist.device)
         self.model = self._wrap(self.raw_model)
-        self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device)
+        self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device,
+                                        cfg.optimizer)
         # A loss scaler only for float16: bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(dist.device.split(":")[0], enabled=self.dtype == "float16")
         self.step = 0

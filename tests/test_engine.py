@@ -92,6 +92,34 @@ def test_requests_that_join_and_leave_get_what_they_get_alone(model):
     assert not engine.active and not engine.waiting and engine.cache.n == 0
 
 
+def test_a_request_arriving_mid_step_gets_its_first_token_before_the_step_ends(model, monkeypatch):
+    """It is prefilled between two layers of the running step (its time to the first token does not
+    include the rest of the step), then joins the batch and gets what it gets alone."""
+    engine = Engine(model, Tok(), max_batch=2)
+    order: list[tuple[str, Event | None]] = []
+    first_ids, second_ids = prompts(2)
+    first = Request(first_ids, Sampling(max_tokens=12), lambda e: order.append(("first", e)))
+    second = Request(second_ids, Sampling(max_tokens=5), lambda e: order.append(("second", e)))
+    layer = model.layers[0]
+    forward = layer.forward
+
+    def arrives_during_a_step(x, *rest):
+        if x.shape[1] == 1 and len(first.out) == 4 and not any(who == "step" for who, _ in order):
+            order.append(("step", None))
+            engine.submit(second)
+        return forward(x, *rest)
+    monkeypatch.setattr(layer, "forward", arrives_during_a_step)
+    engine.submit(first)
+    deadline = time.time() + 60
+    while sum(1 for _, e in order if e is not None and e.finish) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    marker = [who for who, _ in order].index("step")
+    assert order[marker + 1][0] == "second" and order[marker + 1][1].text  # before the step's own token
+    assert first.out == model.generate([first_ids], 12, eos_id=None)[0]
+    assert second.out == model.generate([second_ids], 5, eos_id=None)[0]
+    assert not engine.active and not engine.joining and engine.cache.n == 0
+
+
 def test_a_cancelled_request_frees_its_row(model):
     engine = Engine(model, Tok(), max_batch=1)
     first, first_events = collect(engine, [5, 6, 7], Sampling(max_tokens=90))

@@ -2,6 +2,7 @@
 URL layout, so that huggingface_hub's own code runs, pointed at it by HF_ENDPOINT: a download, an
 interrupted one resumed, a corrupted file found by its hash, an endpoint that cannot be reached. No test
 touches the internet."""
+import gzip
 import hashlib
 import json
 import os
@@ -98,13 +99,16 @@ class Handler(BaseHTTPRequestHandler):
 
 WIKI = json.dumps([{"completion": f"第{i}篇百科条目，内容是关于中国历史与文化的介绍。" * 20} for i in range(300)],
                   ensure_ascii=False).encode()
+C4_SHARDS = {f"multilingual/c4-zh.tfrecord-{i:05d}-of-01024.json.gz": gzip.compress("".join(
+    json.dumps({"text": f"第{i}个分片的第{j}篇网页，讲的是城市里的新鲜事和生活常识。" * 5, "url": "http://x"},
+               ensure_ascii=False) + "\n" for j in range(50)).encode()) for i in range(4)}
 ALPACA = json.dumps([{"instruction": "你好", "input": "", "output": "你好！"}], ensure_ascii=False).encode()
 
 
 @pytest.fixture
 def hub():
     server = FakeHub({"pleisto/wikipedia-cn-20230720-filtered": {"wikipedia-cn-20230720-filtered.json": WIKI},
-                      "shibing624/alpaca-zh": {"alpaca_gpt4_data_zh.json": ALPACA}})
+                      "shibing624/alpaca-zh": {"alpaca_gpt4_data_zh.json": ALPACA}, "allenai/c4": C4_SHARDS})
     yield server
     server.shutdown()
 
@@ -185,11 +189,21 @@ def test_an_unreachable_endpoint_is_one_line_naming_it_and_the_mirror(tmp_path):
     assert "--mirror=" in lines[0] and "HF_ENDPOINT" in lines[0]
 
 
-def test_data_process_takes_a_hub_source_by_name(hub, tmp_path, small_tokenizer):
-    assert download(tmp_path, "--sources=wikipedia_cn", endpoint=hub.url).returncode == 0
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "data_process.py"), "--sources=wikipedia_cn",
-                             f"--raw_dir={tmp_path}", f"--tokenizer={small_tokenizer}", f"--out_dir={tmp_path / 'out'}",
-                             "--workers=0"], capture_output=True, text=True, timeout=120)
+def test_data_process_takes_hub_sources_by_name(hub, tmp_path, small_tokenizer):
+    assert download(tmp_path, "--sources=wikipedia_cn,c4_zh", endpoint=hub.url).returncode == 0
+
+    def process(out: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, os.path.join(ROOT, "data_process.py"), "--sources=wikipedia_cn,c4_zh",
+                               f"--raw_dir={tmp_path}", f"--tokenizer={small_tokenizer}", f"--out_dir={tmp_path / out}",
+                               "--workers=0"], capture_output=True, text=True, timeout=120)
+    result = process("out")
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["sources"]["wikipedia_cn"]["read"] == 300
+    assert meta["sources"]["wikipedia_cn"]["read"] == 300 and meta["sources"]["c4_zh"]["read"] == 4 * 50
+    # A download that did not finish (no SOURCE.json; a .part may be lying there) is not read as a corpus.
+    (tmp_path / "c4_zh" / "SOURCE.json").unlink()
+    result = process("out2")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the download of c4_zh into {tmp_path / 'c4_zh'} is not complete (no SOURCE.json): run "
+        "`python download_data.py --sources=c4_zh` again")

@@ -171,3 +171,26 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path, small_
     from common import remove_stale_temps
     assert remove_stale_temps(str(out), ["ckpt*.pt"]) == [str(out / f"ckpt_0000010.pt.tmp{dead}")]
     assert sorted(os.listdir(out)) == sorted(kept + ["train.bin", "val.bin", "meta.json"])
+
+
+def test_gzip_json_lines_are_read_as_they_decompress_and_a_truncated_one_is_one_line(tmp_path, small_tokenizer):
+    """C4's shards are .json.gz: read like the plain file; a download cut short names the file, once."""
+    import gzip
+    body = "\n".join(json.dumps({"text": t, "url": "http://x"}, ensure_ascii=False) for t in TEXTS * 50) + "\n"
+    plain = write(tmp_path / "c4.jsonl", body)
+    packed = tmp_path / "c4-zh.tfrecord-00000-of-01024.json.gz"
+    packed.write_bytes(gzip.compress(body.encode()))
+    assert [d.text for d in docs("c4", str(packed))] == [d.text for d in docs("c4", plain)]
+    assert parse_input(str(packed)).fmt == "json"  # the extension under .gz decides
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(packed.read_bytes()[:len(packed.read_bytes()) // 2])
+    assert parse_input(str(cut)).fmt == "jsonl"
+    with pytest.raises(CorpusError, match=f"{cut}: damaged or truncated gzip file"):
+        docs("c4", str(cut))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "data_process.py"), "--sources=",
+                             f"--inputs=c4:{cut}", f"--out_dir={tmp_path / 'out'}", f"--tokenizer={small_tokenizer}"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "cut.jsonl.gz: damaged or truncated gzip file" in last
+    assert not (tmp_path / "out" / "train.bin").exists()

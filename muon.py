@@ -1,0 +1,85 @@
+"""Muon for the transformer's weight matrices, AdamW for everything else, in one optimizer.
+
+Muon (Keller Jordan, 2024) keeps a momentum of each matrix's gradient and steps along its nearest
+semi-orthogonal matrix (all singular values ~1), found by a few Newton-Schulz iterations: every
+direction of the update moves as much, instead of the few largest ones dominating. The step is scaled
+to the RMS an AdamW step would have (0.2 * sqrt(max(rows, cols))), so `--lr` and `--weight_decay` mean
+the same for both kinds of parameter. Embeddings, the output layer, norms and biases stay on AdamW.
+
+The iterations run in float32: a bfloat16 matmul is far slower than float32 on CPUs without native
+bf16 instructions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # a quintic tuned for speed over exactness (Muon's own)
+NEWTON_SCHULZ_STEPS = 5
+
+
+def orthogonalize(grad: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
+    """An approximation of U V^T where grad = U S V^T: singular values end near 1 (between about 0.7 and 1.2)."""
+    a, b, c = NEWTON_SCHULZ
+    x = grad.float()
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(grad.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups with muon=True take Muon steps (momentum, Nesterov), the others AdamW steps; lr,
+    weight_decay and betas as torch.optim.AdamW. One optimizer, so checkpoints and resumes are unchanged."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], weight_decay: float = 0.0,
+                 momentum: float = 0.95, eps: float = 1e-8):
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "momentum": momentum, "eps": eps,
+                    "muon": False}
+        super().__init__(groups, defaults)
+        for group in self.param_groups:
+            if group["muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon steps only matrices")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["muon"]:
+                    self._muon(p, group)
+                else:
+                    self._adamw(p, group)
+        return loss
+
+    def _muon(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        momentum = state["momentum"]
+        momentum.lerp_(p.grad, 1 - group["momentum"])
+        direction = orthogonalize(p.grad.lerp(momentum, group["momentum"]))  # Nesterov
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(direction, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+
+    def _adamw(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        t = float(state["step"])
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))

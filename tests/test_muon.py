@@ -1,0 +1,99 @@
+import io
+
+import pytest
+import torch
+
+from distributed import Dist
+from model import ModelArgs, Transformer
+from muon import MuonAdamW, orthogonalize
+from trainer import TrainConfig, Trainer, make_optimizer
+
+ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, multiple_of=16)
+
+
+def fresh_model(seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(**ARGS))
+
+
+def batch(seed, n=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50, (n, 16), generator=g)
+    return x, torch.roll(x, -1, 1)
+
+
+def loss_fn(model, b):
+    return model(b[0], b[1])[1]
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32)])
+def test_orthogonalize_brings_every_singular_value_near_one(shape):
+    g = torch.Generator().manual_seed(0)
+    # A badly conditioned gradient: singular values from 1e-3 to 10.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g))
+    k = min(shape)
+    s = torch.logspace(-3, 1, k)
+    grad = u[:, :k] @ torch.diag(s) @ v[:k, :]
+    out = orthogonalize(grad)
+    assert out.shape == grad.shape
+    sv = torch.linalg.svdvals(out)
+    # Every direction at least 1% of the largest ends between about 0.7 and 1.2 (the quintic trades exactness
+    # for speed); the tiniest stay smaller after 5 steps.
+    assert sv[s.flip(0) >= 0.1].min() > 0.6 and sv.max() < 1.25
+    # The same singular vectors: U^T out V is diagonal (out = U f(S) V^T), and f never falls to zero.
+    core = u[:, :k].T @ out @ v[:k, :].T
+    assert (core - torch.diag(core.diag())).norm() < 1e-4 * core.norm() and bool((core.diag() > 0.01).all())
+
+
+def test_the_adamw_part_equals_torch_adamw():
+    a, b = fresh_model(), fresh_model()
+    ours = MuonAdamW([{"params": list(a.parameters()), "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95))
+    torchs = torch.optim.AdamW(list(b.parameters()), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for i in range(4):
+        for model, opt in ((a, ours), (b, torchs)):
+            opt.zero_grad()
+            loss_fn(model, batch(i)).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_a_muon_step_moves_each_matrix_by_an_adamw_sized_step():
+    model = fresh_model()
+    opt = make_optimizer(model, 1e-2, 0.0, (0.9, 0.95), "cpu", "muon")
+    muon, adamw, no_decay = opt.param_groups
+    assert muon["muon"] and all(p.dim() == 2 for p in muon["params"]) and len(muon["params"]) == 2 * 7
+    assert adamw["params"] == [model.tok_embeddings.weight] and no_decay["weight_decay"] == 0.0
+    before = {p: p.detach().clone() for p in muon["params"]}
+    loss_fn(model, batch(0)).backward()
+    grads = {p: p.grad.clone() for p in muon["params"]}
+    opt.step()
+    for p, old in before.items():
+        step = p.detach() - old
+        # First step: the Nesterov momentum is a multiple of the gradient, and the direction is scale-free.
+        expected = -1e-2 * 0.2 * max(p.shape) ** 0.5 * orthogonalize(grads[p])
+        assert torch.allclose(step, expected, rtol=0, atol=0.01 * float(expected.abs().max()))
+        assert 0.12 < step.pow(2).mean().sqrt() / 1e-2 < 0.25
+
+
+def test_muon_trains_and_resumes_identically():
+    cfg = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=30, weight_decay=0.1, dtype="float32",
+                      optimizer="muon")
+    a = Trainer(fresh_model(), cfg, Dist())
+    first = a.train_step([batch(0, 16)], loss_fn).loss
+    for i in range(1, 20):
+        a.train_step([batch(i % 4, 16)], loss_fn)
+    assert a.train_step([batch(0, 16)], loss_fn).loss < first - 0.3
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    b = Trainer(fresh_model(seed=9), cfg, Dist())
+    b.load_state_dict(torch.load(buffer, weights_only=False))
+    for i in range(3):
+        assert a.train_step([batch(i, 4)], loss_fn).loss == b.train_step([batch(i, 4)], loss_fn).loss
+
+
+def test_muon_is_refused_with_fsdp():
+    with pytest.raises(SystemExit, match="--optimizer=muon .* --fsdp"):
+        Trainer(fresh_model(), TrainConfig(optimizer="muon", fsdp=True, dtype="float32"), Dist())
