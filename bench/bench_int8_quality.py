@@ -22,7 +22,8 @@ DEMO = "out/pretrain/ckpt.pt,out/sft/ckpt.pt,out/dpo/ckpt.pt,out/grpo/ckpt.pt"
 def run(script: str, *flags: str) -> None:
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"error: {script} {' '.join(flags)} failed: {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise SystemExit(f"error: {script} {' '.join(flags)} failed: {last}")
 
 
 def measure(ckpt: str, args: argparse.Namespace, quantize: str, folder: str) -> tuple[float, list[str]]:
