@@ -233,6 +233,30 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+INITS = ("seed", "gpt2", "zero")
+
+
+def init_residual_projections(model: Transformer, scheme: str) -> None:
+    """The starting weights of the matrices that write into the residual stream (the rest: normal, std 0.02).
+    seed: GPT-2's smaller std, 0.02/sqrt(2 n_layers), given as llama2.c and the seed give it, to wo and to w3
+    (the feed-forward's linear branch; its residual projection is w2); runs match the seed's.
+    gpt2: that std for wo and w2, the two residual projections. zero: wo and w2 start at zero, so each block
+    starts as the identity (modded-nanogpt's choice)."""
+    if scheme not in INITS:
+        raise ValueError(f"unknown init {scheme!r}; expected one of {', '.join(INITS)}")
+    small = 0.02 / math.sqrt(2 * model.args.n_layers)
+    stds = {"seed": {"wo": small, "w3": small},  # w2 left as drawn
+            "gpt2": {"wo": small, "w2": small, "w3": 0.02}, "zero": {"wo": 0.0, "w2": 0.0, "w3": 0.02}}[scheme]
+    for layer in model.layers:
+        weights = {"wo": layer.attention.wo.weight, "w2": layer.feed_forward.w2.weight,
+                   "w3": layer.feed_forward.w3.weight}
+        for name, std in stds.items():
+            if std:
+                nn.init.normal_(weights[name], mean=0.0, std=std)
+            else:
+                nn.init.zeros_(weights[name])
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -247,11 +271,7 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # GPT-2's smaller init for residual projections, applied as llama2.c and the seed do: to wo and to
-        # w3 (the feed-forward's linear branch; its residual projection is w2). Kept so runs match the seed's.
-        for name, p in self.named_parameters():
-            if name.endswith(("wo.weight", "w3.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+        init_residual_projections(self, "seed")
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -22,10 +22,20 @@ import torch
 from chatglm_tokenizer import load_tokenizer
 from checkpoint import load_model
 from common import print0
-from configurator import Fraction, InputFile, NonNegative, NonNegativeFloat, OutputDir, Positive, PositiveFloat, SeqLen
+from configurator import (
+    Fraction,
+    InputFile,
+    NonNegative,
+    NonNegativeFloat,
+    OutputDir,
+    Positive,
+    PositiveFloat,
+    SeqLen,
+    one_of,
+)
 from dataset import PretrainDataset, bin_files, check_tokenizer
 from distributed import Dist
-from model import ModelArgs, Transformer, model_args_from_preset
+from model import INITS, ModelArgs, Transformer, init_residual_projections, model_args_from_preset
 from trainer import TrainConfig, fit, run_stage, start_run, validation_loss
 
 
@@ -38,6 +48,7 @@ class Config(TrainConfig):
     max_seq_len: SeqLen = 0  # 0 keeps the preset's
     dropout: Fraction = 0.0
     init_from: InputFile = ""  # start from these weights: our ckpt.pt or the seed's .pth
+    init: one_of(*INITS) = "seed"  # starting weights of the residual projections (model.init_residual_projections)
     batch_size: Positive = 16  # windows per micro-step in each process
     max_steps: NonNegative = 2000  # optimizer steps; the LR schedule is counted in these
     lr: PositiveFloat = 1e-3  # peak learning rate
@@ -83,6 +94,7 @@ def train(cfg: Config, dist: Dist) -> None:
     val = PretrainDataset(val_files, args.max_seq_len) if val_files else None
     chars_per_token = corpus_chars_per_token(val_files, "val") if val_files else None
     model = Transformer(args)
+    init_residual_projections(model, cfg.init)
     print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "
            f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice); "
            f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}", dist=dist)

@@ -199,18 +199,21 @@ def create_app(cfg: Config, server: "Server | None" = None):
 
         async def until_all_end() -> AsyncIterator[tuple[int, Event]]:
             """The events of the n jobs as they come; a client that goes away cancels them all."""
-            left = n
+            async def watch() -> None:  # polled on its own: while an answer is decoded, events never pause
+                while not await request.is_disconnected():
+                    await asyncio.sleep(1.0)
+                events.put_nowait((-1, None))
+
+            watcher, left = asyncio.create_task(watch()), n
             try:
                 while left:
-                    try:
-                        index, event = await asyncio.wait_for(events.get(), timeout=1.0)
-                    except TimeoutError:
-                        if await request.is_disconnected():
-                            return
-                        continue
+                    index, event = await events.get()
+                    if event is None:  # the client went away
+                        return
                     left -= event.finish is not None
                     yield index, event
             finally:
+                watcher.cancel()
                 for job in jobs:
                     job.cancel()
 

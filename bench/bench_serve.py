@@ -5,8 +5,9 @@
 
 For each model it starts serve.py (one process, --max_batch=16), then measures in the same run:
 aggregate generated tokens/s when the same requests come one after another and when 8 clients send them
-at once; the time to the first token (a one-token answer, median of 5) when the server is idle and while
-8 other clients are streaming long answers. Greedy decoding, so both ways generate the same tokens. A shape
+at once (--repeats pairs of the two, interleaved; the medians and each pair's ratio); the time to the first
+token (a one-token answer, median of 5) when the server is idle and while 8 other clients are streaming long
+answers. Greedy decoding, so both ways generate the same tokens. A shape
 without --ckpt gets random weights (its answers never end early); the vocabulary is the tokenizer's.
 """
 from __future__ import annotations
@@ -84,16 +85,19 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-def measure(server: Server, max_tokens: int, clients: int) -> dict:
+def measure(server: Server, max_tokens: int, clients: int, repeats: int) -> dict:
     server.ask(QUESTIONS[0], 8)  # warm up
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)]
-    began = time.perf_counter()
-    alone = sum(server.ask(q, max_tokens)[0] for q in questions)
-    alone_s = time.perf_counter() - began
-    began = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        together = sum(n for n, _, _ in pool.map(lambda q: server.ask(q, max_tokens), questions))
-    together_s = time.perf_counter() - began
+    alone, together, ratios = [], [], []
+    for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits both ways alike
+        began = time.perf_counter()
+        tokens = sum(server.ask(q, max_tokens)[0] for q in questions)
+        alone.append(tokens / (time.perf_counter() - began))
+        began = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            tokens = sum(n for n, _, _ in pool.map(lambda q: server.ask(q, max_tokens), questions))
+        together.append(tokens / (time.perf_counter() - began))
+        ratios.append(together[-1] / alone[-1])
     # The time to the first token: a one-token answer, whatever text that token makes.
     idle_ttft = statistics.median(server.ask(q, 1)[2] for q in QUESTIONS[:5])
     stop = threading.Event()
@@ -107,9 +111,9 @@ def measure(server: Server, max_tokens: int, clients: int) -> dict:
         time.sleep(2.0)  # all of them decoding
         busy_ttft = statistics.median(server.ask(q, 1)[2] for q in QUESTIONS[:5])
         stop.set()
-    return {"clients": clients, "tokens_alone": alone, "tokens_together": together,
-            "tokens_per_s_alone": alone / alone_s, "tokens_per_s_together": together / together_s,
-            "throughput_ratio": (together / together_s) / (alone / alone_s),
+    return {"clients": clients, "tokens_per_s_alone": statistics.median(alone),
+            "tokens_per_s_together": statistics.median(together), "throughput_ratio": statistics.median(ratios),
+            "throughput_ratios": ratios,
             "ttft_idle_ms": idle_ttft * 1e3, "ttft_busy_ms": busy_ttft * 1e3, "ttft_ratio": busy_ttft / idle_ttft}
 
 
@@ -128,6 +132,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="tiny,baby_92m", help="presets given random weights when no --ckpt")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max_tokens", type=int, default=64, help="tokens per answer in the throughput runs")
+    parser.add_argument("--repeats", type=int, default=5, help="pairs of throughput runs (medians reported)")
     parser.add_argument("--serve_flags", default="", help="extra serve.py flags, e.g. --quantize=int8")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
@@ -140,16 +145,16 @@ def main() -> None:
         for name, ckpt in models:
             server = Server(ckpt, args.tokenizer, args.serve_flags.split())
             try:
-                rows.append({"model": name, **measure(server, args.max_tokens, args.clients)})
+                rows.append({"model": name, **measure(server, args.max_tokens, args.clients, args.repeats)})
             finally:
                 server.close()
     machine = f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
     print(f"| model | tokens/s, 1 at a time | tokens/s, {args.clients} clients | ratio | first token idle (ms) | "
-          f"first token, {args.clients} busy (ms) | ratio |  ({machine})")
+          f"first token, {args.clients} busy (ms) | ratio | ratios of the {args.repeats} pairs |  ({machine})")
     for r in rows:
         print(f"| {r['model']} | {r['tokens_per_s_alone']:.1f} | {r['tokens_per_s_together']:.1f} | "
               f"{r['throughput_ratio']:.2f}x | {r['ttft_idle_ms']:.0f} | {r['ttft_busy_ms']:.0f} | "
-              f"{r['ttft_ratio']:.2f}x |")
+              f"{r['ttft_ratio']:.2f}x | {', '.join(f'{x:.2f}' for x in r['throughput_ratios'])} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "rows": rows}, f, indent=2)

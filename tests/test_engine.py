@@ -160,3 +160,26 @@ def test_a_long_prompt_is_refused_at_submit(model):
     done = threading.Event()
     engine.submit(Request([3] * 95, Sampling(max_tokens=4), lambda e: done.set() if e.finish else None))
     assert done.wait(10)  # one token of room: still answered
+
+
+class ByteTok:
+    """Byte-level pieces, as sentencepiece's byte fallback makes them: id b is the byte b, so a Chinese
+    character takes three ids and a window that ends inside one decodes to U+FFFD."""
+    eos_id = 256
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_streamed_text_is_whole_characters_that_spell_the_answer(model):
+    """Each emitted piece is whole characters (none cut inside its bytes), and the pieces of a long answer,
+    decoded a window at a time, spell exactly the decoding of all its tokens."""
+    engine = Engine(model, ByteTok(), max_batch=1)
+    answer = "小模型也能说完整的话。Hello, 世界!" * 3
+    pieces: list[str] = []
+    request = Request([1], Sampling(max_tokens=1000, stop=["不会出现"]), lambda e: pieces.append(e.text))
+    for byte in answer.encode():
+        assert engine._extend(request, byte) is None
+    assert engine._extend(request, ByteTok.eos_id) == "stop"
+    assert "".join(pieces) == answer and not any("\ufffd" in p for p in pieces)
+    assert len([p for p in pieces if p]) > len(answer) // 2  # streamed as it came, not all at the end

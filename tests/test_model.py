@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError, load_model
-from model import KVCache, ModelArgs, Transformer, apply_rope, model_args_from_preset, rope_tables, sample
+from model import (KVCache, ModelArgs, Transformer, apply_rope, init_residual_projections, model_args_from_preset,
+                   rope_tables, sample)
 
 SMALL = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, max_seq_len=64, multiple_of=16)
 
@@ -86,6 +87,34 @@ def test_wrong_shape_names_key_and_shapes(tmp_path):
 def test_missing_checkpoint_file():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model("/nonexistent/ckpt.pt")
+
+
+@pytest.mark.parametrize("scheme", ["seed", "gpt2", "zero"])
+def test_init_schemes_set_the_residual_projections(scheme):
+    """The seed's init is the default; gpt2 and zero change only the residual projections."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=256, n_layers=8, n_heads=4, vocab_size=512, max_seq_len=16, multiple_of=32)
+    model = Transformer(args)  # the seed's init
+    if scheme != "seed":
+        init_residual_projections(model, scheme)
+    small, normal = 0.02 / math.sqrt(2 * args.n_layers), 0.02
+    want = {"seed": {"wo": small, "w2": normal, "w3": small, "wq": normal},
+            "gpt2": {"wo": small, "w2": small, "w3": normal, "wq": normal},
+            "zero": {"wo": 0.0, "w2": 0.0, "w3": normal, "wq": normal}}[scheme]
+    for layer in model.layers:
+        got = {"wo": layer.attention.wo.weight, "w2": layer.feed_forward.w2.weight,
+               "w3": layer.feed_forward.w3.weight, "wq": layer.attention.wq.weight}
+        for name, std in want.items():
+            assert got[name].std().item() == pytest.approx(std, rel=0.05, abs=1e-9), (name, std)
+    if scheme == "zero":  # every block starts as the identity
+        tokens = torch.randint(0, 512, (2, 16))
+        with torch.no_grad():
+            assert torch.equal(model.hidden(tokens), model.norm(model.tok_embeddings(tokens)))
+
+
+def test_an_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        init_residual_projections(small_model(), "xavier")
 
 
 def test_loss_ignores_minus_100():

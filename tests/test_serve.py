@@ -264,3 +264,23 @@ def test_clients_that_hang_up_mid_stream_free_their_rows(slow_server):
     began = time.time()
     reply = post(f"{slow_server}/v1/completions", {"prompt": "你好", "max_tokens": 5, "temperature": 0})
     assert reply.status_code == 200 and time.time() - began < 10, f"answered after {time.time() - began:.1f} s"
+
+
+def test_clients_that_hang_up_before_a_whole_answer_free_their_rows(slow_server):
+    """Without streaming, a client that goes away is noticed by polling; its rows are freed long before
+    its answers would have ended."""
+    import http.client
+    body = json.dumps({"prompt": "床前明月光", "max_tokens": 400, "temperature": 0})
+    began = time.time()
+    assert post(f"{slow_server}/v1/completions", json.loads(body)).json()["usage"]["completion_tokens"] == 400
+    whole = time.time() - began
+    host, port = slow_server.removeprefix("http://").split(":")
+    for _ in range(2):  # both rows
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        time.sleep(0.2)
+        connection.close()
+    began = time.time()
+    reply = post(f"{slow_server}/v1/completions", {"prompt": "你好", "max_tokens": 5, "temperature": 0})
+    waited = time.time() - began
+    assert reply.status_code == 200 and waited < 1.5 + whole / 3, f"after {waited:.1f} s; a whole answer: {whole:.1f} s"
