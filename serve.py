@@ -27,7 +27,7 @@ import torch
 
 from checkpoint import load_model_and_tokenizer
 from common import pick_device
-from configurator import Device, InputFile, Port, Positive, one_of, parse_config
+from configurator import Device, InputFile, NonNegative, Port, Positive, one_of, parse_config
 from dataset_sft import chat_prompt_ids
 from engine import Engine, Event, Sampling
 from engine import Request as EngineRequest
@@ -48,6 +48,7 @@ class Config:
     seed: int = 0  # of the sampling generator
     device: Device = "auto"
     quantize: one_of("", "int8") = ""  # int8: int8 weights (quantize.py), faster decoding on a CPU
+    threads: NonNegative = 0  # torch's threads for decoding; 0: all but one, left to the HTTP side (BENCHMARKS.md)
 
 
 class RequestError(Exception):
@@ -290,8 +291,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     listener = listen(cfg.host, cfg.port)
     import uvicorn
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"serving {cfg.ckpt} at http://{cfg.host}:{listener.getsockname()[1]} (OpenAI API under /v1)", flush=True)
+    torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads() - 1))
+    print(f"serving {cfg.ckpt} at http://{cfg.host}:{listener.getsockname()[1]} (OpenAI API under /v1; "
+          f"decoding on {torch.get_num_threads()} threads)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
 

@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--shapes", default="tiny,baby_92m", help="presets given random weights when no --ckpt")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--max_tokens", type=int, default=64, help="tokens per answer in the throughput runs")
+    parser.add_argument("--max_tokens", type=int, default=128, help="tokens per answer in the throughput runs")
     parser.add_argument("--repeats", type=int, default=5, help="pairs of throughput runs (medians reported)")
     parser.add_argument("--serve_flags", default="", help="extra serve.py flags, e.g. --quantize=int8")
     parser.add_argument("--json", default="", help="also write the results here")

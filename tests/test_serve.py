@@ -284,3 +284,14 @@ def test_clients_that_hang_up_before_a_whole_answer_free_their_rows(slow_server)
     reply = post(f"{slow_server}/v1/completions", {"prompt": "你好", "max_tokens": 5, "temperature": 0})
     waited = time.time() - began
     assert reply.status_code == 200 and waited < 1.5 + whole / 3, f"after {waited:.1f} s; a whole answer: {whole:.1f} s"
+
+
+def test_decoding_threads_are_set(small_tokenizer, tmp_path):
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=32, multiple_of=16)
+    for flags, threads in (((), max(1, torch.get_num_threads() - 1)), (("--threads=3",), 3)):
+        _, proc = start_server(tmp_path, small_tokenizer, args, *flags)
+        try:
+            assert f"decoding on {threads} threads" in proc.stdout.readline()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
