@@ -44,15 +44,17 @@ class Server:
             self.port = s.getsockname()[1]
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}",
                                       f"--tokenizer={tokenizer}", f"--port={self.port}", "--max_batch=16",
-                                      "--max_tokens=4096", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      "--max_tokens=4096", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                self.banner = self.proc.stdout.readline().strip()  # "serving ... (...; decoding on N threads)"
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise SystemExit(f"serve.py failed: {self.proc.stderr.read().decode()[-2000:]}") from None
+                    raise SystemExit(f"serve.py failed: {self.proc.stderr.read()[-2000:]}") from None
                 time.sleep(0.5)
         raise SystemExit("serve.py did not start in 5 minutes")
 
@@ -145,14 +147,17 @@ def main() -> None:
         for name, ckpt in models:
             server = Server(ckpt, args.tokenizer, args.serve_flags.split())
             try:
-                rows.append({"model": name, **measure(server, args.max_tokens, args.clients, args.repeats)})
+                threads = server.banner.rsplit("decoding on ", 1)[-1].rstrip(")")
+                rows.append({"model": name, "server": threads,
+                             **measure(server, args.max_tokens, args.clients, args.repeats)})
             finally:
                 server.close()
-    machine = f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
-    print(f"| model | tokens/s, 1 at a time | tokens/s, {args.clients} clients | ratio | first token idle (ms) | "
-          f"first token, {args.clients} busy (ms) | ratio | ratios of the {args.repeats} pairs |  ({machine})")
+    machine = f"{torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"
+    print(f"| model | serve.py decodes on | tokens/s, 1 at a time | tokens/s, {args.clients} clients | ratio | "
+          f"first token idle (ms) | first token, {args.clients} busy (ms) | ratio | ratios of the {args.repeats} pairs "
+          f"|  ({machine})")
     for r in rows:
-        print(f"| {r['model']} | {r['tokens_per_s_alone']:.1f} | {r['tokens_per_s_together']:.1f} | "
+        print(f"| {r['model']} | {r['server']} | {r['tokens_per_s_alone']:.1f} | {r['tokens_per_s_together']:.1f} | "
               f"{r['throughput_ratio']:.2f}x | {r['ttft_idle_ms']:.0f} | {r['ttft_busy_ms']:.0f} | "
               f"{r['ttft_ratio']:.2f}x | {', '.join(f'{x:.2f}' for x in r['throughput_ratios'])} |")
     if args.json:
