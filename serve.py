@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
     torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads() - 1))
     print(f"serving {cfg.ckpt} at http://{cfg.host}:{listener.getsockname()[1]} (OpenAI API under /v1; "
-          f"decoding on {torch.get_num_threads()} threads)", flush=True)
+          f"decoding threads: {torch.get_num_threads()})", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
 

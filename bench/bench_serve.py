@@ -50,7 +50,7 @@ class Server:
         while time.time() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                self.banner = self.proc.stdout.readline().strip()  # "serving ... (...; decoding on N threads)"
+                self.banner = self.proc.stdout.readline().strip()  # "serving ... (...; decoding threads: N)"
                 return
             except OSError:
                 if self.proc.poll() is not None:
@@ -147,13 +147,13 @@ def main() -> None:
         for name, ckpt in models:
             server = Server(ckpt, args.tokenizer, args.serve_flags.split())
             try:
-                threads = server.banner.rsplit("decoding on ", 1)[-1].rstrip(")")
+                threads = server.banner.rsplit("decoding threads: ", 1)[-1].rstrip(")")
                 rows.append({"model": name, "server": threads,
                              **measure(server, args.max_tokens, args.clients, args.repeats)})
             finally:
                 server.close()
     machine = f"{torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"
-    print(f"| model | serve.py decodes on | tokens/s, 1 at a time | tokens/s, {args.clients} clients | ratio | "
+    print(f"| model | serve.py's decoding threads | tokens/s, 1 at a time | tokens/s, {args.clients} clients | ratio | "
           f"first token idle (ms) | first token, {args.clients} busy (ms) | ratio | ratios of the {args.repeats} pairs "
           f"|  ({machine})")
     for r in rows:

@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError, load_model
-from model import (KVCache, ModelArgs, Transformer, apply_rope, init_residual_projections, model_args_from_preset,
-                   rope_tables, sample)
+from model import (
+    KVCache,
+    ModelArgs,
+    Transformer,
+    apply_rope,
+    init_residual_projections,
+    model_args_from_preset,
+    rope_tables,
+    sample,
+)
 
 SMALL = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, max_seq_len=64, multiple_of=16)
 

@@ -291,7 +291,7 @@ def test_decoding_threads_are_set(small_tokenizer, tmp_path):
     for flags, threads in (((), max(1, torch.get_num_threads() - 1)), (("--threads=3",), 3)):
         _, proc = start_server(tmp_path, small_tokenizer, args, *flags)
         try:
-            assert f"decoding on {threads} threads" in proc.stdout.readline()
+            assert f"decoding threads: {threads})" in proc.stdout.readline()
         finally:
             proc.terminate()
             proc.wait(timeout=30)
