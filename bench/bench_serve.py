@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--serve_flags", default="", help="extra serve.py flags, e.g. --quantize=int8")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
+    if args.repeats < 1 or args.clients < 1 or args.max_tokens < 1:
+        parser.error("--repeats, --clients and --max_tokens must be at least 1")
     vocab = load_tokenizer(args.tokenizer).vocab_size
     rows = []
     with tempfile.TemporaryDirectory() as folder:

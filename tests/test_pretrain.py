@@ -170,6 +170,21 @@ def test_errors_are_one_line(corpus, small_tokenizer, chatglm_path, tmp_path):
     assert result.stderr.strip().splitlines() == ["error: no corpus at nowhere: run data_process.py first"]
 
 
+def test_init_reaches_the_model(corpus, small_tokenizer, tmp_path):
+    """--init=zero: after one step at a negligible learning rate, the residual projections are still zero."""
+    out = tmp_path / "zero"
+    run_ok(command(corpus, small_tokenizer, out, "--max_steps=1", "--warmup_steps=0", "--lr=1e-12", "--min_lr=0",
+                   "--init=zero"))
+    model, _ = load_model(str(out / "ckpt.pt"))
+    assert all(layer.attention.wo.weight.abs().max() < 1e-6 for layer in model.layers)
+    assert all(layer.feed_forward.w2.weight.abs().max() < 1e-6 for layer in model.layers)
+    assert all(layer.feed_forward.w3.weight.std() > 0.01 for layer in model.layers)
+    result = subprocess.run(command(corpus, small_tokenizer, tmp_path / "x", "--init=xavier"), capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "--init=xavier: must be one of seed, gpt2, zero" in result.stderr
+
+
 @pytest.mark.parametrize("recipe,model", [("pretrain_tiny", "tiny_shallow"), ("pretrain_baby_92m", "baby_92m"),
                                           ("pretrain_baby_218m", "baby_218m")])
 def test_recipes_parse(recipe, model):
