@@ -140,12 +140,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1 or args.clients < 1 or args.max_tokens < 1:
         parser.error("--repeats, --clients and --max_tokens must be at least 1")
-    vocab = load_tokenizer(args.tokenizer).vocab_size
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        parser.error(f"--ckpt={args.ckpt}: no such file")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        shapes = args.shapes.split(",")
-        models = [(args.ckpt, args.ckpt)] if args.ckpt else [
-            (f"{s} (random weights, vocab {vocab})", random_checkpoint(s, vocab, folder)) for s in shapes]
+        try:
+            vocab = load_tokenizer(args.tokenizer).vocab_size
+            models = [(args.ckpt, args.ckpt)] if args.ckpt else [
+                (f"{s} (random weights, vocab {vocab})", random_checkpoint(s, vocab, folder))
+                for s in args.shapes.split(",")]
+        except (FileNotFoundError, ValueError) as e:  # a missing tokenizer, an unknown preset
+            raise SystemExit(f"error: {e}") from None
         for name, ckpt in models:
             server = Server(ckpt, args.tokenizer, args.serve_flags.split())
             try:

@@ -173,7 +173,7 @@ class ByteTok:
 
 def test_streamed_text_is_whole_characters_that_spell_the_answer(model):
     """Each emitted piece is whole characters (none cut inside its bytes), and the pieces of a long answer,
-    decoded a window at a time, spell exactly the decoding of all its tokens."""
+    each decoded from its last few tokens, spell exactly the decoding of all its tokens."""
     engine = Engine(model, ByteTok(), max_batch=1)
     answer = "小模型也能说完整的话。Hello, 世界!" * 3
     pieces: list[str] = []
