@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_model_and_tokenizer
-from common import pick_device
-from configurator import (
+from babyllama.checkpoint import load_model_and_tokenizer
+from babyllama.common import pick_device
+from babyllama.configurator import (
     Device,
     InputFile,
     NonNegative,

@@ -26,12 +26,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from chatglm_tokenizer import SPTokenizer, file_sha256, load_tokenizer
-from cleaning import clean_texts
-from common import PendingFiles, remove_stale_temps, write_json_atomic
-from configurator import InputFile, NonNegative, OutputDir, Positive, in_range, parse_config
-from corpora import CorpusError, Doc, builtin_input, iter_corpus, parse_input
-from dedup import (
+from babyllama.cleaning import clean_texts
+from babyllama.common import PendingFiles, remove_stale_temps, write_json_atomic
+from babyllama.configurator import InputFile, NonNegative, OutputDir, Positive, in_range, parse_config
+from babyllama.corpora import CorpusError, Doc, builtin_input, iter_corpus, parse_input
+from babyllama.dedup import (
     EMPTY,
     KEEP,
     MALFORMED,
@@ -43,6 +42,7 @@ from dedup import (
     minhash_batch,
     text_hashes,
 )
+from chatglm_tokenizer import SPTokenizer, file_sha256, load_tokenizer
 
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max)  # 65,535 ids fit in uint16

@@ -12,8 +12,8 @@ import json
 
 import torch
 
+from babyllama.cleaning import clean_text
 from chatglm_tokenizer import SPTokenizer
-from cleaning import clean_text
 
 IGNORE_INDEX = -100
 

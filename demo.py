@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from configurator import NonNegativeFloat, OutputDir, Positive, in_range, parse_config
+from babyllama.configurator import NonNegativeFloat, OutputDir, Positive, in_range, parse_config
 
 
 @dataclass
@@ -63,11 +63,11 @@ def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
           f"--val_data={sft_val}", tokenizer, f"--out_dir={out}/sft", f"--max_steps={cfg.sft_steps}",
           f"--time_budget_min={cfg.sft_min}"]),
         ("train the reward model", None,
-         ["reward_model.py", f"--init_from={out}/sft/ckpt.pt", f"--data={cfg.sft_dir}/preference.csv",
+         ["train_reward_model.py", f"--init_from={out}/sft/ckpt.pt", f"--data={cfg.sft_dir}/preference.csv",
           f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/rm", f"--max_steps={cfg.rm_steps}",
           f"--time_budget_min={cfg.rm_min}"]),
         ("score the reward model on held-out pairs", f"{out}/rm/eval.json",
-         ["reward_model.py", "--eval_only=true", f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/rm"]),
+         ["train_reward_model.py", "--eval_only=true", f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/rm"]),
         ("DPO", None,
          ["dpo.py", f"--init_from={out}/sft/ckpt.pt", f"--data={cfg.sft_dir}/preference.csv",
           f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/dpo", f"--max_steps={cfg.dpo_steps}",
@@ -138,8 +138,8 @@ CHAT_QUESTIONS = ("成语“画蛇添足”是什么意思?", "成语“守株�
 
 def samples(cfg: Config) -> str:
     """Greedy continuations of the base model and chat answers of the SFT model, as Markdown."""
+    from babyllama.checkpoint import load_model
     from chatglm_tokenizer import load_tokenizer
-    from checkpoint import load_model
     from dataset_sft import chat_prompt_ids
     tok = load_tokenizer(f"{cfg.data_dir}/tokenizer/tokenizer.model")
     lines = ["| model | prompt | output (greedy, repetition penalty 1.1) |", "|---|---|---|"]

@@ -17,8 +17,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
-from configurator import OutputDir, parse_config
-from hub import HUB_SOURCES, HubError, fetch_hub
+from babyllama.configurator import OutputDir, parse_config
+from babyllama.hub import HUB_SOURCES, HubError, fetch_hub
 
 
 @dataclass

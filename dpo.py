@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model_and_tokenizer
-from common import print0
-from configurator import Fraction, InputFile, NonNegativeFloat, OutputDir, Positive, PositiveFloat
+from babyllama.checkpoint import load_model_and_tokenizer
+from babyllama.common import print0
+from babyllama.configurator import Fraction, InputFile, NonNegativeFloat, OutputDir, Positive, PositiveFloat
+from babyllama.distributed import Dist, all_reduce_mean
+from babyllama.precision import autocast
+from babyllama.trainer import TrainConfig, fit, run_stage, start_run
 from dataset_sft import collate, encode_turns, make_example, read_pairs
-from distributed import Dist, all_reduce_mean
 from model import answer_logprobs
-from precision import autocast
-from trainer import TrainConfig, fit, run_stage, start_run
 
 
 @dataclass

@@ -19,12 +19,21 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_model_and_tokenizer
-from common import pick_device
-from configurator import Device, InputFile, NonNegative, OutputDir, Positive, PositiveFloat, one_of, parse_config
+from babyllama.checkpoint import load_model_and_tokenizer
+from babyllama.common import pick_device
+from babyllama.configurator import (
+    Device,
+    InputFile,
+    NonNegative,
+    OutputDir,
+    Positive,
+    PositiveFloat,
+    one_of,
+    parse_config,
+)
+from babyllama.tasks import char_f1, distinct_n, has_loop, rouge_l, task_of
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import Transformer
-from tasks import char_f1, distinct_n, has_loop, rouge_l, task_of
 
 SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？",
                   "前列腺囊肿的症状是什么？", "请问，世界上最大的动物是什么？"]
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         summary["val_answer_loss"] = answer_loss(model, tok, cfg.val_data, len(rows), cfg.batch_size)
         rewards = None
         if cfg.reward_model:
-            from reward import load_reward_model
+            from babyllama.reward_model import load_reward_model
             rm, _ = load_reward_model(cfg.reward_model, model.freqs_cos.device)
             rewards = rm.score(tok, [p for p, _, _ in rows], predictions)
         summary["scores"] = score(rows, predictions, cfg.exact_match_chars, rewards)

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_model_and_tokenizer
-from common import pick_device
-from configurator import Device, InputFile, NonNegative, OutputFile, Positive, one_of, parse_config
+from babyllama.checkpoint import load_model_and_tokenizer
+from babyllama.common import pick_device
+from babyllama.configurator import Device, InputFile, NonNegative, OutputFile, Positive, one_of, parse_config
+from babyllama.tasks import task_of
 from dataset_sft import collate, read_sft_csv
 from model import Transformer, answer_logprobs
-from tasks import task_of
 
 LETTERS = "ABCD"
 

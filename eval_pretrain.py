@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoint import load_model_and_tokenizer
-from cleaning import clean_text
-from common import pick_device
-from configurator import (
+from babyllama.checkpoint import load_model_and_tokenizer
+from babyllama.cleaning import clean_text
+from babyllama.common import pick_device
+from babyllama.configurator import (
     Device,
     InputFile,
     NonNegative,

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from babyllama.checkpoint import load_model, save_atomic
+from babyllama.configurator import one_of, parse_config
 from chatglm_tokenizer import HERE as TOKENIZER_CODE
 from chatglm_tokenizer import SPTokenizer, resolve_tokenizer_path
-from checkpoint import load_model, save_atomic
-from configurator import one_of, parse_config
 from model import ModelArgs, Transformer, model_args_from_preset
 
 # question + bos, the answer generated until eos: the SFT format, turn after turn.

@@ -18,15 +18,24 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_model_and_tokenizer
-from common import print0
-from configurator import InputFile, NonNegative, NonNegativeFloat, OutputDir, Positive, PositiveFloat, in_range, one_of
+from babyllama.checkpoint import load_model_and_tokenizer
+from babyllama.common import print0
+from babyllama.configurator import (
+    InputFile,
+    NonNegative,
+    NonNegativeFloat,
+    OutputDir,
+    Positive,
+    PositiveFloat,
+    in_range,
+    one_of,
+)
+from babyllama.distributed import Dist
+from babyllama.precision import autocast
+from babyllama.tasks import char_f1, task_of
+from babyllama.trainer import TrainConfig, fit, run_stage, start_run
 from dataset_sft import chat_prompt_ids, collate, read_sft_csv
-from distributed import Dist
 from model import token_logprobs
-from precision import autocast
-from tasks import char_f1, task_of
-from trainer import TrainConfig, fit, run_stage, start_run
 
 
 @dataclass
@@ -82,7 +91,7 @@ def make_rewarder(cfg: Config, tok, device: str):
     """rewards(prompts, answers, references) -> list of floats."""
     if cfg.reward == "f1":
         return lambda prompts, answers, references: [char_f1(a, r) for a, r in zip(answers, references)]
-    from reward import load_reward_model
+    from babyllama.reward_model import load_reward_model
     rm, _ = load_reward_model(cfg.reward_model, device)
     return lambda prompts, answers, references: rm.score(tok, prompts, answers)
 

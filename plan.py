@@ -4,7 +4,7 @@ accumulation for a number of tokens per step, and the time and cost of a pretrai
     python plan.py --model=baby_218m --gpu=3090 --gpus=4 --tokens=10B
     python plan.py --model=baby_92m --gpu=H100 --gpus=8 --tokens=50B --mfu=0.45
 
-Memory comes from hardware.training_memory (checked against measured peaks on a CPU); time is the
+Memory comes from babyllama/gpu_memory.py (checked against measured peaks on a CPU); time is the
 training FLOPs (model.flops_per_token) over the GPUs' dense bf16 peak at the stated MFU. Measure your
 own MFU with bench/gpu_check.py and pass it with --mfu.
 """
@@ -17,15 +17,23 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import NonNegative, NonNegativeFloat, Positive, PositiveFraction, SeqLen, one_of, parse_config
-from hardware import GPUS, MemoryPlan, largest_micro_batch, training_memory
+from babyllama.configurator import (
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFraction,
+    SeqLen,
+    one_of,
+    parse_config,
+)
+from babyllama.gpu_memory import GPUS, MemoryPlan, largest_micro_batch, training_memory
 from model import Transformer, model_args_from_preset
 
 
 @dataclass
 class Config:
     model: str = "baby_92m"  # model preset (tiny, baby_92m, baby_218m) or a path to one
-    gpu: one_of(*GPUS) = "3090"  # H200, H100, A100-80G, L40S, 4090, 3090, T4... (all: hardware.GPUS)
+    gpu: one_of(*GPUS) = "3090"  # H200, H100, A100-80G, L40S, 4090, 3090, T4... (all: babyllama.gpu_memory.GPUS)
     gpus: Positive = 1  # GPUs in all, one process each
     tokens: str = "10B"  # training tokens: 10B, 500M, 2e9...
     seq_len: SeqLen = 0  # 0 keeps the preset's max_seq_len

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from configurator import OneLineParser  # noqa: E402
+from babyllama.configurator import OneLineParser  # noqa: E402
 
 
 def positive_int(text: str) -> int:

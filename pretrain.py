@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from chatglm_tokenizer import load_tokenizer
-from checkpoint import load_model
-from common import print0
-from configurator import (
+from babyllama.checkpoint import load_model
+from babyllama.common import print0
+from babyllama.configurator import (
     Fraction,
     InputFile,
     NonNegative,
@@ -33,10 +32,11 @@ from configurator import (
     SeqLen,
     one_of,
 )
+from babyllama.distributed import Dist
+from babyllama.trainer import TrainConfig, fit, run_stage, start_run, validation_loss
+from chatglm_tokenizer import load_tokenizer
 from dataset import PretrainDataset, bin_files, check_tokenizer
-from distributed import Dist
 from model import INITS, ModelArgs, Transformer, init_residual_projections, model_args_from_preset
-from trainer import TrainConfig, fit, run_stage, start_run, validation_loss
 
 
 @dataclass

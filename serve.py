@@ -15,6 +15,7 @@ frees its place at once. A bad request gets a 4xx JSON error in OpenAI's shape.
 import asyncio
 import copy
 import json
+import os
 import socket
 import sys
 import time
@@ -25,14 +26,14 @@ from typing import Any
 
 import torch
 
-from checkpoint import load_model_and_tokenizer
-from common import pick_device
-from configurator import Device, InputFile, NonNegative, Port, Positive, one_of, parse_config
+from babyllama.checkpoint import load_model_and_tokenizer
+from babyllama.common import pick_device
+from babyllama.configurator import Device, InputFile, NonNegative, Port, Positive, one_of, parse_config
+from babyllama.engine import Engine, Event, Sampling
+from babyllama.engine import Request as EngineRequest
 from dataset_sft import chat_prompt_ids
-from engine import Engine, Event, Sampling
-from engine import Request as EngineRequest
 
-PAGE = "serve_page.html"
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "babyllama", "serve_page.html")
 
 
 @dataclass
@@ -270,8 +271,7 @@ def create_app(cfg: Config, server: "Server | None" = None):
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        import os
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), PAGE), encoding="utf-8") as f:
+        with open(PAGE, encoding="utf-8") as f:
             return f.read()
 
     from starlette.exceptions import HTTPException

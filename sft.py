@@ -14,13 +14,13 @@ import os
 import sys
 from dataclasses import dataclass
 
-from checkpoint import load_model_and_tokenizer, save_atomic
-from common import print0
-from configurator import Fraction, InputFile, OutputDir, Positive, PositiveFloat, SeqLen
+from babyllama.checkpoint import load_model_and_tokenizer, save_atomic
+from babyllama.common import print0
+from babyllama.configurator import Fraction, InputFile, OutputDir, Positive, PositiveFloat, SeqLen
+from babyllama.distributed import Dist
+from babyllama.lora import apply_lora, lora_state_dict
+from babyllama.trainer import TrainConfig, fit, run_stage, start_run, validation_loss
 from dataset_sft import SFTDataset
-from distributed import Dist
-from lora import apply_lora, lora_state_dict
-from trainer import TrainConfig, fit, run_stage, start_run, validation_loss
 
 
 @dataclass

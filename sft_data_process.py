@@ -22,12 +22,12 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cleaning import clean_text
-from common import PendingFiles, remove_stale_temps, write_json_atomic
-from configurator import NonNegative, OutputDir, Positive, in_range, parse_config
-from corpora import CorpusError, json_list, json_records, text_field
-from dedup import text_hash
-from tasks import CHAR_PROMPT, IDIOM_PROMPT, POEM_PROMPT
+from babyllama.cleaning import clean_text
+from babyllama.common import PendingFiles, remove_stale_temps, write_json_atomic
+from babyllama.configurator import NonNegative, OutputDir, Positive, in_range, parse_config
+from babyllama.corpora import CorpusError, json_list, json_records, text_field
+from babyllama.dedup import text_hash
+from babyllama.tasks import CHAR_PROMPT, IDIOM_PROMPT, POEM_PROMPT
 
 
 @dataclass
@@ -325,7 +325,7 @@ def idiom_pairs(path: str, seed: int = 0) -> Iterator[Pair]:
 
 def poem_pairs(folder: str, seed: int = 0) -> Iterator[Pair]:
     """For consecutive lines of a poem: the true next line against a line of another poem."""
-    from corpora import read_poetry
+    from babyllama.corpora import read_poetry
     poems = [d for d in read_poetry(folder, "poems") if d.text]
     rng = random.Random(seed)
     rng.shuffle(poems)  # a capped number of pairs then comes from poems of every collection

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from checkpoint import load_model
-from common import write_json_atomic
-from configurator import OutputDir, OutputFile, PositiveFloat, in_range, parse_config
-from heldout import bits, split_documents
-from precision import resolve_dtype
+from babyllama.checkpoint import load_model
+from babyllama.common import write_json_atomic
+from babyllama.configurator import OutputDir, OutputFile, PositiveFloat, in_range, parse_config
+from babyllama.heldout import bits, split_documents
+from babyllama.precision import resolve_dtype
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 UNCAPPED_STEPS = 10**7  # the budget alone sets the steps, whatever the recipe's max_steps

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 import sentencepiece as spm
 from tqdm import tqdm
 
+from babyllama.cleaning import clean_text
+from babyllama.common import write_json_atomic
+from babyllama.configurator import OutputFile, Positive, PositiveFraction, in_range, parse_config
+from babyllama.corpora import CorpusError, iter_corpus
+from babyllama.dedup import held_out, text_hash
 from chatglm_tokenizer import DEFAULT_MODEL, load_tokenizer
-from cleaning import clean_text
-from common import write_json_atomic
-from configurator import OutputFile, Positive, PositiveFraction, in_range, parse_config
-from corpora import CorpusError, iter_corpus
-from dedup import held_out, text_hash
 
 MAX_VOCAB = 65535  # ids must fit in uint16
 

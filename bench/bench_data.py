@@ -27,8 +27,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from babyllama.corpora import CorpusError, iter_corpus  # noqa: E402
 from chatglm_tokenizer import load_tokenizer  # noqa: E402
-from corpora import CorpusError, iter_corpus  # noqa: E402
 from data_process import Config, run  # noqa: E402
 
 CHATGLM = os.path.join(ROOT, "..", "shared", "chatglm_tokenizer", "tokenizer.model")
@@ -114,9 +114,9 @@ def throughput(args) -> None:
 def stages(args) -> None:
     """CPU seconds of each stage of data_process.py on the built-in corpus, one stage after the other in
     this process (the real run spreads them over the main process and the workers)."""
+    import babyllama.dedup as dedup
     import data_process
-    import dedup
-    from cleaning import clean_texts
+    from babyllama.cleaning import clean_texts
     tok = load_tokenizer(args.tokenizer or default_tokenizer())
     cfg = Config()
     timing: dict[str, float] = {}
@@ -213,7 +213,7 @@ def memory(args) -> None:
 
 def chars_per_token(args) -> None:
     """Held-out documents of the news sources: People's Daily 1998 and the 10-topic news set."""
-    from cleaning import clean_text
+    from babyllama.cleaning import clean_text
     from train_tokenizer import held_out
     texts = [clean_text(d.text) for d in iter_corpus("peoples_daily,news", "", args.raw_dir) if d.text]
     texts = [t for t in texts if t and held_out(t)]

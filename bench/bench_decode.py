@@ -15,8 +15,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from babyllama.quantize import quantize_int8  # noqa: E402
 from model import Transformer, model_args_from_preset  # noqa: E402
-from quantize import quantize_int8  # noqa: E402
 
 
 def hf_model(model: Transformer):

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as model_module  # noqa: E402
-from distributed import keep_freed_memory  # noqa: E402
+from babyllama.distributed import keep_freed_memory  # noqa: E402
+from babyllama.precision import autocast, measure_peak_flops, resolve_dtype  # noqa: E402
+from babyllama.trainer import make_optimizer  # noqa: E402
 from model import Transformer, model_args_from_preset  # noqa: E402
-from precision import autocast, measure_peak_flops, resolve_dtype  # noqa: E402
-from trainer import make_optimizer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import hf_model  # noqa: E402

@@ -7,7 +7,7 @@ the code), and KV-cache decoding at batch 1 and 32.
     python bench/gpu_check.py --device=cpu --presets=tiny --dtype=float32 --steps=2 --batch_size=2 \\
         --decode_tokens=4                                     # the same code on a CPU, in seconds (tests)
 
-MFU is against the GPU's dense bf16 peak from hardware.py's table when its name is there, else against
+MFU is against the GPU's dense bf16 peak from babyllama/gpu_memory.py's table when its name is there, else against
 the matmul peak measured here.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from distributed import setup_distributed, teardown  # noqa: E402
-from hardware import gpu_of_device_name  # noqa: E402
+from babyllama.distributed import setup_distributed, teardown  # noqa: E402
+from babyllama.gpu_memory import gpu_of_device_name  # noqa: E402
+from babyllama.precision import matmul_flops, synchronize  # noqa: E402
+from babyllama.trainer import TrainConfig, Trainer  # noqa: E402
 from model import Transformer, model_args_from_preset  # noqa: E402
-from precision import matmul_flops, synchronize  # noqa: E402
-from trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def peak_flops(device: str, dtype: str) -> tuple[float, str]:

@@ -18,7 +18,7 @@ CHECKPOINT_FLAGS = [("eval.py", "--ckpt", "--val_data="), ("eval_choice.py", "--
                     ("serve.py", "--ckpt", ""), ("sft.py", "--init_from", "--data={data} --val_data="),
                     ("dpo.py", "--init_from", "--data={data} --val_data="),
                     ("grpo.py", "--init_from", "--prompts={data}"),
-                    ("reward_model.py", "--init_from", "--data={data} --val_data=")]
+                    ("train_reward_model.py", "--init_from", "--data={data} --val_data=")]
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from cleaning import clean_text, strip_pku_tags
-from corpora import CorpusError, parse_input, read_input, read_peoples_daily
+from babyllama.cleaning import clean_text, strip_pku_tags
+from babyllama.corpora import CorpusError, parse_input, read_input, read_peoples_daily
 
 
 def docs_of(spec: str):
@@ -140,7 +140,7 @@ def test_clean_text_fast_path_is_nfkc(text):
     """The one-pass translation must give what NFKC followed by dropping controls gives."""
     import unicodedata
 
-    from cleaning import _BLANK_LINES_RE, _CONTROL_RE, _LINE_EDGES_RE, _SPACES_RE
+    from babyllama.cleaning import _BLANK_LINES_RE, _CONTROL_RE, _LINE_EDGES_RE, _SPACES_RE
     expected = _CONTROL_RE.sub("", unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n"))
     expected = _BLANK_LINES_RE.sub("\n\n", _LINE_EDGES_RE.sub("\n", _SPACES_RE.sub(" ", expected))).strip()
     assert clean_text(text) == expected
@@ -150,7 +150,7 @@ def test_clean_texts_equals_clean_text_one_by_one():
     """The batched cleaning (one numpy pass) gives clean_text's result for every text, also where a
     text ends in "\\r" and the next starts with "\\n", and drops lone surrogates (json.loads makes them
     from "\\ud800"; sentencepiece cannot encode them)."""
-    from cleaning import clean_texts
+    from babyllama.cleaning import clean_texts
     texts = CLEANING_CASES + ["a\r", "\nb", "", "\r", "\n\r", "  lead\t\ttabs  \n  \n\n\n\nend  ", "\u3000"]
     texts += ["".join(texts), "人民日报，１９９８年。" * 50]
     assert clean_texts(texts) == [clean_text(t) for t in texts]
@@ -188,7 +188,7 @@ def test_parquet_is_read_a_row_group_at_a_time_with_the_same_documents(tmp_path)
 PEAK_RSS = """
 import resource, sys
 sys.path.insert(0, sys.argv[1])
-from corpora import parse_input, read_input
+from babyllama.corpora import parse_input, read_input
 docs = read_input(parse_input("parquet:" + sys.argv[2] + ":text"))
 first = next(docs)  # everything imported and the file opened
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024

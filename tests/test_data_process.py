@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from conftest import write_corpus
 
+from babyllama.cleaning import clean_text
+from babyllama.corpora import CorpusError
+from babyllama.dedup import minhash
 from chatglm_tokenizer import load_tokenizer
-from cleaning import clean_text
-from corpora import CorpusError
 from data_process import Config, run
 from dataset import CorpusMismatch, bin_files, check_tokenizer
-from dedup import minhash
 
 
 def make_inputs(tmp_path):
@@ -118,7 +118,7 @@ def test_minhash_estimates_jaccard():
 
 
 def test_minhash_of_short_texts_fills_every_bin_and_stays_unbiased():
-    from dedup import minhash_batch
+    from babyllama.dedup import minhash_batch
     rng = np.random.default_rng(0)
     estimates, truths = [], []
     for _ in range(200):  # 12-80 characters: most of the 64 bins are empty before densification
@@ -136,7 +136,7 @@ def test_minhash_of_short_texts_fills_every_bin_and_stays_unbiased():
 
 
 def test_text_hashes_equal_text_hash():
-    from dedup import text_hash, text_hashes
+    from babyllama.dedup import text_hash, text_hashes
     texts = ["", "人民日报", "a" * 1000, "😀"]
     assert text_hashes(texts).tolist() == [text_hash(t) for t in texts]
 
@@ -144,7 +144,7 @@ def test_text_hashes_equal_text_hash():
 def test_densify_takes_the_first_filled_bin_along_each_probe_sequence():
     """The batched densification equals its definition taken bin by bin, for rows from one filled bin
     (a text of one shingle) to nearly full."""
-    from dedup import _EMPTY, _probe_table, densify
+    from babyllama.dedup import _EMPTY, _probe_table, densify
     rng = np.random.default_rng(0)
     rows, n_perm = 300, 64
     filled = rng.random((rows, n_perm)) < rng.choice([0.0, 0.05, 0.3, 0.9], size=(rows, 1))
@@ -172,8 +172,8 @@ def test_a_batch_of_short_documents_has_no_tokens_and_no_signatures(small_tokeni
 def test_count_verdicts_keeps_sources_in_the_order_they_came():
     from collections import Counter, defaultdict
 
+    from babyllama.dedup import DUPLICATE, KEEP, TOO_SHORT
     from data_process import count_verdicts
-    from dedup import DUPLICATE, KEEP, TOO_SHORT
     counts = defaultdict(Counter)
     count_verdicts(counts, ["zeta", "zeta", "alpha", "zeta"], np.array([KEEP, DUPLICATE, TOO_SHORT, KEEP]))
     count_verdicts(counts, ["alpha"], np.array([KEEP]))
@@ -193,7 +193,7 @@ def test_cli_errors_are_one_line(tmp_path, small_tokenizer):
 
 
 def test_keyset_big_and_small_parts_agree():
-    from dedup import KeySet
+    from babyllama.dedup import KeySet
     keys = KeySet(merge_every=3)
     for batch in ([5, 2**63 + 7], [11], [3, 2**64 - 1]):
         keys.add(np.array(batch, dtype=np.uint64))
@@ -211,7 +211,7 @@ def test_keyset_big_and_small_parts_agree():
 def test_dedup_decisions_match_one_by_one_in_order():
     """The batched decisions equal the plain definition: documents in order, each dropped if its hash
     was kept before (duplicate) or it shares a band key with a kept document (near duplicate)."""
-    from dedup import DUPLICATE, KEEP, NEAR_DUPLICATE, Deduplicator
+    from babyllama.dedup import DUPLICATE, KEEP, NEAR_DUPLICATE, Deduplicator
     rng = np.random.default_rng(0)
     dedup = Deduplicator(exact=True)
     seen_hashes: set[int] = set()
@@ -243,7 +243,7 @@ def test_dedup_decisions_match_one_by_one_in_order():
 
 
 def test_dedup_decisions_do_not_depend_on_merging(tmp_path, small_tokenizer, monkeypatch):
-    import dedup
+    import babyllama.dedup as dedup
     _, inputs = make_inputs(tmp_path)
     meta, _ = process(tmp_path, small_tokenizer, inputs, out="a")
     original = dedup.KeySet.__init__

@@ -11,7 +11,7 @@ from demo import MODELS, Config, results_table, stages
 def test_every_stage_command_parses_with_its_script(monkeypatch):
     """Each stage's script exists, and its settings take every flag and config file the demo passes
     (a renamed flag fails here, not twenty minutes into a demo)."""
-    from configurator import parse_config
+    from babyllama.configurator import parse_config
     monkeypatch.chdir(ROOT)
     for name, _, command in stages(Config()):
         assert os.path.isfile(os.path.join(ROOT, command[0])), name

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from engine import Engine, Event, Request, Sampling
+from babyllama.engine import Engine, Event, Request, Sampling
 from model import KVCache, ModelArgs, SlotKVCache, Transformer
 
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from conftest import ROOT, write_csv
 
+from babyllama.distributed import Dist
+from babyllama.tasks import char_f1, rouge_l, task_of
+from babyllama.trainer import TrainConfig, Trainer
 from chatglm_tokenizer import load_tokenizer
 from dataset_sft import collate, encode_turns, make_example
-from distributed import Dist
 from eval import score
 from eval_choice import Question, choose, read_choice_csv, write_choice_csv
 from model import ModelArgs, Transformer
-from tasks import char_f1, rouge_l, task_of
-from trainer import TrainConfig, Trainer
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
 
@@ -30,7 +30,7 @@ def test_char_f1_and_rouge_l_by_hand():
 
 
 def test_repetition_metrics_by_hand():
-    from tasks import distinct_n, has_loop
+    from babyllama.tasks import distinct_n, has_loop
     assert distinct_n(["爱爱爱爱"], 1) == 0.25 and distinct_n(["爱爱爱爱"], 2) == 1 / 3
     assert distinct_n(["春眠", "不觉"], 1) == 1.0 and distinct_n(["春", ""], 2) == 0.0
     assert distinct_n(["ab", "ab"], 2) == 0.5  # over all the answers, not each one

@@ -69,7 +69,7 @@ def test_cli_export_with_tokenizer_and_import(tmp_path, small_tokenizer):
     again = subprocess.run([sys.executable, f"{ROOT}/export.py", f"--import_from={out}", f"--out={tmp_path}/back.pt"],
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
-    from checkpoint import load_model
+    from babyllama.checkpoint import load_model
     back, _ = load_model(str(tmp_path / "back.pt"))
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
     refuse = subprocess.run([sys.executable, f"{ROOT}/export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={out}"],

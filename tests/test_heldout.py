@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from heldout import bits, scored_windows, split_documents
+from babyllama.heldout import bits, scored_windows, split_documents
 from model import IGNORE_INDEX, ModelArgs, Transformer
 
 EOS, V = 2, 16

@@ -3,11 +3,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from checkpoint import load_model
-from distributed import Dist
-from lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
+from babyllama.checkpoint import load_model
+from babyllama.distributed import Dist
+from babyllama.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
+from babyllama.trainer import TrainConfig, Trainer
 from model import ModelArgs, Transformer
-from trainer import TrainConfig, Trainer
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=60, max_seq_len=16, multiple_of=16)
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wv", "w1", "w2"]}

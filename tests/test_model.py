@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_model
+from babyllama.checkpoint import CheckpointError, load_model
 from model import (
     KVCache,
     ModelArgs,

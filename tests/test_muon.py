@@ -3,10 +3,10 @@ import io
 import pytest
 import torch
 
-from distributed import Dist
+from babyllama.distributed import Dist
+from babyllama.muon import MuonAdamW, orthogonalize
+from babyllama.trainer import TrainConfig, Trainer, make_optimizer
 from model import ModelArgs, Transformer
-from muon import MuonAdamW, orthogonalize
-from trainer import TrainConfig, Trainer, make_optimizer
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, multiple_of=16)
 

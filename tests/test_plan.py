@@ -1,4 +1,4 @@
-"""plan.py and hardware.py: parameter counts and FLOPs as the model has them, the memory model against
+"""plan.py and babyllama/gpu_memory.py: parameter counts and FLOPs as the model has them, the memory model against
 the peak memory of real training steps on this CPU, and the script's arithmetic and errors."""
 import os
 import re
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from hardware import GPUS, largest_micro_batch, n_params, training_memory
+from babyllama.gpu_memory import GPUS, largest_micro_batch, n_params, training_memory
 from model import Transformer, model_args_from_preset
 from plan import main, parse_count
 
@@ -20,8 +20,8 @@ MEASURE = """
 import os, sys, threading, time, torch
 sys.path.insert(0, {root!r})
 from model import ModelArgs, Transformer, model_args_from_preset
-from trainer import TrainConfig, Trainer
-from distributed import Dist, keep_freed_memory
+from babyllama.trainer import TrainConfig, Trainer
+from babyllama.distributed import Dist, keep_freed_memory
 keep_freed_memory()
 torch.set_num_threads(2)
 def steps(model, batch, n):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, write_corpus
 
-from checkpoint import load_model
+from babyllama.checkpoint import load_model
 from model import ModelArgs, Transformer
 
 PRESET = "dim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 600\nmax_seq_len = 32\nmultiple_of = 16\n"
@@ -188,7 +188,7 @@ def test_init_reaches_the_model(corpus, small_tokenizer, tmp_path):
 @pytest.mark.parametrize("recipe,model", [("pretrain_tiny", "tiny_shallow"), ("pretrain_baby_92m", "baby_92m"),
                                           ("pretrain_baby_218m", "baby_218m")])
 def test_recipes_parse(recipe, model):
-    from configurator import parse_config
+    from babyllama.configurator import parse_config
     from pretrain import Config, build_model_args
     cfg = parse_config(Config, [os.path.join(ROOT, "config", f"{recipe}.py"), "--max_steps=7"], check_files=False)
     assert cfg.max_steps == 7 and cfg.model == model

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
+from babyllama.quantize import Int8Linear, quantize_int8
 from model import ModelArgs, Transformer
-from quantize import Int8Linear, quantize_int8
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_quantized_model_decodes_like_the_float_one(model):
 def test_the_engine_serves_a_quantized_model(model):
     import queue
 
-    from engine import Engine, Request, Sampling
+    from babyllama.engine import Engine, Request, Sampling
     int8 = quantize_int8(copy.deepcopy(model))
 
     class Tok:

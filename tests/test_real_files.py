@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from babyllama.cleaning import clean_text
+from babyllama.corpora import CorpusError, parse_input, read_input
 from chatglm_tokenizer import load_tokenizer
-from cleaning import clean_text
-from corpora import CorpusError, parse_input, read_input
 from data_process import Config, run
 from dataset import bin_files
 
@@ -168,7 +168,7 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path, small_
         (out / name).write_bytes(b"x")
     path = write(tmp_path / "a.txt", "\n".join(TEXTS) + "\n")
     run(Config(sources="", inputs=f"txt:{path}", out_dir=str(out), tokenizer=small_tokenizer, workers=0))
-    from common import remove_stale_temps
+    from babyllama.common import remove_stale_temps
     assert remove_stale_temps(str(out), ["ckpt*.pt"]) == [str(out / f"ckpt_0000010.pt.tmp{dead}")]
     assert sorted(os.listdir(out)) == sorted(kept + ["train.bin", "val.bin", "meta.json"])
 

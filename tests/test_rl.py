@@ -13,10 +13,10 @@ from test_pretrain import (
 )
 from test_sft import pretrained  # noqa: F401  (module fixture)
 
+from babyllama.reward_model import RewardModel, bradley_terry_loss, load_reward_model
 from dpo import dpo_loss
 from grpo import grpo_advantages, grpo_loss
 from model import ModelArgs, Transformer, answer_logprobs
-from reward import RewardModel, bradley_terry_loss, load_reward_model
 
 
 def sig(x):
@@ -77,8 +77,8 @@ def test_grpo_clipped_objective_inside_and_outside_the_range():
 
 
 def test_equal_rewards_give_no_update():
-    from distributed import Dist
-    from trainer import TrainConfig, Trainer
+    from babyllama.distributed import Dist
+    from babyllama.trainer import TrainConfig, Trainer
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=20, max_seq_len=8, multiple_of=16))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -125,7 +125,7 @@ def test_reward_model_and_dpo_scripts_run(pretrained, preference, small_tokenize
     ckpt, _ = pretrained
     args = [f"--data={preference / 'train.csv'}", f"--val_data={preference / 'val.csv'}", "--batch_size=8",
             "--eval_interval=3", "--lr=1e-3", "--warmup_steps=1"]
-    run_ok([sys.executable, os.path.join(ROOT, "reward_model.py"), *common(ckpt, small_tokenizer, tmp_path / "rm"),
+    run_ok([sys.executable, os.path.join(ROOT, "train_reward_model.py"), *common(ckpt, small_tokenizer, tmp_path / "rm"),
             *args, "--max_steps=6"])
     rm, state = load_reward_model(str(tmp_path / "rm" / "ckpt.pt"))
     # The pairs are trivially separable (the same chosen and rejected answer every time): a reward model
@@ -137,7 +137,7 @@ def test_reward_model_and_dpo_scripts_run(pretrained, preference, small_tokenize
     assert {"reward_chosen", "reward_rejected", "margin", "accuracy", "val_loss"} <= set(last)
     # DPO moves the policy towards the chosen answers: the implicit reward margin grows from 0.
     assert abs(first["margin"]) < 1e-3 < last["margin"] and last["accuracy"] == 1.0
-    from checkpoint import load_model
+    from babyllama.checkpoint import load_model
     _, state = load_model(str(tmp_path / "dpo" / "ckpt.pt"))
     assert state["stage"] == "dpo" and state["step"] == 6
 
@@ -149,7 +149,7 @@ def test_grpo_script_runs(pretrained, preference, small_tokenizer, tmp_path):  #
             "--max_new_tokens=8", "--lr=1e-4", "--warmup_steps=1"])
     records = metrics(tmp_path / "grpo")
     assert len(records) == 3 and all({"reward", "kl", "answer_tokens"} <= set(r) for r in records)
-    from checkpoint import load_model
+    from babyllama.checkpoint import load_model
     _, state = load_model(str(tmp_path / "grpo" / "ckpt.pt"))
     assert state["stage"] == "grpo"
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *common(ckpt, small_tokenizer, tmp_path / "x"),

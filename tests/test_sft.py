@@ -12,7 +12,7 @@ from test_pretrain import (
     run_ok,
 )
 
-from checkpoint import load_model
+from babyllama.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")

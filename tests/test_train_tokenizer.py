@@ -4,9 +4,9 @@ import sys
 import pytest
 from conftest import POEMS, write_corpus
 
+from babyllama.configurator import parse_config
+from babyllama.corpora import CorpusError
 from chatglm_tokenizer import load_tokenizer
-from configurator import parse_config
-from corpora import CorpusError
 from train_tokenizer import Config, train
 
 

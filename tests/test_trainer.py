@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from budget import steps_that_fit
-from checkpoint import save_checkpoint
-from common import pick_device
-from distributed import Dist
+from babyllama.budget import steps_that_fit
+from babyllama.checkpoint import save_checkpoint
+from babyllama.common import pick_device
+from babyllama.distributed import Dist
+from babyllama.precision import choose_cpu_dtype, matmul_flops, measure_peak_flops, resolve_dtype
+from babyllama.trainer import MetricsLog, TrainConfig, Trainer, TrainingDiverged, lr_at, make_optimizer
 from model import ModelArgs, Transformer
-from precision import choose_cpu_dtype, matmul_flops, measure_peak_flops, resolve_dtype
-from trainer import MetricsLog, TrainConfig, Trainer, TrainingDiverged, lr_at, make_optimizer
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, multiple_of=16)
 
@@ -40,7 +40,7 @@ def settings(**kw):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator settings are glibc's")
 def test_glibc_accepts_the_allocator_settings():
     """mallopt answers 0 to a parameter or value it does not take: both settings must be accepted."""
-    from distributed import keep_freed_memory
+    from babyllama.distributed import keep_freed_memory
     assert keep_freed_memory() is True
 
 
@@ -92,7 +92,7 @@ def test_device_and_dtype_on_apple_gpus():
 
 def test_mfu_peak_is_never_below_float32s(monkeypatch):
     # A dtype slower than float32 (bfloat16 on an AVX2 CPU) must not lower the peak, or MFU passes 100%.
-    import precision
+    import babyllama.precision as precision
     measured = {"bfloat16": 1.9e9, "float32": 85e9}  # as on an AVX2 CPU (a real float16 probe takes minutes)
     monkeypatch.setattr(precision, "matmul_flops", lambda device, dtype, seconds=1.0: measured[dtype])
     assert measure_peak_flops("cpu", "bfloat16") == 85e9
@@ -203,7 +203,7 @@ def test_metrics_log_truncates_on_resume(tmp_path):
 def _ddp_worker(rank, world, port, out, steps):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from distributed import setup_distributed, teardown
+    from babyllama.distributed import setup_distributed, teardown
     torch.set_num_threads(1)
     dist = setup_distributed("cpu")
     trainer = Trainer(fresh_model(), settings(), dist)
@@ -241,7 +241,7 @@ def test_time_budget_follows_the_speed_both_ways():
     import time
     from types import SimpleNamespace
 
-    from budget import TimeBudget
+    from babyllama.budget import TimeBudget
     cfg = TrainConfig(eval_interval=10**6, save_interval=10**6, time_budget_min=2)
     trainer = SimpleNamespace(dist=Dist(started=time.time()), cfg=cfg, max_steps=1000, warmup_steps=10, step=0,
                               fitted_to_budget=False)

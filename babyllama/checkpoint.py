@@ -94,7 +94,7 @@ def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelA
                 raise CheckpointError(f"{path}: {e}") from None
     model = Transformer(model_args)
     if ckpt.get("lora"):  # an SFT run with adapters: rebuild them, load, and merge them in
-        from lora import apply_lora, merge_lora
+        from babyllama.lora import apply_lora, merge_lora
         apply_lora(model, **ckpt["lora"])
         model.load_state_dict(clean_state_dict(state), strict=True)
         merge_lora(model)
@@ -148,6 +148,6 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch
         raise ValueError(f"{tokenizer_path} has {tokenizer.n_pieces:,} pieces but the model in {path} has "
                          f"{model.args.vocab_size:,} ids: they do not belong together")
     if quantize == "int8":
-        from quantize import quantize_int8
+        from babyllama.quantize import quantize_int8
         quantize_int8(model)
     return model, ckpt, tokenizer

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from budget import TimeBudget
-from checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
-from common import print0, remove_stale_temps
-from configurator import (
+from babyllama.budget import TimeBudget
+from babyllama.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
+from babyllama.common import print0, remove_stale_temps
+from babyllama.configurator import (
     Device,
     Dtype,
     Fraction,
@@ -44,9 +44,9 @@ from configurator import (
     one_of,
     parse_config,
 )
-from distributed import Dist, all_reduce_max, all_reduce_mean, setup_distributed, teardown
-from muon import MuonAdamW
-from precision import autocast, measure_peak_flops, resolve_dtype
+from babyllama.distributed import Dist, all_reduce_max, all_reduce_mean, setup_distributed, teardown
+from babyllama.muon import MuonAdamW
+from babyllama.precision import autocast, measure_peak_flops, resolve_dtype
 
 # ------------------------------------------------------------------ schedule and optimizer
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
-from common import pick_device
+from babyllama.common import pick_device
 
 
 def stage_start_time() -> float:

@@ -1,5 +1,5 @@
 """The reward model: a Transformer with a scalar head read at the last token of prompt + answer, its
-Bradley-Terry loss on preference pairs, and its loader (used by reward_model.py, eval.py, grpo.py)."""
+Bradley-Terry loss on preference pairs, and its loader (used by train_reward_model.py, eval.py, grpo.py)."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from babyllama.checkpoint import read_checkpoint
 from chatglm_tokenizer import SPTokenizer
-from checkpoint import read_checkpoint
 from dataset_sft import encode_turns
 from model import ModelArgs, Transformer
 
@@ -76,7 +76,7 @@ def pair_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
 
 def load_reward_model(path: str, device: str = "cpu") -> tuple[RewardModel, dict]:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"reward model {path} does not exist: run reward_model.py first")
+        raise FileNotFoundError(f"reward model {path} does not exist: run train_reward_model.py first")
     state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("stage") != "reward":
         raise ValueError(f"{path} is not a reward model checkpoint (stage {state.get('stage')!r})")

@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from common import write_json_atomic
+from babyllama.common import write_json_atomic
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MIRROR_HINT = "behind a firewall or in mainland China use a mirror: --mirror=https://hf-mirror.com (or set HF_ENDPOINT)"

@@ -7,10 +7,10 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from distributed import all_reduce_max
+from babyllama.distributed import all_reduce_max
 
 if TYPE_CHECKING:
-    from trainer import Trainer
+    from babyllama.trainer import Trainer
 
 
 def steps_that_fit(seconds: float, step: int, step_s: float, eval_s: float, eval_interval: int, save_s: float,

@@ -1,8 +1,8 @@
 """A reward model: the SFT model with a scalar head on the final hidden state of the last token of
 prompt + answer, trained on preference pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
 
-    python reward_model.py                          # from out/sft/ckpt.pt on sft_data/preference.csv
-    python reward_model.py --init_from=out/sft_lora/ckpt.pt --out_dir=out/rm_lora
+    python train_reward_model.py                          # from out/sft/ckpt.pt on sft_data/preference.csv
+    python train_reward_model.py --init_from=out/sft_lora/ckpt.pt --out_dir=out/rm_lora
 
 Reports the pairwise accuracy on held-out pairs (chance 0.5). `RewardModel.score(prompts, answers)`
 gives rewards for the RL stage and for eval.py.
@@ -14,16 +14,16 @@ import os
 import sys
 from dataclasses import dataclass
 
+from babyllama.checkpoint import load_model_and_tokenizer
+from babyllama.common import print0
+from babyllama.configurator import InputFile, OutputDir, Positive, PositiveFloat, parse_config
+from babyllama.distributed import Dist, all_reduce_mean
+from babyllama.precision import autocast
+from babyllama.reward_model import RewardModel, load_reward_model, pair_batch, pair_loss, pairwise_accuracy
+from babyllama.tasks import pair_kind
+from babyllama.trainer import TrainConfig, fit, run_stage, start_run
 from chatglm_tokenizer import load_tokenizer
-from checkpoint import load_model_and_tokenizer
-from common import print0
-from configurator import InputFile, OutputDir, Positive, PositiveFloat, parse_config
 from dataset_sft import read_pairs
-from distributed import Dist, all_reduce_mean
-from precision import autocast
-from reward import RewardModel, load_reward_model, pair_batch, pair_loss, pairwise_accuracy
-from tasks import pair_kind
-from trainer import TrainConfig, fit, run_stage, start_run
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Config(TrainConfig):
 
 def evaluate_only(cfg: Config) -> dict:
     """Held-out pairwise accuracy of a trained reward model, overall and per kind of pair."""
-    from common import pick_device
+    from babyllama.common import pick_device
     device = pick_device(cfg.device)
     tok = load_tokenizer(cfg.tokenizer)
     model, _ = load_reward_model(os.path.join(cfg.out_dir, "ckpt.pt"), device)

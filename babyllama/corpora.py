@@ -21,8 +21,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from cleaning import strip_pku_tags
-from hub import HUB_SOURCES
+from babyllama.cleaning import strip_pku_tags
+from babyllama.hub import HUB_SOURCES
 
 
 @dataclass
