@@ -14,36 +14,29 @@ from dataclasses import dataclass
 
 import torch
 
-from babyllama.checkpoint import load_model_and_tokenizer
-from babyllama.common import pick_device
+from babyllama.checkpoint import ModelSettings, load_for_inference
 from babyllama.configurator import (
-    Device,
-    InputFile,
     NonNegative,
     NonNegativeFloat,
     Positive,
     PositiveFloat,
     PositiveFraction,
     SettingError,
-    one_of,
     parse_config,
     set_from_text,
 )
+from babyllama.errors import one_line_errors
 from dataset_sft import chat_prompt_ids
 
 
 @dataclass
-class Config:
-    ckpt: InputFile = "out/sft/ckpt.pt"
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+class Config(ModelSettings):
     temperature: NonNegativeFloat = 0.0  # 0 is greedy
     top_k: NonNegative = 0  # 0 keeps every token
     top_p: PositiveFraction = 1.0
     repetition_penalty: PositiveFloat = 1.1
     max_new_tokens: Positive = 256
     seed: int = 0
-    device: Device = "auto"
-    quantize: one_of("", "int8") = ""  # int8: int8 weights (quantize.py), faster decoding on a CPU
 
 
 SETTABLE = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
@@ -85,12 +78,9 @@ def apply_setting(cfg: Config, assignment: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    try:
-        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device),
-                                                  cfg.quantize)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
+        model, _, tok = load_for_inference(cfg)
     interactive = sys.stdin.isatty()
     generator = torch.Generator(device=model.freqs_cos.device).manual_seed(cfg.seed)
     history: list[tuple[str, str]] = []

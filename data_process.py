@@ -42,6 +42,7 @@ from babyllama.dedup import (
     minhash_batch,
     text_hashes,
 )
+from babyllama.errors import one_line_errors
 from chatglm_tokenizer import SPTokenizer, file_sha256, load_tokenizer
 
 TOKEN_DTYPE = np.uint16
@@ -211,7 +212,7 @@ def count_verdicts(counts: dict[str, Counter], sources: list[str], status: np.nd
             c[VERDICTS[verdict]] += number
 
 
-def run(cfg: Config) -> dict:
+def process(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > MAX_VOCAB + 1:
         raise CorpusError(f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} ids; uint16 holds at most "
@@ -304,11 +305,8 @@ def report(meta: dict, out_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    try:
-        run(cfg)
-    except (CorpusError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    with one_line_errors():
+        process(parse_config(Config, argv, __doc__))
 
 
 if __name__ == "__main__":

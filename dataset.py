@@ -15,11 +15,13 @@ import os
 import numpy as np
 import torch
 
+from babyllama.errors import UsageError
+
 TOKEN_DTYPE = np.uint16
 IGNORE_INDEX = -100
 
 
-class CorpusMismatch(ValueError):
+class CorpusMismatch(UsageError):
     """A .bin made with another tokenizer than the one training uses."""
 
 

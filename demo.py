@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from babyllama.configurator import NonNegativeFloat, OutputDir, Positive, in_range, parse_config
+from babyllama.errors import one_line_errors
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Config:
     data_dir: OutputDir = "data"  # raw sources, tokenizer and corpus go under it
     out_dir: OutputDir = "out"  # checkpoints, evaluations and plots go under it
     sft_dir: OutputDir = "sft_data"  # instruction data
-    vocab_size: in_range(260, 65535, int) = 8192  # our tokenizer's size (config/tiny.py is sized for 8192)
+    vocab_size: in_range(260, 65535, int) = 8192  # our tokenizer's size (config/tiny_shallow.py is sized for 8192)
     pretrain_steps: Positive = 2000  # at most this many optimizer steps of 4,096 tokens
     sft_steps: Positive = 1000  # at most this many SFT optimizer steps of 16 samples
     rm_steps: Positive = 400  # at most this many reward-model steps of 16 pairs
@@ -51,7 +52,7 @@ def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
          ["train_tokenizer.py", f"--raw_dir={raw}", f"--out={tok}/tokenizer.model", f"--vocab_size={cfg.vocab_size}"]),
         ("clean, deduplicate and tokenize the corpus", f"{corpus}/meta.json",
          ["data_process.py", f"--raw_dir={raw}", tokenizer, f"--out_dir={corpus}"]),
-        ("pretrain the tiny model", None,
+        ("pretrain the demo's model (tiny_shallow)", None,
          ["pretrain.py", "config/pretrain_tiny.py", f"--data={corpus}", tokenizer, f"--out_dir={out}/pretrain",
           f"--max_steps={cfg.pretrain_steps}",
           f"--time_budget_min={cfg.pretrain_min}"]),
@@ -153,27 +154,28 @@ def samples(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    plan = stages(cfg)
-    print(budget_line(cfg), flush=True)
-    for i, (name, done_file, command) in enumerate(plan, 1):
-        header = f"[{i}/{len(plan)}] {name}"
-        if done_file is not None and os.path.exists(done_file):
-            print(f"{header}: done already ({done_file})")
-            continue
-        print(f"{header}: python {' '.join(command)}", flush=True)
-        start = time.time()
-        os.makedirs(f"{cfg.out_dir}/eval", exist_ok=True)
-        result = subprocess.run([sys.executable, *command])
-        if result.returncode != 0:
-            raise SystemExit(f"stage '{name}' failed (exit {result.returncode}): python {' '.join(command)}\n"
-                             "fix the error above and run demo.py again; finished stages are kept")
-        print(f"{header}: finished in {time.time() - start:.0f} s")
-    table = results_table(cfg) + "\n\n" + samples(cfg)
-    with open(f"{cfg.out_dir}/results.md", "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    print(f"\n{table}\n\nloss curve: {cfg.out_dir}/pretrain/loss.png; chat with the SFT model: "
-          f"python chat.py --ckpt={cfg.out_dir}/sft/ckpt.pt")
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
+        plan = stages(cfg)
+        print(budget_line(cfg), flush=True)
+        for i, (name, done_file, command) in enumerate(plan, 1):
+            header = f"[{i}/{len(plan)}] {name}"
+            if done_file is not None and os.path.exists(done_file):
+                print(f"{header}: done already ({done_file})")
+                continue
+            print(f"{header}: python {' '.join(command)}", flush=True)
+            start = time.time()
+            os.makedirs(f"{cfg.out_dir}/eval", exist_ok=True)
+            result = subprocess.run([sys.executable, *command])
+            if result.returncode != 0:
+                raise SystemExit(f"stage '{name}' failed (exit {result.returncode}): python {' '.join(command)}\n"
+                                 "fix the error above and run demo.py again; finished stages are kept")
+            print(f"{header}: finished in {time.time() - start:.0f} s")
+        table = results_table(cfg) + "\n\n" + samples(cfg)
+        with open(f"{cfg.out_dir}/results.md", "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        print(f"\n{table}\n\nloss curve: {cfg.out_dir}/pretrain/loss.png; chat with the SFT model: "
+              f"python chat.py --ckpt={cfg.out_dir}/sft/ckpt.pt")
 
 
 if __name__ == "__main__":

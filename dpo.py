@@ -11,7 +11,6 @@ chosen and rejected answers, their margin and how often it is positive.
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ import torch.nn.functional as F
 from babyllama.checkpoint import load_model_and_tokenizer
 from babyllama.common import print0
 from babyllama.configurator import Fraction, InputFile, NonNegativeFloat, OutputDir, Positive, PositiveFloat
-from babyllama.distributed import Dist, all_reduce_mean
+from babyllama.distributed import all_reduce_mean
 from babyllama.precision import autocast
-from babyllama.trainer import TrainConfig, fit, run_stage, start_run
+from babyllama.trainer import TrainConfig, frozen_reference, start_training, train_loop, training_stage
+from chatglm_tokenizer import OUR_TOKENIZER
 from dataset_sft import collate, encode_turns, make_example, read_pairs
 from model import answer_logprobs
 
@@ -34,7 +34,7 @@ class Config(TrainConfig):
     init_from: InputFile = "out/sft/ckpt.pt"  # the policy starts here and the frozen reference is this model
     data: InputFile = "sft_data/preference.csv"
     val_data: InputFile = "sft_data/preference_val.csv"
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+    tokenizer: InputFile = OUR_TOKENIZER
     out_dir: OutputDir = "out/dpo"
     beta: PositiveFloat = 0.1  # strength of the pull towards the reference
     label_smoothing: Fraction = 0.0  # assumed share of wrong preference labels (conservative DPO)
@@ -65,58 +65,55 @@ def pair_examples(tok, pairs, max_seq_len: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(Config, train, argv, __doc__)
+    with training_stage(Config, argv, __doc__) as (cfg, dist):
+        policy, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
+        reference = frozen_reference(policy, dist.device)
+        policy.train()
+        pairs = read_pairs(cfg.data)
+        val = read_pairs(cfg.val_data)[:cfg.eval_pairs] if cfg.val_data else []
+        max_len = policy.args.max_seq_len
+        print0(f"DPO from {cfg.init_from}: {len(pairs):,} pairs, beta {cfg.beta}", dist=dist)
+        training = start_training(cfg, policy, dist, len(pairs), cfg.batch_size, policy.flops_per_token(max_len),
+                                  stage="dpo", tokenizer_sha256=tok.sha256)
+        trainer, order = training.trainer, training.order
 
+        def with_reference(x: torch.Tensor, y: torch.Tensor):
+            with torch.no_grad():
+                ref_logp, _ = answer_logprobs(reference, x, y)
+            return x, y, ref_logp
 
-def train(cfg: Config, dist: Dist) -> None:
-    policy, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
-    reference = copy.deepcopy(policy).to(dist.device).eval().requires_grad_(False)
-    policy.train()
-    pairs = read_pairs(cfg.data)
-    val = read_pairs(cfg.val_data)[:cfg.eval_pairs] if cfg.val_data else []
-    max_len = policy.args.max_seq_len
-    print0(f"DPO from {cfg.init_from}: {len(pairs):,} pairs, beta {cfg.beta}", dist=dist)
-    run = start_run(cfg, policy, dist, len(pairs), cfg.batch_size, policy.flops_per_token(max_len),
-                    stage="dpo", tokenizer_sha256=tok.sha256)
-    trainer, order = run.trainer, run.order
+        def next_batches():
+            batches = [pair_examples(tok, [pairs[i] for i in order.next(cfg.batch_size)], max_len)
+                       for _ in range(cfg.grad_accum)]
+            with autocast(dist.device, trainer.dtype):
+                out = [with_reference(x.to(dist.device), y.to(dist.device)) for x, y in batches]
+            return out, sum(int((x != tok.pad_id).sum()) for x, _ in batches)
 
-    def with_reference(x: torch.Tensor, y: torch.Tensor):
-        with torch.no_grad():
-            ref_logp, _ = answer_logprobs(reference, x, y)
-        return x, y, ref_logp
+        def loss_fn(model, batch):
+            x, y, ref_logp = batch
+            logp, _ = answer_logprobs(model, x, y)
+            pc, pr = logp.chunk(2)
+            rc, rr = ref_logp.chunk(2)
+            loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
+            margin = chosen - rejected
+            return loss, {"reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
+                          "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
 
-    def next_batches():
-        batches = [pair_examples(tok, [pairs[i] for i in order.next(cfg.batch_size)], max_len)
-                   for _ in range(cfg.grad_accum)]
-        with autocast(dist.device, trainer.dtype):
-            out = [with_reference(x.to(dist.device), y.to(dist.device)) for x, y in batches]
-        return out, sum(int((x != tok.pad_id).sum()) for x, _ in batches)
+        @torch.no_grad()
+        def validation() -> dict[str, float]:
+            mine = val[dist.rank::dist.world_size]
+            totals = {"val_loss": 0.0, "val_accuracy": 0.0}
+            with trainer.evaluating() as model, autocast(dist.device, trainer.dtype):
+                for start in range(0, len(mine), cfg.batch_size):
+                    x, y = pair_examples(tok, mine[start:start + cfg.batch_size], max_len)
+                    loss, metrics = loss_fn(model, with_reference(x.to(dist.device), y.to(dist.device)))
+                    share = len(mine[start:start + cfg.batch_size]) / len(mine)
+                    totals["val_loss"] += float(loss) * share
+                    totals["val_accuracy"] += metrics["accuracy"] * share
+            return {k: all_reduce_mean(v, dist) for k, v in totals.items()}
 
-    def loss_fn(model, batch):
-        x, y, ref_logp = batch
-        logp, _ = answer_logprobs(model, x, y)
-        pc, pr = logp.chunk(2)
-        rc, rr = ref_logp.chunk(2)
-        loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
-        margin = chosen - rejected
-        return loss, {"reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
-                      "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
-
-    @torch.no_grad()
-    def validation() -> dict[str, float]:
-        mine = val[dist.rank::dist.world_size]
-        totals = {"val_loss": 0.0, "val_accuracy": 0.0}
-        with trainer.evaluating() as model, autocast(dist.device, trainer.dtype):
-            for start in range(0, len(mine), cfg.batch_size):
-                x, y = pair_examples(tok, mine[start:start + cfg.batch_size], max_len)
-                loss, metrics = loss_fn(model, with_reference(x.to(dist.device), y.to(dist.device)))
-                share = len(mine[start:start + cfg.batch_size]) / len(mine)
-                totals["val_loss"] += float(loss) * share
-                totals["val_accuracy"] += metrics["accuracy"] * share
-        return {k: all_reduce_mean(v, dist) for k, v in totals.items()}
-
-    fit(run, next_batches, loss_fn, validation if val else None)
-    print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
+        train_loop(training, next_batches, loss_fn, validation if val else None)
+        print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Writes answers.csv (one row a sample) and summary.json into --out.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 from collections import defaultdict
@@ -19,30 +18,27 @@ from dataclasses import dataclass
 
 import torch
 
-from babyllama.checkpoint import load_model_and_tokenizer
-from babyllama.common import pick_device
+from babyllama.checkpoint import ModelSettings, load_for_inference
+from babyllama.common import write_json_atomic
 from babyllama.configurator import (
-    Device,
     InputFile,
     NonNegative,
     OutputDir,
     Positive,
     PositiveFloat,
-    one_of,
     parse_config,
 )
+from babyllama.errors import one_line_errors
 from babyllama.tasks import char_f1, distinct_n, has_loop, rouge_l, task_of
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
-from model import Transformer
+from model import IGNORE_INDEX, Transformer
 
 SEED_QUESTIONS = ["最近我在办公室坐久了会感到头晕，请问这是什么原因?有什么缓解办法吗？",
                   "前列腺囊肿的症状是什么？", "请问，世界上最大的动物是什么？"]
 
 
 @dataclass
-class Config:
-    ckpt: InputFile = "out/sft/ckpt.pt"  # the model to evaluate
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+class Config(ModelSettings):
     questions: str = "|".join(SEED_QUESTIONS)  # questions separated by |
     questions_file: InputFile = ""  # one question a line (replaces --questions)
     val_data: InputFile = "sft_data/sft_val.csv"  # references to score against ('' for none)
@@ -53,8 +49,6 @@ class Config:
     exact_match_chars: NonNegative = 10  # exact match is reported for references up to this long
     reward_model: InputFile = ""  # also report the mean reward of the answers under this reward model
     out: OutputDir = "out/eval"  # answers.csv and summary.json
-    device: Device = "auto"
-    quantize: one_of("", "int8") = ""  # int8: int8 weights (quantize.py), faster decoding on a CPU
 
 
 def answer(model: Transformer, tok, conversations: list[tuple[list, str]], cfg: Config) -> list[str]:
@@ -79,7 +73,7 @@ def answer_loss(model: Transformer, tok, path: str, n: int, batch_size: int) -> 
     for start in range(0, min(n, len(data)), batch_size):
         x, y = data.batch(list(range(start, min(start + batch_size, n, len(data)))), tok.pad_id)
         _, loss = model(x.to(device), y.to(device))
-        k = int((y != -100).sum())
+        k = int((y != IGNORE_INDEX).sum())
         total, count = total + float(loss) * k, count + k
     return total / max(count, 1)
 
@@ -108,46 +102,42 @@ def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    try:
-        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device),
-                                                  cfg.quantize)
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
+        model, _, tok = load_for_inference(cfg)
         questions = cfg.questions.split("|") if cfg.questions else []
         if cfg.questions_file:
             with open(cfg.questions_file, encoding="utf-8") as f:
                 questions = [line.strip() for line in f if line.strip()]
         rows = read_sft_csv(cfg.val_data)[:cfg.max_samples] if cfg.val_data else []
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    os.makedirs(cfg.out, exist_ok=True)
-    summary: dict = {"ckpt": cfg.ckpt, "questions": []}
-    for q, a in zip(questions, answer(model, tok, [([], q) for q in questions], cfg)):
-        print(f"[question] {q}\n[answer] {a}\n")
-        summary["questions"].append({"question": q, "answer": a})
-    if rows:
-        predictions = answer(model, tok, [(h, p) for p, _, h in rows], cfg)
-        summary["val_answer_loss"] = answer_loss(model, tok, cfg.val_data, len(rows), cfg.batch_size)
-        rewards = None
-        if cfg.reward_model:
-            from babyllama.reward_model import load_reward_model
-            rm, _ = load_reward_model(cfg.reward_model, model.freqs_cos.device)
-            rewards = rm.score(tok, [p for p, _, _ in rows], predictions)
-        summary["scores"] = score(rows, predictions, cfg.exact_match_chars, rewards)
-        with open(os.path.join(cfg.out, "answers.csv"), "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["task", "prompt", "reference", "prediction", "char_f1", "rouge_l"])
-            for (p, r, _), pred in zip(rows, predictions):
-                w.writerow([task_of(p), p, r, pred, f"{char_f1(pred, r):.4f}", f"{rouge_l(pred, r):.4f}"])
-        print(f"{cfg.val_data}: answer loss {summary['val_answer_loss']:.4f} on {len(rows)} samples")
-        for task, s in summary["scores"].items():
-            em = f", exact match {s['exact_match']:.3f}" if "exact_match" in s else ""
-            reward = f", mean reward {s['reward']:.3f}" if "reward" in s else ""
-            print(f"  {task:<9} {s['samples']:>5} samples: char F1 {s['f1']:.3f}, "
-                  f"ROUGE-L {s['rouge_l']:.3f}{em}{reward}; distinct-1 {s['distinct_1']:.3f}, "
-                  f"distinct-2 {s['distinct_2']:.3f}, in a loop {s['loop']:.1%}")
-    with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, ensure_ascii=False, indent=2)
-    print(f"wrote {cfg.out}/summary.json" + (" and answers.csv" if rows else ""))
+        os.makedirs(cfg.out, exist_ok=True)
+        summary: dict = {"ckpt": cfg.ckpt, "questions": []}
+        for q, a in zip(questions, answer(model, tok, [([], q) for q in questions], cfg)):
+            print(f"[question] {q}\n[answer] {a}\n")
+            summary["questions"].append({"question": q, "answer": a})
+        if rows:
+            predictions = answer(model, tok, [(h, p) for p, _, h in rows], cfg)
+            summary["val_answer_loss"] = answer_loss(model, tok, cfg.val_data, len(rows), cfg.batch_size)
+            rewards = None
+            if cfg.reward_model:
+                from babyllama.reward_model import load_reward_model
+                rm, _ = load_reward_model(cfg.reward_model, model.freqs_cos.device)
+                rewards = rm.score(tok, [p for p, _, _ in rows], predictions)
+            summary["scores"] = score(rows, predictions, cfg.exact_match_chars, rewards)
+            with open(os.path.join(cfg.out, "answers.csv"), "w", encoding="utf-8", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["task", "prompt", "reference", "prediction", "char_f1", "rouge_l"])
+                for (p, r, _), pred in zip(rows, predictions):
+                    w.writerow([task_of(p), p, r, pred, f"{char_f1(pred, r):.4f}", f"{rouge_l(pred, r):.4f}"])
+            print(f"{cfg.val_data}: answer loss {summary['val_answer_loss']:.4f} on {len(rows)} samples")
+            for task, s in summary["scores"].items():
+                em = f", exact match {s['exact_match']:.3f}" if "exact_match" in s else ""
+                reward = f", mean reward {s['reward']:.3f}" if "reward" in s else ""
+                print(f"  {task:<9} {s['samples']:>5} samples: char F1 {s['f1']:.3f}, "
+                      f"ROUGE-L {s['rouge_l']:.3f}{em}{reward}; distinct-1 {s['distinct_1']:.3f}, "
+                      f"distinct-2 {s['distinct_2']:.3f}, in a loop {s['loop']:.1%}")
+        write_json_atomic(os.path.join(cfg.out, "summary.json"), summary)
+        print(f"wrote {cfg.out}/summary.json" + (" and answers.csv" if rows else ""))
 
 
 if __name__ == "__main__":

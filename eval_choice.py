@@ -14,16 +14,16 @@ character (so that long options are not penalised); chance is 1 / number of opti
 from __future__ import annotations
 
 import csv
-import json
 import random
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from babyllama.checkpoint import load_model_and_tokenizer
-from babyllama.common import pick_device
-from babyllama.configurator import Device, InputFile, NonNegative, OutputFile, Positive, one_of, parse_config
+from babyllama.checkpoint import ModelSettings, load_for_inference
+from babyllama.common import write_json_atomic
+from babyllama.configurator import InputFile, NonNegative, OutputFile, Positive, one_of, parse_config
+from babyllama.errors import one_line_errors
 from babyllama.tasks import task_of
 from dataset_sft import collate, read_sft_csv
 from model import Transformer, answer_logprobs
@@ -32,9 +32,7 @@ LETTERS = "ABCD"
 
 
 @dataclass
-class Config:
-    ckpt: InputFile = "out/sft/ckpt.pt"
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+class Config(ModelSettings):
     file: InputFile = ""  # a C-Eval/CMMLU CSV; empty: the built-in idiom set from --val_data
     dev_file: InputFile = ""  # few-shot examples in the same layout (default: none)
     shots: NonNegative = 0  # examples put before each question
@@ -44,7 +42,6 @@ class Config:
     seed: int = 0  # which distractors the built-in set draws
     write_set: OutputFile = ""  # write the built-in set here as a C-Eval CSV
     batch_size: Positive = 16
-    device: Device = "auto"
     json: OutputFile = ""  # also write the results here
 
 
@@ -142,25 +139,23 @@ def choose(model: Transformer, tok, questions: list[Question], shots: list[Quest
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    try:
-        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device))
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
+        model, _, tok = load_for_inference(cfg)
         questions = read_choice_csv(cfg.file) if cfg.file else idiom_set(cfg.val_data, cfg.idiom_questions, cfg.seed)
         shots = read_choice_csv(cfg.dev_file)[:cfg.shots] if cfg.dev_file and cfg.shots else []
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if cfg.write_set:
-        write_choice_csv(cfg.write_set, questions)
-    picks = choose(model, tok, questions, shots, cfg.format, cfg.batch_size)
-    accuracy = sum(p == q.answer for p, q in zip(picks, questions)) / len(questions)
-    chance = sum(1 / len(q.options) for q in questions) / len(questions)
-    name = cfg.file or "built-in held-out idioms"
-    print(f"{name}: accuracy {accuracy:.3f} on {len(questions)} questions ({cfg.shots}-shot, {cfg.format} format); "
-          f"chance {chance:.3f}")
-    if cfg.json:
-        with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump({"file": name, "accuracy": accuracy, "chance": chance, "questions": len(questions),
-                       "shots": cfg.shots, "format": cfg.format, "ckpt": cfg.ckpt}, f, ensure_ascii=False, indent=2)
+        if cfg.write_set:
+            write_choice_csv(cfg.write_set, questions)
+        picks = choose(model, tok, questions, shots, cfg.format, cfg.batch_size)
+        accuracy = sum(p == q.answer for p, q in zip(picks, questions)) / len(questions)
+        chance = sum(1 / len(q.options) for q in questions) / len(questions)
+        name = cfg.file or "built-in held-out idioms"
+        print(f"{name}: accuracy {accuracy:.3f} on {len(questions)} questions ({cfg.shots}-shot, {cfg.format} format); "
+              f"chance {chance:.3f}")
+        if cfg.json:
+            write_json_atomic(cfg.json, {"file": name, "accuracy": accuracy, "chance": chance,
+                                         "questions": len(questions), "shots": cfg.shots, "format": cfg.format,
+                                         "ckpt": cfg.ckpt})
 
 
 if __name__ == "__main__":

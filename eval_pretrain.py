@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from babyllama.checkpoint import load_model_and_tokenizer
+from babyllama.checkpoint import ModelSettings, load_for_inference
 from babyllama.cleaning import clean_text
-from babyllama.common import pick_device
+from babyllama.common import write_json_atomic
 from babyllama.configurator import (
-    Device,
     InputFile,
     NonNegative,
     NonNegativeFloat,
@@ -29,9 +28,9 @@ from babyllama.configurator import (
     Positive,
     PositiveFloat,
     PositiveFraction,
-    one_of,
     parse_config,
 )
+from babyllama.errors import one_line_errors
 from dataset import PretrainDataset
 from model import Transformer
 
@@ -39,9 +38,8 @@ SEED_PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "《�
 
 
 @dataclass
-class Config:
+class Config(ModelSettings):
     ckpt: InputFile = "out/pretrain/ckpt.pt"  # our ckpt.pt or the seed's .pth
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
     prompts: str = "|".join(SEED_PROMPTS)  # prompts separated by |
     prompts_file: InputFile = ""  # one prompt a line (replaces --prompts)
     max_new_tokens: Positive = 100
@@ -54,8 +52,6 @@ class Config:
     text: InputFile = ""  # a UTF-8 text file for perplexity (cleaned and tokenized here)
     max_windows: Positive = 200  # at most this many windows of max_seq_len tokens are scored
     batch_size: Positive = 8
-    device: Device = "auto"
-    quantize: one_of("", "int8") = ""  # int8: int8 weights (quantize.py), faster decoding on a CPU
     json: OutputFile = ""  # also write the results here
 
 
@@ -126,27 +122,24 @@ def perplexity(model: Transformer, tok, cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    try:
-        model, _, tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device),
-                                                  cfg.quantize)
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
+        model, _, tok = load_for_inference(cfg)
         prompts = cfg.prompts.split("|")
         if cfg.prompts_file:
             with open(cfg.prompts_file, encoding="utf-8") as f:
                 prompts = [line.rstrip("\n") for line in f if line.strip()]
         samples = continuations(model, tok, prompts, cfg)
         scores = perplexity(model, tok, cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    for prompt, text in zip(prompts, samples):
-        print(f"[prompt] {prompt}\n[continuation] {text}\n")
-    for s in scores.values():
-        bpc = f", {s['bits_per_char']:.3f} bits/char" if "bits_per_char" in s else ""
-        print(f"{s['path']}: loss {s['loss']:.4f} over {s['tokens']:,} tokens, perplexity {s['perplexity']:.2f}{bpc}")
-    if cfg.json:
-        with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump({"samples": [{"prompt": p, "continuation": c} for p, c in zip(prompts, samples)],
-                       "scores": scores}, f, ensure_ascii=False, indent=2)
+        for prompt, text in zip(prompts, samples):
+            print(f"[prompt] {prompt}\n[continuation] {text}\n")
+        for s in scores.values():
+            bpc = f", {s['bits_per_char']:.3f} bits/char" if "bits_per_char" in s else ""
+            print(f"{s['path']}: loss {s['loss']:.4f} over {s['tokens']:,} tokens, "
+                  f"perplexity {s['perplexity']:.2f}{bpc}")
+        if cfg.json:
+            samples_json = [{"prompt": p, "continuation": c} for p, c in zip(prompts, samples)]
+            write_json_atomic(cfg.json, {"samples": samples_json, "scores": scores})
 
 
 if __name__ == "__main__":

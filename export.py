@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from babyllama.checkpoint import load_model, save_atomic
-from babyllama.configurator import one_of, parse_config
+from babyllama.configurator import one_of, parse_config, read_model_preset
+from babyllama.errors import UsageError, one_line_errors
 from chatglm_tokenizer import HERE as TOKENIZER_CODE
 from chatglm_tokenizer import SPTokenizer, resolve_tokenizer_path
-from model import ModelArgs, Transformer, model_args_from_preset
+from model import ModelArgs, Transformer
 
 # question + bos, the answer generated until eos: the SFT format, turn after turn.
 CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}<s>"
@@ -276,10 +277,10 @@ def import_hf(folder: str) -> Transformer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    if os.path.exists(cfg.out) and not cfg.overwrite:
-        raise SystemExit(f"error: {cfg.out} exists; pass --overwrite=true to replace it")
-    try:
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
+        if os.path.exists(cfg.out) and not cfg.overwrite:
+            raise UsageError(f"{cfg.out} exists; pass --overwrite=true to replace it")
         if cfg.import_from:
             model = import_hf(cfg.import_from)
             os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
@@ -287,15 +288,13 @@ def main(argv: list[str] | None = None) -> None:
             save_atomic(state, cfg.out)
             print(f"wrote {cfg.out} ({model.num_params() / 1e6:.2f}M parameters)")
             return
-        args = model_args_from_preset(cfg.preset) if cfg.preset else None
+        args = read_model_preset(cfg.preset) if cfg.preset else None
         model, _ = load_model(cfg.ckpt, model_args=args)
         if cfg.gguf:
             export_gguf(model, cfg.tokenizer, cfg.out, cfg.gguf_type)
             print(f"wrote {cfg.out}: run it with llama.cpp, e.g. llama-cli -m {cfg.out}")
             return
         export_hf(model, cfg.tokenizer or None, cfg.out)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
     print(f"wrote {cfg.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({cfg.out!r})")
 
 

@@ -11,7 +11,6 @@ each answer's tokens, then over answers. Logged: mean reward, KL, answer length.
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -30,12 +29,12 @@ from babyllama.configurator import (
     in_range,
     one_of,
 )
-from babyllama.distributed import Dist
 from babyllama.precision import autocast
 from babyllama.tasks import char_f1, task_of
-from babyllama.trainer import TrainConfig, fit, run_stage, start_run
+from babyllama.trainer import TrainConfig, frozen_reference, start_training, train_loop, training_stage
+from chatglm_tokenizer import OUR_TOKENIZER
 from dataset_sft import chat_prompt_ids, collate, read_sft_csv
-from model import token_logprobs
+from model import IGNORE_INDEX, token_logprobs
 
 
 @dataclass
@@ -43,7 +42,7 @@ class Config(TrainConfig):
     init_from: InputFile = "out/sft/ckpt.pt"  # the policy starts here; the frozen reference is this model
     prompts: InputFile = "sft_data/sft_data.csv"  # questions with reference answers
     task: one_of("idiom", "character", "other", "all") = "idiom"  # which prompts: idiom, character, other or all
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+    tokenizer: InputFile = OUR_TOKENIZER
     out_dir: OutputDir = "out/grpo"
     reward: one_of("f1", "model") = "f1"  # f1 (character F1 against the reference) or model (a reward model's score)
     reward_model: str = "out/rm/ckpt.pt"  # used when reward=model
@@ -83,10 +82,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return per_answer.mean(), mean_kl.detach()
 
 
-def main(argv: list[str] | None = None) -> None:
-    run_stage(Config, train, argv, __doc__)
-
-
 def make_rewarder(cfg: Config, tok, device: str):
     """rewards(prompts, answers, references) -> list of floats."""
     if cfg.reward == "f1":
@@ -96,61 +91,64 @@ def make_rewarder(cfg: Config, tok, device: str):
     return lambda prompts, answers, references: rm.score(tok, prompts, answers)
 
 
-def train(cfg: Config, dist: Dist) -> None:
-    policy, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
-    reference = copy.deepcopy(policy).to(dist.device).eval().requires_grad_(False)
-    policy.train()
-    rows = [(p, a) for p, a, h in read_sft_csv(cfg.prompts) if not h and (cfg.task == "all" or task_of(p) == cfg.task)]
-    if not rows:
-        raise ValueError(f"{cfg.prompts} has no single-turn prompts of task {cfg.task!r}")
-    rewarder = make_rewarder(cfg, tok, dist.device)
-    max_len = policy.args.max_seq_len
-    print0(f"GRPO from {cfg.init_from}: {len(rows):,} {cfg.task} prompts, groups of {cfg.group_size}, "
-           f"reward {cfg.reward}", dist=dist)
-    run = start_run(cfg, policy, dist, len(rows), cfg.prompts_per_step, policy.flops_per_token(max_len),
-                    stage="grpo", tokenizer_sha256=tok.sha256)
-    trainer, order, state = run.trainer, run.order, run.state
-    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + 1000 * dist.rank + trainer.step)
-    if state is not None and "sampler" in state and not dist.enabled:  # one process resumes its sampling exactly
-        generator.set_state(state["sampler"])
+def main(argv: list[str] | None = None) -> None:
+    with training_stage(Config, argv, __doc__) as (cfg, dist):
+        policy, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
+        reference = frozen_reference(policy, dist.device)
+        policy.train()
+        rows = [(p, a) for p, a, h in read_sft_csv(cfg.prompts)
+                if not h and (cfg.task == "all" or task_of(p) == cfg.task)]
+        if not rows:
+            raise ValueError(f"{cfg.prompts} has no single-turn prompts of task {cfg.task!r}")
+        rewarder = make_rewarder(cfg, tok, dist.device)
+        max_len = policy.args.max_seq_len
+        print0(f"GRPO from {cfg.init_from}: {len(rows):,} {cfg.task} prompts, groups of {cfg.group_size}, "
+               f"reward {cfg.reward}", dist=dist)
+        training = start_training(cfg, policy, dist, len(rows), cfg.prompts_per_step,
+                                  policy.flops_per_token(max_len), stage="grpo", tokenizer_sha256=tok.sha256)
+        trainer, order, state = training.trainer, training.order, training.state
+        generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + 1000 * dist.rank + trainer.step)
+        if state is not None and "sampler" in state and not dist.enabled:  # one process resumes its sampling exactly
+            generator.set_state(state["sampler"])
 
-    def rollouts():
-        """Sample a group of answers per prompt with the current policy, reward them, and build the
-        training batch: (inputs, labels, advantages, old log-probs, reference log-probs, stats)."""
-        picked = [rows[i] for i in order.next(cfg.prompts_per_step)]
-        prompt_ids = [chat_prompt_ids(tok, [], p, max_len, reserve=cfg.max_new_tokens) for p, _ in picked]
-        with trainer.evaluating() as model:
-            completions = model.generate([ids for ids in prompt_ids for _ in range(cfg.group_size)],
-                                         cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                                         eos_id=tok.eos_id, generator=generator)
-        prompts = [p for p, _ in picked for _ in range(cfg.group_size)]
-        references = [a for _, a in picked for _ in range(cfg.group_size)]
-        answers = [tok.decode(c) for c in completions]
-        rewards = torch.tensor(rewarder(prompts, answers, references), dtype=torch.float32)
-        advantages = grpo_advantages(rewards.view(-1, cfg.group_size)).view(-1)
-        examples = []
-        for i, c in enumerate(completions):
-            ids = prompt_ids[i // cfg.group_size] + c + ([tok.eos_id] if len(c) < cfg.max_new_tokens else [])
-            ids = ids[:max_len + 1]
-            n_prompt = len(prompt_ids[i // cfg.group_size])
-            labels = [-100] * n_prompt + ids[n_prompt:]
-            examples.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))
-        x, y = collate(examples, tok.pad_id)
-        x, y = x.to(dist.device), y.to(dist.device)
-        with torch.no_grad(), autocast(dist.device, trainer.dtype):
-            old, _ = token_logprobs(trainer.raw_model, x, y)
-            ref, _ = token_logprobs(reference, x, y)
-        stats = {"reward": float(rewards.mean()), "answer_tokens": sum(len(c) for c in completions) / len(completions)}
-        return [(x, y, advantages.to(dist.device), old, ref, stats)], int((x != tok.pad_id).sum())
+        def rollouts():
+            """Sample a group of answers per prompt with the current policy, reward them, and build the
+            training batch: (inputs, labels, advantages, old log-probs, reference log-probs, stats)."""
+            picked = [rows[i] for i in order.next(cfg.prompts_per_step)]
+            prompt_ids = [chat_prompt_ids(tok, [], p, max_len, reserve=cfg.max_new_tokens) for p, _ in picked]
+            with trainer.evaluating() as model:
+                completions = model.generate([ids for ids in prompt_ids for _ in range(cfg.group_size)],
+                                             cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                             eos_id=tok.eos_id, generator=generator)
+            prompts = [p for p, _ in picked for _ in range(cfg.group_size)]
+            references = [a for _, a in picked for _ in range(cfg.group_size)]
+            answers = [tok.decode(c) for c in completions]
+            rewards = torch.tensor(rewarder(prompts, answers, references), dtype=torch.float32)
+            advantages = grpo_advantages(rewards.view(-1, cfg.group_size)).view(-1)
+            examples = []
+            for i, c in enumerate(completions):
+                ids = prompt_ids[i // cfg.group_size] + c + ([tok.eos_id] if len(c) < cfg.max_new_tokens else [])
+                ids = ids[:max_len + 1]
+                n_prompt = len(prompt_ids[i // cfg.group_size])
+                labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+                examples.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))
+            x, y = collate(examples, tok.pad_id)
+            x, y = x.to(dist.device), y.to(dist.device)
+            with torch.no_grad(), autocast(dist.device, trainer.dtype):
+                old, _ = token_logprobs(trainer.raw_model, x, y)
+                ref, _ = token_logprobs(reference, x, y)
+            stats = {"reward": float(rewards.mean()),
+                     "answer_tokens": sum(len(c) for c in completions) / len(completions)}
+            return [(x, y, advantages.to(dist.device), old, ref, stats)], int((x != tok.pad_id).sum())
 
-    def loss_fn(model, batch):
-        x, y, advantages, old, ref, stats = batch
-        logp, mask = token_logprobs(model, x, y)
-        loss, kl = grpo_loss(logp, old, ref, advantages, mask.float(), cfg.clip_eps, cfg.kl_beta)
-        return loss, {**stats, "kl": float(kl)}
+        def loss_fn(model, batch):
+            x, y, advantages, old, ref, stats = batch
+            logp, mask = token_logprobs(model, x, y)
+            loss, kl = grpo_loss(logp, old, ref, advantages, mask.float(), cfg.clip_eps, cfg.kl_beta)
+            return loss, {**stats, "kl": float(kl)}
 
-    fit(run, rollouts, loss_fn, None, lambda: {"sampler": generator.get_state()})
-    print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
+        train_loop(training, rollouts, loss_fn, None, lambda: {"sampler": generator.get_state()})
+        print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,19 @@
-"""The Llama2 decoder shared by every stage, with KV-cache generation and checkpoint loading.
+"""The Llama2 decoder shared by every stage: RMSNorm, RoPE, grouped-query attention, SwiGLU, KV-cache
+generation, and the log-probabilities the training stages score answers with.
 
 State-dict names are the seed's (and llama2.c's), so the seed's released weights load with strict=True.
 """
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100  # label value that the loss skips; never the pad id
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
 
 
 @dataclass
@@ -42,17 +41,6 @@ class ModelArgs:
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
-
-
-def model_args_from_preset(name_or_path: str, **overrides) -> ModelArgs:
-    """ModelArgs from a preset in config/ (e.g. 'baby_92m') or a path to such a file."""
-    path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, name_or_path + ".py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no model preset {name_or_path!r} (looked for {path})")
-    values: dict = {}
-    exec(compile(open(path, encoding="utf-8").read(), path, "exec"), {}, values)
-    known = {f.name for f in fields(ModelArgs)}
-    return ModelArgs(**{**{k: v for k, v in values.items() if k in known}, **overrides})
 
 
 class RMSNorm(nn.Module):
@@ -389,10 +377,17 @@ class Transformer(nn.Module):
             return (h @ self._output_transposed()).float()
         return self.output(h).float()  # a quantized output layer (quantize.py)
 
+    def train(self, mode: bool = True) -> Transformer:
+        # Fused optimizers update weights in place without bumping their version counter, so the cached
+        # transposed output matrix is dropped whenever the mode changes (a training loop that samples,
+        # as GRPO does, switches to eval mode for every rollout).
+        self._output_t_key = None
+        return super().train(mode)
+
     def _output_transposed(self) -> torch.Tensor:
         """The output matrix stored as (dim, vocab): a one-row matmul reads it faster than the (vocab,
         dim) layout on a CPU (BENCHMARKS.md), and at batch 1 decoding is bound by reading weights. Cached until
-        the weights change."""
+        the weights change or the mode does (train)."""
         w = self.output.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if getattr(self, "_output_t_key", None) != key:
@@ -440,7 +435,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- log-probabilities of labelled tokens
 
 
 def token_logprobs(model: Transformer, inputs: torch.Tensor,

@@ -25,9 +25,11 @@ from babyllama.configurator import (
     SeqLen,
     one_of,
     parse_config,
+    read_model_preset,
 )
+from babyllama.errors import one_line_errors
 from babyllama.gpu_memory import GPUS, MemoryPlan, largest_micro_batch, training_memory
-from model import Transformer, model_args_from_preset
+from model import Transformer
 
 
 @dataclass
@@ -69,45 +71,44 @@ def memory_table(plain: MemoryPlan, sharded: MemoryPlan, gpus: int) -> list[str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    try:
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
         tokens = parse_count(cfg.tokens)
         overrides = {"max_seq_len": cfg.seq_len} if cfg.seq_len else {}
-        args = model_args_from_preset(cfg.model, **overrides)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    gpu, T = GPUS[cfg.gpu], args.max_seq_len
-    with torch.device("meta"):  # the shapes only, no memory
-        model = Transformer(args)
-    flops_per_token = model.flops_per_token(T)
-    print(f"{cfg.model}: {model.num_params() / 1e6:.1f}M parameters "
-          f"({model.num_params(count_tied_twice=True) / 1e6:.1f}M counting the tied embedding twice), "
-          f"{T} tokens a sequence, {flops_per_token:.3g} training FLOPs a token")
+        args = read_model_preset(cfg.model, **overrides)
+        gpu, T = GPUS[cfg.gpu], args.max_seq_len
+        with torch.device("meta"):  # the shapes only, no memory
+            model = Transformer(args)
+        flops_per_token = model.flops_per_token(T)
+        print(f"{cfg.model}: {model.num_params() / 1e6:.1f}M parameters "
+              f"({model.num_params(count_tied_twice=True) / 1e6:.1f}M counting the tied embedding twice), "
+              f"{T} tokens a sequence, {flops_per_token:.3g} training FLOPs a token")
 
-    capacity = (gpu.memory_gib - cfg.reserve_gib) * 2**30
-    kw = {"dtype": cfg.dtype, "processes": cfg.gpus}
-    fit_plain = largest_micro_batch(args, T, capacity, **kw)
-    fit_fsdp = largest_micro_batch(args, T, capacity, fsdp=True, **kw)
-    micro = cfg.micro_batch or max(1, fit_plain or fit_fsdp)
-    print(f"\nmemory of one training process, micro-batch {micro} x {T} tokens, {cfg.dtype}:")
-    print("\n".join(memory_table(training_memory(args, micro, T, **kw),
-                                 training_memory(args, micro, T, fsdp=True, **kw), cfg.gpus)))
-    print(f"\nlargest micro-batch in {gpu.memory_gib:g} GiB ({cfg.gpu}, {cfg.reserve_gib:g} GiB kept free): "
-          f"{fit_plain} without FSDP, {fit_fsdp} with FSDP over {cfg.gpus} GPU(s)")
-    if fit_plain == 0 and fit_fsdp == 0:
-        print("not even one sequence fits: a shorter --seq_len, a smaller model or a larger GPU")
-    per_micro_step = micro * T * cfg.gpus
-    accum = max(1, math.ceil(cfg.tokens_per_step / per_micro_step))
-    print(f"tokens per optimizer step: {micro} x {T} x {cfg.gpus} GPU(s) x grad_accum {accum} = "
-          f"{per_micro_step * accum:,} (asked: {cfg.tokens_per_step:,}); "
-          f"torchrun --nproc_per_node={cfg.gpus} pretrain.py --batch_size={micro} --grad_accum={accum}")
+        capacity = (gpu.memory_gib - cfg.reserve_gib) * 2**30
+        kw = {"dtype": cfg.dtype, "processes": cfg.gpus}
+        fit_plain = largest_micro_batch(args, T, capacity, **kw)
+        fit_fsdp = largest_micro_batch(args, T, capacity, fsdp=True, **kw)
+        micro = cfg.micro_batch or max(1, fit_plain or fit_fsdp)
+        print(f"\nmemory of one training process, micro-batch {micro} x {T} tokens, {cfg.dtype}:")
+        print("\n".join(memory_table(training_memory(args, micro, T, **kw),
+                                     training_memory(args, micro, T, fsdp=True, **kw), cfg.gpus)))
+        print(f"\nlargest micro-batch in {gpu.memory_gib:g} GiB ({cfg.gpu}, {cfg.reserve_gib:g} GiB kept free): "
+              f"{fit_plain} without FSDP, {fit_fsdp} with FSDP over {cfg.gpus} GPU(s)")
+        if fit_plain == 0 and fit_fsdp == 0:
+            print("not even one sequence fits: a shorter --seq_len, a smaller model or a larger GPU")
+        per_micro_step = micro * T * cfg.gpus
+        accum = max(1, math.ceil(cfg.tokens_per_step / per_micro_step))
+        print(f"tokens per optimizer step: {micro} x {T} x {cfg.gpus} GPU(s) x grad_accum {accum} = "
+              f"{per_micro_step * accum:,} (asked: {cfg.tokens_per_step:,}); "
+              f"torchrun --nproc_per_node={cfg.gpus} pretrain.py --batch_size={micro} --grad_accum={accum}")
 
-    seconds = tokens * flops_per_token / (cfg.gpus * gpu.bf16_tflops * 1e12 * cfg.mfu)
-    price = cfg.usd_per_gpu_hour or gpu.usd_per_hour
-    hours = seconds / 3600
-    print(f"time for {tokens:.3g} tokens at {100 * cfg.mfu:.0f}% MFU of {cfg.gpus} x {gpu.bf16_tflops:g} TFLOP/s: "
-          f"{hours:.1f} h ({hours / 24:.1f} days), about ${hours * cfg.gpus * price:,.0f} at ${price:g} a GPU-hour; "
-          f"{tokens / (cfg.tokens_per_step or 1):,.0f} optimizer steps")
+        seconds = tokens * flops_per_token / (cfg.gpus * gpu.bf16_tflops * 1e12 * cfg.mfu)
+        price = cfg.usd_per_gpu_hour or gpu.usd_per_hour
+        hours = seconds / 3600
+        print(f"time for {tokens:.3g} tokens at {100 * cfg.mfu:.0f}% MFU of {cfg.gpus} x {gpu.bf16_tflops:g} TFLOP/s: "
+              f"{hours:.1f} h ({hours / 24:.1f} days), about ${hours * cfg.gpus * price:,.0f} "
+              f"at ${price:g} a GPU-hour; "
+              f"{tokens / (cfg.tokens_per_step or 1):,.0f} optimizer steps")
 
 
 if __name__ == "__main__":

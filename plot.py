@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from babyllama.configurator import OneLineParser  # noqa: E402
+from babyllama.errors import UsageError, one_line_errors  # noqa: E402
 
 
 def positive_int(text: str) -> int:
@@ -30,7 +31,7 @@ def positive_int(text: str) -> int:
 def read_metrics(path: str) -> list[dict]:
     file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise SystemExit(f"error: no metrics at {file}: train first (pretrain.py writes metrics.jsonl)")
+        raise UsageError(f"no metrics at {file}: train first (pretrain.py writes metrics.jsonl)")
     records = []
     with open(file, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -38,7 +39,7 @@ def read_metrics(path: str) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:
-                    raise SystemExit(f"error: {file}:{number} is not JSON") from None
+                    raise UsageError(f"{file}:{number} is not JSON") from None
     return records
 
 
@@ -66,7 +67,7 @@ def plot(runs: list[str], out: str, smooth: int, metric: str = "loss", x: str = 
         train = [(r[x], r[metric]) for r in records if metric in r and r[metric] == r[metric]]  # no NaN
         val = [(r[x], r[f"val_{metric}"]) for r in records if f"val_{metric}" in r]
         if not train and not val:
-            raise SystemExit(f"error: {run} logged no '{metric}' (its metrics: "
+            raise UsageError(f"{run} logged no '{metric}' (its metrics: "
                              f"{', '.join(sorted({k for r in records for k in r}))})")
         if train:
             ax.plot([t / scale for t, _ in train], moving_average([v for _, v in train], smooth),
@@ -89,9 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smooth", type=positive_int, default=20, help="moving average window for the train curve")
     parser.add_argument("--metric", default="loss", help="a field of metrics.jsonl: loss, reward, margin, ...")
     parser.add_argument("--x", default="tokens", choices=["tokens", "step"], help="the horizontal axis")
-    args = parser.parse_args(argv)
-    first = args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0])
-    plot(args.runs, args.out or os.path.join(first, f"{args.metric}.png"), max(1, args.smooth), args.metric, args.x)
+    with one_line_errors():
+        args = parser.parse_args(argv)
+        first = args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0])
+        plot(args.runs, args.out or os.path.join(first, f"{args.metric}.png"), max(1, args.smooth), args.metric,
+             args.x)
 
 
 if __name__ == "__main__":

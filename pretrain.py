@@ -1,7 +1,7 @@
 """Pretraining: next-token prediction on the token stream made by data_process.py.
 
-    python pretrain.py                                    # the tiny demo model on data/demo, on the CPU
-    python pretrain.py config/pretrain_tiny.py --max_steps=200
+    python pretrain.py config/pretrain_tiny.py            # the demo's model (tiny_shallow) on data/demo, on the CPU
+    python pretrain.py --model=tiny --max_steps=200       # the flags alone: the 6-layer tiny preset
     torchrun --nproc_per_node=4 pretrain.py config/pretrain_baby_92m.py    # several GPUs
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \\
         --nproc_per_node=8 pretrain.py config/pretrain_baby_218m.py       # several machines
@@ -31,18 +31,18 @@ from babyllama.configurator import (
     PositiveFloat,
     SeqLen,
     one_of,
+    read_model_preset,
 )
-from babyllama.distributed import Dist
-from babyllama.trainer import TrainConfig, fit, run_stage, start_run, validation_loss
-from chatglm_tokenizer import load_tokenizer
+from babyllama.trainer import TrainConfig, start_training, train_loop, training_stage, validation_loss
+from chatglm_tokenizer import OUR_TOKENIZER, load_tokenizer
 from dataset import PretrainDataset, bin_files, check_tokenizer
-from model import INITS, ModelArgs, Transformer, init_residual_projections, model_args_from_preset
+from model import INITS, ModelArgs, Transformer, init_residual_projections
 
 
 @dataclass
 class Config(TrainConfig):
     data: str = "data/demo"  # .bin files or folders (their train.bin/val.bin), comma-separated
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"  # the tokenizer the corpus was made with
+    tokenizer: InputFile = OUR_TOKENIZER  # the tokenizer the corpus was made with
     out_dir: OutputDir = "out/pretrain"  # ckpt.pt, metrics.jsonl
     model: str = "tiny"  # model preset in config/ (tiny, baby_92m, baby_218m) or a path to one
     max_seq_len: SeqLen = 0  # 0 keeps the preset's
@@ -52,7 +52,7 @@ class Config(TrainConfig):
     batch_size: Positive = 16  # windows per micro-step in each process
     max_steps: NonNegative = 2000  # optimizer steps; the LR schedule is counted in these
     lr: PositiveFloat = 1e-3  # peak learning rate
-    min_lr: NonNegativeFloat = 1e-4  # at the end of the cosine decay
+    min_lr: NonNegativeFloat = 1e-4  # at the last step, the end of the decay (whichever --lr_schedule)
     warmup_steps: NonNegative = 100
     weight_decay: NonNegativeFloat = 0.1
     eval_batches: Positive = 20  # batches of val.bin per validation
@@ -62,7 +62,7 @@ def build_model_args(cfg: Config) -> ModelArgs:
     overrides = {"dropout": cfg.dropout}
     if cfg.max_seq_len:
         overrides["max_seq_len"] = cfg.max_seq_len
-    return model_args_from_preset(cfg.model, **overrides)
+    return read_model_preset(cfg.model, **overrides)
 
 
 def corpus_chars_per_token(files: list[str], split: str) -> float | None:
@@ -77,48 +77,47 @@ def corpus_chars_per_token(files: list[str], split: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(Config, train, argv, __doc__)
+    with training_stage(Config, argv, __doc__) as (cfg, dist):
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        train_files = bin_files(cfg.data, "train")
+        check_tokenizer(train_files, tokenizer.sha256)
+        args = build_model_args(cfg)
+        if tokenizer.n_pieces > args.vocab_size:
+            raise ValueError(f"model vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.n_pieces} "
+                             "pieces")
+        data = PretrainDataset(train_files, args.max_seq_len)
+        val_files = [f for f in bin_files(cfg.data, "val") if f not in train_files]
+        val = PretrainDataset(val_files, args.max_seq_len) if val_files else None
+        chars_per_token = corpus_chars_per_token(val_files, "val") if val_files else None
+        model = Transformer(args)
+        init_residual_projections(model, cfg.init)
+        print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "
+               f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice); "
+               f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}", dist=dist)
+        training = start_training(cfg, model, dist, len(data), cfg.batch_size,
+                                  model.flops_per_token(args.max_seq_len), stage="pretrain",
+                                  tokenizer_sha256=tokenizer.sha256)
+        trainer, order = training.trainer, training.order
+        if training.state is None and cfg.init_from:
+            init, _ = load_model(cfg.init_from, model_args=args)
+            trainer.raw_model.load_state_dict(init.state_dict())
+            print0(f"initialised from {cfg.init_from}", dist=dist)
 
+        def next_batches():
+            batches = [tuple(t.to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
+                       for _ in range(cfg.grad_accum)]
+            return batches, cfg.batch_size * cfg.grad_accum * args.max_seq_len
 
-def train(cfg: Config, dist: Dist) -> None:
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    train_files = bin_files(cfg.data, "train")
-    check_tokenizer(train_files, tokenizer.sha256)
-    args = build_model_args(cfg)
-    if tokenizer.n_pieces > args.vocab_size:
-        raise ValueError(f"model vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.n_pieces} "
-                         "pieces")
-    data = PretrainDataset(train_files, args.max_seq_len)
-    val_files = [f for f in bin_files(cfg.data, "val") if f not in train_files]
-    val = PretrainDataset(val_files, args.max_seq_len) if val_files else None
-    chars_per_token = corpus_chars_per_token(val_files, "val") if val_files else None
-    model = Transformer(args)
-    init_residual_projections(model, cfg.init)
-    print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "
-           f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice); "
-           f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}", dist=dist)
-    run = start_run(cfg, model, dist, len(data), cfg.batch_size, model.flops_per_token(args.max_seq_len),
-                    stage="pretrain", tokenizer_sha256=tokenizer.sha256)
-    trainer, order = run.trainer, run.order
-    if run.state is None and cfg.init_from:
-        init, _ = load_model(cfg.init_from, model_args=args)
-        trainer.raw_model.load_state_dict(init.state_dict())
-        print0(f"initialised from {cfg.init_from}", dist=dist)
+        def validation() -> dict[str, float]:
+            metrics = {"val_loss": validation_loss(trainer, len(val), val.batch, cfg.eval_batches, cfg.batch_size)}
+            if chars_per_token:
+                metrics["val_bpc"] = metrics["val_loss"] / math.log(2) / chars_per_token
+            return metrics
 
-    def next_batches():
-        batches = [tuple(t.to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
-                   for _ in range(cfg.grad_accum)]
-        return batches, cfg.batch_size * cfg.grad_accum * args.max_seq_len
-
-    def validation() -> dict[str, float]:
-        metrics = {"val_loss": validation_loss(trainer, len(val), val.batch, cfg.eval_batches, cfg.batch_size)}
-        if chars_per_token:
-            metrics["val_bpc"] = metrics["val_loss"] / math.log(2) / chars_per_token
-        return metrics
-
-    fit(run, next_batches, lambda m, batch: m(batch[0], batch[1])[1], validation if val is not None else None)
-    print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; plot: python plot.py {cfg.out_dir}", dist=dist)
+        train_loop(training, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
+                   validation if val is not None else None)
+        print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; plot: python plot.py {cfg.out_dir}", dist=dist)
 
 
 if __name__ == "__main__":

@@ -26,20 +26,18 @@ from typing import Any
 
 import torch
 
-from babyllama.checkpoint import load_model_and_tokenizer
-from babyllama.common import pick_device
-from babyllama.configurator import Device, InputFile, NonNegative, Port, Positive, one_of, parse_config
+from babyllama.checkpoint import ModelSettings, load_for_inference
+from babyllama.configurator import NonNegative, Port, Positive, parse_config
 from babyllama.engine import Engine, Event, Sampling
 from babyllama.engine import Request as EngineRequest
+from babyllama.errors import UsageError, one_line_errors
 from dataset_sft import chat_prompt_ids
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "babyllama", "serve_page.html")
 
 
 @dataclass
-class Config:
-    ckpt: InputFile = "out/sft/ckpt.pt"
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+class Config(ModelSettings):
     host: str = "127.0.0.1"  # 0.0.0.0 to accept connections from other machines
     port: Port = 8000
     api_key: str = ""  # when set, requests need `Authorization: Bearer <key>`
@@ -47,8 +45,6 @@ class Config:
     max_tokens: Positive = 256  # default and upper bound of max_tokens
     max_batch: Positive = 8  # requests decoded together; more wait in arrival order
     seed: int = 0  # of the sampling generator
-    device: Device = "auto"
-    quantize: one_of("", "int8") = ""  # int8: int8 weights (quantize.py), faster decoding on a CPU
     threads: NonNegative = 0  # torch's threads for decoding; 0: all but one, left to the HTTP side (BENCHMARKS.md)
 
 
@@ -120,8 +116,7 @@ class Server:
     """The model, its tokenizer and the engine that decodes every request."""
 
     def __init__(self, cfg: Config):
-        self.model, _, self.tok = load_model_and_tokenizer(cfg.ckpt, cfg.tokenizer, pick_device(cfg.device),
-                                                  cfg.quantize)
+        self.model, _, self.tok = load_for_inference(cfg)
         self.engine = Engine(self.model, self.tok, cfg.max_batch, seed=cfg.seed)
 
 
@@ -284,21 +279,19 @@ def create_app(cfg: Config, server: "Server | None" = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    try:
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
         app = create_app(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    listener = listen(cfg.host, cfg.port)
-    import uvicorn
-    torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads() - 1))
-    print(f"serving {cfg.ckpt} at http://{cfg.host}:{listener.getsockname()[1]} (OpenAI API under /v1; "
-          f"decoding threads: {torch.get_num_threads()})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+        listener = listen(cfg.host, cfg.port)
+        import uvicorn
+        torch.set_num_threads(cfg.threads or max(1, torch.get_num_threads() - 1))
+        print(f"serving {cfg.ckpt} at http://{cfg.host}:{listener.getsockname()[1]} (OpenAI API under /v1; "
+              f"decoding threads: {torch.get_num_threads()})", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (as uvicorn binds: address reuse on), or a one-line error."""
+    """A socket bound to host:port (as uvicorn binds: address reuse on); UsageError when it cannot be."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -306,7 +299,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(2048)
     return sock
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from babyllama.checkpoint import load_model_and_tokenizer, save_atomic
 from babyllama.common import print0
 from babyllama.configurator import Fraction, InputFile, OutputDir, Positive, PositiveFloat, SeqLen
-from babyllama.distributed import Dist
 from babyllama.lora import apply_lora, lora_state_dict
-from babyllama.trainer import TrainConfig, fit, run_stage, start_run, validation_loss
+from babyllama.trainer import TrainConfig, start_training, train_loop, training_stage, validation_loss
+from chatglm_tokenizer import OUR_TOKENIZER
 from dataset_sft import SFTDataset
 
 
@@ -28,7 +28,7 @@ class Config(TrainConfig):
     init_from: InputFile = "out/pretrain/ckpt.pt"  # the pretrained model (our ckpt.pt or the seed's .pth)
     data: InputFile = "sft_data/sft_data.csv"  # prompt, answer, history
     val_data: InputFile = "sft_data/sft_val.csv"  # held-out samples for the validation loss ('' for none)
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"  # the tokenizer the model was pretrained with
+    tokenizer: InputFile = OUR_TOKENIZER  # the tokenizer the model was pretrained with
     out_dir: OutputDir = "out/sft"
     max_seq_len: SeqLen = 0  # 0: the model's
     batch_size: Positive = 16  # samples per micro-step in each process
@@ -51,40 +51,39 @@ def lora_settings(cfg: Config) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(Config, train, argv, __doc__)
+    with training_stage(Config, argv, __doc__) as (cfg, dist):
+        model, _, tokenizer = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
+        args = model.args
+        max_seq_len = min(cfg.max_seq_len or args.max_seq_len, args.max_seq_len)
+        data = SFTDataset(cfg.data, tokenizer, max_seq_len)
+        val = SFTDataset(cfg.val_data, tokenizer, max_seq_len) if cfg.val_data else None
+        lora = lora_settings(cfg)
+        if lora:
+            wrapped = apply_lora(model, **lora)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print0(f"LoRA rank {cfg.lora_rank} on {wrapped} layers: {trainable:,} trainable parameters", dist=dist)
+        model.train()
+        print0(f"SFT of {cfg.init_from}: {len(data):,} samples", dist=dist)
+        training = start_training(cfg, model, dist, len(data), cfg.batch_size, model.flops_per_token(max_seq_len),
+                                  stage="sft", tokenizer_sha256=tokenizer.sha256, expect={"lora": lora})
+        trainer, order = training.trainer, training.order
 
+        def next_batches():
+            batches = [data.batch(order.next(cfg.batch_size), tokenizer.pad_id) for _ in range(cfg.grad_accum)]
+            tokens = sum(int((x != tokenizer.pad_id).sum()) for x, _ in batches)  # processed, padding excluded
+            return [(x.to(dist.device), y.to(dist.device)) for x, y in batches], tokens
 
-def train(cfg: Config, dist: Dist) -> None:
-    model, _, tokenizer = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
-    args = model.args
-    max_seq_len = min(cfg.max_seq_len or args.max_seq_len, args.max_seq_len)
-    data = SFTDataset(cfg.data, tokenizer, max_seq_len)
-    val = SFTDataset(cfg.val_data, tokenizer, max_seq_len) if cfg.val_data else None
-    lora = lora_settings(cfg)
-    if lora:
-        wrapped = apply_lora(model, **lora)
-        print0(f"LoRA rank {cfg.lora_rank} on {wrapped} layers: "
-               f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters", dist=dist)
-    model.train()
-    print0(f"SFT of {cfg.init_from}: {len(data):,} samples", dist=dist)
-    run = start_run(cfg, model, dist, len(data), cfg.batch_size, model.flops_per_token(max_seq_len),
-                    stage="sft", tokenizer_sha256=tokenizer.sha256, expect={"lora": lora})
-    trainer, order = run.trainer, run.order
+        def validation() -> dict[str, float]:
+            return {"val_loss": validation_loss(trainer, len(val), lambda ids: val.batch(ids, tokenizer.pad_id),
+                                                cfg.eval_batches, cfg.batch_size, shuffle=False)}
 
-    def next_batches():
-        batches = [data.batch(order.next(cfg.batch_size), tokenizer.pad_id) for _ in range(cfg.grad_accum)]
-        tokens = sum(int((x != tokenizer.pad_id).sum()) for x, _ in batches)  # processed, padding excluded
-        return [(x.to(dist.device), y.to(dist.device)) for x, y in batches], tokens
-
-    fit(run, next_batches, lambda m, batch: m(batch[0], batch[1])[1],
-        (lambda: {"val_loss": validation_loss(trainer, len(val), lambda ids: val.batch(ids, tokenizer.pad_id),
-                                              cfg.eval_batches, cfg.batch_size, shuffle=False)}) if val else None,
-        lambda: {"lora": lora})
-    if lora and dist.master:
-        save_atomic({"lora": lora, "adapters": lora_state_dict(model), "base": cfg.init_from},
-                    os.path.join(cfg.out_dir, "adapter.pt"))
-    print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; try it: python chat.py --ckpt={cfg.out_dir}/ckpt.pt",
-           dist=dist)
+        train_loop(training, next_batches, lambda m, batch: m(batch[0], batch[1])[1], validation if val else None,
+                   lambda: {"lora": lora})
+        if lora and dist.master:
+            save_atomic({"lora": lora, "adapters": lora_state_dict(model), "base": cfg.init_from},
+                        os.path.join(cfg.out_dir, "adapter.pt"))
+        print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; "
+               f"try it: python chat.py --ckpt={cfg.out_dir}/ckpt.pt", dist=dist)
 
 
 if __name__ == "__main__":

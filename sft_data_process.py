@@ -27,6 +27,7 @@ from babyllama.common import PendingFiles, remove_stale_temps, write_json_atomic
 from babyllama.configurator import NonNegative, OutputDir, Positive, in_range, parse_config
 from babyllama.corpora import CorpusError, json_list, json_records, text_field
 from babyllama.dedup import text_hash
+from babyllama.errors import one_line_errors
 from babyllama.tasks import CHAR_PROMPT, IDIOM_PROMPT, POEM_PROMPT
 
 
@@ -258,7 +259,7 @@ class SplitCsv(PendingFiles):
         self.written[split] += 1
 
 
-def run(cfg: Config) -> dict:
+def build(cfg: Config) -> dict:
     paths = {split: os.path.join(cfg.out_dir, name) for split, name in (("train", "sft_data.csv"),
                                                                         ("val", "sft_val.csv"))}
     if any(os.path.exists(p) for p in paths.values()) and not cfg.overwrite:
@@ -414,11 +415,8 @@ def write_pairs(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    try:
-        run(cfg)
-    except CorpusError as e:
-        raise SystemExit(f"error: {e}") from None
+    with one_line_errors():
+        build(parse_config(Config, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from babyllama.checkpoint import load_model
 from babyllama.common import write_json_atomic
 from babyllama.configurator import OutputDir, OutputFile, PositiveFloat, in_range, parse_config
+from babyllama.errors import UsageError, one_line_errors
 from babyllama.heldout import bits, split_documents
 from babyllama.precision import resolve_dtype
 
@@ -50,7 +51,7 @@ def stage(command: list[str]) -> float:
     began = time.time()
     result = subprocess.run([sys.executable, os.path.join(ROOT, command[0]), *command[1:]])
     if result.returncode != 0:
-        raise SystemExit(f"error: `python {' '.join(command)}` failed (exit {result.returncode})")
+        raise UsageError(f"`python {' '.join(command)}` failed (exit {result.returncode})")
     return time.time() - began
 
 
@@ -82,28 +83,29 @@ def score(ckpt: str, data: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    tokenizer, data, times = prepare(cfg)
-    run_dir = os.path.join(cfg.work_dir, "runs", cfg.name or time.strftime("%Y%m%d-%H%M%S"))
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-        raise SystemExit(f"error: {run_dir} holds a run already; choose another --name")
-    times["pretrain_s"] = stage(["pretrain.py", cfg.recipe, f"--data={data}", f"--tokenizer={tokenizer}",
-                                 f"--out_dir={run_dir}", f"--time_budget_min={cfg.minutes}", "--resume=false",
-                                 f"--max_steps={UNCAPPED_STEPS}", *cfg.flags.split()])
-    began = time.time()
-    result = score(os.path.join(run_dir, "ckpt.pt"), data)
-    times["scoring_s"] = time.time() - began
-    dtype = resolve_dtype(result.pop("dtype_setting"), "cpu")[0]
-    result.update(times, dtype=dtype, cpu=torch.backends.cpu.get_cpu_capability(), minutes=cfg.minutes,
-                  settings=asdict(cfg))
-    write_json_atomic(os.path.join(run_dir, "speedrun.json"), result)
-    if cfg.json:
-        write_json_atomic(cfg.json, result)
-    print(f"speedrun: {result['bpc']:.4f} bits per character on {result['documents']:,} held-out documents "
-          f"({result['characters']:,} characters); {result['steps']} steps, {result['tokens_seen'] / 1e6:.2f}M "
-          f"tokens seen in {cfg.minutes:g} min ({times['pretrain_s']:.0f} s), {dtype}, CPU {result['cpu']}; "
-          f"tokenizer {times['tokenizer_s']:.0f} s, corpus {times['corpus_s']:.0f} s, scoring "
-          f"{times['scoring_s']:.0f} s")
+    with one_line_errors():
+        cfg = parse_config(Config, argv, __doc__)
+        tokenizer, data, times = prepare(cfg)
+        run_dir = os.path.join(cfg.work_dir, "runs", cfg.name or time.strftime("%Y%m%d-%H%M%S"))
+        if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+            raise UsageError(f"{run_dir} holds a run already; choose another --name")
+        times["pretrain_s"] = stage(["pretrain.py", cfg.recipe, f"--data={data}", f"--tokenizer={tokenizer}",
+                                     f"--out_dir={run_dir}", f"--time_budget_min={cfg.minutes}", "--resume=false",
+                                     f"--max_steps={UNCAPPED_STEPS}", *cfg.flags.split()])
+        began = time.time()
+        result = score(os.path.join(run_dir, "ckpt.pt"), data)
+        times["scoring_s"] = time.time() - began
+        dtype = resolve_dtype(result.pop("dtype_setting"), "cpu")[0]
+        result.update(times, dtype=dtype, cpu=torch.backends.cpu.get_cpu_capability(), minutes=cfg.minutes,
+                      settings=asdict(cfg))
+        write_json_atomic(os.path.join(run_dir, "speedrun.json"), result)
+        if cfg.json:
+            write_json_atomic(cfg.json, result)
+        print(f"speedrun: {result['bpc']:.4f} bits per character on {result['documents']:,} held-out documents "
+              f"({result['characters']:,} characters); {result['steps']} steps, {result['tokens_seen'] / 1e6:.2f}M "
+              f"tokens seen in {cfg.minutes:g} min ({times['pretrain_s']:.0f} s), {dtype}, CPU {result['cpu']}; "
+              f"tokenizer {times['tokenizer_s']:.0f} s, corpus {times['corpus_s']:.0f} s, scoring "
+              f"{times['scoring_s']:.0f} s")
 
 
 if __name__ == "__main__":

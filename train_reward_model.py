@@ -9,20 +9,19 @@ gives rewards for the RL stage and for eval.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
 
 from babyllama.checkpoint import load_model_and_tokenizer
-from babyllama.common import print0
-from babyllama.configurator import InputFile, OutputDir, Positive, PositiveFloat, parse_config
-from babyllama.distributed import Dist, all_reduce_mean
+from babyllama.common import print0, write_json_atomic
+from babyllama.configurator import InputFile, OutputDir, Positive, PositiveFloat
+from babyllama.distributed import all_reduce_mean
 from babyllama.precision import autocast
 from babyllama.reward_model import RewardModel, load_reward_model, pair_batch, pair_loss, pairwise_accuracy
 from babyllama.tasks import pair_kind
-from babyllama.trainer import TrainConfig, fit, run_stage, start_run
-from chatglm_tokenizer import load_tokenizer
+from babyllama.trainer import TrainConfig, start_training, train_loop, training_stage
+from chatglm_tokenizer import OUR_TOKENIZER, load_tokenizer
 from dataset_sft import read_pairs
 
 
@@ -31,7 +30,7 @@ class Config(TrainConfig):
     init_from: str = "out/sft/ckpt.pt"  # the SFT model the reward model starts from
     data: InputFile = "sft_data/preference.csv"  # prompt, chosen, rejected
     val_data: InputFile = "sft_data/preference_val.csv"
-    tokenizer: InputFile = "data/tokenizer/tokenizer.model"
+    tokenizer: InputFile = OUR_TOKENIZER
     out_dir: OutputDir = "out/rm"
     batch_size: Positive = 16  # pairs per micro-step in each process
     epochs: PositiveFloat = 1.0  # passes over the pairs, when max_steps is 0
@@ -41,10 +40,8 @@ class Config(TrainConfig):
     eval_only: bool = False  # only score out_dir/ckpt.pt on val_data, per kind of pair, into out_dir/eval.json
 
 
-def evaluate_only(cfg: Config) -> dict:
+def evaluate_only(cfg: Config, device: str) -> dict:
     """Held-out pairwise accuracy of a trained reward model, overall and per kind of pair."""
-    from babyllama.common import pick_device
-    device = pick_device(cfg.device)
     tok = load_tokenizer(cfg.tokenizer)
     model, _ = load_reward_model(os.path.join(cfg.out_dir, "ckpt.pt"), device)
     pairs = read_pairs(cfg.val_data)
@@ -59,45 +56,39 @@ def evaluate_only(cfg: Config) -> dict:
     result["all"] = {"pairs": scored, "accuracy": sum(r["accuracy"] * r["pairs"] for r in result.values()) / scored}
     for kind, r in result.items():
         print(f"{kind:<8} {r['pairs']:>6} held-out pairs: accuracy {r['accuracy']:.3f} (chance 0.5)")
-    with open(os.path.join(cfg.out_dir, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_json_atomic(os.path.join(cfg.out_dir, "eval.json"), result)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    if cfg.eval_only:
-        try:
-            evaluate_only(cfg)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}") from None
-        return
-    run_stage(Config, train, argv, __doc__)
+    with training_stage(Config, argv, __doc__) as (cfg, dist):
+        if cfg.eval_only:
+            evaluate_only(cfg, dist.device)
+            return
+        base, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
+        model = RewardModel(base).train()
+        pairs = read_pairs(cfg.data)
+        val = read_pairs(cfg.val_data)[:cfg.eval_pairs] if cfg.val_data else []
+        print0(f"reward model from {cfg.init_from}: {len(pairs):,} pairs", dist=dist)
+        training = start_training(cfg, model, dist, len(pairs), cfg.batch_size,
+                                  base.flops_per_token(base.args.max_seq_len), stage="reward",
+                                  tokenizer_sha256=tok.sha256)
+        trainer, order = training.trainer, training.order
 
+        def next_batches():
+            batches = [pair_batch(tok, [pairs[i] for i in order.next(cfg.batch_size)], base.args.max_seq_len)
+                       for _ in range(cfg.grad_accum)]
+            tokens = sum(int(n.sum()) for _, n in batches)
+            return [(t.to(dist.device), n.to(dist.device)) for t, n in batches], tokens
 
-def train(cfg: Config, dist: Dist) -> None:
-    base, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
-    model = RewardModel(base).train()
-    pairs = read_pairs(cfg.data)
-    val = read_pairs(cfg.val_data)[:cfg.eval_pairs] if cfg.val_data else []
-    print0(f"reward model from {cfg.init_from}: {len(pairs):,} pairs", dist=dist)
-    run = start_run(cfg, model, dist, len(pairs), cfg.batch_size, base.flops_per_token(base.args.max_seq_len),
-                    stage="reward", tokenizer_sha256=tok.sha256)
-    trainer, order = run.trainer, run.order
+        def validation() -> dict[str, float]:
+            with trainer.evaluating() as m, autocast(dist.device, trainer.dtype):
+                mine = val[dist.rank::dist.world_size]
+                return {"val_accuracy": all_reduce_mean(pairwise_accuracy(m, tok, mine, cfg.batch_size, dist.device),
+                                                        dist)}
 
-    def next_batches():
-        batches = [pair_batch(tok, [pairs[i] for i in order.next(cfg.batch_size)], base.args.max_seq_len)
-                   for _ in range(cfg.grad_accum)]
-        return [(t.to(dist.device), n.to(dist.device)) for t, n in batches], sum(int(n.sum()) for _, n in batches)
-
-    def validation() -> dict[str, float]:
-        with trainer.evaluating() as m, autocast(dist.device, trainer.dtype):
-            mine = val[dist.rank::dist.world_size]
-            return {"val_accuracy": all_reduce_mean(pairwise_accuracy(m, tok, mine, cfg.batch_size, dist.device),
-                                                    dist)}
-
-    fit(run, next_batches, pair_loss, validation if val else None)
-    print0(f"reward model: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
+        train_loop(training, next_batches, pair_loss, validation if val else None)
+        print0(f"reward model: {os.path.join(cfg.out_dir, 'ckpt.pt')}", dist=dist)
 
 
 if __name__ == "__main__":

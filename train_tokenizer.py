@@ -21,6 +21,7 @@ from babyllama.common import write_json_atomic
 from babyllama.configurator import OutputFile, Positive, PositiveFraction, in_range, parse_config
 from babyllama.corpora import CorpusError, iter_corpus
 from babyllama.dedup import held_out, text_hash
+from babyllama.errors import one_line_errors
 from chatglm_tokenizer import DEFAULT_MODEL, load_tokenizer
 
 MAX_VOCAB = 65535  # ids must fit in uint16
@@ -116,11 +117,8 @@ def _train_sentencepiece(cfg: Config, sentences: Iterator[str], model_prefix: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv, __doc__)
-    try:
-        train(cfg)
-    except (CorpusError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    with one_line_errors():
+        train(parse_config(Config, argv, __doc__))
 
 
 if __name__ == "__main__":

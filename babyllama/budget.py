@@ -3,14 +3,34 @@ schedule always completes, then follow the machine's speed."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from babyllama.distributed import all_reduce_max
+from babyllama.schedule import Schedule
 
-if TYPE_CHECKING:
-    from babyllama.trainer import Trainer
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def stage_start_time() -> float:
+    """When this stage began (time.time() scale): the start of this process when it runs a command of
+    this repository (python pretrain.py, or torchrun's workers), so that a budget counts the imports and
+    the loading of the data; now otherwise (a test session or a notebook calling a command's main)."""
+    now = time.time()
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not main_file or os.path.dirname(os.path.abspath(main_file)) != ROOT:
+        return now
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the name
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):  # not Linux
+        return now
+    started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    return started if started <= now else now
 
 
 def steps_that_fit(seconds: float, step: int, step_s: float, eval_s: float, eval_interval: int, save_s: float,
@@ -31,29 +51,34 @@ def steps_that_fit(seconds: float, step: int, step_s: float, eval_s: float, eval
 
 
 class TimeBudget:
-    """Fits a stage's optimizer steps into time_budget_min minutes counted from the stage's start
-    (dist.started). The steps after the first (which pays for compilation) are timed until there are
-    enough; one validation and one checkpoint are timed; then max_steps becomes what fits, at most the
+    """Fits a schedule's optimizer steps into `minutes` counted from the stage's start. The steps after
+    the first (which pays for compilation) are timed until there are enough; one validation and one
+    checkpoint are timed; then the schedule is fitted: max_steps becomes what fits, at most the
     configured max_steps, and the warmup shrinks with it, so the schedule reaches min_lr on its last
     step. The timing goes on, over the most recent steps: the schedule is shortened whenever the steps
     left no longer fit (the machine slowed down), and lengthened, up to the configured max_steps, when
-    clearly more fit and most of the schedule is still ahead (a slow spell during the first timing)."""
+    clearly more fit and most of the schedule is still ahead (a slow spell during the first timing).
+    It changes the schedule only. reduce_max combines a number over the processes (every process
+    must then call it on the same steps)."""
 
     MIN_TIMED_STEPS = 5
     RECENT_STEPS = 50  # the speed that later adjustments go by
     LENGTHEN_BY = 1.05  # lengthen only for at least this many more steps...
     LENGTHEN_BEFORE = 0.8  # ...and only before this share of the schedule is done
 
-    def __init__(self, trainer: Trainer):
-        self.trainer, self.cfg = trainer, trainer.cfg
-        self.on = self.cfg.time_budget_min > 0
-        self.seconds = self.cfg.time_budget_min * 60
-        self.deadline = trainer.dist.started + self.seconds
+    def __init__(self, minutes: float, schedule: Schedule, *, eval_interval: int, save_interval: int,
+                 step: int = 0, reduce_max: Callable[[float], float] = float, started: float | None = None):
+        self.minutes, self.schedule = minutes, schedule
+        self.eval_interval, self.save_interval = eval_interval, save_interval
+        self.reduce_max = reduce_max
+        self.on = minutes > 0
+        self.seconds = minutes * 60
+        self.deadline = (stage_start_time() if started is None else started) + self.seconds
         self.margin = 2.0 + 0.05 * self.seconds  # what the estimate cannot see: the exit, slower steps
-        self.pending = self.on and not trainer.fitted_to_budget
+        self.pending = self.on and not schedule.fitted_to_budget
         self.adjusting = self.pending  # a resumed run keeps the schedule it was fitted to
-        self.cap = trainer.max_steps  # the configured max_steps
-        self.first_step = trainer.step + 1
+        self.cap = schedule.max_steps  # the configured max_steps
+        self.first_step = step + 1
         self.timed_s, self.timed_steps = 0.0, 0
         self.recent: deque[float] = deque(maxlen=self.RECENT_STEPS)
         self.eval_s = self.save_s = 0.0
@@ -73,42 +98,37 @@ class TimeBudget:
         """When to stop at the latest, leaving time for the last checkpoint; inf without a budget."""
         return self.deadline - self.save_s - 1.0 if self.on else math.inf
 
-    def _steps_left(self, step_s: float, margin: float) -> int:
-        left = all_reduce_max(self.deadline - time.time(), self.trainer.dist)
-        return steps_that_fit(left - margin, self.trainer.step, step_s, self.eval_s, self.cfg.eval_interval,
-                              self.save_s, self.cfg.save_interval)
+    def _steps_left(self, step: int, step_s: float, margin: float) -> int:
+        left = self.reduce_max(self.deadline - time.time())
+        return steps_that_fit(left - margin, step, step_s, self.eval_s, self.eval_interval,
+                              self.save_s, self.save_interval)
 
-    def fit(self, eval_s: float, save_s: float) -> str:
-        """Set max_steps and warmup_steps from the timings; returns the line that says so."""
-        trainer, dist = self.trainer, self.trainer.dist
-        self.eval_s, self.save_s = all_reduce_max(eval_s, dist), all_reduce_max(save_s, dist)
-        step_s = all_reduce_max(self.timed_s / self.timed_steps, dist)
-        n = self._steps_left(step_s, self.margin)
-        trainer.max_steps = max(trainer.step + 1, min(self.cap, trainer.step + n))
-        # The warmup shrinks with the schedule, but need not go below a tenth of it.
-        warmup, steps = trainer.warmup_steps, trainer.max_steps
-        trainer.warmup_steps = min(warmup, max(1, round(warmup * steps / self.cap), steps // 10))
-        trainer.fitted_to_budget, self.pending = True, False
-        return (f"time budget {self.cfg.time_budget_min:g} min: {step_s:.3f} s a step, validation "
+    def fit(self, step: int, eval_s: float, save_s: float) -> str:
+        """Fit the schedule from the timings, at optimizer step `step`; returns the line that says so."""
+        self.eval_s, self.save_s = self.reduce_max(eval_s), self.reduce_max(save_s)
+        step_s = self.reduce_max(self.timed_s / self.timed_steps)
+        n = self._steps_left(step, step_s, self.margin)
+        self.schedule.fit_to(max(step + 1, min(self.cap, step + n)), self.cap)
+        self.pending = False
+        return (f"time budget {self.minutes:g} min: {step_s:.3f} s a step, validation "
                 f"{self.eval_s:.1f} s, checkpoint {self.save_s:.1f} s, {self.deadline - time.time():.0f} s left -> "
-                f"{trainer.max_steps} steps (of at most {self.cap}), warmup {trainer.warmup_steps}")
+                f"{self.schedule.max_steps} steps (of at most {self.cap}), warmup {self.schedule.warmup_steps}")
 
-    def adjust_to_speed(self) -> str | None:
+    def adjust_to_speed(self, step: int) -> str | None:
         """After the fit: end the schedule earlier if the steps left no longer fit at the recent speed,
-        or later if clearly more fit. Returns the line that says so, or None. Every rank calls it on
-        the same steps."""
+        or later if clearly more fit. Returns the line that says so, or None."""
         if not self.adjusting or self.pending or not self.recent:
             return None
-        trainer = self.trainer
-        step_s = all_reduce_max(sum(self.recent) / len(self.recent), trainer.dist)
-        fits = trainer.step + self._steps_left(step_s, self.margin / 2)
-        if fits < trainer.max_steps:
-            trainer.max_steps = max(trainer.step + 1, fits)
-        elif trainer.step < self.LENGTHEN_BEFORE * trainer.max_steps and trainer.max_steps < self.cap:
-            fits = min(self.cap, trainer.step + self._steps_left(step_s, self.margin))
-            if fits < self.LENGTHEN_BY * trainer.max_steps:
+        schedule = self.schedule
+        step_s = self.reduce_max(sum(self.recent) / len(self.recent))
+        fits = step + self._steps_left(step, step_s, self.margin / 2)
+        if fits < schedule.max_steps:
+            schedule.max_steps = max(step + 1, fits)
+        elif step < self.LENGTHEN_BEFORE * schedule.max_steps and schedule.max_steps < self.cap:
+            fits = min(self.cap, step + self._steps_left(step, step_s, self.margin))
+            if fits < self.LENGTHEN_BY * schedule.max_steps:
                 return None
-            trainer.max_steps = fits
+            schedule.max_steps = fits
         else:
             return None
-        return f"time budget: steps take {step_s:.3f} s now, the schedule ends at step {trainer.max_steps}"
+        return f"time budget: steps take {step_s:.3f} s now, the schedule ends at step {schedule.max_steps}"

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from chatglm_tokenizer import SPTokenizer, load_tokenizer
+from babyllama.common import pick_device
+from babyllama.configurator import Device, InputFile, one_of
+from babyllama.errors import UsageError
+from chatglm_tokenizer import OUR_TOKENIZER, SPTokenizer, load_tokenizer
 from model import ModelArgs, Transformer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that does not fit the model; the message says which key and why."""
 
 
@@ -151,3 +155,19 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch
         from babyllama.quantize import quantize_int8
         quantize_int8(model)
     return model, ckpt, tokenizer
+
+
+@dataclass
+class ModelSettings:
+    """The settings of every command that runs a trained model (chat, serve, the evaluations): a
+    command's Config inherits them and may give ckpt another default."""
+    ckpt: InputFile = "out/sft/ckpt.pt"  # our ckpt.pt or the seed's .pth
+    tokenizer: InputFile = OUR_TOKENIZER  # the tokenizer the model was trained with
+    device: Device = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1...
+    quantize: one_of("", "int8") = ""  # int8: int8 weights (babyllama/quantize.py), faster decoding on a CPU
+
+
+def load_for_inference(settings: ModelSettings) -> tuple[Transformer, dict, SPTokenizer]:
+    """The model of settings.ckpt on its device (quantized if asked), its checkpoint and its tokenizer."""
+    return load_model_and_tokenizer(settings.ckpt, settings.tokenizer, pick_device(settings.device),
+                                    settings.quantize)

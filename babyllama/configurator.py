@@ -3,7 +3,9 @@
     python pretrain.py config/pretrain_tiny.py --batch_size=16 --compile=false
 
 Each field becomes a `--name` flag; the comment after a field is its --help text. A config file is
-Python whose top-level assignments set fields (nanoGPT's configurator, with names checked).
+Python whose top-level assignments set fields (nanoGPT's configurator, with names checked). Model
+presets (config/tiny.py, config/baby_92m.py...) are read the same way, into model.ModelArgs: a name
+that is not a setting is a one-line error, in a preset as in a recipe.
 """
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
+from babyllama.errors import UsageError
+from model import ModelArgs
+
 T = TypeVar("T")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -89,8 +95,8 @@ def in_range(low: float, high: float, kind: type = float) -> Any:
     return Annotated[kind, Check(low=low, high=high)]
 
 
-class SettingError(ValueError):
-    pass
+class SettingError(UsageError):
+    """A setting, a flag or a config file that is not what its field allows."""
 
 
 def _plain_type(hint: Any) -> tuple[Any, bool, Check | None]:
@@ -172,19 +178,42 @@ def _converter(hint: Any):
     return convert
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """The top-level assignments of a Python config file."""
+def read_config_file(path: str, known: typing.Collection[str]) -> dict[str, Any]:
+    """The top-level assignments of a Python config file, each the name of a setting in known; a
+    missing file, an error in its code or an unknown name is a SettingError naming the file."""
     values: dict[str, Any] = {}
-    with open(path, encoding="utf-8") as f:
-        exec(compile(f.read(), path, "exec"), {}, values)
-    return {k: v for k, v in values.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            exec(compile(f.read(), path, "exec"), {}, values)
+    except FileNotFoundError:
+        raise SettingError(f"config file {path} does not exist") from None
+    except Exception as e:  # a config file is user code: report its error in one line
+        raise SettingError(f"config file {path}: {type(e).__name__}: {e}") from None
+    values = {k: v for k, v in values.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SettingError(f"config file {path}: unknown settings {unknown}")
+    return values
+
+
+def read_model_preset(name_or_path: str, **overrides: Any) -> ModelArgs:
+    """ModelArgs from a preset in config/ (e.g. 'baby_92m') or a path to such a file, then overrides.
+    Every name the file sets must be a field of ModelArgs."""
+    path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, name_or_path + ".py")
+    if not os.path.isfile(path):
+        raise SettingError(f"no model preset {name_or_path!r} (looked for {path})")
+    values = read_config_file(path, [f.name for f in dataclasses.fields(ModelArgs)])
+    try:
+        return ModelArgs(**{**values, **overrides})
+    except (TypeError, ValueError) as e:
+        raise SettingError(f"model preset {path}: {e}") from None
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage block), exit status 2."""
+    """argparse whose errors are a SettingError (one line at the command's entry, no usage block)."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message}\n")
+        raise SettingError(message)
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None,
@@ -205,16 +234,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     values: dict[str, Any] = {}
     for path in args.configs:
-        try:
-            file_values = read_config_file(path)
-        except FileNotFoundError:
-            parser.error(f"config file {path} does not exist")
-        except Exception as e:  # a config file is user code: report its error in one line
-            parser.error(f"config file {path}: {type(e).__name__}: {e}")
-        unknown = sorted(set(file_values) - set(names))
-        if unknown:
-            parser.error(f"config file {path}: unknown settings {unknown}")
-        values.update(file_values)
+        values.update(read_config_file(path, names))
     values.update({k: v for k, v in vars(args).items() if k != "configs"})
     try:
         settings = cls(**values)

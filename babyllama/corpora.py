@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from babyllama.cleaning import strip_pku_tags
+from babyllama.errors import UsageError
 from babyllama.hub import HUB_SOURCES
 
 
@@ -33,7 +34,7 @@ class Doc:
     error: str | None = None
 
 
-class CorpusError(Exception):
+class CorpusError(UsageError):
     """A problem with a whole input (missing file, unknown format, a named field nowhere)."""
 
 

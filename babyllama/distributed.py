@@ -5,29 +5,12 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 
 from babyllama.common import pick_device
-
-
-def stage_start_time() -> float:
-    """When this process started (time.time() scale), so that a time budget includes the imports; now
-    where /proc cannot tell (not Linux) or the process is older than a minute (a notebook, a test
-    session: the stage did not begin with it)."""
-    now = time.time()
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the name
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        started = boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return now
-    return started if 0 <= now - started <= 60 else now
 
 
 @dataclass
@@ -36,7 +19,6 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: str = "cpu"
-    started: float = field(default_factory=stage_start_time)  # time budgets count from here
 
     @property
     def master(self) -> bool:

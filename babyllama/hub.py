@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from babyllama.common import write_json_atomic
+from babyllama.errors import UsageError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MIRROR_HINT = "behind a firewall or in mainland China use a mirror: --mirror=https://hf-mirror.com (or set HF_ENDPOINT)"
@@ -45,7 +46,7 @@ HUB_SOURCES: dict[str, HubSource] = {
 }
 
 
-class HubError(Exception):
+class HubError(UsageError):
     pass
 
 

@@ -1,18 +1,20 @@
 """What the training stages share: the settings, one optimizer step with gradient accumulation, the
-LR schedule and the optimizer, checkpoints of the training state, metrics, clean exits and the loop.
+optimizer, checkpoints of the training state, metrics, clean exits and the loop.
 
-A stage script builds its model and data, then hands them to these pieces:
+A stage's main reads top to bottom:
 
-    run_stage(Config, train, argv, __doc__)      # main(): settings, processes, one-line errors
-    run = start_run(cfg, model, dist, n_items, items_per_step, flops_per_token, stage="sft",
-                    tokenizer_sha256=tok.sha256)  # the trainer, the data order; resumes from ckpt.pt
-    fit(run, next_batches, loss_fn, evaluate)    # the loop: steps, logs, validation, checkpoints
+    with training_stage(Config, argv, __doc__) as (cfg, dist):     # settings, processes, one-line errors
+        ...                                                          # the stage's model and data
+        training = start_training(cfg, model, dist, n_items, items_per_step, flops_per_token, stage="sft",
+                                  tokenizer_sha256=tok.sha256)      # the trainer, the data order; resumes
+        train_loop(training, next_batches, loss_fn, evaluate)       # steps, logs, validation, checkpoints
 
 The stage's Config (a TrainConfig subclass) is the one settings object: the trainer reads it.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -20,9 +22,9 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,30 +47,14 @@ from babyllama.configurator import (
     parse_config,
 )
 from babyllama.distributed import Dist, all_reduce_max, all_reduce_mean, setup_distributed, teardown
+from babyllama.errors import UsageError, one_line_errors
 from babyllama.muon import MuonAdamW
 from babyllama.precision import autocast, measure_peak_flops, resolve_dtype
+from babyllama.schedule import Schedule
 
-# ------------------------------------------------------------------ schedule and optimizer
+C = TypeVar("C", bound="TrainConfig")
 
-STABLE_SHARE = 0.8  # warmup-stable-decay: the share of the steps after warmup at the peak rate
-
-
-def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int, shape: str = "cosine") -> float:
-    """Linear warmup over warmup_steps optimizer steps, then a decay that reaches min_lr at the last step
-    (max_steps - 1): cosine, linear, or wsd (the peak rate, then linear over the last fifth)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= max_steps - 1:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - 1 - warmup_steps)
-    if shape == "linear":
-        left = 1.0 - progress
-    elif shape == "wsd":
-        left = min(1.0, (1.0 - progress) / (1.0 - STABLE_SHARE))
-    else:
-        left = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_lr + left * (lr - min_lr)
-
+# ------------------------------------------------------------------ the optimizer
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                    device: str, kind: str = "adamw") -> torch.optim.Optimizer:
@@ -197,22 +183,23 @@ class TrainConfig:
     max_nonfinite_in_a_row: Positive = 10  # stop the run after this many non-finite losses in a row
 
 
-def run_stage(config_cls: type, train: Callable[[Any, Dist], None], argv: list[str] | None, doc: str | None) -> None:
-    """A training script's main(): settings, distributed set-up, the stage, one-line errors, teardown."""
-    cfg = parse_config(config_cls, argv, doc)
-    dist = setup_distributed(cfg.device)
-    try:
-        train(cfg, dist)
-    except (FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as e:
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        teardown(dist)
+@contextlib.contextmanager
+def training_stage(config_cls: type[C], argv: list[str] | None, doc: str | None) -> Iterator[tuple[C, Dist]]:
+    """A training command's main runs in this: its settings (defaults, config files, flags), its
+    processes (one, or torchrun's), one line for an ordinary mistake, and the teardown."""
+    with one_line_errors():
+        cfg = parse_config(config_cls, argv, doc)
+        dist = setup_distributed(cfg.device)
+        try:
+            yield cfg, dist
+        finally:
+            teardown(dist)
 
 
 # ------------------------------------------------------------------ the optimizer step
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UsageError):
+    """Too many non-finite losses in a row: the message says what to change."""
 
 
 @dataclass
@@ -226,14 +213,16 @@ class StepStats:
 
 class Trainer:
     """Wraps the model for DDP/FSDP/compile and performs optimizer steps with gradient accumulation,
-    as cfg says. Its schedule (max_steps, warmup_steps) starts from cfg and may be fitted to a time
-    budget; max_steps overrides cfg.max_steps (a stage that counts epochs)."""
+    as cfg says. It owns the learning-rate schedule (saved and restored with its state): it starts
+    from cfg, max_steps overriding cfg.max_steps (a stage that counts epochs), and a time budget may
+    fit its length."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, dist: Dist, max_steps: int = 0):
         if cfg.optimizer == "muon" and cfg.fsdp:
-            raise SystemExit("error: --optimizer=muon needs each matrix whole; it cannot be combined with --fsdp")
+            raise UsageError("--optimizer=muon needs each matrix whole; it cannot be combined with --fsdp")
         self.cfg, self.dist = cfg, dist
-        self.max_steps, self.warmup_steps = max_steps or cfg.max_steps, cfg.warmup_steps
+        self.schedule = Schedule(max_steps or cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.lr_schedule,
+                                 budgeted=cfg.time_budget_min > 0)
         self.dtype, self.precision = resolve_dtype(cfg.dtype, dist.device)
         self.raw_model = model.to(dist.device)
         self.model = self._wrap(self.raw_model)
@@ -243,7 +232,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dist.device.split(":")[0], enabled=self.dtype == "float16")
         self.step = 0
         self.nonfinite_total = 0
-        self.fitted_to_budget = False  # max_steps and warmup_steps were fitted to a time budget
         self.nonfinite_in_a_row = 0
 
     @contextlib.contextmanager
@@ -292,7 +280,7 @@ class Trainer:
         """One optimizer step over the micro-batches (gradient accumulation); loss_fn(model, batch)
         returns the mean loss of one micro-batch, or (loss, {name: float}) with metrics to log."""
         s = self.cfg
-        lr = lr_at(self.step, s.lr, s.min_lr, self.warmup_steps, self.max_steps, s.lr_schedule)
+        lr = self.schedule.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = list(micro_batches)
@@ -353,8 +341,7 @@ class Trainer:
                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {"model": self.model_state(), "optimizer": optimizer, "scaler": self.scaler.state_dict(),
                 "step": self.step, "nonfinite_total": self.nonfinite_total, "rng": rng_state(),
-                "schedule": {"max_steps": self.max_steps, "warmup_steps": self.warmup_steps,
-                             "fitted_to_budget": self.fitted_to_budget}}
+                "schedule": self.schedule.state_dict()}
 
     def resume(self, out_dir: str, allowed: bool, expect: dict) -> dict | None:
         """Load out_dir/ckpt.pt when it exists (None when it does not): refuse it unless allowed, or when
@@ -390,15 +377,23 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.schedule.load_state_dict(state.get("schedule", {}))
         set_rng_state(state["rng"])
+
+
+def frozen_reference(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """A copy of the starting model that stays fixed (eval mode, no gradients): the reference that DPO
+    and GRPO measure the policy's drift from. Call before the policy trains."""
+    return copy.deepcopy(model).to(device).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------ the loop every stage runs
 
 @dataclass
-class Run:
-    """A stage's run: the trainer, its data order, where a resumed run left off (state is the checkpoint,
-    None on a fresh run), and what every checkpoint of the stage records besides the trainer's state."""
+class Training:
+    """A stage's training: the trainer, its data order, where a resumed run left off (state is the
+    checkpoint, None on a fresh run), and what every checkpoint of the stage records besides the
+    trainer's state."""
     trainer: Trainer
     order: Any  # dataset.WindowOrder over the stage's items (windows, samples, pairs, prompts)
     tokens_seen: int
@@ -409,8 +404,9 @@ class Run:
     flops_per_token: float  # training FLOPs per token of the model
 
 
-def start_run(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int, items_per_step: int,
-              flops_per_token: float, *, stage: str, tokenizer_sha256: str, expect: dict | None = None) -> Run:
+def start_training(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int, items_per_step: int,
+                   flops_per_token: float, *, stage: str, tokenizer_sha256: str,
+                   expect: dict | None = None) -> Training:
     """The common start of every stage: a rank-sharded order over n_items, the number of steps
     (cfg.max_steps, or cfg.epochs passes over the items), the trainer, a resume from out_dir/ckpt.pt
     when there is one (it must have the model's shape, this tokenizer, and what expect lists), and the
@@ -428,17 +424,14 @@ def start_run(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int
     if state is not None:
         order.load_state_dict(state["data"])
         tokens_seen = state["tokens_seen"]
-        schedule = state.get("schedule", {})
-        if cfg.time_budget_min > 0 and schedule.get("fitted_to_budget"):  # keep the steps fitted before
-            trainer.max_steps, trainer.warmup_steps = schedule["max_steps"], schedule["warmup_steps"]
-            trainer.fitted_to_budget = True
     peak = cfg.peak_tflops * 1e12 or measure_peak_flops(dist.device, trainer.dtype)
-    steps = f"{trainer.max_steps} steps"
-    if cfg.time_budget_min > 0 and not trainer.fitted_to_budget:
+    schedule = trainer.schedule
+    steps = f"{schedule.max_steps} steps"
+    if schedule.budgeted and not schedule.fitted_to_budget:
         steps = f"at most {steps}, as many as fit in {cfg.time_budget_min:g} min"
-    print0(f"{steps} ({trainer.max_steps / steps_per_epoch:.2f} passes over {n_items:,} items); "
+    print0(f"{steps} ({schedule.max_steps / steps_per_epoch:.2f} passes over {n_items:,} items); "
            f"{dist.world_size} process(es) on {dist.device}; {trainer.precision}", dist=dist)
-    return Run(trainer, order, tokens_seen, state, stage, tokenizer_sha256, peak, flops_per_token)
+    return Training(trainer, order, tokens_seen, state, stage, tokenizer_sha256, peak, flops_per_token)
 
 
 def validation_loss(trainer: Trainer, n_items: int, batch_of: Callable[[list[int]], tuple], batches: int,
@@ -458,18 +451,22 @@ def validation_loss(trainer: Trainer, n_items: int, batch_of: Callable[[list[int
     return all_reduce_mean(sum(losses) / len(losses), dist)
 
 
-def fit(run: Run, next_batches: Callable[[], tuple[list[Any], int]], loss_fn: Callable[[torch.nn.Module, Any], Any],
-        evaluate: Callable[[], dict[str, float]] | None = None, own_state: Callable[[], dict] | None = None) -> None:
-    """Train until the trainer's max_steps (fitted to cfg.time_budget_min when set): next_batches()
+def train_loop(training: Training, next_batches: Callable[[], tuple[list[Any], int]],
+               loss_fn: Callable[[torch.nn.Module, Any], Any], evaluate: Callable[[], dict[str, float]] | None = None,
+               own_state: Callable[[], dict] | None = None) -> None:
+    """Train until the schedule's last step (fitted to cfg.time_budget_min when set): next_batches()
     gives the micro-batches of one step and the number of tokens they hold on this rank; evaluate()
     gives validation metrics; own_state() what a checkpoint holds that only this stage knows. Every
     checkpoint also has the model's args, the data position, the config, the tokenizer's sha256 and the
     stage. Logs to metrics.jsonl, checkpoints every save_interval steps, at the end, at the time limit
     and on SIGINT/SIGTERM."""
-    trainer, cfg = run.trainer, run.trainer.cfg
-    dist, tokens_seen = trainer.dist, run.tokens_seen
+    trainer, cfg = training.trainer, training.trainer.cfg
+    dist, tokens_seen = trainer.dist, training.tokens_seen
     log = MetricsLog(cfg.out_dir, dist, resume_step=trainer.step if trainer.step else None)
-    budget = TimeBudget(trainer)
+    schedule = trainer.schedule
+    budget = TimeBudget(cfg.time_budget_min, schedule, eval_interval=cfg.eval_interval,
+                        save_interval=cfg.save_interval, step=trainer.step,
+                        reduce_max=lambda value: all_reduce_max(value, dist))
     start_time = last_time = time.time()
     time_limit = start_time + 60 * cfg.time_limit_min if cfg.time_limit_min > 0 else math.inf
     last_tokens, last_step = tokens_seen, trainer.step
@@ -477,15 +474,15 @@ def fit(run: Run, next_batches: Callable[[], tuple[list[Any], int]], loss_fn: Ca
     def save() -> float:
         began = time.time()
         state = trainer.state_dict()
-        state.update(tokens_seen=tokens_seen, model_args=asdict(trainer.raw_model.args), data=run.order.state_dict(),
-                     config=asdict(cfg), tokenizer_sha256=run.tokenizer_sha256, stage=run.stage,
-                     **(own_state() if own_state else {}))
+        state.update(tokens_seen=tokens_seen, model_args=asdict(trainer.raw_model.args),
+                     data=training.order.state_dict(), config=asdict(cfg), tokenizer_sha256=training.tokenizer_sha256,
+                     stage=training.stage, **(own_state() if own_state else {}))
         if dist.master:
             save_checkpoint(cfg.out_dir, state, trainer.step, cfg.keep_last)
         return time.time() - began
 
     with StopSignal() as stop:
-        while trainer.step < trainer.max_steps:
+        while trainer.step < schedule.max_steps:
             began = time.time()
             batches, n_tokens = next_batches()
             stats = trainer.train_step(batches, loss_fn)
@@ -498,9 +495,9 @@ def fit(run: Run, next_batches: Callable[[], tuple[list[Any], int]], loss_fn: Ca
             if stats.skipped:
                 record["skipped_nonfinite"] = trainer.nonfinite_total
                 print0(f"step {step}: non-finite loss, step skipped ({trainer.nonfinite_total} so far)", dist=dist)
-            if step % cfg.log_interval == 0 and (note := budget.adjust_to_speed()):
+            if step % cfg.log_interval == 0 and (note := budget.adjust_to_speed(step)):
                 print0(note, dist=dist)
-            done = step >= trainer.max_steps
+            done = step >= schedule.max_steps
             stop_at = min(time_limit, budget.stop_at())
             over_time = stop_at < math.inf and all_reduce_max(float(time.time() > stop_at), dist) > 0
             console = None
@@ -508,11 +505,11 @@ def fit(run: Run, next_batches: Callable[[], tuple[list[Any], int]], loss_fn: Ca
                 now = time.time()
                 speed = (tokens_seen - last_tokens) / max(now - last_time, 1e-9)
                 # A device does at least what it was seen doing: a peak measured at a slow moment is raised.
-                run.peak_flops = max(run.peak_flops, speed * run.flops_per_token / dist.world_size)
-                mfu = speed * run.flops_per_token / (run.peak_flops * dist.world_size)
+                training.peak_flops = max(training.peak_flops, speed * training.flops_per_token / dist.world_size)
+                mfu = speed * training.flops_per_token / (training.peak_flops * dist.world_size)
                 record.update(tokens_per_s=speed, mfu=mfu)
-                eta = (trainer.max_steps - step) * (now - last_time) / max(step - last_step, 1)
-                console = (f"step {step}/{trainer.max_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
+                eta = (schedule.max_steps - step) * (now - last_time) / max(step - last_step, 1)
+                console = (f"step {step}/{schedule.max_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
                            f"{speed:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {eta / 60:.1f} min"
                            + "".join(f" {k} {v:.3f}" for k, v in stats.metrics.items()))
             eval_s = 0.0
@@ -530,7 +527,7 @@ def fit(run: Run, next_batches: Callable[[], tuple[list[Any], int]], loss_fn: Ca
             if step % cfg.save_interval == 0 or done or stop.requested or over_time or fit_now:
                 save_s = save()
                 if fit_now:
-                    print0(budget.fit(eval_s, save_s), dist=dist)
+                    print0(budget.fit(step, eval_s, save_s), dist=dist)
                     last_time = time.time()
             if stop.requested or over_time:
                 print0(f"stopped at step {step}; rerun the same command to continue", dist=dist)

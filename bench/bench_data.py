@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from babyllama.corpora import CorpusError, iter_corpus  # noqa: E402
 from chatglm_tokenizer import load_tokenizer  # noqa: E402
-from data_process import Config, run  # noqa: E402
+from data_process import Config, process  # noqa: E402
 
 CHATGLM = os.path.join(ROOT, "..", "shared", "chatglm_tokenizer", "tokenizer.model")
 SOURCES = "peoples_daily,idioms,dictionary"
@@ -73,7 +73,7 @@ def time_approach(name: str, args: argparse.Namespace, out: str, answer) -> None
     if name in ("seed", "sentencepiece"):
         seed_way(args.raw_dir, encode, sp.eos_id, out + ".bin")
     else:
-        run(Config(sources=SOURCES, raw_dir=args.raw_dir, out_dir=out, tokenizer=tok_path, workers=args.workers,
+        process(Config(sources=SOURCES, raw_dir=args.raw_dir, out_dir=out, tokenizer=tok_path, workers=args.workers,
                    dedup=name != "plain", near_dedup=name == "ours"))
     answer.send(time.perf_counter() - start)
 

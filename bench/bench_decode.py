@@ -15,8 +15,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from babyllama.configurator import read_model_preset  # noqa: E402
 from babyllama.quantize import quantize_int8  # noqa: E402
-from model import Transformer, model_args_from_preset  # noqa: E402
+from model import Transformer  # noqa: E402
 
 
 def hf_model(model: Transformer):
@@ -42,7 +43,7 @@ def timed(fn, repeats: int) -> float:
 
 def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     torch.manual_seed(0)
-    model = Transformer(model_args_from_preset(preset, max_seq_len=prompt_len + new_tokens)).eval()
+    model = Transformer(read_model_preset(preset, max_seq_len=prompt_len + new_tokens)).eval()
     prompt = torch.randint(3, model.args.vocab_size, (prompt_len,)).tolist()
     hf = hf_model(model)
     int8 = quantize_int8(copy.deepcopy(model))

@@ -30,8 +30,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from babyllama.configurator import read_model_preset  # noqa: E402
 from chatglm_tokenizer import load_tokenizer  # noqa: E402
-from model import Transformer, model_args_from_preset  # noqa: E402
+from model import Transformer  # noqa: E402
 
 QUESTIONS = ["成语“画蛇添足”是什么意思？", "“水”字是什么意思？", "请写一首关于秋天的诗。", "介绍一下长城。",
              "成语“守株待兔”是什么意思？", "“山”字是什么意思？", "怎样学好数学？", "北京有哪些名胜古迹？"]
@@ -121,7 +122,7 @@ def measure(server: Server, max_tokens: int, clients: int, repeats: int) -> dict
 
 def random_checkpoint(shape: str, vocab_size: int, folder: str) -> str:
     torch.manual_seed(0)
-    args = model_args_from_preset(shape, vocab_size=vocab_size)
+    args = read_model_preset(shape, vocab_size=vocab_size)
     path = os.path.join(folder, f"{shape}.pt")
     torch.save({"model": Transformer(args).state_dict(), "model_args": asdict(args)}, path)
     return path

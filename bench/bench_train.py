@@ -21,10 +21,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as model_module  # noqa: E402
+from babyllama.configurator import read_model_preset  # noqa: E402
 from babyllama.distributed import keep_freed_memory  # noqa: E402
 from babyllama.precision import autocast, measure_peak_flops, resolve_dtype  # noqa: E402
 from babyllama.trainer import make_optimizer  # noqa: E402
-from model import Transformer, model_args_from_preset  # noqa: E402
+from model import Transformer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import hf_model  # noqa: E402
@@ -87,7 +88,7 @@ def main() -> None:
     print(f"{'preset':<9} {'dtype':<9} {'mode':<9} {'ours tok/s':>10} {'MFU':>6} {'transformers tok/s':>18} "
           f"{'ratio':>6} {'warm-up s (ours/hf)':>20} {'peak GFLOP/s':>12}")
     for preset in args.presets:
-        model_args = model_args_from_preset(preset)
+        model_args = read_model_preset(preset)
         T = model_args.max_seq_len
         B = max(1, args.batch_tokens // T)
         torch.manual_seed(0)

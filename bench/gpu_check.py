@@ -23,11 +23,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from babyllama.configurator import read_model_preset  # noqa: E402
 from babyllama.distributed import setup_distributed, teardown  # noqa: E402
 from babyllama.gpu_memory import gpu_of_device_name  # noqa: E402
 from babyllama.precision import matmul_flops, synchronize  # noqa: E402
 from babyllama.trainer import TrainConfig, Trainer  # noqa: E402
-from model import Transformer, model_args_from_preset  # noqa: E402
+from model import Transformer  # noqa: E402
 
 
 def peak_flops(device: str, dtype: str) -> tuple[float, str]:
@@ -56,8 +57,8 @@ def reset_peak_memory(device: str) -> None:
 def train_row(preset: str, dist, args, mode: str, fsdp: bool = False) -> dict:
     """Tokens/s over args.steps optimizer steps (after warm-up) of the trainer's own step."""
     torch.manual_seed(0)
-    model_args = model_args_from_preset(preset, max_seq_len=args.seq_len) if args.seq_len else \
-        model_args_from_preset(preset)
+    model_args = read_model_preset(preset, max_seq_len=args.seq_len) if args.seq_len else \
+        read_model_preset(preset)
     T = model_args.max_seq_len
     reset_peak_memory(dist.device)
     model = Transformer(model_args)
@@ -84,7 +85,7 @@ def train_row(preset: str, dist, args, mode: str, fsdp: bool = False) -> dict:
 
 def decode_row(preset: str, device: str, batch: int, new_tokens: int) -> dict:
     torch.manual_seed(0)
-    model = Transformer(model_args_from_preset(preset)).to(device).eval()
+    model = Transformer(read_model_preset(preset)).to(device).eval()
     if device != "cpu":
         model = model.to(torch.bfloat16)  # served in bf16 on a GPU
     reset_peak_memory(device)

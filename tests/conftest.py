@@ -1,5 +1,7 @@
 import csv
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -63,3 +65,73 @@ def write_csv(path, header: list[str], rows) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+# ---------------------------------------------------------------- a tiny corpus and models, made once a session
+
+PRESET = "dim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 600\nmax_seq_len = 32\nmultiple_of = 16\n"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, small_tokenizer):
+    """A folder with data/ (train.bin, val.bin, meta.json of 600 documents, our small tokenizer) and
+    preset.py (a 2-layer model preset for that tokenizer)."""
+    from data_process import Config, process
+    folder = tmp_path_factory.mktemp("pretrain")
+    write_corpus(folder / "corpus.txt", 600)
+    process(Config(sources="", inputs=f"txt:{folder / 'corpus.txt'}", out_dir=str(folder / "data"),
+                   tokenizer=small_tokenizer, val_fraction=0.1))
+    (folder / "preset.py").write_text(PRESET)
+    return folder
+
+
+def pretrain_command(corpus, tokenizer, out, *extra) -> list[str]:
+    """pretrain.py on the corpus fixture, float32, with extra flags."""
+    return [sys.executable, os.path.join(ROOT, "pretrain.py"), f"--data={corpus / 'data'}", f"--tokenizer={tokenizer}",
+            f"--model={corpus / 'preset.py'}", f"--out_dir={out}", "--dtype=float32", "--peak_tflops=1",
+            "--batch_size=4", "--warmup_steps=5", "--lr=3e-3", *extra]
+
+
+def metrics(out) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_ok(cmd, **kw) -> subprocess.CompletedProcess:
+    """Run a command on one thread; its stderr is the failure message when it fails."""
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def pretrained(corpus, small_tokenizer, tmp_path_factory):
+    """(ckpt.pt of 10 pretraining steps on the corpus, a folder with SFT train.csv and val.csv)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    run_ok(pretrain_command(corpus, small_tokenizer, out, "--max_steps=10", "--eval_interval=100000"))
+    data = tmp_path_factory.mktemp("sft")
+    for name, n in (("train.csv", 64), ("val.csv", 8)):
+        write_csv(data / name, ["prompt", "answer", "history"],
+                  [[f"第{i}首诗的下一句是什么？", "春眠不觉晓，处处闻啼鸟。" if i % 2 else "床前明月光。", "[]"]
+                   for i in range(n)])
+    return out / "ckpt.pt", data
+
+
+@pytest.fixture(scope="session")
+def preference(tmp_path_factory):
+    """Trivially separable preference pairs (train.csv, val.csv) and GRPO prompts (prompts.csv)."""
+    folder = tmp_path_factory.mktemp("pref")
+    for name, n in (("train.csv", 48), ("val.csv", 16)):
+        write_csv(folder / name, ["prompt", "chosen", "rejected"],
+                  [[f"第{i}个问题", "春眠不觉晓，处处闻啼鸟。", "白日依山尽"] for i in range(n)])
+    write_csv(folder / "prompts.csv", ["prompt", "answer", "history"],
+              [[f"成语“{word}”是什么意思？", "比喻做多余的事", "[]"]
+               for word in ("画蛇添足", "守株待兔", "亡羊补牢", "对牛弹琴")])
+    return folder
+
+
+def stage_flags(ckpt, tokenizer, out) -> list[str]:
+    """The flags every post-training stage's test gives: the start, the tokenizer, float32."""
+    return [f"--init_from={ckpt}", f"--tokenizer={tokenizer}", f"--out_dir={out}", "--dtype=float32",
+            "--peak_tflops=1", "--log_interval=1"]

@@ -9,7 +9,7 @@ from babyllama.cleaning import clean_text
 from babyllama.corpora import CorpusError
 from babyllama.dedup import minhash
 from chatglm_tokenizer import load_tokenizer
-from data_process import Config, run
+from data_process import Config, process
 from dataset import CorpusMismatch, bin_files, check_tokenizer
 
 
@@ -23,15 +23,15 @@ def make_inputs(tmp_path):
     return docs, f"txt:{tmp_path / 'news.txt'},jsonl:{extra}"
 
 
-def process(tmp_path, tokenizer, inputs, out="out", **kw):
+def processed(tmp_path, tokenizer, inputs, out="out", **kw):
     cfg = Config(**{"sources": "", "inputs": inputs, "out_dir": str(tmp_path / out), "tokenizer": tokenizer,
                     "workers": 2, "batch_docs": 16, "val_fraction": 0.1, **kw})
-    return run(cfg), cfg
+    return process(cfg), cfg
 
 
 def test_counts_tokens_and_decoding(tmp_path, small_tokenizer):
     docs, inputs = make_inputs(tmp_path)
-    meta, cfg = process(tmp_path, small_tokenizer, inputs)
+    meta, cfg = processed(tmp_path, small_tokenizer, inputs)
     news, extra = meta["sources"]["txt:news.txt"], meta["sources"]["jsonl:extra.jsonl"]
     assert news == {"read": 200, "kept": 200}
     assert extra == {"read": 6, "kept": 1, "dropped_duplicate": 2, "dropped_malformed": 1,
@@ -57,37 +57,37 @@ def test_counts_tokens_and_decoding(tmp_path, small_tokenizer):
 
 def test_rerun_is_byte_identical_and_safe(tmp_path, small_tokenizer):
     _, inputs = make_inputs(tmp_path)
-    _, cfg = process(tmp_path, small_tokenizer, inputs, out="a")
+    _, cfg = processed(tmp_path, small_tokenizer, inputs, out="a")
     # Other batching and no worker processes: the decisions and the output must not depend on either.
-    _, cfg_b = process(tmp_path, small_tokenizer, inputs, out="b", batch_docs=7, batch_chars=500)
-    _, cfg_serial = process(tmp_path, small_tokenizer, inputs, out="c", workers=0)
+    _, cfg_b = processed(tmp_path, small_tokenizer, inputs, out="b", batch_docs=7, batch_chars=500)
+    _, cfg_serial = processed(tmp_path, small_tokenizer, inputs, out="c", workers=0)
 
     def digest(folder):
         return [hashlib.sha256(open(f"{folder}/{s}.bin", "rb").read()).hexdigest() for s in ("train", "val")]
     assert digest(cfg.out_dir) == digest(cfg_b.out_dir) == digest(cfg_serial.out_dir)
     # Same inputs and settings: nothing to do. Other settings: refuse unless asked to overwrite.
     before = open(f"{cfg.out_dir}/meta.json").read()
-    process(tmp_path, small_tokenizer, inputs, out="a")
+    processed(tmp_path, small_tokenizer, inputs, out="a")
     assert open(f"{cfg.out_dir}/meta.json").read() == before
     with pytest.raises(CorpusError, match="--overwrite"):
-        process(tmp_path, small_tokenizer, inputs, out="a", min_chars=20)
-    meta, _ = process(tmp_path, small_tokenizer, inputs, out="a", min_chars=20, overwrite=True)
+        processed(tmp_path, small_tokenizer, inputs, out="a", min_chars=20)
+    meta, _ = processed(tmp_path, small_tokenizer, inputs, out="a", min_chars=20, overwrite=True)
     assert meta["fingerprint"]["settings"]["min_chars"] == 20
 
 
 def test_serial_equals_parallel(tmp_path, small_tokenizer):
     _, inputs = make_inputs(tmp_path)
-    _, par = process(tmp_path, small_tokenizer, inputs, out="p")
+    _, par = processed(tmp_path, small_tokenizer, inputs, out="p")
     cfg = Config(sources="", inputs=inputs, out_dir=str(tmp_path / "s"), tokenizer=small_tokenizer, workers=0,
                  batch_docs=7, val_fraction=0.1)
-    run(cfg)
+    process(cfg)
     for split in ("train", "val"):
         assert open(f"{par.out_dir}/{split}.bin", "rb").read() == open(f"{cfg.out_dir}/{split}.bin", "rb").read()
 
 
 def test_training_refuses_other_tokenizer(tmp_path, small_tokenizer, chatglm_path):
     _, inputs = make_inputs(tmp_path)
-    _, cfg = process(tmp_path, small_tokenizer, inputs)
+    _, cfg = processed(tmp_path, small_tokenizer, inputs)
     files = bin_files(cfg.out_dir)
     check_tokenizer(files, load_tokenizer(small_tokenizer).sha256)
     with pytest.raises(CorpusMismatch, match="made with tokenizer"):
@@ -104,7 +104,7 @@ def test_vocab_too_large_for_uint16(tmp_path, small_tokenizer, monkeypatch):
         self.vocab_size = 70000
     monkeypatch.setattr(sp.SPTokenizer, "__init__", huge)
     with pytest.raises(CorpusError, match="uint16 holds at most 65536"):
-        process(tmp_path, small_tokenizer, inputs)
+        processed(tmp_path, small_tokenizer, inputs)
 
 
 def test_minhash_estimates_jaccard():
@@ -245,9 +245,9 @@ def test_dedup_decisions_match_one_by_one_in_order():
 def test_dedup_decisions_do_not_depend_on_merging(tmp_path, small_tokenizer, monkeypatch):
     import babyllama.dedup as dedup
     _, inputs = make_inputs(tmp_path)
-    meta, _ = process(tmp_path, small_tokenizer, inputs, out="a")
+    meta, _ = processed(tmp_path, small_tokenizer, inputs, out="a")
     original = dedup.KeySet.__init__
     monkeypatch.setattr(dedup.KeySet, "__init__", lambda self, merge_every=0: original(self, 5))
-    merged, _ = process(tmp_path, small_tokenizer, inputs, out="b")
+    merged, _ = processed(tmp_path, small_tokenizer, inputs, out="b")
     assert merged["sources"] == meta["sources"]
     assert open(tmp_path / "a/train.bin", "rb").read() == open(tmp_path / "b/train.bin", "rb").read()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import ROOT, write_corpus
 
+from babyllama.configurator import read_model_preset
 from export import export_hf, import_hf, permute_from_hf, permute_to_hf
-from model import ModelArgs, Transformer, model_args_from_preset
+from model import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,7 +33,7 @@ def test_permutation_round_trips():
 @pytest.mark.parametrize("shape", ["tiny_gqa", "baby_92m"])
 def test_transformers_gives_our_logits_and_greedy_tokens(tmp_path, shape):
     if shape == "baby_92m":
-        args = model_args_from_preset("baby_92m", max_seq_len=128)
+        args = read_model_preset("baby_92m", max_seq_len=128)
     else:
         args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=600, max_seq_len=128,
                          multiple_of=16)

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from babyllama.checkpoint import CheckpointError, load_model
+from babyllama.configurator import read_model_preset
 from model import (
     KVCache,
     ModelArgs,
     Transformer,
     apply_rope,
     init_residual_projections,
-    model_args_from_preset,
     rope_tables,
     sample,
 )
@@ -33,11 +33,11 @@ def small_model(seed: int = 0, scrambled: bool = True, **kw) -> Transformer:
 
 
 def test_seed_presets_parameter_counts():
-    m92 = Transformer(model_args_from_preset("baby_92m"))
+    m92 = Transformer(read_model_preset("baby_92m"))
     assert m92.num_params() == 58_479_616
     assert m92.num_params(count_tied_twice=True) == 91_653_632
     assert m92.args.hidden_dim == 1376
-    m218 = Transformer(model_args_from_preset("baby_218m"))
+    m218 = Transformer(read_model_preset("baby_218m"))
     assert m218.num_params() == 218_155_008
 
 
@@ -277,3 +277,21 @@ def test_generation_respects_context():
         model.generate([[1] * 64], 5)
     with pytest.raises(ValueError, match="at least one token"):
         model.generate([[]], 5)
+
+
+def test_decoding_follows_the_weights_after_an_optimizer_step():
+    """The fused AdamW step changes the output matrix in place without bumping its version counter:
+    decoding after training (GRPO's rollouts) must not read a stale cached copy of it."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**SMALL))
+    x = torch.randint(0, 97, (2, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-1, fused=True)
+    for _ in range(2):
+        model.eval()
+        with torch.no_grad():
+            h = model.hidden(x)[:, -1]
+            assert torch.allclose(model.next_token_logits(h), model(x)[0][:, -1].float(), atol=1e-5)
+        model.train()
+        model(x, torch.roll(x, -1, 1))[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()

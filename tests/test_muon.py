@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from babyllama.distributed import Dist
+from babyllama.errors import UsageError
 from babyllama.muon import MuonAdamW, orthogonalize
 from babyllama.trainer import TrainConfig, Trainer, make_optimizer
 from model import ModelArgs, Transformer
@@ -95,5 +96,5 @@ def test_muon_trains_and_resumes_identically():
 
 
 def test_muon_is_refused_with_fsdp():
-    with pytest.raises(SystemExit, match="--optimizer=muon .* --fsdp"):
+    with pytest.raises(UsageError, match="--optimizer=muon .* --fsdp"):
         Trainer(fresh_model(), TrainConfig(optimizer="muon", fsdp=True, dtype="float32"), Dist())

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import ROOT
 
+from babyllama.configurator import read_model_preset
 from babyllama.gpu_memory import GPUS, largest_micro_batch, n_params, training_memory
-from model import Transformer, model_args_from_preset
+from model import Transformer
 from plan import main, parse_count
 
 # Peak resident memory of a process that builds the model and runs three training steps, less what
@@ -19,7 +20,8 @@ from plan import main, parse_count
 MEASURE = """
 import os, sys, threading, time, torch
 sys.path.insert(0, {root!r})
-from model import ModelArgs, Transformer, model_args_from_preset
+from model import ModelArgs, Transformer
+from babyllama.configurator import read_model_preset
 from babyllama.trainer import TrainConfig, Trainer
 from babyllama.distributed import Dist, keep_freed_memory
 keep_freed_memory()
@@ -29,7 +31,7 @@ def steps(model, batch, n):
     x = torch.randint(3, model.args.vocab_size, (batch, model.args.max_seq_len + 1))
     for _ in range(n):
         trainer.train_step([(x[:, :-1], x[:, 1:])], lambda m, b: m(b[0], b[1])[1])
-args = model_args_from_preset({preset!r})
+args = read_model_preset({preset!r})
 steps(Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=256, max_seq_len=args.max_seq_len,
                             multiple_of=16)), 2, 2)
 def anon():  # resident memory less file-backed pages (library code paged in on first use)
@@ -62,7 +64,7 @@ def measured_peak(preset: str, batch: int, dtype: str) -> float:
 
 @pytest.mark.parametrize("preset", ["tiny", "baby_92m", "baby_218m"])
 def test_parameter_count_and_flops_are_the_models(preset):
-    args = model_args_from_preset(preset)
+    args = read_model_preset(preset)
     with torch.device("meta"):
         model = Transformer(args)
     assert n_params(args) == model.num_params()
@@ -70,7 +72,7 @@ def test_parameter_count_and_flops_are_the_models(preset):
 
 @pytest.mark.parametrize("preset,batch", [("tiny", 8), ("baby_92m", 2)])
 def test_memory_model_is_within_20_percent_of_measured_peak(preset, batch):
-    args = model_args_from_preset(preset)
+    args = read_model_preset(preset)
     planned = training_memory(args, batch, args.max_seq_len, "float32").total
     measured = measured_peak(preset, batch, "float32")
     if abs(planned - measured) > 0.2 * measured:
@@ -82,7 +84,7 @@ def test_memory_model_is_within_20_percent_of_measured_peak(preset, batch):
 
 
 def test_fsdp_splits_the_states_and_the_largest_batch_fits():
-    args = model_args_from_preset("baby_218m")
+    args = read_model_preset("baby_218m")
     one, four = training_memory(args, 4, 1024), training_memory(args, 4, 1024, processes=4, fsdp=True)
     assert four.optimizer == pytest.approx(one.optimizer / 4) and four.activations == one.activations
     assert four.total < one.total
@@ -100,7 +102,7 @@ def test_parse_count():
 def test_plan_time_is_flops_over_peak(capsys):
     main(["--model=baby_92m", "--gpu=H100", "--gpus=8", "--tokens=50B", "--mfu=0.5"])
     out = capsys.readouterr().out
-    args = model_args_from_preset("baby_92m")
+    args = read_model_preset("baby_92m")
     with torch.device("meta"):
         flops = Transformer(args).flops_per_token(args.max_seq_len)
     hours = 50e9 * flops / (8 * GPUS["H100"].bf16_tflops * 1e12 * 0.5) / 3600

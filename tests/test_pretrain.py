@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -7,40 +6,11 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, write_corpus
+from conftest import ROOT, metrics, run_ok
+from conftest import pretrain_command as command
 
 from babyllama.checkpoint import load_model
 from model import ModelArgs, Transformer
-
-PRESET = "dim = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 600\nmax_seq_len = 32\nmultiple_of = 16\n"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, small_tokenizer):
-    from data_process import Config, run
-    folder = tmp_path_factory.mktemp("pretrain")
-    write_corpus(folder / "corpus.txt", 600)
-    run(Config(sources="", inputs=f"txt:{folder / 'corpus.txt'}", out_dir=str(folder / "data"),
-               tokenizer=small_tokenizer, val_fraction=0.1))
-    (folder / "preset.py").write_text(PRESET)
-    return folder
-
-
-def command(corpus, tokenizer, out, *extra):
-    return [sys.executable, os.path.join(ROOT, "pretrain.py"), f"--data={corpus / 'data'}", f"--tokenizer={tokenizer}",
-            f"--model={corpus / 'preset.py'}", f"--out_dir={out}", "--dtype=float32", "--peak_tflops=1",
-            "--batch_size=4", "--warmup_steps=5", "--lr=3e-3", *extra]
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def run_ok(cmd, **kw):
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def test_pretraining_lowers_validation_loss(corpus, small_tokenizer, tmp_path):
@@ -91,18 +61,16 @@ def schedule_of(out) -> dict:
     return torch.load(out / "ckpt.pt", weights_only=False)["schedule"]
 
 
-def test_time_budget_ends_within_it_with_the_schedule_complete(corpus, small_tokenizer, tmp_path):
+def test_time_budget_ends_with_the_schedule_complete(corpus, small_tokenizer, tmp_path):
+    """The process fits its steps into the budget (how well is tested on a simulated clock in
+    test_budget.py): the schedule is fitted once, every step is run, and min_lr is reached on the last."""
     out = tmp_path / "budget"
-    began = time.time()
-    result = run_ok(command(corpus, small_tokenizer, out, "--time_budget_min=1", "--max_steps=1000000",
+    result = run_ok(command(corpus, small_tokenizer, out, "--time_budget_min=0.25", "--max_steps=1000000",
                             "--min_lr=1e-4", "--eval_interval=200", "--eval_batches=4", "--save_interval=500"))
-    took = time.time() - began
-    assert took <= 60, f"a 1-minute budget took {took:.1f} s"
-    assert took >= 45, f"a 1-minute budget used only {took:.1f} s: the fit wastes the budget"
-    assert "time budget 1 min:" in result.stdout
+    assert result.stdout.count("time budget 0.25 min:") == 1
     rows = metrics(out)
     last = rows[-1]
-    assert schedule_of(out)["fitted_to_budget"] and last["step"] == schedule_of(out)["max_steps"] > 100
+    assert schedule_of(out)["fitted_to_budget"] and last["step"] == schedule_of(out)["max_steps"] > 20
     assert [m["step"] for m in rows] == list(range(1, last["step"] + 1))
     assert last["lr"] == pytest.approx(1e-4) and rows[-2]["lr"] > 1e-4  # min_lr reached at the last step
 
@@ -188,11 +156,31 @@ def test_init_reaches_the_model(corpus, small_tokenizer, tmp_path):
 @pytest.mark.parametrize("recipe,model", [("pretrain_tiny", "tiny_shallow"), ("pretrain_baby_92m", "baby_92m"),
                                           ("pretrain_baby_218m", "baby_218m")])
 def test_recipes_parse(recipe, model):
-    from babyllama.configurator import parse_config
+    from babyllama.configurator import parse_config, read_model_preset
     from pretrain import Config, build_model_args
     cfg = parse_config(Config, [os.path.join(ROOT, "config", f"{recipe}.py"), "--max_steps=7"], check_files=False)
     assert cfg.max_steps == 7 and cfg.model == model
-    assert build_model_args(cfg).n_layers > 0
+    assert build_model_args(cfg) == read_model_preset(model, dropout=0.0)
+
+
+def test_the_demo_recipe_trains_tiny_shallow():
+    """The shape the demo's figures and the speedrun's record are measured on."""
+    from babyllama.configurator import parse_config
+    from pretrain import Config, build_model_args
+    cfg = parse_config(Config, [os.path.join(ROOT, "config", "pretrain_tiny.py")], check_files=False)
+    args = build_model_args(cfg)
+    assert (args.dim, args.n_layers, args.n_heads, args.vocab_size) == (256, 3, 4, 8192)
+
+
+def test_a_misspelled_preset_setting_is_one_line(corpus, small_tokenizer, tmp_path):
+    """n_layer for n_layers used to train the default 8 layers without a word."""
+    typo = tmp_path / "typo.py"
+    typo.write_text((corpus / "preset.py").read_text().replace("n_layers", "n_layer"))
+    result = subprocess.run(command(corpus, small_tokenizer, tmp_path / "x", f"--model={typo}", "--max_steps=1"),
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"error: config file {typo}: unknown settings ['n_layer']"]
+    assert not (tmp_path / "x" / "ckpt.pt").exists()
 
 
 def test_help_lists_settings():

@@ -13,7 +13,7 @@ from conftest import ROOT
 from babyllama.cleaning import clean_text
 from babyllama.corpora import CorpusError, parse_input, read_input
 from chatglm_tokenizer import load_tokenizer
-from data_process import Config, run
+from data_process import Config, process
 from dataset import bin_files
 
 BOM = "\ufeff"
@@ -91,7 +91,7 @@ def test_gbk_file_is_read_with_encoding_and_a_one_line_error_without(tmp_path, s
 def test_title_only_entries_are_empty_not_malformed(tmp_path, small_tokenizer):
     lines = [{"title": "只有标题"}, {"title": "词条", "summary": TEXTS[0], "sections": []}, "not an object"]
     path = write(tmp_path / "bk.json", BOM + "\r\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\r\n")
-    meta = run(Config(sources="", inputs=f"baidubaike:{path}", out_dir=str(tmp_path / "out"),
+    meta = process(Config(sources="", inputs=f"baidubaike:{path}", out_dir=str(tmp_path / "out"),
                       tokenizer=small_tokenizer, workers=0))
     assert meta["sources"]["baidubaike:bk.json"] == {"read": 3, "kept": 1, "dropped_empty": 1, "dropped_malformed": 1}
 
@@ -101,7 +101,7 @@ def test_documents_read_are_kept_or_dropped_and_each_kept_one_is_in_the_bin_once
     inputs = ",".join(f"{fmt}:{path}" for fmt, path in paths.items())
     cfg = Config(sources="", inputs=inputs, out_dir=str(tmp_path / "out"), tokenizer=small_tokenizer, workers=2,
                  val_fraction=0.3, near_dedup=False)
-    meta = run(cfg)
+    meta = process(cfg)
     for counts in meta["sources"].values():
         assert counts["read"] == len(TEXTS)
         assert counts["read"] == counts.get("kept", 0) + sum(v for k, v in counts.items() if k.startswith("dropped_"))
@@ -121,7 +121,7 @@ def test_documents_read_are_kept_or_dropped_and_each_kept_one_is_in_the_bin_once
 
 def test_sft_data_process_reads_gbk_with_encoding_and_a_one_line_error_without(tmp_path):
     from sft_data_process import Config as SFTConfig
-    from sft_data_process import run as sft_run
+    from sft_data_process import build as sft_run
     records = [{"instruction": t[:8], "input": "", "output": t} for t in TEXTS]
     path = write(tmp_path / "gbk.json", json.dumps(records, ensure_ascii=False), encoding="gbk")
     settings = dict(builtin="", preference="", inputs=f"alpaca:{path}", out_dir=str(tmp_path / "out"))
@@ -135,13 +135,13 @@ def test_sft_data_process_reads_gbk_with_encoding_and_a_one_line_error_without(t
 def test_an_edit_that_keeps_size_and_time_is_seen(tmp_path, small_tokenizer):
     path = write(tmp_path / "a.txt", "\n".join(TEXTS) + "\n")
     cfg = Config(sources="", inputs=f"txt:{path}", out_dir=str(tmp_path / "out"), tokenizer=small_tokenizer, workers=0)
-    run(cfg)
+    process(cfg)
     stat = os.stat(path)
     write(path, "\n".join(TEXTS).replace("明月", "白云") + "\n")  # same size in bytes
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(path).st_size == stat.st_size
     with pytest.raises(CorpusError, match="already holds a corpus made from other inputs"):
-        run(cfg)
+        process(cfg)
 
 
 def test_a_failed_run_keeps_the_old_corpus_and_leaves_no_temp_files(tmp_path, small_tokenizer):
@@ -149,10 +149,10 @@ def test_a_failed_run_keeps_the_old_corpus_and_leaves_no_temp_files(tmp_path, sm
     bad = tmp_path / "b.txt"  # UTF-8 text that ends in bytes that are not
     bad.write_bytes(("\n".join(TEXTS[:3]) + "\n").encode() + b"\xff\xfe\n")
     out = tmp_path / "out"
-    run(Config(sources="", inputs=f"txt:{good}", out_dir=str(out), tokenizer=small_tokenizer, workers=0))
+    process(Config(sources="", inputs=f"txt:{good}", out_dir=str(out), tokenizer=small_tokenizer, workers=0))
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     with pytest.raises(CorpusError, match="not UTF-8"):
-        run(Config(sources="", inputs=f"txt:{good},txt:{bad}", out_dir=str(out), tokenizer=small_tokenizer,
+        process(Config(sources="", inputs=f"txt:{good},txt:{bad}", out_dir=str(out), tokenizer=small_tokenizer,
                    workers=0, overwrite=True))
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
@@ -167,7 +167,7 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path, small_
     for name in leftovers + kept:
         (out / name).write_bytes(b"x")
     path = write(tmp_path / "a.txt", "\n".join(TEXTS) + "\n")
-    run(Config(sources="", inputs=f"txt:{path}", out_dir=str(out), tokenizer=small_tokenizer, workers=0))
+    process(Config(sources="", inputs=f"txt:{path}", out_dir=str(out), tokenizer=small_tokenizer, workers=0))
     from babyllama.common import remove_stale_temps
     assert remove_stale_temps(str(out), ["ckpt*.pt"]) == [str(out / f"ckpt_0000010.pt.tmp{dead}")]
     assert sorted(os.listdir(out)) == sorted(kept + ["train.bin", "val.bin", "meta.json"])

@@ -2,29 +2,10 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
-from conftest import ROOT, write_csv
-from test_pretrain import command as pretrain_command
-from test_pretrain import (
-    corpus,  # noqa: F401  (the module fixture: a small corpus and a preset)
-    metrics,
-    run_ok,
-)
+from conftest import ROOT, metrics, run_ok
 
 from babyllama.checkpoint import load_model
-
-
-@pytest.fixture(scope="module")
-def pretrained(corpus, small_tokenizer, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("base") / "run"
-    run_ok(pretrain_command(corpus, small_tokenizer, out, "--max_steps=10", "--eval_interval=100000"))
-    data = tmp_path_factory.mktemp("sft")
-    for name, n in (("train.csv", 64), ("val.csv", 8)):
-        write_csv(data / name, ["prompt", "answer", "history"],
-                  [[f"第{i}首诗的下一句是什么？", "春眠不觉晓，处处闻啼鸟。" if i % 2 else "床前明月光。", "[]"]
-                   for i in range(n)])
-    return out / "ckpt.pt", data
 
 
 def sft(ckpt, data, tokenizer, out, *extra):

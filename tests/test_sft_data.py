@@ -7,7 +7,7 @@ from conftest import write_csv
 
 from chatglm_tokenizer import load_tokenizer
 from dataset_sft import IGNORE_INDEX, SFTDataset, chat_prompt_ids, collate, encode_turns, make_example
-from sft_data_process import Config, run
+from sft_data_process import Config, build
 
 
 class CharTokenizer:
@@ -77,7 +77,7 @@ def test_sft_data_process_formats_counts_and_split(tmp_path):
     chatmed.write_text(json.dumps({"query": "咳嗽", "response": "喝水"}, ensure_ascii=False) + "\n")
     cfg = Config(builtin="", inputs=f"alpaca:{alpaca},huatuo:{huatuo},disc:{disc},chatmed:{chatmed}",
                  out_dir=str(tmp_path / "out"), val_fraction=0.0, preference="")
-    meta = run(cfg)
+    meta = build(cfg)
     assert meta["sources"]["alpaca:alpaca.json"] == {"read": 3, "kept": 1, "dropped_malformed": 1,
                                                      "dropped_duplicate": 1}
     assert meta["sources"]["huatuo:huatuo.jsonl"] == {"read": 2, "kept": 1, "dropped_malformed": 1}
@@ -87,7 +87,7 @@ def test_sft_data_process_formats_counts_and_split(tmp_path):
     assert rows[1]["prompt"] == "还疼呢?" and json.loads(rows[1]["history"]) == [["头疼怎么办?", "多休息。"]]
     assert [r["answer"] for r in rows[2:]] == ["答1", "喝水"]
     with pytest.raises(Exception, match="--overwrite"):
-        run(cfg)
+        build(cfg)
 
 
 def test_sft_dataset_on_real_tokenizer(tmp_path, small_tokenizer):
@@ -123,7 +123,7 @@ def test_preference_pairs_share_held_out_idioms(tmp_path):
     write_raw_idioms(raw)
     cfg = Config(builtin="idioms", preference="idioms,dpo_demo", raw_dir=str(raw), out_dir=str(tmp_path / "out"),
                  val_fraction=0.4)
-    meta = run(cfg)
+    meta = build(cfg)
     assert meta["preference"]["sources"]["idioms"] == {"read": 21, "kept": 20, "dropped_malformed": 1}
     assert meta["preference"]["sources"]["dpo_demo"] == {"read": 2, "kept": 1, "dropped_malformed": 1}
     pairs = list(csv.DictReader(open(tmp_path / "out" / "preference.csv", encoding="utf-8")))
@@ -149,7 +149,7 @@ def test_char_definition_takes_the_first_sense():
 def test_preference_sources_are_capped(tmp_path):
     raw = tmp_path / "raw"
     write_raw_idioms(raw)
-    meta = run(Config(builtin="", preference="idioms", raw_dir=str(raw), out_dir=str(tmp_path / "out"),
+    meta = build(Config(builtin="", preference="idioms", raw_dir=str(raw), out_dir=str(tmp_path / "out"),
                       max_pairs_per_source=5))
     assert meta["preference"]["sources"]["idioms"] == {"read": 21, "kept": 5, "dropped_malformed": 1,
                                                        "dropped_over_cap": 15}

@@ -1,0 +1,51 @@
+import math
+import os
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, metrics, run_ok, stage_flags
+
+from babyllama.checkpoint import load_model
+from dpo import dpo_loss
+from model import IGNORE_INDEX, ModelArgs, Transformer, answer_logprobs
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_dpo_loss_and_rewards_by_hand():
+    loss, chosen, rejected = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]),
+                                      torch.tensor([-11.0]), beta=0.5)
+    # rewards: 0.5 * (-10 + 11) = 0.5 and 0.5 * (-12 + 11) = -0.5; margin 1
+    assert float(chosen) == pytest.approx(0.5) and float(rejected) == pytest.approx(-0.5)
+    assert float(loss) == pytest.approx(-math.log(sig(1.0)))
+    smooth, _, _ = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]),
+                            torch.tensor([-11.0]), beta=0.5, label_smoothing=0.2)
+    assert float(smooth) == pytest.approx(-0.8 * math.log(sig(1.0)) - 0.2 * math.log(sig(-1.0)))
+
+
+def test_sequence_logprob_sums_answer_tokens_only():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=20, max_seq_len=8, multiple_of=16))
+    x = torch.tensor([[3, 4, 1, 5, 6]])
+    y = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, 2]])
+    with torch.no_grad():
+        total, count = answer_logprobs(model, x, y)
+        logp = torch.log_softmax(model(x)[0][0], -1)
+    assert count.item() == 3
+    assert float(total) == pytest.approx(float(logp[2, 5] + logp[3, 6] + logp[4, 2]), abs=1e-5)
+
+
+def test_dpo_moves_towards_the_chosen_answers(pretrained, preference, small_tokenizer, tmp_path):
+    ckpt, _ = pretrained
+    run_ok([sys.executable, os.path.join(ROOT, "dpo.py"), *stage_flags(ckpt, small_tokenizer, tmp_path),
+            f"--data={preference / 'train.csv'}", f"--val_data={preference / 'val.csv'}", "--batch_size=8",
+            "--eval_interval=3", "--lr=1e-3", "--warmup_steps=1", "--max_steps=6"])
+    first, last = metrics(tmp_path)[0], metrics(tmp_path)[-1]
+    assert {"reward_chosen", "reward_rejected", "margin", "accuracy", "val_loss"} <= set(last)
+    # The implicit reward margin grows from 0 (the policy starts as its reference).
+    assert abs(first["margin"]) < 1e-3 < last["margin"] and last["accuracy"] == 1.0
+    _, state = load_model(str(tmp_path / "ckpt.pt"))
+    assert state["stage"] == "dpo" and state["step"] == 6

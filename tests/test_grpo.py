@@ -1,0 +1,80 @@
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, metrics, run_ok, stage_flags, write_csv
+
+from babyllama.checkpoint import load_model
+from grpo import grpo_advantages, grpo_loss
+from model import IGNORE_INDEX, ModelArgs, Transformer
+
+
+def test_grpo_advantages():
+    adv = grpo_advantages(torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
+    s = math.sqrt(2 / 3)
+    assert adv[0].tolist() == pytest.approx([-1 / s, 0.0, 1 / s], abs=1e-3)
+    assert adv[0].sum().item() == pytest.approx(0.0, abs=1e-6)
+    assert adv[1].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_grpo_clipped_objective_inside_and_outside_the_range():
+    mask = torch.ones(1, 1)
+    zero = torch.zeros(1, 1)
+
+    def loss(ratio, advantage):
+        return float(grpo_loss(torch.log(torch.tensor([[ratio]])), zero, torch.log(torch.tensor([[ratio]])),
+                               torch.tensor([advantage]), mask, clip_eps=0.2, kl_beta=0.0)[0])
+    assert loss(1.1, 2.0) == pytest.approx(-2.2)  # inside: ratio * A
+    assert loss(1.5, 2.0) == pytest.approx(-2.4)  # above 1 + eps with A > 0: clipped to 1.2 * A
+    assert loss(0.5, 2.0) == pytest.approx(-1.0)  # below with A > 0: min keeps 0.5 * A
+    assert loss(0.5, -2.0) == pytest.approx(1.6)  # below 1 - eps with A < 0: clipped to 0.8 * A
+    # k3 KL: exp(ref - logp) - (ref - logp) - 1, zero when equal
+    kl_loss, kl = grpo_loss(torch.zeros(1, 1), zero, torch.tensor([[math.log(2.0)]]), torch.tensor([0.0]), mask,
+                            0.2, kl_beta=1.0)
+    assert float(kl) == pytest.approx(2 - math.log(2) - 1) and float(kl_loss) == pytest.approx(float(kl))
+
+
+def test_equal_rewards_give_no_update():
+    from babyllama.distributed import Dist
+    from babyllama.trainer import TrainConfig, Trainer
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=20, max_seq_len=8, multiple_of=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 20, (4, 6))
+    y = torch.where(torch.arange(6) >= 3, x.roll(-1, 1), torch.tensor(IGNORE_INDEX))
+    from model import token_logprobs
+    with torch.no_grad():
+        old, mask = token_logprobs(model, x, y)
+    advantages = grpo_advantages(torch.full((1, 4), 0.7)).view(-1)
+    trainer = Trainer(model, TrainConfig(lr=1e-2, min_lr=1e-4, warmup_steps=1, max_steps=1000, dtype="float32"), Dist())
+    trainer.train_step([None], lambda m, _: grpo_loss(token_logprobs(m, x, y)[0], old, old, advantages,
+                                                      mask.float(), 0.2, 0.04)[0])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_grpo_raises_the_reward_of_separable_prompts(pretrained, small_tokenizer, tmp_path):
+    """One short reference answer for every prompt, rewarded by character F1: answers that share its
+    characters beat their group, and the mean reward rises."""
+    ckpt, _ = pretrained
+    write_csv(tmp_path / "prompts.csv", ["prompt", "answer", "history"],
+              [[f"第{i}首诗", "春眠不觉晓", "[]"] for i in range(8)])
+    run_ok([sys.executable, os.path.join(ROOT, "grpo.py"), *stage_flags(ckpt, small_tokenizer, tmp_path / "grpo"),
+            f"--prompts={tmp_path / 'prompts.csv'}", "--task=all", "--max_steps=20", "--group_size=8",
+            "--prompts_per_step=4", "--max_new_tokens=6", "--lr=1e-2", "--warmup_steps=1", "--kl_beta=0"])
+    rewards = [r["reward"] for r in metrics(tmp_path / "grpo")]
+    assert all({"reward", "kl", "answer_tokens"} <= set(r) for r in metrics(tmp_path / "grpo"))
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
+    _, state = load_model(str(tmp_path / "grpo" / "ckpt.pt"))
+    assert state["stage"] == "grpo"
+
+
+def test_grpo_without_prompts_of_the_task_is_one_line(pretrained, preference, small_tokenizer, tmp_path):
+    ckpt, _ = pretrained
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *stage_flags(ckpt, small_tokenizer, tmp_path),
+                          f"--prompts={preference / 'prompts.csv'}", "--task=character"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        f"error: {preference / 'prompts.csv'} has no single-turn prompts of task 'character'"]
