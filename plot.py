@@ -57,8 +57,10 @@ def moving_average(values: list[float], window: int) -> list[float]:
 LABELS = {"loss": "cross-entropy loss (nats per token)", "tokens": "tokens seen (millions)", "step": "optimizer step"}
 
 
-def plot(runs: list[str], out: str, smooth: int, metric: str = "loss", x: str = "tokens") -> None:
-    """One line per run for the metric (smoothed) and one for val_<metric> where the run logged it."""
+def plot(runs: list[str], out: str, smooth: int, metric: str = "loss",
+         x: str = "tokens") -> dict[str, list[tuple[float, float]]]:
+    """One line per run for the metric (smoothed) and one for val_<metric> where the run logged it;
+    returns the points of each line drawn, by its label."""
     fig, ax = plt.subplots(figsize=(8, 5))
     scale = 1e6 if x == "tokens" else 1
     for run in runs:
@@ -80,7 +82,9 @@ def plot(runs: list[str], out: str, smooth: int, metric: str = "loss", x: str = 
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    plt.close(fig)
     print(f"wrote {out}")
+    return {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()}
 
 
 def main(argv: list[str] | None = None) -> None:

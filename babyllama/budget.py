@@ -67,8 +67,9 @@ class TimeBudget:
     LENGTHEN_BEFORE = 0.8  # ...and only before this share of the schedule is done
 
     def __init__(self, minutes: float, schedule: Schedule, *, eval_interval: int, save_interval: int,
-                 step: int = 0, reduce_max: Callable[[float], float] = float, started: float | None = None):
-        self.minutes, self.schedule = minutes, schedule
+                 step: int = 0, reduce_max: Callable[[float], float] = float, started: float | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.minutes, self.schedule, self.clock = minutes, schedule, clock
         self.eval_interval, self.save_interval = eval_interval, save_interval
         self.reduce_max = reduce_max
         self.on = minutes > 0
@@ -99,7 +100,7 @@ class TimeBudget:
         return self.deadline - self.save_s - 1.0 if self.on else math.inf
 
     def _steps_left(self, step: int, step_s: float, margin: float) -> int:
-        left = self.reduce_max(self.deadline - time.time())
+        left = self.reduce_max(self.deadline - self.clock())
         return steps_that_fit(left - margin, step, step_s, self.eval_s, self.eval_interval,
                               self.save_s, self.save_interval)
 
@@ -111,7 +112,7 @@ class TimeBudget:
         self.schedule.fit_to(max(step + 1, min(self.cap, step + n)), self.cap)
         self.pending = False
         return (f"time budget {self.minutes:g} min: {step_s:.3f} s a step, validation "
-                f"{self.eval_s:.1f} s, checkpoint {self.save_s:.1f} s, {self.deadline - time.time():.0f} s left -> "
+                f"{self.eval_s:.1f} s, checkpoint {self.save_s:.1f} s, {self.deadline - self.clock():.0f} s left -> "
                 f"{self.schedule.max_steps} steps (of at most {self.cap}), warmup {self.schedule.warmup_steps}")
 
     def adjust_to_speed(self, step: int) -> str | None:

@@ -135,3 +135,32 @@ def stage_flags(ckpt, tokenizer, out) -> list[str]:
     """The flags every post-training stage's test gives: the start, the tokenizer, float32."""
     return [f"--init_from={ckpt}", f"--tokenizer={tokenizer}", f"--out_dir={out}", "--dtype=float32",
             "--peak_tflops=1", "--log_interval=1"]
+
+
+# ---------------------------------------------------------------- a tiny model and batches for the trainer's tests
+
+TRAINER_ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, multiple_of=16)
+
+
+def fresh_model(seed=0):
+    """The tiny model with the weights of seed."""
+    from model import ModelArgs, Transformer
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(**TRAINER_ARGS))
+
+
+def batch(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 50, (n, 16), generator=g)
+    return x, torch.roll(x, -1, 1)
+
+
+def loss_fn(model, b):
+    return model(b[0], b[1])[1]
+
+
+def settings(**kw):
+    """A TrainConfig for the tiny model: float32, 20 steps, a warmup of 2."""
+    from babyllama.trainer import TrainConfig
+    return TrainConfig(**{"lr": 1e-2, "min_lr": 1e-4, "warmup_steps": 2, "max_steps": 20, "weight_decay": 0.1,
+                          "dtype": "float32", **kw})

@@ -12,7 +12,7 @@ LINES = re.compile(r"^L(\d+)(?:-L(\d+))?$")
 
 
 def markdown_files() -> list[str]:
-    files = [os.path.join(ROOT, name) for name in ("README.md", "README.en.md", "BENCHMARKS.md")]
+    files = [os.path.join(ROOT, name) for name in ("README.md", "README.en.md", "BENCHMARKS.md", "babyllama/README.md")]
     return files + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
@@ -89,9 +89,27 @@ def block_end(code: list[str], start: int) -> int:
     return end
 
 
-def test_docs_exist_for_every_stage():
-    chapters = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "docs", "[0-9][0-9]_*.md")))
-    assert len(chapters) == 10, chapters
+def commands() -> list[str]:
+    """Every .py at the root but the three library files the seed's users look for there."""
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))
+                  if os.path.basename(p) not in ("model.py", "dataset.py", "dataset_sft.py"))
+
+
+def test_every_command_is_in_both_file_maps_and_the_docs():
+    docs = "".join(open(p, encoding="utf-8").read() for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    for readme in ("README.md", "README.en.md"):
+        with open(os.path.join(ROOT, readme), encoding="utf-8") as f:
+            text = f.read()
+        assert not [c for c in commands() if f"`{c}`" not in text], readme
+    assert not [c for c in commands() if c not in docs]
+
+
+def test_every_library_module_is_in_the_package_readme():
+    with open(os.path.join(ROOT, "babyllama", "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    modules = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "babyllama", "*.py"))
+                     if not p.endswith("__init__.py"))
+    assert not [m for m in modules if f"`{m}`" not in text]
 
 
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: os.path.relpath(p, ROOT))

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from plot import moving_average, plot
 
 
@@ -12,8 +14,13 @@ def test_plot_writes_png(tmp_path):
             if step % 10 == 0:
                 record["val_loss"] = 5.5 / step
             f.write(json.dumps(record) + "\n")
-    plot([str(tmp_path)], str(tmp_path / "loss.png"), 5)
+    lines = plot([str(tmp_path)], str(tmp_path / "loss.png"), 5)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    name = tmp_path.name
+    train = [(step / 1000, 5.0 / step) for step in range(1, 30)]  # tokens in millions
+    smoothed = moving_average([v for _, v in train], 5)
+    assert lines[f"{name} train"] == pytest.approx([(x, v) for (x, _), v in zip(train, smoothed)])
+    assert lines[f"{name} val"] == pytest.approx([(step / 1000, 5.5 / step) for step in (10, 20)])
 
 
 def test_moving_average():
@@ -31,7 +38,8 @@ def test_plot_any_metric_by_step_and_name_a_missing_one(tmp_path):
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(1, 20):
             f.write(json.dumps({"step": step, "tokens": step * 100, "loss": 1.0, "reward": step / 20}) + "\n")
-    plot([str(tmp_path)], str(tmp_path / "r.png"), 3, metric="reward", x="step")
+    lines = plot([str(tmp_path)], str(tmp_path / "r.png"), 3, metric="reward", x="step")
+    assert [x for x, _ in lines[f"{tmp_path.name} train"]] == list(range(1, 20))
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     result = subprocess.run([sys.executable, "plot.py", str(tmp_path), "--metric=margin"], capture_output=True,
                             text=True)
