@@ -31,7 +31,7 @@ from babyllama.checkpoint import load_model, save_atomic
 from babyllama.configurator import one_of, parse_config, read_model_preset
 from babyllama.errors import UsageError, one_line_errors
 from chatglm_tokenizer import HERE as TOKENIZER_CODE
-from chatglm_tokenizer import SPTokenizer, resolve_tokenizer_path
+from chatglm_tokenizer import SPTokenizer, load_tokenizer, resolve_tokenizer_path
 from model import ModelArgs, Transformer
 
 # question + bos, the answer generated until eos: the SFT format, turn after turn.
@@ -127,7 +127,7 @@ def export_hf(model: Transformer, tokenizer_path: str | None, out: str) -> None:
 def write_hf_tokenizer(model_file: str, folder: str) -> None:
     """Our SentencePiece BPE models become a standard `LlamaTokenizer` (tokenizer.json, no custom code);
     the ChatGLM2 file, whose five special ids live outside its SentencePiece model, keeps our class."""
-    sp_tok = SPTokenizer(model_file)
+    sp_tok = load_tokenizer(model_file)
     if sp_tok.special_tokens:
         write_chatglm_tokenizer(model_file, folder)
         return
@@ -190,7 +190,6 @@ def export_gguf(model: Transformer, tokenizer_path: str, out: str, kind: str = "
     wq and wk go in unpermuted; the tied output matrix is not repeated."""
     import gguf
 
-    from chatglm_tokenizer import load_tokenizer
     a, tok = model.args, load_tokenizer(tokenizer_path)
     writer = gguf.GGUFWriter(out + ".tmp", "llama")
     writer.add_name("baby-llama2-chinese")
@@ -290,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         args = read_model_preset(cfg.preset) if cfg.preset else None
         model, _ = load_model(cfg.ckpt, model_args=args)
+        if cfg.tokenizer:
+            load_tokenizer(cfg.tokenizer)  # a wrong file is named before anything is written
         if cfg.gguf:
             export_gguf(model, cfg.tokenizer, cfg.out, cfg.gguf_type)
             print(f"wrote {cfg.out}: run it with llama.cpp, e.g. llama-cli -m {cfg.out}")

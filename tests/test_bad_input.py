@@ -78,6 +78,15 @@ BAD_SETTINGS = [
     ("export", "--unknown_flag=1", "--unknown_flag"),
     ("pretrain", "--batch_size=many", "--batch_size"),
 ]
+# A text file where a tokenizer or a checkpoint goes: every command that reads one names the file.
+TOKENIZER_READERS = ["pretrain", "sft", "dpo", "grpo", "train_reward_model", "chat", "eval", "eval_choice",
+                     "eval_pretrain", "serve", "data_process", "export"]
+# (pretrain.py's --init_from: tests/test_pretrain.py, with a corpus to reach it)
+CHECKPOINT_READERS = {"sft": "init_from", "dpo": "init_from", "grpo": "init_from",
+                      "train_reward_model": "init_from", "chat": "ckpt", "eval": "ckpt", "eval_choice": "ckpt",
+                      "eval_pretrain": "ckpt", "serve": "ckpt", "export": "ckpt"}
+BAD_SETTINGS += [(script, "--tokenizer={file}", "{file}") for script in TOKENIZER_READERS]
+BAD_SETTINGS += [(script, f"--{flag}={{file}}", "{file}") for script, flag in CHECKPOINT_READERS.items()]
 
 # The flags that make every other setting of a script right, so that the bad one is the only problem.
 GOOD = {
