@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from babyllama.errors import UsageError
+from babyllama.errors import SettingError
 from model import ModelArgs
 
 T = TypeVar("T")
@@ -93,10 +93,6 @@ def one_of(*choices: str) -> Any:
 def in_range(low: float, high: float, kind: type = float) -> Any:
     """The type of a number setting from low to high."""
     return Annotated[kind, Check(low=low, high=high)]
-
-
-class SettingError(UsageError):
-    """A setting, a flag or a config file that is not what its field allows."""
 
 
 def _plain_type(hint: Any) -> tuple[Any, bool, Check | None]:

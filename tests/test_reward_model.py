@@ -40,5 +40,6 @@ def test_reward_model_learns_separable_pairs(pretrained, preference, small_token
     # stuck at chance (0.5) fails here.
     assert state["stage"] == "reward" and metrics(tmp_path)[-1]["val_accuracy"] >= 0.9
     run_ok([sys.executable, os.path.join(ROOT, "train_reward_model.py"), "--eval_only=true",
-            f"--val_data={preference / 'val.csv'}", f"--tokenizer={small_tokenizer}", f"--out_dir={tmp_path}"])
+            f"--data={preference / 'train.csv'}", f"--val_data={preference / 'val.csv'}",
+            f"--tokenizer={small_tokenizer}", f"--out_dir={tmp_path}"])
     assert json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["all"]["accuracy"] >= 0.9
