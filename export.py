@@ -116,10 +116,15 @@ def export_hf(model: Transformer, tokenizer_path: str | None, out: str) -> None:
     hf.load_state_dict(to_hf_state_dict(model), strict=True)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp, safe_serialization=True)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(tmp)
-    if tokenizer_path:
-        write_hf_tokenizer(resolve_tokenizer_path(tokenizer_path), tmp)
+    os.makedirs(tmp)
+    try:
+        if tokenizer_path:  # first: a file that is not a tokenizer is named before the weights are written
+            write_hf_tokenizer(resolve_tokenizer_path(tokenizer_path), tmp)
+        hf.save_pretrained(tmp, safe_serialization=True)
+        GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
@@ -289,8 +294,6 @@ def main(argv: list[str] | None = None) -> None:
             return
         args = read_model_preset(cfg.preset) if cfg.preset else None
         model, _ = load_model(cfg.ckpt, model_args=args)
-        if cfg.tokenizer:
-            load_tokenizer(cfg.tokenizer)  # a wrong file is named before anything is written
         if cfg.gguf:
             export_gguf(model, cfg.tokenizer, cfg.out, cfg.gguf_type)
             print(f"wrote {cfg.out}: run it with llama.cpp, e.g. llama-cli -m {cfg.out}")

@@ -82,6 +82,19 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return per_answer.mean(), mean_kl.detach()
 
 
+def answer_examples(prompt_ids: list[list[int]], completions: list[list[int]], group_size: int, eos_id: int,
+                    max_new_tokens: int, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) of each sampled answer after its prompt (completion i answers prompt
+    i // group_size): labels only on the answer, closed by eos unless it was cut at max_new_tokens."""
+    examples = []
+    for i, completion in enumerate(completions):
+        prompt = prompt_ids[i // group_size]
+        ids = (prompt + completion + ([eos_id] if len(completion) < max_new_tokens else []))[:max_len + 1]
+        labels = [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
+        examples.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))
+    return examples
+
+
 def make_rewarder(cfg: Config, tok, device: str):
     """rewards(prompts, answers, references) -> list of floats."""
     if cfg.reward == "f1":
@@ -125,13 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             answers = [tok.decode(c) for c in completions]
             rewards = torch.tensor(rewarder(prompts, answers, references), dtype=torch.float32)
             advantages = grpo_advantages(rewards.view(-1, cfg.group_size)).view(-1)
-            examples = []
-            for i, c in enumerate(completions):
-                ids = prompt_ids[i // cfg.group_size] + c + ([tok.eos_id] if len(c) < cfg.max_new_tokens else [])
-                ids = ids[:max_len + 1]
-                n_prompt = len(prompt_ids[i // cfg.group_size])
-                labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-                examples.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))
+            examples = answer_examples(prompt_ids, completions, cfg.group_size, tok.eos_id, cfg.max_new_tokens,
+                                       max_len)
             x, y = collate(examples, tok.pad_id)
             x, y = x.to(dist.device), y.to(dist.device)
             with torch.no_grad(), autocast(dist.device, trainer.dtype):
