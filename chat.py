@@ -16,11 +16,11 @@ import torch
 
 from babyllama.checkpoint import ModelSettings, load_for_inference
 from babyllama.configurator import (
+    Fraction,
     NonNegative,
     NonNegativeFloat,
     Positive,
     PositiveFloat,
-    PositiveFraction,
     SettingError,
     parse_config,
     set_from_text,
@@ -33,7 +33,7 @@ from dataset_sft import chat_prompt_ids
 class Config(ModelSettings):
     temperature: NonNegativeFloat = 0.0  # 0 is greedy
     top_k: NonNegative = 0  # 0 keeps every token
-    top_p: PositiveFraction = 1.0
+    top_p: Fraction = 1.0  # nucleus sampling; 0 keeps only the most likely token
     repetition_penalty: PositiveFloat = 1.1
     max_new_tokens: Positive = 256
     seed: int = 0

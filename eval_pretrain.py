@@ -21,13 +21,13 @@ from babyllama.checkpoint import ModelSettings, load_for_inference
 from babyllama.cleaning import clean_text
 from babyllama.common import write_json_atomic
 from babyllama.configurator import (
+    Fraction,
     InputFile,
     NonNegative,
     NonNegativeFloat,
     OutputFile,
     Positive,
     PositiveFloat,
-    PositiveFraction,
     parse_config,
 )
 from babyllama.errors import one_line_errors
@@ -45,7 +45,7 @@ class Config(ModelSettings):
     max_new_tokens: Positive = 100
     temperature: NonNegativeFloat = 0.7  # 0 is greedy
     top_k: NonNegative = 30
-    top_p: PositiveFraction = 0.95
+    top_p: Fraction = 0.95  # nucleus sampling; 0 keeps only the most likely token
     repetition_penalty: PositiveFloat = 1.1
     seed: int = 0  # sampling seed, so that a run can be repeated
     bin: InputFile = "data/demo/val.bin"  # a token file for perplexity ('' for none)

@@ -258,6 +258,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
+        self.generated_vocab = args.vocab_size  # decoding picks ids below this (limit_vocab)
         self.apply(self._init_weights)
         init_residual_projections(self, "seed")
 
@@ -371,11 +372,17 @@ class Transformer(nn.Module):
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             step_input = nxt[:, None]
 
+    def limit_vocab(self, n: int) -> None:
+        """Decode only ids below n: those of the tokenizer, when the model's vocabulary is larger (padded
+        for speed, or a preset's size with a smaller tokenizer); the tokenizer cannot decode the rest."""
+        self.generated_vocab = min(n, self.args.vocab_size)
+        self._output_t_key = None
+
     def next_token_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 logits (B, V) of last hidden states h (B, dim), for decoding."""
+        """float32 logits (B, generated_vocab) of last hidden states h (B, dim), for decoding."""
         if isinstance(self.output, nn.Linear):
             return (h @ self._output_transposed()).float()
-        return self.output(h).float()  # a quantized output layer (quantize.py)
+        return self.output.logits(h)[:, :self.generated_vocab]  # a quantized output layer (quantize.py)
 
     def train(self, mode: bool = True) -> Transformer:
         # Fused optimizers update weights in place without bumping their version counter, so the cached
@@ -386,12 +393,12 @@ class Transformer(nn.Module):
 
     def _output_transposed(self) -> torch.Tensor:
         """The output matrix stored as (dim, vocab): a one-row matmul reads it faster than the (vocab,
-        dim) layout on a CPU (BENCHMARKS.md), and at batch 1 decoding is bound by reading weights. Cached until
-        the weights change or the mode does (train)."""
+        dim) layout on a CPU (BENCHMARKS.md), and at batch 1 decoding is bound by reading weights. Only the
+        rows of generated_vocab; cached until the weights change or the mode does (train)."""
         w = self.output.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if getattr(self, "_output_t_key", None) != key:
-            self._output_t, self._output_t_key = w.detach().t().contiguous(), key
+            self._output_t, self._output_t_key = w.detach()[:self.generated_vocab].t().contiguous(), key
         return self._output_t
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int,
@@ -426,13 +433,21 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if top_p is not None and top_p < 1:
+        logits = keep_top_p(logits, torch.tensor([[top_p]], device=logits.device))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def keep_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) with -inf outside each row's smallest set of most likely tokens whose probability
+    reaches top_p (B, 1) (nucleus sampling). The most likely token is always kept, so top_p 0 leaves only
+    it (greedy, as OpenAI's API means 0) and no row is ever empty; rows with top_p 1 keep every token."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.softmax(-1)
+    drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1)
+    drop[:, 0] = False
+    return logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
 
 
 # ---------------------------------------------------------------- log-probabilities of labelled tokens

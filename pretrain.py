@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         if tokenizer.n_pieces > args.vocab_size:
             raise ValueError(f"model vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.n_pieces} "
                              "pieces")
+        if args.vocab_size > tokenizer.vocab_size:
+            print0(f"note: the model has {args.vocab_size:,} ids and the tokenizer {tokenizer.vocab_size:,}: the "
+                   "ids past the tokenizer's are trained never to appear and never decoded", dist=dist)
         data = PretrainDataset(train_files, args.max_seq_len)
         val_files = [f for f in bin_files(cfg.data, "val") if f not in train_files]
         val = PretrainDataset(val_files, args.max_seq_len) if val_files else None

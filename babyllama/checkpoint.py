@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,8 +143,8 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch
                              quantize: str = "") -> tuple[Transformer, dict, SPTokenizer]:
     """A checkpoint's model (as load_model) and the tokenizer to read it with, refused together when
     they do not belong together: the checkpoint records another tokenizer's sha256, or the tokenizer
-    has more pieces than the model has ids (its ids would index past the embedding). quantize="int8"
-    gives the model int8 weights (quantize.py; for inference)."""
+    has more pieces than the model has ids (its ids would index past the embedding). The model decodes
+    only the tokenizer's ids. quantize="int8" gives the model int8 weights (quantize.py; for inference)."""
     tokenizer = load_tokenizer(tokenizer_path)
     model, ckpt = load_model(path, device)
     if ckpt.get("tokenizer_sha256") not in (None, tokenizer.sha256):
@@ -151,9 +152,14 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch
     if tokenizer.n_pieces > model.args.vocab_size:
         raise ValueError(f"{tokenizer_path} has {tokenizer.n_pieces:,} pieces but the model in {path} has "
                          f"{model.args.vocab_size:,} ids: they do not belong together")
+    model.limit_vocab(tokenizer.vocab_size)
     if quantize == "int8":
-        from babyllama.quantize import quantize_int8
-        quantize_int8(model)
+        from babyllama.quantize import KERNEL_WIDTH, quantize_int8
+        left_float = quantize_int8(model)
+        if left_float:
+            print(f"note: --quantize=int8 leaves {len(left_float)} layers float ({', '.join(left_float[:3])}"
+                  f"{', ...' if len(left_float) > 3 else ''}): the int8 kernel needs input widths that are "
+                  f"multiples of {KERNEL_WIDTH}", file=sys.stderr)
     return model, ckpt, tokenizer
 
 

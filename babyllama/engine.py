@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import KVCache, SlotKVCache, Transformer
+from model import KVCache, SlotKVCache, Transformer, keep_top_p
 
 
 @dataclass
@@ -33,10 +33,15 @@ class Sampling:
 @dataclass
 class Event:
     """What a request's emit receives: text as soon as it is whole, then one final event with the reason
-    ('stop', 'length' or 'cancelled') and the number of tokens generated."""
+    ('stop', 'length', 'cancelled' or 'error') and the number of tokens generated."""
     text: str = ""
     finish: str | None = None
     tokens: int = 0
+
+
+def failure(error: Exception, request: Request) -> Event:
+    """The final event of a request that decoding failed on."""
+    return Event(f"[server error: {type(error).__name__}: {error}]", "error", len(request.out))
 
 
 class Request:
@@ -86,7 +91,7 @@ class Engine:
                     self._step()
             except Exception as e:  # never leave a client waiting forever: end every request with the error
                 for request in self.active + [r for r, _ in self.joining] + list(self.waiting):
-                    request.emit(Event(f"[server error: {type(e).__name__}: {e}]", "error", len(request.out)))
+                    request.emit(failure(e, request))
                 self.active.clear()
                 self.joining.clear()
                 self.waiting.clear()
@@ -107,14 +112,22 @@ class Engine:
             if request.cancelled:
                 request.emit(Event(finish="cancelled"))
                 continue
-            ids = request.ids
-            prefill = KVCache(self.model.args, 1, len(ids), self.freqs_device, self.cache.k[0].dtype)
-            hidden = self.model.hidden(torch.tensor([ids], device=self.freqs_device), cache=prefill)
-            finish = self._extend(request, self._sample(self.model.next_token_logits(hidden[:, -1]), [request])[0])
+            try:
+                prefill, finish = self._prefill(request)
+            except Exception as e:  # taken off the queue, not yet in a row: answered here, the rest go on
+                request.emit(failure(e, request))
+                continue
             if finish:
                 request.emit(Event(finish=finish, tokens=len(request.out)))
             else:
                 self.joining.append((request, prefill))
+
+    def _prefill(self, request: Request) -> tuple[KVCache, str | None]:
+        """The request's prompt in a cache of its own, and its first token: (cache, finish reason)."""
+        ids = request.ids
+        prefill = KVCache(self.model.args, 1, len(ids), self.freqs_device, self.cache.k[0].dtype)
+        hidden = self.model.hidden(torch.tensor([ids], device=self.freqs_device), cache=prefill)
+        return prefill, self._extend(request, self._sample(self.model.next_token_logits(hidden[:, -1]), [request])[0])
 
     def _join(self) -> None:
         for request, prefill in self.joining:
@@ -151,11 +164,7 @@ class Engine:
         if not bool((temperature > 0).any()):
             return greedy.tolist()
         top_p = torch.tensor([r.sampling.top_p for r in requests], device=logits.device)
-        scaled = logits / temperature.clamp(min=1e-6)[:, None]
-        ordered, order = scaled.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p[:, None]  # keep the smallest set reaching top_p
-        scaled = scaled.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
+        scaled = keep_top_p(logits / temperature.clamp(min=1e-6)[:, None], top_p[:, None])
         sampled = torch.multinomial(scaled.softmax(-1), 1, generator=self.generator).squeeze(-1)
         return torch.where(temperature > 0, sampled, greedy).tolist()
 

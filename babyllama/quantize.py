@@ -4,12 +4,18 @@ entry and one scale per output channel (a quarter of float32's bytes); activatio
 quarter of them is faster (BENCHMARKS.md). The matmul is PyTorch's weight-only int8 kernel
 (`torch._weight_int8pack_mm`: CPUs, CUDA and Apple GPUs).
 
-    model = quantize_int8(model)      # in place; for inference only
+    left_float = quantize_int8(model)      # in place; for inference only
+
+The kernel is only used where it is right: with an input width that is not a multiple of 32 its CPU
+versions return wrong numbers or crash the process, so such layers keep their float weights.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+KERNEL_WIDTH = 32  # the input widths the int8 kernel handles are multiples of this
+REFINED = 64  # the most likely ids whose logits next_token_logits recomputes in float32
 
 
 class Int8Linear(nn.Module):
@@ -19,6 +25,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = weight.detach().float()
         self.out_features, self.in_features = weight.shape
+        if self.in_features % KERNEL_WIDTH:
+            raise ValueError(f"int8 needs an input width that is a multiple of {KERNEL_WIDTH}, not {self.in_features}")
         # The scale is rounded up to bfloat16, so that no weight needs more than 127 steps.
         scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127 * (1 + 2**-8)).to(torch.bfloat16)
         steps = torch.round(weight / scale.float()[:, None]).clamp(-127, 127)
@@ -30,16 +38,31 @@ class Int8Linear(nn.Module):
         y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits (B, out) of hidden states h (B, in), for decoding. The kernel's results are rounded
+        to bfloat16, where near neighbours tie exactly; the REFINED largest of each row are recomputed in
+        float32 from the same int8 weights, so rounding never decides the choice among the likely ids."""
+        logits = self(h.float()).float()
+        top = logits.topk(min(REFINED, self.out_features), dim=-1).indices  # (B, k)
+        rows = self.weight_int8[top].float() * self.scale[top].float()[..., None]  # (B, k, in)
+        return logits.scatter(1, top, torch.einsum("bki,bi->bk", rows, h.float()))
+
     def dequantized(self) -> torch.Tensor:
         """The weight the layer multiplies by, in float32 (for checks)."""
         return self.weight_int8.float() * self.scale.float()[:, None]
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: nn.Module) -> list[str]:
     """Replace every nn.Linear of model (the output projection included; the tied embedding keeps its
-    float weights for the lookup) by an Int8Linear. In place; for inference only."""
-    for module in list(model.modules()):
+    float weights for the lookup) by an Int8Linear, except those whose input width the kernel does not
+    handle; returns the names of those, left float. In place; puts the model in eval mode."""
+    left_float = []
+    for prefix, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(module, name, Int8Linear(child.weight))
-    return model.eval()
+                if child.in_features % KERNEL_WIDTH:
+                    left_float.append(f"{prefix}.{name}" if prefix else name)
+                else:
+                    setattr(module, name, Int8Linear(child.weight))
+    model.eval()
+    return left_float

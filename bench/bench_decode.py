@@ -46,7 +46,8 @@ def bench(preset: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     model = Transformer(read_model_preset(preset, max_seq_len=prompt_len + new_tokens)).eval()
     prompt = torch.randint(3, model.args.vocab_size, (prompt_len,)).tolist()
     hf = hf_model(model)
-    int8 = quantize_int8(copy.deepcopy(model))
+    int8 = copy.deepcopy(model)
+    quantize_int8(int8)
     ids = torch.tensor([prompt])
 
     def ours_cache():

@@ -50,7 +50,7 @@ BAD_SETTINGS = [
     ("eval_choice", "--format=xml", "--format=xml"),
     ("eval_choice", "--shots=-1", "--shots=-1"),
     ("eval_choice", "--json={dir}", "--json="),
-    ("eval_pretrain", "--top_p=0", "--top_p=0"),
+    ("eval_pretrain", "--top_p=-0.1", "--top_p=-0.1"),
     ("eval_pretrain", "--max_windows=0", "--max_windows=0"),
     ("eval_pretrain", "--text={missing}", "--text="),
     ("serve", "--port=99999", "--port=99999"),

@@ -153,6 +153,24 @@ def test_each_row_samples_with_its_own_settings(model):
     assert outs[1] != greedy and outs[3] != greedy and outs[1] != outs[3]
 
 
+def test_a_request_that_fails_is_answered_with_the_error_and_the_others_go_on(model, monkeypatch):
+    """Whatever stage it fails in (its prefill, or a step of the batch), no request is left waiting."""
+    engine = Engine(model, Tok(), max_batch=2)
+    sample = engine._sample
+
+    def failing(logits, requests):
+        if any(r.sampling.temperature == 1.5 for r in requests):
+            raise RuntimeError("sampling failed")
+        return sample(logits, requests)
+    monkeypatch.setattr(engine, "_sample", failing)
+    ids = prompts(1)[0]
+    bad, bad_events = collect(engine, ids, Sampling(max_tokens=8, temperature=1.5))
+    assert wait_end(bad_events, timeout=10)[1].finish == "error"
+    good, good_events = collect(engine, ids, Sampling(max_tokens=8))
+    assert wait_end(good_events, timeout=10)[1].finish == "length" and len(good.out) == 8
+    assert not engine.active and not engine.joining and not engine.waiting
+
+
 def test_a_long_prompt_is_refused_at_submit(model):
     engine = Engine(model, Tok(), max_batch=1)
     with pytest.raises(ValueError, match="context"):

@@ -260,6 +260,20 @@ def test_sampling_filters():
     # softmax of [..., 3, 4] puts 0.64 on 4 and 0.24 on 3: top_p 0.5 keeps only 4, 0.8 keeps both.
     assert {sample(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(100)} == {4}
     assert {sample(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(300)} == {3, 4}
+    # top_p 0 keeps the most likely token alone (OpenAI's meaning), never an empty set; 1 keeps them all.
+    assert {sample(logits, 1.0, top_p=0.0, generator=g).item() for _ in range(50)} == {4}
+    assert len({sample(logits, 1.0, top_p=1.0, generator=g).item() for _ in range(300)}) == 5
+
+
+def test_decoding_never_picks_an_id_the_tokenizer_lacks():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=100, max_seq_len=64)).eval()
+    with torch.no_grad():
+        model.output.weight[90:] = 3 * model.output.weight[6]  # the padded ids are the likeliest
+    assert min(model.generate([[5, 6]], 20, eos_id=None)[0]) >= 90
+    model.limit_vocab(90)
+    sampled = model.generate([[5, 6]] * 8, 30, temperature=2.0, eos_id=None)
+    assert max(max(row) for row in sampled) < 90 and model.next_token_logits(torch.randn(2, 32)).shape == (2, 90)
 
 
 def test_repetition_penalty_changes_greedy_choice():

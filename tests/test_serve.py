@@ -28,11 +28,11 @@ class Response:
         return json.loads(self.text)
 
 
-def http(method: str, url: str, data: bytes | None = None) -> Response:
+def http(method: str, url: str, data: bytes | None = None, timeout: float = 30) -> Response:
     """A plain HTTP request with the standard library (the tests need no HTTP client package)."""
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return Response(r.status, r.read().decode())
     except urllib.error.HTTPError as e:
         return Response(e.code, e.read().decode())
@@ -189,8 +189,50 @@ def test_web_page_streams_an_answer_in_chromium(server, tmp_path):
         browser.quit()
 
 
-def post(url: str, body) -> Response:
-    return http("POST", url, body if isinstance(body, bytes) else json.dumps(body).encode())
+def post(url: str, body, timeout: float = 30) -> Response:
+    return http("POST", url, body if isinstance(body, bytes) else json.dumps(body).encode(), timeout)
+
+
+@pytest.fixture(scope="module")
+def padded_server(tmp_path_factory, small_tokenizer):
+    """A model with more ids than its tokenizer has (a vocabulary padded for speed)."""
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=700, max_seq_len=64, multiple_of=16)
+    url, proc = start_server(tmp_path_factory.mktemp("padded"), small_tokenizer, args, "--max_tokens=24")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+EDGES = [0, 1, -1, float("nan"), float("inf"), 1e308, 10**30, 0.5, None, "1", True]
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_every_sampling_setting_at_its_edges_is_answered_in_seconds(padded_server, endpoint):
+    """An answer or a 400 for each, streamed or not, never a hang; then a normal request is served."""
+    chat = endpoint == "chat/completions"
+    hello = {"messages": [{"role": "user", "content": "你好"}]} if chat else {"prompt": "你好"}
+    url = f"{padded_server}/v1/{endpoint}"
+    for name in ("temperature", "top_p", "max_tokens", "n"):
+        for value in EDGES:
+            for stream in (False, True):
+                body = json.dumps({**hello, "max_tokens": 4, "stream": stream, name: value}).encode()
+                reply = post(url, body, timeout=10)
+                assert reply.status_code in (200, 400), (name, value, reply.status_code, reply.text)
+                assert "server error" not in reply.text, (name, value, reply.text)
+                if reply.status_code == 400:
+                    assert name in reply.json()["error"]["message"], (name, value, reply.text)
+    normal = post(url, {**hello, "max_tokens": 4}, timeout=10)
+    assert normal.status_code == 200 and normal.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_padded_vocabulary_never_ends_an_answer_in_error(padded_server):
+    """Ids past the tokenizer's are never sampled: 104 sampled answers, none with an error finish."""
+    finishes = []
+    for _ in range(13):
+        reply = post(f"{padded_server}/v1/completions", {"prompt": "床前明月光", "n": 8, "temperature": 1.5,
+                                                         "max_tokens": 24}).json()
+        finishes += [c["finish_reason"] for c in reply["choices"]]
+    assert len(finishes) == 104 and set(finishes) <= {"stop", "length"}, finishes
 
 
 def test_malformed_bodies_of_every_kind_get_4xx(server):
