@@ -25,7 +25,7 @@ from babyllama.configurator import (
     parse_config,
     set_from_text,
 )
-from babyllama.errors import one_line_errors
+from babyllama.errors import UsageError, one_line_errors
 from dataset_sft import chat_prompt_ids
 
 
@@ -80,6 +80,8 @@ def apply_setting(cfg: Config, assignment: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         cfg = parse_config(Config, argv, __doc__)
+        if sys.stdin is None:
+            raise UsageError("standard input is closed: chat.py reads the questions from it (a terminal or a pipe)")
         model, _, tok = load_for_inference(cfg)
     interactive = sys.stdin.isatty()
     generator = torch.Generator(device=model.freqs_cos.device).manual_seed(cfg.seed)

@@ -61,8 +61,8 @@ def check_tokenizer(files: list[str], tokenizer_sha: str) -> None:
     corpus_sha = corpus_tokenizer_sha(files)
     if corpus_sha is not None and corpus_sha != tokenizer_sha:
         raise CorpusMismatch(f"{files[0]} was made with tokenizer sha256 {corpus_sha[:12]}..., "
-                             f"but training uses {tokenizer_sha[:12]}...; rerun data_process.py with "
-                             "this tokenizer or train with the corpus's")
+                             f"but this run's tokenizer is {tokenizer_sha[:12]}...; rerun data_process.py with "
+                             "this tokenizer or pass the corpus's --tokenizer")
 
 
 class PretrainDataset(torch.utils.data.Dataset):

@@ -8,11 +8,13 @@ never counts (its labels are IGNORE_INDEX, not the pad id as in the seed).
 from __future__ import annotations
 
 import csv
+import io
 import json
 
 import torch
 
 from babyllama.cleaning import clean_text
+from babyllama.common import read_text
 from chatglm_tokenizer import SPTokenizer
 
 IGNORE_INDEX = -100
@@ -49,23 +51,28 @@ def make_example(ids: list[int], is_answer: list[bool]) -> tuple[torch.Tensor, t
     return inputs, labels
 
 
+def read_csv(path: str, columns: list[str]) -> csv.DictReader:
+    """The rows of a UTF-8 CSV file that has these columns (and maybe more); errors name the file."""
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run sft_data_process.py first") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = set(columns) - set(reader.fieldnames or [])
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)} (expected {', '.join(columns)})")
+    return reader
+
+
 def read_sft_csv(path: str) -> list[tuple[str, str, list[list[str]]]]:
     """(prompt, answer, history) rows of an sft_data.csv; a malformed history is an error naming the row."""
     rows = []
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"prompt", "answer"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path}: missing columns {sorted(missing)} (expected prompt, answer, history)")
-            for i, row in enumerate(reader, 2):
-                try:
-                    history = json.loads(row.get("history") or "[]")
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{i}: 'history' is not a JSON list") from None
-                rows.append((row["prompt"], row["answer"], history))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: run sft_data_process.py first") from None
+    for i, row in enumerate(read_csv(path, ["prompt", "answer"]), 2):
+        try:
+            history = json.loads(row.get("history") or "[]")
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{i}: 'history' is not a JSON list") from None
+        rows.append((row["prompt"], row["answer"], history))
     return rows
 
 
@@ -118,15 +125,7 @@ def chat_prompt_ids(tok: SPTokenizer, history: list[tuple[str, str]], question: 
 
 
 def read_pairs(path: str) -> list[tuple[str, str, str]]:
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"prompt", "chosen", "rejected"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path}: missing columns {sorted(missing)} (expected prompt, chosen, rejected)")
-            rows = [(r["prompt"], r["chosen"], r["rejected"]) for r in reader]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: run sft_data_process.py first") from None
+    rows = [(r["prompt"], r["chosen"], r["rejected"]) for r in read_csv(path, ["prompt", "chosen", "rejected"])]
     if not rows:
         raise ValueError(f"{path} has no pairs")
     return rows

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from babyllama.checkpoint import ModelSettings, load_for_inference
-from babyllama.common import write_json_atomic
+from babyllama.common import read_text, write_json_atomic
 from babyllama.configurator import (
     InputFile,
     NonNegative,
@@ -28,7 +28,7 @@ from babyllama.configurator import (
     PositiveFloat,
     parse_config,
 )
-from babyllama.errors import one_line_errors
+from babyllama.errors import UsageError, one_line_errors
 from babyllama.tasks import char_f1, distinct_n, has_loop, rouge_l, task_of
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import IGNORE_INDEX, Transformer
@@ -105,10 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         cfg = parse_config(Config, argv, __doc__)
         model, _, tok = load_for_inference(cfg)
+        reward_model = None
+        if cfg.reward_model:  # read before the long generation: a wrong file stops the run at once
+            if not cfg.val_data:
+                raise UsageError("--reward_model scores the answers to --val_data: give --val_data too")
+            from babyllama.reward_model import load_reward_model
+            reward_model, _ = load_reward_model(cfg.reward_model, model.freqs_cos.device)
         questions = cfg.questions.split("|") if cfg.questions else []
         if cfg.questions_file:
-            with open(cfg.questions_file, encoding="utf-8") as f:
-                questions = [line.strip() for line in f if line.strip()]
+            questions = [line.strip() for line in read_text(cfg.questions_file).splitlines() if line.strip()]
         rows = read_sft_csv(cfg.val_data)[:cfg.max_samples] if cfg.val_data else []
         os.makedirs(cfg.out, exist_ok=True)
         summary: dict = {"ckpt": cfg.ckpt, "questions": []}
@@ -118,11 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         if rows:
             predictions = answer(model, tok, [(h, p) for p, _, h in rows], cfg)
             summary["val_answer_loss"] = answer_loss(model, tok, cfg.val_data, len(rows), cfg.batch_size)
-            rewards = None
-            if cfg.reward_model:
-                from babyllama.reward_model import load_reward_model
-                rm, _ = load_reward_model(cfg.reward_model, model.freqs_cos.device)
-                rewards = rm.score(tok, [p for p, _, _ in rows], predictions)
+            rewards = reward_model.score(tok, [p for p, _, _ in rows], predictions) if reward_model else None
             summary["scores"] = score(rows, predictions, cfg.exact_match_chars, rewards)
             with open(os.path.join(cfg.out, "answers.csv"), "w", encoding="utf-8", newline="") as f:
                 w = csv.writer(f)

@@ -14,6 +14,7 @@ character (so that long options are not penalised); chance is 1 / number of opti
 from __future__ import annotations
 
 import csv
+import io
 import random
 import sys
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from babyllama.checkpoint import ModelSettings, load_for_inference
-from babyllama.common import write_json_atomic
+from babyllama.common import read_text, write_json_atomic
 from babyllama.configurator import InputFile, NonNegative, OutputFile, Positive, one_of, parse_config
 from babyllama.errors import one_line_errors
 from babyllama.tasks import task_of
@@ -54,11 +55,7 @@ class Question:
 
 def read_choice_csv(path: str) -> list[Question]:
     """C-Eval or CMMLU layout; a row without a known answer letter is an error naming the row."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist") from None
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if not rows:
         raise ValueError(f"{path} has no questions")
     keys = {k.lower(): k for k in rows[0] if k}

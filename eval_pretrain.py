@@ -19,7 +19,7 @@ import torch
 
 from babyllama.checkpoint import ModelSettings, load_for_inference
 from babyllama.cleaning import clean_text
-from babyllama.common import write_json_atomic
+from babyllama.common import read_text, write_json_atomic
 from babyllama.configurator import (
     Fraction,
     InputFile,
@@ -31,7 +31,7 @@ from babyllama.configurator import (
     parse_config,
 )
 from babyllama.errors import one_line_errors
-from dataset import PretrainDataset
+from dataset import PretrainDataset, check_tokenizer
 from model import Transformer
 
 SEED_PROMPTS = ["床前明月光，疑是地上霜。举头望明月，", "《小王子》是一本畅销童话书，它讲述了："]
@@ -77,16 +77,22 @@ def mean_loss(model: Transformer, windows: np.ndarray, batch_size: int) -> tuple
     return total / max(count, 1), count
 
 
-def bin_windows(path: str, seq_len: int, limit: int) -> np.ndarray:
+def bin_windows(path: str, seq_len: int, limit: int, tok) -> np.ndarray:
+    """The first windows of a .bin, refused when it was made with another tokenizer (its meta.json says
+    so, or it holds ids the tokenizer does not have)."""
+    check_tokenizer([path], tok.sha256)
     data = PretrainDataset([path], seq_len)
     n = min(limit, len(data) - 1) if len(data) > 1 else 1  # the last window may be padded: leave it out
-    return np.stack([data.window(i) for i in range(n)])
+    windows = np.stack([data.window(i) for i in range(n)])
+    if int(windows.max()) >= tok.vocab_size:
+        raise ValueError(f"{path} holds id {int(windows.max())} but the tokenizer {tok.model_file} has "
+                         f"{tok.vocab_size:,} ids: the corpus was made with another tokenizer")
+    return windows
 
 
 def text_windows(tok, path: str, seq_len: int, limit: int) -> tuple[np.ndarray, int]:
     """Windows of the text's tokens (documents = non-empty lines, each followed by eos) and its characters."""
-    with open(path, encoding="utf-8") as f:
-        docs = [clean_text(line) for line in f if line.strip()]
+    docs = [clean_text(line) for line in read_text(path).splitlines() if line.strip()]
     ids: list[int] = []
     for d in docs:
         ids += tok.encode(d) + [tok.eos_id]
@@ -102,7 +108,7 @@ def perplexity(model: Transformer, tok, cfg: Config) -> dict:
     seq_len = model.args.max_seq_len
     result = {}
     if cfg.bin:
-        windows = bin_windows(cfg.bin, seq_len, cfg.max_windows)
+        windows = bin_windows(cfg.bin, seq_len, cfg.max_windows, tok)
         loss, n = mean_loss(model, windows, cfg.batch_size)
         result["bin"] = {"path": cfg.bin, "tokens": n, "loss": loss, "perplexity": math.exp(loss)}
         meta = os.path.join(os.path.dirname(cfg.bin), "meta.json")
@@ -127,10 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         model, _, tok = load_for_inference(cfg)
         prompts = cfg.prompts.split("|")
         if cfg.prompts_file:
-            with open(cfg.prompts_file, encoding="utf-8") as f:
-                prompts = [line.rstrip("\n") for line in f if line.strip()]
+            prompts = [line for line in read_text(cfg.prompts_file).splitlines() if line.strip()]
+        scores = perplexity(model, tok, cfg)  # first: it reads the files, the samples take a while
         samples = continuations(model, tok, prompts, cfg)
-        scores = perplexity(model, tok, cfg)
         for prompt, text in zip(prompts, samples):
             print(f"[prompt] {prompt}\n[continuation] {text}\n")
         for s in scores.values():

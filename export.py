@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from babyllama.checkpoint import load_model, save_atomic
-from babyllama.configurator import one_of, parse_config, read_model_preset
+from babyllama.configurator import OutputPath, one_of, parse_config, read_model_preset
 from babyllama.errors import UsageError, one_line_errors
 from chatglm_tokenizer import HERE as TOKENIZER_CODE
 from chatglm_tokenizer import SPTokenizer, load_tokenizer, resolve_tokenizer_path
@@ -44,7 +44,7 @@ class Config:
     ckpt: str = "out/sft/ckpt.pt"  # our ckpt.pt, or a raw state_dict .pth (then give --preset)
     preset: str = ""  # the model shape of a raw .pth (e.g. baby_92m); empty for our ckpt.pt
     tokenizer: str = "data/tokenizer/tokenizer.model"  # copied into the folder
-    out: str = "out/hf"  # the folder to write (export), or the ckpt.pt to write (import)
+    out: OutputPath = "out/hf"  # the folder to write (export), or the ckpt.pt to write (import)
     import_from: str = ""  # a Hugging Face Llama folder to convert back into our format
     gguf: bool = False  # write a GGUF file (llama.cpp, Ollama) at --out instead of a folder
     gguf_type: one_of("f32", "f16", "q8_0") = "f32"  # the GGUF's matrices: float32, float16 or 8-bit blocks
@@ -266,7 +266,13 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 def import_hf(folder: str) -> Transformer:
     """Our model from a transformers Llama folder (tied or not; ours are tied)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(folder)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise UsageError(f"--import_from={folder}: no config.json there; a Hugging Face Llama folder is expected "
+                         "(one written by export.py or save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except OSError as e:
+        raise UsageError(f"--import_from={folder}: {str(e).splitlines()[0]}") from None
     if config.model_type != "llama":
         raise ValueError(f"{folder} holds a {config.model_type} model; only Llama folders convert")
     args = ModelArgs(dim=config.hidden_size, n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
@@ -274,7 +280,10 @@ def import_hf(folder: str) -> Transformer:
                      hidden_dim=config.intermediate_size, norm_eps=config.rms_norm_eps,
                      max_seq_len=config.max_position_embeddings,
                      rope_theta=getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except OSError as e:  # config.json without the weights
+        raise UsageError(f"--import_from={folder}: {str(e).splitlines()[0]}") from None
     model = Transformer(args)
     model.load_state_dict(from_hf_state_dict(hf.state_dict(), args), strict=True)
     return model.eval()

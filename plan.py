@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from babyllama.configurator import (
-    NonNegative,
     NonNegativeFloat,
     Positive,
     PositiveFraction,
     SeqLen,
+    in_range,
     one_of,
     parse_config,
     read_model_preset,
@@ -31,16 +31,19 @@ from babyllama.errors import one_line_errors
 from babyllama.gpu_memory import GPUS, MemoryPlan, largest_micro_batch, training_memory
 from model import Transformer
 
+MAX_GPUS = 1 << 20  # past the largest clusters built; larger counts are typing mistakes
+MAX_TOKENS = 1e15  # likewise: some hundred times the largest training runs
+
 
 @dataclass
 class Config:
     model: str = "baby_92m"  # model preset (tiny, baby_92m, baby_218m) or a path to one
     gpu: one_of(*GPUS) = "3090"  # H200, H100, A100-80G, L40S, 4090, 3090, T4... (all: babyllama.gpu_memory.GPUS)
-    gpus: Positive = 1  # GPUs in all, one process each
+    gpus: in_range(1, MAX_GPUS, int) = 1  # GPUs in all, one process each
     tokens: str = "10B"  # training tokens: 10B, 500M, 2e9...
     seq_len: SeqLen = 0  # 0 keeps the preset's max_seq_len
     tokens_per_step: Positive = 65536  # tokens per optimizer step (the seed's recipe: 32 x 4 x 512)
-    micro_batch: NonNegative = 0  # sequences per GPU per micro-step; 0: the largest that fits without FSDP
+    micro_batch: in_range(0, 1 << 16, int) = 0  # sequences per GPU per micro-step; 0: the largest fitting without FSDP
     dtype: one_of("bfloat16", "float16", "float32") = "bfloat16"  # bfloat16, float16 or float32
     mfu: PositiveFraction = 0.35  # the model FLOPs utilisation assumed for the time (bench/gpu_check.py measures it)
     usd_per_gpu_hour: NonNegativeFloat = 0.0  # 0: the table's typical cloud price
@@ -53,7 +56,10 @@ def parse_count(text: str) -> float:
     if not match:
         raise ValueError(f"--tokens: expected a count such as 10B, 500M or 2e9, got {text!r}")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
-    return float(match.group(1)) * scale
+    count = float(match.group(1)) * scale
+    if not 1 <= count <= MAX_TOKENS:
+        raise ValueError(f"--tokens={text}: expected from 1 to {MAX_TOKENS:.0e} tokens")
+    return count
 
 
 def gib(n: float) -> str:
@@ -96,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{fit_plain} without FSDP, {fit_fsdp} with FSDP over {cfg.gpus} GPU(s)")
         if fit_plain == 0 and fit_fsdp == 0:
             print("not even one sequence fits: a shorter --seq_len, a smaller model or a larger GPU")
+        elif cfg.micro_batch > max(fit_plain, fit_fsdp):
+            print(f"warning: --micro_batch={cfg.micro_batch} does not fit in {gpu.memory_gib:g} GiB, even with "
+                  f"FSDP: at most {max(fit_plain, fit_fsdp)}")
         per_micro_step = micro * T * cfg.gpus
         accum = max(1, math.ceil(cfg.tokens_per_step / per_micro_step))
         print(f"tokens per optimizer step: {micro} x {T} x {cfg.gpus} GPU(s) x grad_accum {accum} = "

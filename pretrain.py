@@ -56,6 +56,7 @@ class Config(TrainConfig):
     warmup_steps: NonNegative = 100
     weight_decay: NonNegativeFloat = 0.1
     eval_batches: Positive = 20  # batches of val.bin per validation
+    check_settings: bool = False  # check the settings and the model's shape, then stop before reading any data
 
 
 def build_model_args(cfg: Config) -> ModelArgs:
@@ -79,10 +80,14 @@ def corpus_chars_per_token(files: list[str], split: str) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     with training_stage(Config, argv, __doc__) as (cfg, dist):
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        args = build_model_args(cfg)
+        if cfg.check_settings:
+            print0(f"settings checked: model {cfg.model} with {args.n_layers} layers of {args.dim}, "
+                   f"context {args.max_seq_len}", dist=dist)
+            return
         tokenizer = load_tokenizer(cfg.tokenizer)
         train_files = bin_files(cfg.data, "train")
         check_tokenizer(train_files, tokenizer.sha256)
-        args = build_model_args(cfg)
         if tokenizer.n_pieces > args.vocab_size:
             raise ValueError(f"model vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.n_pieces} "
                              "pieces")

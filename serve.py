@@ -125,6 +125,7 @@ def create_app(cfg: Config, server: "Server | None" = None):
     # the handlers below at run time, and they name a class imported here.
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="baby-llama2-chinese")
     served = server or Server(cfg)
@@ -141,6 +142,8 @@ def create_app(cfg: Config, server: "Server | None" = None):
         check_key(request)
         try:
             body = json.loads(await request.body())
+        except ClientDisconnect:  # the client hung up before sending the whole body: nobody to answer
+            raise RequestError(400, "the request body was cut short") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError(400, "the request body is not JSON") from None
         except RecursionError:

@@ -40,19 +40,39 @@ class Config:
     recipe: str = "config/pretrain_tiny.py"  # pretrain.py settings (a config file of it)
     vocab_size: in_range(260, 65535, int) = 8192  # our tokenizer's size
     flags: str = ""  # more pretrain.py flags on top of the recipe (ablations)
-    raw_dir: str = "data/raw"  # where download_data.py puts People's Daily
+    raw_dir: OutputDir = "data/raw"  # where download_data.py puts People's Daily
     work_dir: OutputDir = "out/speedrun"  # tokenizers, corpora and runs
     name: str = ""  # the run's folder under work_dir/runs ('' for the time it started)
     json: OutputFile = ""  # also write the result here
 
 
 def stage(command: list[str]) -> float:
-    """Run a step of the pipeline; its wall time in seconds."""
+    """Run a step of the pipeline, its output shown as it comes; its wall time in seconds. When it fails,
+    UsageError with the step's own last line (its reason)."""
     began = time.time()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, command[0]), *command[1:]])
-    if result.returncode != 0:
-        raise UsageError(f"`python {' '.join(command)}` failed (exit {result.returncode})")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, command[0]), *command[1:]], stderr=subprocess.PIPE)
+    tail = b""
+    while chunk := os.read(process.stderr.fileno(), 1 << 16):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-4096:]
+    if process.wait() != 0:
+        raise UsageError(f"{command[0]} stopped: {last_line(tail, process.returncode)}")
     return time.time() - began
+
+
+def check_settings(pretrain: list[str]) -> None:
+    """pretrain.py's check of the recipe and the flags, quietly: UsageError with its reason."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, pretrain[0]), *pretrain[1:], "--check_settings=true"],
+                            capture_output=True)
+    if result.returncode != 0:
+        raise UsageError(f"the recipe and --flags: {last_line(result.stderr, result.returncode)}")
+
+
+def last_line(stderr: bytes, returncode: int) -> str:
+    """The reason a step gave for failing: its last line, without the `error: `."""
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1].removeprefix("error: ") if lines else f"exit {returncode}"
 
 
 def prepare(cfg: Config) -> tuple[str, str, dict]:
@@ -85,13 +105,16 @@ def score(ckpt: str, data: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         cfg = parse_config(Config, argv, __doc__)
-        tokenizer, data, times = prepare(cfg)
         run_dir = os.path.join(cfg.work_dir, "runs", cfg.name or time.strftime("%Y%m%d-%H%M%S"))
         if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
             raise UsageError(f"{run_dir} holds a run already; choose another --name")
-        times["pretrain_s"] = stage(["pretrain.py", cfg.recipe, f"--data={data}", f"--tokenizer={tokenizer}",
-                                     f"--out_dir={run_dir}", f"--time_budget_min={cfg.minutes}", "--resume=false",
-                                     f"--max_steps={UNCAPPED_STEPS}", *cfg.flags.split()])
+        in_repo = os.path.join(ROOT, cfg.recipe)  # the recipes in config/, from any folder
+        recipe = in_repo if not os.path.isfile(cfg.recipe) and os.path.isfile(in_repo) else cfg.recipe
+        pretrain = ["pretrain.py", recipe, f"--out_dir={run_dir}", f"--time_budget_min={cfg.minutes}",
+                    "--resume=false", f"--max_steps={UNCAPPED_STEPS}"]
+        check_settings([*pretrain, "--tokenizer=", *cfg.flags.split()])  # before the long steps
+        tokenizer, data, times = prepare(cfg)
+        times["pretrain_s"] = stage([*pretrain, f"--data={data}", f"--tokenizer={tokenizer}", *cfg.flags.split()])
         began = time.time()
         result = score(os.path.join(run_dir, "ckpt.pt"), data)
         times["scoring_s"] = time.time() - began

@@ -45,9 +45,11 @@ class Config:
 HELD_OUT = 0.01  # data_process.py's default val_fraction: the tokenizer never sees val.bin's documents
 
 
-def split_corpus(cfg: Config) -> tuple[Iterator[str], list[str]]:
-    """Training sentences (one line of a cleaned document each) and the held-out documents."""
+def split_corpus(cfg: Config) -> tuple[Iterator[str], list[str], dict[str, int]]:
+    """Training sentences (one line of a cleaned document each), the held-out documents, and the count
+    of characters the sentences gave (filled as they are read)."""
     held: list[str] = []
+    read = {"characters": 0}
 
     def sentences() -> Iterator[str]:
         total = 0
@@ -65,11 +67,12 @@ def split_corpus(cfg: Config) -> tuple[Iterator[str], list[str]]:
                 if line:
                     yield line
             total += len(text)
+            read["characters"] = total
             bar.update(len(text))
             if total >= cfg.max_chars:
                 break
         bar.close()
-    return sentences(), held
+    return sentences(), held, read
 
 
 def chars_per_token(model_path: str, texts: list[str]) -> float:
@@ -82,7 +85,7 @@ def train(cfg: Config) -> dict:
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise CorpusError(f"{cfg.out} exists; pass --overwrite=true to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    sentences, held = split_corpus(cfg)
+    sentences, held, read = split_corpus(cfg)
     prefix = cfg.out[:-len(".model")] if cfg.out.endswith(".model") else cfg.out
     tmp_prefix = prefix + ".tmp"
     temps = [tmp_prefix + ".model", tmp_prefix + ".vocab"]
@@ -91,7 +94,11 @@ def train(cfg: Config) -> dict:
     except RuntimeError as e:  # SentencePiece's messages are long C++ traces; keep the reason
         for path in filter(os.path.exists, temps):
             os.remove(path)
-        raise CorpusError(f"SentencePiece could not train: {str(e).split('] ')[-1]}") from None
+        if not read["characters"]:
+            raise CorpusError("no text to train on: the inputs hold no document with text (after cleaning, "
+                              "and leaving out the held-out ones)") from None
+        reason = str(e).split("] ")[-1].strip() or str(e).strip()
+        raise CorpusError(f"SentencePiece could not train: {reason}") from None
     os.replace(tmp_prefix + ".model", cfg.out)
     os.replace(tmp_prefix + ".vocab", prefix + ".vocab")
     report = {"vocab_size": cfg.vocab_size, "held_out_documents": len(held), "settings": asdict(cfg),

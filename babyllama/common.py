@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 import torch
 
+from babyllama.errors import UsageError
+
 
 class Ranked(Protocol):
     master: bool  # the first process (distributed.Dist is one)
@@ -23,14 +25,43 @@ def mps_available() -> bool:
 
 def pick_device(device: str = "auto", *, cuda: bool | None = None, mps: bool | None = None) -> str:
     """'auto' is the first of cuda, mps (Apple GPUs), cpu that this machine has; anything else is
-    returned as given. cuda and mps override what is detected (for tests)."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available() if cuda is None else cuda:
-        return "cuda"
-    if mps_available() if mps is None else mps:
-        return "mps"
-    return "cpu"
+    returned as given, or UsageError when this machine does not have it. cuda and mps override what is
+    detected (for tests)."""
+    has_cuda = torch.cuda.is_available() if cuda is None else cuda
+    has_mps = mps_available() if mps is None else mps
+    if device == "auto":
+        return "cuda" if has_cuda else "mps" if has_mps else "cpu"
+    if (device.startswith("cuda") and not has_cuda) or (device == "mps" and not has_mps):
+        build = "" if torch.version.cuda or not device.startswith("cuda") else ", a build without CUDA"
+        raise UsageError(f"--device={device}: PyTorch {torch.__version__}{build} finds no such device on this "
+                         "machine; --device=auto picks what it has")
+    if device.startswith("cuda:") and cuda is None and int(device[5:]) >= torch.cuda.device_count():
+        raise UsageError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         "numbered from 0")
+    return device
+
+
+def read_text(path: str) -> str:
+    """The text of a UTF-8 file (without the byte-order mark a Windows editor may write; line ends as
+    they are, for csv), or UsageError naming the file and what to do when it is not UTF-8 text."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        if looks_binary(e):
+            raise UsageError(f"{path}: not text but binary data (byte {e.start}); UTF-8 text is expected") from None
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); Chinese text from Windows is often "
+                         f"GB18030: save it as UTF-8 (iconv -f gb18030 -t utf-8 {os.path.basename(path)} > new_file, "
+                         "or the editor's 'save as UTF-8')") from None
+
+
+def looks_binary(e: UnicodeDecodeError) -> bool:
+    """Whether the bytes that failed to decode are binary data rather than text in another encoding:
+    a NUL byte near them, or many bytes that GB18030 cannot read either."""
+    sample = e.object[max(0, e.start - 2048):e.start + 2048]
+    decoded = sample.decode("gb18030", errors="replace")
+    return b"\0" in sample or decoded.count("\ufffd") > len(decoded) // 100 + 2
 
 
 def write_json_atomic(path: str, data: dict) -> None:

@@ -38,17 +38,18 @@ class Check:
     choices: tuple[str, ...] = ()  # the values allowed
     pattern: str = ""  # a regular expression the whole value matches
     expected: str = ""  # what pattern means, for the error
-    path: str = ""  # file: an existing file ('' for none); out_dir: not a file; out_file: not a folder
+    path: str = ""  # file: an existing file ('' for none); out_dir: not a file; out_file: not a folder;
+    # out_dir, out_file and out_path (either): nothing above it is a file
 
     def problem(self, value: Any, check_files: bool = True) -> str | None:
         """Why value is not allowed, or None."""
         if isinstance(value, (int, float)) and not isinstance(value, bool):  # check_value refused nan and inf
             if self.low is not None and value < self.low:
-                return f"must be at least {self.low:g}"
+                return f"must be at least {_number(self.low)}"
             if self.high is not None and value > self.high:
-                return f"must be at most {self.high:g}"
+                return f"must be at most {_number(self.high)}"
             if self.above is not None and value <= self.above:
-                return f"must be greater than {self.above:g}"
+                return f"must be greater than {_number(self.above)}"
         if isinstance(value, str):
             if self.choices and value not in self.choices:
                 return f"must be one of {', '.join(self.choices)}"
@@ -67,7 +68,21 @@ class Check:
             return "is a file; the folder to write into is expected"
         if self.path == "out_file" and os.path.isdir(path):
             return "is a folder; the file to write is expected"
+        if self.path in ("out_dir", "out_file", "out_path") and path:
+            return _file_among_parents(path)
         return None
+
+
+def _number(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:g}"
+
+
+def _file_among_parents(path: str) -> str | None:
+    """The problem when the first existing folder above path is a file (nothing can be made under it)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) else f"is under {parent}, which is a file, not a folder"
 
 
 Positive = Annotated[int, Check(low=1)]
@@ -81,6 +96,7 @@ SeqLen = Annotated[int, Check(low=0, high=1 << 17)]  # 0: the model's
 InputFile = Annotated[str, Check(path="file")]
 OutputDir = Annotated[str, Check(path="out_dir")]
 OutputFile = Annotated[str, Check(path="out_file")]
+OutputPath = Annotated[str, Check(path="out_path")]  # a file or a folder, by the command's other settings
 Device = Annotated[str, Check(pattern=r"auto|cpu|mps|cuda(:\d+)?", expected="auto, cpu, mps, cuda or cuda:N")]
 Dtype = Annotated[str, Check(choices=("auto", "float32", "bfloat16", "float16"))]
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from babyllama.cleaning import strip_pku_tags
+from babyllama.common import looks_binary
 from babyllama.errors import UsageError
 from babyllama.hub import HUB_SOURCES
 
@@ -54,6 +55,8 @@ def _open_text(path: str, encoding: str = "utf-8"):
 
 
 def _undecodable(path: str, e: UnicodeDecodeError) -> CorpusError:
+    if looks_binary(e):
+        return CorpusError(f"{path}: not text but binary data (byte {e.start}); a text file is expected")
     return CorpusError(f"{path}: not {e.encoding.removesuffix('-sig').upper()} text ({e.reason} at byte {e.start}); "
                        "Chinese text from Windows is often GB18030: pass --encoding=gb18030")
 

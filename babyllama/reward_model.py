@@ -79,7 +79,8 @@ def load_reward_model(path: str, device: str = "cpu") -> tuple[RewardModel, dict
         raise FileNotFoundError(f"reward model {path} does not exist: run train_reward_model.py first")
     state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("stage") != "reward":
-        raise ValueError(f"{path} is not a reward model checkpoint (stage {state.get('stage')!r})")
+        kind = f"stage {state.get('stage')!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise ValueError(f"{path} is not a reward model checkpoint ({kind}); train_reward_model.py writes one")
     model = RewardModel(Transformer(ModelArgs(**state["model_args"])))
     model.load_state_dict(state["model"], strict=True)
     return model.to(device).eval(), state

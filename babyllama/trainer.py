@@ -509,7 +509,9 @@ def train_loop(training: Training, next_batches: Callable[[], tuple[list[Any], i
                 mfu = speed * training.flops_per_token / (training.peak_flops * dist.world_size)
                 record.update(tokens_per_s=speed, mfu=mfu)
                 eta = (schedule.max_steps - step) * (now - last_time) / max(step - last_step, 1)
-                console = (f"step {step}/{schedule.max_steps} loss {stats.loss:.4f} lr {stats.lr:.2e} "
+                eta = max(0.0, min(eta, stop_at - now))  # a time limit or budget may end the run first
+                total = "?" if budget.pending else schedule.max_steps  # the budget has not set it yet
+                console = (f"step {step}/{total} loss {stats.loss:.4f} lr {stats.lr:.2e} "
                            f"{speed:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {eta / 60:.1f} min"
                            + "".join(f" {k} {v:.3f}" for k, v in stats.metrics.items()))
             eval_s = 0.0

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, write_csv
@@ -78,6 +79,37 @@ BAD_SETTINGS = [
     ("export", "--unknown_flag=1", "--unknown_flag"),
     ("pretrain", "--batch_size=many", "--batch_size"),
 ]
+# An output under one of the user's files: named before any work, nothing written.
+BAD_SETTINGS += [(script, f"--{flag}={{file}}/{name}", "{file}") for script, flag, name in [
+    ("train_tokenizer", "out", "tokenizer.model"), ("data_process", "out_dir", "corpus"),
+    ("pretrain", "out_dir", "run"), ("export", "out", "hf"), ("download_data", "raw_dir", "raw"),
+    ("speedrun", "work_dir", "runs"),
+    ("speedrun", "json", "result.json"), ("eval", "out", "eval"), ("eval_choice", "json", "r.json"),
+    ("eval_pretrain", "json", "r.json"), ("demo", "out_dir", "out"), ("sft", "out_dir", "sft")]]
+# Settings checked before the long steps, and numbers past any real plan.
+BAD_SETTINGS += [
+    ("speedrun", "--flags=--lr=abc", "--lr"),
+    ("speedrun", "--flags=--model=huge", "huge"),
+    ("speedrun", "--recipe={missing}", "{missing}"),
+    ("plan", "--tokens=1e30", "--tokens"),
+    ("plan", "--micro_batch=100000000", "--micro_batch"),
+    ("plan", "--gpus=1000000000", "--gpus"),
+    ("eval_pretrain", "--top_p=nan", "--top_p"),
+    ("eval", "--reward_model={file} --val_data={csv}", "{file}"),
+    ("eval", "--reward_model={ckpt} --val_data=", "--val_data"),
+    ("export", "--import_from={missing} --out={out}/imported.pt", "{missing}"),
+    ("export", "--import_from={file} --out={out}/imported.pt", "{file}"),
+    ("export", "--import_from={dir} --out={out}/imported.pt", "{dir}"),
+    ("eval_pretrain", "--bin={foreign_bin}", "{foreign_bin}"),
+]
+if not torch.cuda.is_available():
+    BAD_SETTINGS += [(script, "--device=cuda", "--device=cuda") for script in ("chat", "pretrain", "eval", "sft")]
+# Files of the wrong kind: Windows-encoded text, binary data where text goes. The error names the file.
+BAD_SETTINGS += [("sft", "--data={gbk_csv}", "{gbk_csv}"), ("dpo", "--data={gbk_pairs}", "{gbk_pairs}"),
+                 ("eval", "--val_data={gbk_csv}", "{gbk_csv}"), ("eval", "--questions_file={gbk_text}", "{gbk_text}"),
+                 ("eval_pretrain", "--text={gbk_text}", "{gbk_text}"),
+                 ("eval_choice", "--val_data={gbk_choice}", "{gbk_choice}"),
+                 ("train_reward_model", "--data={gbk_pairs}", "{gbk_pairs}")]
 # A text file where a tokenizer or a checkpoint goes: every command that reads one names the file.
 TOKENIZER_READERS = ["pretrain", "sft", "dpo", "grpo", "train_reward_model", "chat", "eval", "eval_choice",
                      "eval_pretrain", "serve", "data_process", "export"]
@@ -107,6 +139,7 @@ GOOD = {
     "download_data": "--sources=",
     "demo": "--data_dir={out}/data --out_dir={out}/out --sft_dir={out}/sft",
     "export": "--ckpt={ckpt} --tokenizer={tokenizer} --out={out}/hf",
+    "speedrun": "--work_dir={out}/speedrun --raw_dir={out}/raw",
 }
 
 
@@ -134,10 +167,18 @@ def user_files(tmp_path_factory, small_tokenizer) -> dict[str, str]:
     (home / "bins").mkdir()
     (home / "notes.txt").write_text("我的笔记\n", encoding="utf-8")
     (home / "a_folder").mkdir()
+    (home / "gbk.csv").write_bytes("prompt,answer,history\n你好,你好！,[]\n".encode("gbk"))
+    (home / "gbk_pairs.csv").write_bytes("prompt,chosen,rejected\n你好,你好！,走开\n".encode("gbk"))
+    (home / "gbk_choice.csv").write_bytes("question,A,B,C,D,answer\n一加一,1,2,3,4,B\n".encode("gbk"))
+    (home / "gbk.txt").write_bytes("床前明月光，疑是地上霜。\n".encode("gbk"))
+    np.full(2000, 9000, dtype=np.uint16).tofile(home / "foreign.bin")  # ids of a larger tokenizer's
     return {"ckpt": str(home / "ckpt.pt"), "csv": str(home / "sft.csv"), "pairs": str(home / "pairs.csv"),
             "text": str(home / "corpus.txt"), "json": str(home / "alpaca.json"), "bin_dir": str(home / "bins"),
             "file": str(home / "notes.txt"), "dir": str(home / "a_folder"), "missing": str(home / "nothing.model"),
-            "tokenizer": small_tokenizer, "out": str(home / "out"), "home": str(home)}
+            "tokenizer": small_tokenizer, "out": str(home / "out"), "home": str(home),
+            "gbk_csv": str(home / "gbk.csv"), "gbk_pairs": str(home / "gbk_pairs.csv"),
+            "gbk_choice": str(home / "gbk_choice.csv"), "gbk_text": str(home / "gbk.txt"),
+            "foreign_bin": str(home / "foreign.bin")}
 
 
 def argv_of(script: str, bad: str, files: dict[str, str]) -> list[str]:

@@ -339,3 +339,21 @@ def test_decoding_threads_are_set(small_tokenizer, tmp_path):
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def test_half_sent_bodies_leave_no_traceback_in_the_log(small_tokenizer, tmp_path):
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=32, multiple_of=16)
+    url, proc = start_server(tmp_path, small_tokenizer, args, "--max_tokens=4")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+                time.sleep(0.2)
+        hello = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}
+        assert post(f"{url}/v1/chat/completions", hello).status_code == 200
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert "Traceback" not in stderr and "ClientDisconnect" not in stderr, stderr[-3000:]
