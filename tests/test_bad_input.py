@@ -206,6 +206,37 @@ def test_a_bad_setting_is_one_line_naming_it(script, bad, names, user_files, cap
     assert snapshot(user_files["home"]) == before, "a user's file was changed"
 
 
+# Inputs whose problem shows only once read: warnings and progress may come first, the error is the last line.
+BAD_DATA = [("train_tokenizer", "--inputs=txt:{empty}", "no text to train on"),
+            ("train_tokenizer", "--inputs=txt:{garbage}", "{garbage}: not text but binary data"),
+            ("data_process", "--inputs=txt:{garbage}", "{garbage}: not text but binary data"),
+            ("data_process", "--inputs=txt:{gbk_text}", "--encoding=gb18030")]
+
+
+@pytest.mark.parametrize("script,bad,names", BAD_DATA, ids=[f"{s}:{b}" for s, b, _ in BAD_DATA])
+def test_bad_data_ends_in_one_line_naming_it(script, bad, names, user_files, capsys, monkeypatch, tmp_path):
+    import gzip
+    files = dict(user_files, empty=str(tmp_path / "empty.txt"), garbage=str(tmp_path / "garbage.txt.gz"))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with gzip.open(tmp_path / "garbage.txt.gz", "wb") as f:
+        f.write(bytes(range(256)) * 20)
+    monkeypatch.chdir(user_files["home"])
+    before = snapshot(user_files["home"])
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(script).main(argv_of(script, bad, files))
+    err = capsys.readouterr().err
+    assert stopped.value.code not in (0, None) and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: ") and names.format(**files) in err.strip().splitlines()[-1]
+    assert snapshot(user_files["home"]) == before, "a user's file was changed"
+
+
+def test_chat_with_standard_input_closed_is_one_line(user_files):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), *argv_of("chat", "", user_files)],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.close(0))
+    assert_one_line_error(result.returncode, result.stderr, "standard input is closed")
+
+
 @pytest.mark.parametrize("script,bad", [("pretrain", "--batch_size=0"), ("serve", "--port=99999"),
                                         ("data_process", "--bands=0"), ("chat", "--top_p=2")])
 def test_the_same_from_the_command_line(script, bad, user_files):

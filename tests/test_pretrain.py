@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,9 @@ def test_time_budget_ends_with_the_schedule_complete(corpus, small_tokenizer, tm
     result = run_ok(command(corpus, small_tokenizer, out, "--time_budget_min=0.25", "--max_steps=1000000",
                             "--min_lr=1e-4", "--eval_interval=200", "--eval_batches=4", "--save_interval=500"))
     assert result.stdout.count("time budget 0.25 min:") == 1
+    etas = [float(eta) for eta in re.findall(r"ETA ([0-9.]+) min", result.stdout)]
+    assert etas and max(etas) <= 0.3, etas  # never the uncapped steps' hours
+    assert "/1000000 " not in result.stdout
     rows = metrics(out)
     last = rows[-1]
     assert schedule_of(out)["fitted_to_budget"] and last["step"] == schedule_of(out)["max_steps"] > 20
