@@ -51,14 +51,27 @@ def read_text(path: str) -> str:
     except UnicodeDecodeError as e:
         if looks_binary(e):
             raise UsageError(f"{path}: not text but binary data (byte {e.start}); UTF-8 text is expected") from None
-        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); Chinese text from Windows is often "
-                         f"GB18030: save it as UTF-8 (iconv -f gb18030 -t utf-8 {os.path.basename(path)} > new_file, "
-                         "or the editor's 'save as UTF-8')") from None
+        source = "utf-16" if e.object[:2] in UTF16_BOMS else "gb18030"
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); {likely_encoding(e)}: save it as "
+                         f"UTF-8 (iconv -f {source} -t utf-8 {os.path.basename(path)} > new_file, or the editor's "
+                         "'save as UTF-8')") from None
+
+
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def likely_encoding(e: UnicodeDecodeError) -> str:
+    """What text that is not UTF-8 probably is, for the error."""
+    if e.object[:2] in UTF16_BOMS:
+        return "it starts as UTF-16 text does"
+    return "Chinese text from Windows is often GB18030"
 
 
 def looks_binary(e: UnicodeDecodeError) -> bool:
     """Whether the bytes that failed to decode are binary data rather than text in another encoding:
     a NUL byte near them, or many bytes that GB18030 cannot read either."""
+    if e.object[:2] in UTF16_BOMS:
+        return False
     sample = e.object[max(0, e.start - 2048):e.start + 2048]
     decoded = sample.decode("gb18030", errors="replace")
     return b"\0" in sample or decoded.count("\ufffd") > len(decoded) // 100 + 2

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from babyllama.cleaning import strip_pku_tags
-from babyllama.common import looks_binary
+from babyllama.common import UTF16_BOMS, likely_encoding, looks_binary
 from babyllama.errors import UsageError
 from babyllama.hub import HUB_SOURCES
 
@@ -57,8 +57,9 @@ def _open_text(path: str, encoding: str = "utf-8"):
 def _undecodable(path: str, e: UnicodeDecodeError) -> CorpusError:
     if looks_binary(e):
         return CorpusError(f"{path}: not text but binary data (byte {e.start}); a text file is expected")
+    utf16 = e.object[:2] in UTF16_BOMS
     return CorpusError(f"{path}: not {e.encoding.removesuffix('-sig').upper()} text ({e.reason} at byte {e.start}); "
-                       "Chinese text from Windows is often GB18030: pass --encoding=gb18030")
+                       f"{likely_encoding(e)}: pass --encoding={'utf-16' if utf16 else 'gb18030'}")
 
 
 DAMAGED = (EOFError, gzip.BadGzipFile, zlib.error)  # what reading a truncated or corrupted .gz raises
