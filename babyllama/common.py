@@ -69,12 +69,12 @@ def likely_encoding(e: UnicodeDecodeError) -> str:
 
 def looks_binary(e: UnicodeDecodeError) -> bool:
     """Whether the bytes that failed to decode are binary data rather than text in another encoding:
-    a NUL byte near them, or many bytes that GB18030 cannot read either."""
+    text of any encoding has almost no control bytes besides tabs and line ends, binary data has many."""
     if e.object[:2] in UTF16_BOMS:
         return False
     sample = e.object[max(0, e.start - 2048):e.start + 2048]
-    decoded = sample.decode("gb18030", errors="replace")
-    return b"\0" in sample or decoded.count("\ufffd") > len(decoded) // 100 + 2
+    control = sum(1 for b in sample if b < 32 and b not in b"\t\n\r\f")
+    return b"\0" in sample or control > len(sample) // 20
 
 
 def write_json_atomic(path: str, data: dict) -> None:

@@ -22,7 +22,7 @@ def test_our_tokenizer_layout_and_round_trip(small_tokenizer):
 def test_refuses_to_overwrite_and_bad_vocab(tmp_path, small_tokenizer, capsys):
     with pytest.raises(CorpusError, match="exists"):
         train(Config(sources="", inputs="x.txt", out=small_tokenizer))
-    with pytest.raises(SettingError, match=r"^--vocab_size=70000: must be at most 65535$"):
+    with pytest.raises(SettingError, match=r"^--vocab_size=70000: must be at most 65,535$"):
         parse_config(Config, ["--vocab_size=70000"])
 
 
