@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 KERNEL_WIDTH = 32  # the input widths the int8 kernel handles are multiples of this
-REFINED = 64  # the most likely ids whose logits next_token_logits recomputes in float32
+ROUNDING_MARGIN = 2**-6  # relative: four times bfloat16's rounding of two values, the margin of a possible tie
 
 
 class Int8Linear(nn.Module):
@@ -39,13 +39,17 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 logits (B, out) of hidden states h (B, in), for decoding. The kernel's results are rounded
-        to bfloat16, where near neighbours tie exactly; the REFINED largest of each row are recomputed in
-        float32 from the same int8 weights, so rounding never decides the choice among the likely ids."""
+        """float32 logits (B, out) of hidden states h (B, in), for decoding. The kernel rounds its results
+        to bfloat16, where near neighbours tie exactly: every logit close enough to its row's largest to
+        be the largest before rounding is recomputed in float32 (the kernel's own products, summed without
+        the final rounding), so rounding never decides which id is likeliest."""
         logits = self(h.float()).float()
-        top = logits.topk(min(REFINED, self.out_features), dim=-1).indices  # (B, k)
-        rows = self.weight_int8[top].float() * self.scale[top].float()[..., None]  # (B, k, in)
-        return logits.scatter(1, top, torch.einsum("bki,bi->bk", rows, h.float()))
+        top = logits.amax(-1, keepdim=True)
+        near = logits >= top - ROUNDING_MARGIN * (top.abs() + 1)
+        rows, ids = near.nonzero(as_tuple=True)
+        weights = self.weight_int8[ids].float() * self.scale[ids].float()[:, None]  # (K, in)
+        exact = (weights * h.to(torch.bfloat16).float()[rows]).sum(-1)
+        return logits.index_put((rows, ids), exact)
 
     def dequantized(self) -> torch.Tensor:
         """The weight the layer multiplies by, in float32 (for checks)."""

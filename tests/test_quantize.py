@@ -76,13 +76,13 @@ def test_the_engine_serves_a_quantized_model(model):
 
 
 def test_decoding_logits_are_float32_where_the_choice_is_made(model):
-    """The kernel rounds its results to bfloat16, where the top two often tie exactly; the likely ids are
-    recomputed in float32 from the same int8 weights: no ties, and the argmax of the exact product."""
+    """The kernel rounds its results to bfloat16, where the top two often tie exactly; the ids near the top
+    are recomputed in float32 from the same int8 weights: no ties, and the argmax of the exact product."""
     layer = quantized(model).output
     torch.manual_seed(2)
     h = torch.randn(400, model.args.dim)
     rounded, logits = layer(h).float(), layer.logits(h)
-    exact = h @ layer.dequantized().t()
+    exact = h.bfloat16().float() @ layer.dequantized().t()  # the kernel's products, summed in float32
     assert logits.dtype == torch.float32
     top2 = logits.topk(2, dim=-1).values
     assert (top2[:, 0] > top2[:, 1]).all()
