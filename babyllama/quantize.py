@@ -45,8 +45,9 @@ class Int8Linear(nn.Module):
         the final rounding), so rounding never decides which id is likeliest."""
         logits = self(h.float()).float()
         top = logits.amax(-1, keepdim=True)
-        near = logits >= top - ROUNDING_MARGIN * (top.abs() + 1)
-        rows, ids = near.nonzero(as_tuple=True)
+        rows, ids = (logits >= top - ROUNDING_MARGIN * (top.abs() + 1)).nonzero(as_tuple=True)
+        if len(ids) == len(logits):  # one candidate a row, its largest: rounding decides nothing
+            return logits
         weights = self.weight_int8[ids].float() * self.scale[ids].float()[:, None]  # (K, in)
         exact = (weights * h.to(torch.bfloat16).float()[rows]).sum(-1)
         return logits.index_put((rows, ids), exact)
