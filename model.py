@@ -259,6 +259,8 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.generated_vocab = args.vocab_size  # decoding picks ids below this (limit_vocab)
+        self.loss_chunk = 0  # positions per chunk of the loss (ChunkedCrossEntropy); 0: the whole logits at once
+        self.checkpoint_activations = False  # recompute each block's activations in the backward (training)
         self.apply(self._init_weights)
         init_residual_projections(self, "seed")
 
@@ -280,18 +282,23 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | SlotKVCache | None = None, pad_left: torch.Tensor | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                last_only: bool = False, per_token: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V), or (B, 1, V) with last_only, and the mean cross-entropy over the targets
-        that are not IGNORE_INDEX (None without targets).
+        that are not IGNORE_INDEX (None without targets), or with per_token each position's (B, T), 0
+        where ignored. With loss_chunk set and targets given the logits are never made whole
+        (ChunkedCrossEntropy) and None is returned for them.
 
         pad_left (B,) gives how many left-padding tokens each row of a generation batch starts with;
         cache, when given, holds the keys and values of the tokens before these ones."""
         h = self.hidden(tokens, cache=cache, pad_left=pad_left)
+        if targets is not None and self.loss_chunk:
+            return None, chunked_cross_entropy(h, self.output.weight, targets, self.loss_chunk, per_token)
         logits = self.output(h[:, -1:] if last_only else h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+                                   ignore_index=IGNORE_INDEX, reduction="none" if per_token else "mean")
+            loss = loss.view(targets.shape) if per_token else loss
         return logits, loss
 
     def hidden(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache | None = None,
@@ -307,8 +314,12 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
             cos, sin, mask = self._positions(B, T, start, pad_left, tokens.device)
         h = self.dropout(self.tok_embeddings(tokens))
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)
+            if recompute:  # keep only each block's input; its activations are recomputed in the backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
             if between_layers is not None:
                 between_layers()
         if cache is not None:
@@ -450,17 +461,97 @@ def keep_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
 
 
+# ---------------------------------------------------------------- the loss without the whole logits
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of the output projection h @ weight^T against targets, `chunk` positions at a time:
+    the (positions, vocab) logits never exist whole, in the forward or the backward. Per position
+    (per_token) or their mean over the targets that are not IGNORE_INDEX. The mean's gradients are
+    computed in the forward, chunk by chunk, while each chunk's logits are at hand (the backward only
+    scales them); the per-position losses' gradients depend on what follows, so their backward
+    recomputes each chunk's logits. Matmuls in the autocast dtype when autocast is on, the softmax in
+    float32, as the plain path does."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                per_token: bool, want_grads: bool) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        w, valid = weight.to(dtype), targets != IGNORE_INDEX
+        ctx.chunk, ctx.per_token, ctx.dtype = chunk, per_token, dtype
+        if per_token:
+            losses = torch.cat([_chunk_loss(h[s:s + chunk].to(dtype), w, targets[s:s + chunk])[0]
+                                for s in range(0, len(h), chunk)])
+            ctx.save_for_backward(h, weight, targets)
+            return losses
+        scale = valid.float() / valid.sum().clamp(min=1)  # each target's share of the mean
+        total, grad_h = h.new_zeros((), dtype=torch.float32), torch.empty_like(h) if want_grads else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+        for s in range(0, len(h), chunk):
+            h_c = h[s:s + chunk].to(dtype)
+            losses, probs = _chunk_loss(h_c, w, targets[s:s + chunk])
+            total += (losses * scale[s:s + chunk]).sum()
+            if want_grads:
+                _chunk_grads(probs, h_c, w, targets[s:s + chunk], scale[s:s + chunk], grad_h[s:s + chunk], grad_w)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.per_token:
+            grad_h, grad_w = ctx.saved_tensors
+            return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(grad_w.dtype), None, None, None, None
+        h, weight, targets = ctx.saved_tensors
+        chunk, w = ctx.chunk, weight.to(ctx.dtype)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=torch.float32)
+        scale = grad_out.float() * (targets != IGNORE_INDEX)
+        for s in range(0, len(h), chunk):
+            h_c = h[s:s + chunk].to(ctx.dtype)
+            _, probs = _chunk_loss(h_c, w, targets[s:s + chunk])
+            _chunk_grads(probs, h_c, w, targets[s:s + chunk], scale[s:s + chunk], grad_h[s:s + chunk], grad_w)
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
+
+
+def _chunk_loss(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each position of a chunk (0 where the target is ignored) and the float32 softmax."""
+    logits = (h @ w.t()).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are not needed again
+    return torch.where(targets != IGNORE_INDEX, lse - picked, 0.0), probs
+
+
+def _chunk_grads(probs: torch.Tensor, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
+                 scale: torch.Tensor, grad_h: torch.Tensor, grad_w: torch.Tensor) -> None:
+    """Write the chunk's gradient with respect to h into grad_h and add the weight's into grad_w (float32),
+    for losses weighted by scale: d loss / d logits = (softmax - one-hot) * scale."""
+    probs.scatter_add_(1, targets.clamp(min=0)[:, None], -torch.ones_like(probs[:, :1]))
+    grad_logits = probs.mul_(scale[:, None]).to(h.dtype)
+    grad_h.copy_(grad_logits @ w)
+    grad_w.add_(grad_logits.t() @ h)
+
+
+@torch.compiler.disable  # run as written: compiled, its gradients came out wrong on CUDA (torch 2.11)
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          per_token: bool = False) -> torch.Tensor:
+    """The mean cross-entropy (or each position's, per_token) of h (B, T, dim) projected by weight (V, dim)
+    against targets (B, T), chunk positions at a time (ChunkedCrossEntropy). Under torch.compile the
+    blocks are compiled and this runs eagerly: its work is large matmuls either way."""
+    # Whether gradients are wanted is decided here: inside the Function's forward the grad mode is off.
+    want_grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    losses = ChunkedCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk, per_token,
+                                       want_grads)
+    return losses.view(targets.shape) if per_token else losses
+
+
 # ---------------------------------------------------------------- log-probabilities of labelled tokens
 
 
 def token_logprobs(model: Transformer, inputs: torch.Tensor,
                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability (B, T) of each labelled token (0 where labels are IGNORE_INDEX), and the mask."""
-    logits, _ = model(inputs)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    mask = labels != IGNORE_INDEX
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask, mask
+    _, losses = model(inputs, labels, per_token=True)
+    return -losses, labels != IGNORE_INDEX
 
 
 def answer_logprobs(model: Transformer, inputs: torch.Tensor,

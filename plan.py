@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from babyllama.configurator import (
+    NonNegative,
     NonNegativeFloat,
     Positive,
     PositiveFraction,
@@ -48,6 +49,8 @@ class Config:
     mfu: PositiveFraction = 0.35  # the model FLOPs utilisation assumed for the time (bench/gpu_check.py measures it)
     usd_per_gpu_hour: NonNegativeFloat = 0.0  # 0: the table's typical cloud price
     reserve_gib: NonNegativeFloat = 1.5  # GPU memory left for the CUDA context and the allocator
+    loss_chunk: NonNegative = 0  # the training scripts' --loss_chunk: the loss in chunks of this many positions
+    checkpoint_activations: bool = False  # the training scripts' --checkpoint_activations
 
 
 def parse_count(text: str) -> float:
@@ -86,12 +89,16 @@ def main(argv: list[str] | None = None) -> None:
         with torch.device("meta"):  # the shapes only, no memory
             model = Transformer(args)
         flops_per_token = model.flops_per_token(T)
+        if cfg.checkpoint_activations:  # the blocks' forward runs twice: a third of their FLOPs more
+            flops_per_token += (flops_per_token - 6 * args.vocab_size * args.dim) / 3
         print(f"{cfg.model}: {model.num_params() / 1e6:.1f}M parameters "
               f"({model.num_params(count_tied_twice=True) / 1e6:.1f}M counting the tied embedding twice), "
-              f"{T} tokens a sequence, {flops_per_token:.3g} training FLOPs a token")
+              f"{T} tokens a sequence, {flops_per_token:.3g} training FLOPs a token"
+              + (" (the blocks' forward twice: activation checkpointing)" if cfg.checkpoint_activations else ""))
 
         capacity = (gpu.memory_gib - cfg.reserve_gib) * 2**30
-        kw = {"dtype": cfg.dtype, "processes": cfg.gpus}
+        kw = {"dtype": cfg.dtype, "processes": cfg.gpus, "loss_chunk": cfg.loss_chunk,
+              "checkpoint_activations": cfg.checkpoint_activations}
         fit_plain = largest_micro_batch(args, T, capacity, **kw)
         fit_fsdp = largest_micro_batch(args, T, capacity, fsdp=True, **kw)
         micro = cfg.micro_batch or max(1, fit_plain or fit_fsdp)

@@ -52,24 +52,37 @@ def n_params(args: ModelArgs) -> int:
     return args.vocab_size * d + args.n_layers * per_layer + d
 
 
-def activation_bytes_per_token(args: ModelArgs, seq_len: int, dtype_bytes: int, matmul_attention: bool) -> float:
-    """Bytes one token's activations take from the forward pass until the backward pass frees them.
-    Per layer: the float32 residual stream and each RMSNorm's float32 normalised input (4 x dim each),
-    the half-precision inputs autocast makes for the projections, q and k after RoPE, v, the
-    attention output and its reshaped copy, and the feed-forward's four hidden-size tensors (w1 x, its
-    SiLU, w3 x, their product). Flash attention adds its float32 log-sum-exp per head; the written-out
-    attention (model.py's choice on a CPU in bf16) keeps the probabilities, seq_len per head."""
+def layer_activation_bytes_per_token(args: ModelArgs, seq_len: int, dtype_bytes: int, matmul_attention: bool) -> float:
+    """Bytes one token's activations in one layer take from the forward pass until the backward pass frees
+    them: the float32 residual stream and each RMSNorm's float32 normalised input (4 x dim each), the
+    half-precision inputs autocast makes for the projections, q and k after RoPE, v, the attention output
+    and its reshaped copy, and the feed-forward's four hidden-size tensors (w1 x, its SiLU, w3 x, their
+    product). Flash attention adds its float32 log-sum-exp per head; the written-out attention (model.py's
+    choice on a CPU in bf16) keeps the probabilities, seq_len per head."""
     d, h, heads = args.dim, args.hidden_dim, args.n_heads
     kv = args.n_kv_heads * (d // heads)
     per_layer = 16 * d + dtype_bytes * (5 * d + 2 * kv + 4 * h)
-    per_layer += dtype_bytes * heads * seq_len if matmul_attention else 4 * heads
-    return args.n_layers * per_layer + 8 * d  # + the final norm's input and output
+    return per_layer + (dtype_bytes * heads * seq_len if matmul_attention else 4 * heads)
 
 
-def logits_bytes_per_token(args: ModelArgs) -> float:
-    """At the start of the backward pass the loss holds three float32 vocabulary-sized tensors per
-    token: the log-softmax it saved, the gradient of the loss and the gradient of the logits."""
-    return 12 * args.vocab_size
+def activation_bytes_per_token(args: ModelArgs, seq_len: int, dtype_bytes: int, matmul_attention: bool,
+                               checkpoint_activations: bool = False) -> float:
+    """Bytes one token's activations take, every layer's and the final norm's input and output. With
+    activation checkpointing each layer keeps only its float32 input, and one layer at a time has its
+    activations back while its backward runs."""
+    layer = layer_activation_bytes_per_token(args, seq_len, dtype_bytes, matmul_attention)
+    kept = args.n_layers * 4 * args.dim + layer if checkpoint_activations else args.n_layers * layer
+    return kept + 8 * args.dim
+
+
+def logits_bytes(args: ModelArgs, tokens: int, loss_chunk: int = 0) -> float:
+    """What the loss holds at the start of the backward pass. Whole: three float32 vocabulary-sized tensors
+    per token (the log-softmax it saved, the gradient of the loss and the gradient of the logits). In
+    chunks (model.ChunkedCrossEntropy): two float32 chunks of logits at a time, the weight's float32
+    gradient and the hidden states' gradient, computed in the forward and held until the backward."""
+    if not loss_chunk:
+        return 12 * args.vocab_size * tokens
+    return 8 * args.vocab_size * min(loss_chunk, tokens) + 4 * args.vocab_size * args.dim + 4 * args.dim * tokens
 
 
 # The backward pass allocates gradients of activations while the saved ones are still held, and the
@@ -95,9 +108,11 @@ class MemoryPlan:
 
 
 def training_memory(args: ModelArgs, micro_batch: int, seq_len: int, dtype: str = "bfloat16", processes: int = 1,
-                    fsdp: bool = False, matmul_attention: bool = False) -> MemoryPlan:
+                    fsdp: bool = False, matmul_attention: bool = False, loss_chunk: int = 0,
+                    checkpoint_activations: bool = False) -> MemoryPlan:
     """Peak memory of one training process. Under FSDP weights, gradients and optimizer states are
-    split across the processes, and one block at a time is gathered whole."""
+    split across the processes, and one block at a time is gathered whole. loss_chunk and
+    checkpoint_activations are the trainer's settings of those names."""
     half = dtype in ("bfloat16", "float16")
     dtype_bytes = 2 if half else 4
     p = n_params(args)
@@ -106,8 +121,9 @@ def training_memory(args: ModelArgs, micro_batch: int, seq_len: int, dtype: str 
     block = 2 * d * d + 2 * d * args.n_kv_heads * (d // args.n_heads) + 3 * d * args.hidden_dim
     gathered = 4 * block if fsdp and processes > 1 else 0  # one block's full weights at a time
     tokens = micro_batch * seq_len
-    activations = tokens * activation_bytes_per_token(args, seq_len, dtype_bytes, matmul_attention)
-    logits = tokens * logits_bytes_per_token(args)
+    activations = tokens * activation_bytes_per_token(args, seq_len, dtype_bytes, matmul_attention,
+                                                      checkpoint_activations)
+    logits = logits_bytes(args, tokens, loss_chunk)
     return MemoryPlan(
         weights=4 * p / shard + gathered,
         half_weights=dtype_bytes * p if half else 0.0,

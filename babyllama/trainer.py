@@ -181,6 +181,8 @@ class TrainConfig:
     peak_tflops: NonNegativeFloat = 0.0  # the device's peak for MFU; 0 measures a matmul at start
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
     max_nonfinite_in_a_row: Positive = 10  # stop the run after this many non-finite losses in a row
+    loss_chunk: NonNegative = 0  # positions per chunk of the output layer's loss (never the whole logits); 0: off
+    checkpoint_activations: bool = False  # keep only each block's input, recompute the rest in the backward
 
 
 @contextlib.contextmanager
@@ -224,6 +226,9 @@ class Trainer:
         self.schedule = Schedule(max_steps or cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.lr_schedule,
                                  budgeted=cfg.time_budget_min > 0)
         self.dtype, self.precision = resolve_dtype(cfg.dtype, dist.device)
+        for module in model.modules():  # the Transformer, or the one inside a reward model
+            if hasattr(module, "loss_chunk"):
+                module.loss_chunk, module.checkpoint_activations = cfg.loss_chunk, cfg.checkpoint_activations
         self.raw_model = model.to(dist.device)
         self.model = self._wrap(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device,

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from babyllama.configurator import read_model_preset  # noqa: E402
 from babyllama.distributed import setup_distributed, teardown  # noqa: E402
-from babyllama.gpu_memory import gpu_of_device_name  # noqa: E402
+from babyllama.gpu_memory import gpu_of_device_name, largest_micro_batch, training_memory  # noqa: E402
 from babyllama.precision import matmul_flops, synchronize  # noqa: E402
 from babyllama.trainer import TrainConfig, Trainer  # noqa: E402
 from model import Transformer  # noqa: E402
@@ -54,17 +54,31 @@ def reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def train_row(preset: str, dist, args, mode: str, fsdp: bool = False) -> dict:
+# The memory options of the training scripts: (--loss_chunk used, --checkpoint_activations).
+VARIANTS = {"plain": (False, False), "chunked": (True, False), "checkpointed": (True, True)}
+
+
+def train_config(args, mode: str, variant: str, fsdp: bool = False) -> TrainConfig:
+    chunked, checkpointed = VARIANTS[variant]
+    return TrainConfig(dtype=args.dtype, compile=mode == "compiled", fsdp=fsdp, max_steps=10**6, warmup_steps=1,
+                       loss_chunk=args.loss_chunk if chunked else 0, checkpoint_activations=checkpointed)
+
+
+def preset_args(preset: str, args):
+    return read_model_preset(preset, max_seq_len=args.seq_len) if args.seq_len else read_model_preset(preset)
+
+
+def train_row(preset: str, dist, args, mode: str, fsdp: bool = False, variant: str = "plain",
+              batch_size: int = 0) -> dict:
     """Tokens/s over args.steps optimizer steps (after warm-up) of the trainer's own step."""
     torch.manual_seed(0)
-    model_args = read_model_preset(preset, max_seq_len=args.seq_len) if args.seq_len else \
-        read_model_preset(preset)
-    T = model_args.max_seq_len
+    model_args = preset_args(preset, args)
+    T, batch_size = model_args.max_seq_len, batch_size or args.batch_size
     reset_peak_memory(dist.device)
     model = Transformer(model_args)
-    cfg = TrainConfig(dtype=args.dtype, compile=mode == "compiled", fsdp=fsdp, max_steps=10**6, warmup_steps=1)
+    cfg = train_config(args, mode, variant, fsdp)
     trainer = Trainer(model, cfg, dist)
-    x = torch.randint(3, model_args.vocab_size, (args.batch_size, T + 1), device=dist.device)
+    x = torch.randint(3, model_args.vocab_size, (batch_size, T + 1), device=dist.device)
     batch = (x[:, :-1], x[:, 1:])
 
     def loss_fn(m, b):
@@ -78,9 +92,35 @@ def train_row(preset: str, dist, args, mode: str, fsdp: bool = False) -> dict:
     synchronize(dist.device)
     seconds = time.perf_counter() - start
     trainer.release()
-    tokens_per_s = args.steps * args.batch_size * T * dist.world_size / seconds
+    tokens_per_s = args.steps * batch_size * T * dist.world_size / seconds
+    planned = training_memory(model_args, batch_size, T, trainer.dtype, dist.world_size, fsdp,
+                              loss_chunk=cfg.loss_chunk, checkpoint_activations=cfg.checkpoint_activations)
     return {"tokens_per_s": tokens_per_s, "flops": tokens_per_s * model.flops_per_token(T),
-            "memory_gib": peak_memory_gib(dist.device), "dtype": trainer.dtype, "processes": dist.world_size}
+            "memory_gib": peak_memory_gib(dist.device), "dtype": trainer.dtype, "processes": dist.world_size,
+            "planned_gib": planned.total / 2**30}
+
+
+def largest_batch(preset: str, dist, args, variant: str) -> int:
+    """The largest micro-batch whose eager training step fits in args.fit_gib of this GPU's memory
+    (torch.cuda.set_per_process_memory_fraction), by bisection between 1 and 4096 sequences."""
+    device = torch.device(dist.device).index or 0
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(args.fit_gib * 2**30 / total, device)
+    steps, args.steps = args.steps, 1
+    low, high = 0, 4096
+    try:
+        while low < high:
+            middle = (low + high + 1) // 2
+            try:
+                train_row(preset, dist, args, "eager", variant=variant, batch_size=middle)
+                low = middle
+            except torch.OutOfMemoryError:
+                high = middle - 1
+            torch.cuda.empty_cache()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        args.steps = steps
+    return low
 
 
 def decode_row(preset: str, device: str, batch: int, new_tokens: int) -> dict:
@@ -125,11 +165,12 @@ def run_distributed(args) -> dict:
 
 
 def table(rows: dict[str, dict], peak: float) -> str:
-    lines = [f"{'check':<34} {'dtype':<9} {'tokens/s':>12} {'MFU':>7} {'peak memory GiB':>16}"]
+    lines = [f"{'check':<40} {'dtype':<9} {'tokens/s':>12} {'MFU':>7} {'peak memory GiB':>16} {'planned':>8}"]
     for name, r in rows.items():
         mfu = f"{100 * r['flops'] / (peak * r['processes']):.1f}%" if r["flops"] else "-"
         memory = f"{r['memory_gib']:.2f}" if r["memory_gib"] is not None else "-"
-        lines.append(f"{name:<34} {r['dtype']:<9} {r['tokens_per_s']:>12,.0f} {mfu:>7} {memory:>16}")
+        planned = f"{r['planned_gib']:.2f}" if r.get("planned_gib") else "-"
+        lines.append(f"{name:<40} {r['dtype']:<9} {r['tokens_per_s']:>12,.0f} {mfu:>7} {memory:>16} {planned:>8}")
     return "\n".join(lines)
 
 
@@ -144,6 +185,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per row")
     parser.add_argument("--decode_tokens", type=int, default=128, help="new tokens per decode row")
     parser.add_argument("--processes", type=int, default=1, help="torchrun processes for DDP and FSDP2 (0: skip)")
+    parser.add_argument("--variants", nargs="+", default=["plain"], choices=list(VARIANTS),
+                        help="memory options of each training row: plain, chunked (--loss_chunk), checkpointed (both)")
+    parser.add_argument("--loss_chunk", type=int, default=1024, help="the chunked variants' --loss_chunk")
+    parser.add_argument("--fit_gib", type=float, default=0.0,
+                        help="also find each variant's largest micro-batch in this many GiB of the GPU (0: skip)")
     parser.add_argument("--port", type=int, default=29531)
     parser.add_argument("--part", choices=["all", "distributed"], default="all", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -158,8 +204,20 @@ def main() -> None:
     rows = {}
     for preset in args.presets:
         for mode in args.modes:
-            rows[f"train {preset} {mode}"] = train_row(preset, dist, args, mode)
-            print(f"  {list(rows)[-1]}: {rows[list(rows)[-1]]['tokens_per_s']:,.0f} tokens/s", flush=True)
+            for variant in args.variants:
+                name = f"train {preset} {mode}" + ("" if variant == "plain" else f" {variant}")
+                rows[name] = train_row(preset, dist, args, mode, variant=variant)
+                print(f"  {name}: {rows[name]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    if args.fit_gib and dist.device.startswith("cuda"):
+        model_args = preset_args(args.presets[0], args)
+        for variant in args.variants:
+            chunked, checkpointed = VARIANTS[variant]
+            planned = largest_micro_batch(model_args, model_args.max_seq_len, (args.fit_gib - 1.5) * 2**30,
+                                          dtype=args.dtype, loss_chunk=args.loss_chunk if chunked else 0,
+                                          checkpoint_activations=checkpointed)
+            print(f"largest micro-batch of {args.presets[0]} in {args.fit_gib:g} GiB, {variant}: "
+                  f"{largest_batch(args.presets[0], dist, args, variant)} measured, {planned} planned "
+                  "(1.5 GiB kept free)", flush=True)
     if args.processes:
         rows.update({f"train {args.presets[0]} {k}": v for k, v in run_distributed(args).items()})
     for preset in args.presets:
