@@ -69,9 +69,9 @@ def activation_bytes_per_token(args: ModelArgs, seq_len: int, dtype_bytes: int, 
                                checkpoint_activations: bool = False) -> float:
     """Bytes one token's activations take, every layer's and the final norm's input and output. With
     activation checkpointing each layer keeps only its float32 input, and one layer at a time has its
-    activations back while its backward runs."""
+    activations back, and their gradients, while its backward runs."""
     layer = layer_activation_bytes_per_token(args, seq_len, dtype_bytes, matmul_attention)
-    kept = args.n_layers * 4 * args.dim + layer if checkpoint_activations else args.n_layers * layer
+    kept = args.n_layers * 4 * args.dim + 2 * layer if checkpoint_activations else args.n_layers * layer
     return kept + 8 * args.dim
 
 

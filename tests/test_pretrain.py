@@ -27,9 +27,12 @@ def test_pretraining_lowers_validation_loss(corpus, small_tokenizer, tmp_path):
     assert ckpt["step"] == 60 and ckpt["stage"] == "pretrain"
 
 
-def test_sigterm_then_resume_is_exact(corpus, small_tokenizer, tmp_path):
+@pytest.mark.parametrize("memory_options", [(), ("--loss_chunk=100", "--checkpoint_activations=true")],
+                         ids=["plain", "chunked_checkpointed"])
+def test_sigterm_then_resume_is_exact(corpus, small_tokenizer, tmp_path, memory_options):
     steps = 300
-    args = (f"--max_steps={steps}", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000")
+    args = (f"--max_steps={steps}", "--log_interval=1", "--eval_interval=100000", "--save_interval=100000",
+            *memory_options)
     straight = tmp_path / "straight"
     run_ok(command(corpus, small_tokenizer, straight, *args))
 
