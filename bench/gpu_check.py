@@ -141,11 +141,13 @@ def decode_row(preset: str, device: str, batch: int, new_tokens: int) -> dict:
 
 
 def distributed_part(args) -> None:
-    """Run under torchrun: DDP and FSDP2 training rows of the first preset; rank 0 prints JSON."""
+    """Run under torchrun: DDP and FSDP2 training rows of the first preset, each memory variant; rank 0
+    prints JSON."""
     dist = setup_distributed(args.device)
     try:
-        rows = {f"{kind} x{dist.world_size}": train_row(args.presets[0], dist, args, "eager", fsdp=kind == "FSDP2")
-                for kind in ("DDP", "FSDP2")}
+        rows = {f"{kind} x{dist.world_size}" + ("" if variant == "plain" else f" {variant}"):
+                train_row(args.presets[0], dist, args, "eager", fsdp=kind == "FSDP2", variant=variant)
+                for kind in ("DDP", "FSDP2") for variant in args.variants}
         if dist.master:
             print("ROWS " + json.dumps(rows), flush=True)
     finally:

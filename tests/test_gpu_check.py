@@ -17,7 +17,8 @@ def test_gpu_check_runs_every_row_on_the_cpu():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines()}
     for name in ("train tiny eager", "train tiny compiled", "train tiny eager checkpointed",
-                 "train tiny compiled checkpointed", "train tiny DDP x1", "train tiny FSDP2 x1", "decode tiny batch 1",
+                 "train tiny compiled checkpointed", "train tiny DDP x1", "train tiny FSDP2 x1",
+                 "train tiny DDP x1 checkpointed", "train tiny FSDP2 x1 checkpointed", "decode tiny batch 1",
                  "decode tiny batch 32"):
         assert name in rows, (name, result.stdout)
         tokens_per_s = float(rows[name].split()[-4].replace(",", ""))  # columns: tokens/s, MFU, memory, planned
