@@ -7,8 +7,9 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     client.chat.completions.create(model="baby-llama2", messages=[{"role": "user", "content": "你好"}])
 
-Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (stream or not; temperature,
-top_p, max_tokens, stop, n). Requests are decoded together (continuous batching, engine.py): up to
+Endpoints: GET /v1/models and /v1/models/{id}, POST /v1/chat/completions and /v1/completions (stream or not,
+with usage when stream_options asks; temperature, top_p, max_tokens or max_completion_tokens, stop, n; content
+as a string or text parts). Requests are decoded together (continuous batching, engine.py): up to
 --max_batch at once, each streamed token by token; more wait in arrival order. A client that goes away
 frees its place at once. A bad request gets a 4xx JSON error in OpenAI's shape.
 """
@@ -88,6 +89,18 @@ def unicode_of(value: str, name: str) -> str:
     return value
 
 
+def text_of(content: Any, i: int) -> str:
+    """A message's content: a string, or a list of parts of which only text ones are read by this model."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
+            raise RequestError(400, f"messages[{i}].content: this model reads text parts only "
+                                    '({"type": "text", "text": "..."})', "messages")
+        return "".join(p["text"] for p in content)
+    raise RequestError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
 def chat_turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
     """(earlier user/assistant pairs, the last user message); a system message is put before the first
     user message (the model has no system role)."""
@@ -95,17 +108,15 @@ def chat_turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
         raise RequestError(400, "'messages' must be a non-empty list", "messages")
     system, history, pending = "", [], None
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant"):
-            raise RequestError(400, f"messages[{i}] needs a role (system, user, assistant) and a string content",
-                               "messages")
-        unicode_of(m["content"], f"messages[{i}].content")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(400, f"messages[{i}] needs a role (system, user, assistant) and a content", "messages")
+        content = unicode_of(text_of(m.get("content"), i), f"messages[{i}].content")
         if m["role"] == "system":
-            system += m["content"] + "\n"
+            system += content + "\n"
         elif m["role"] == "user":
-            pending = (system + m["content"]) if not history and pending is None else m["content"]
+            pending = (system + content) if not history and pending is None else content
         elif pending is not None:
-            history.append((pending, m["content"]))
+            history.append((pending, content))
             pending = None
     if pending is None:
         raise RequestError(400, "the last message must come from the user", "messages")
@@ -152,8 +163,14 @@ def create_app(cfg: Config, server: "Server | None" = None):
             raise RequestError(400, "the request body must be a JSON object")
         return body
 
+    def check_model(body: dict) -> None:
+        if body.get("model") not in (None, cfg.model_name):
+            raise RequestError(404, f"The model '{body['model']}' does not exist (this server has "
+                                    f"'{cfg.model_name}')", "model", "model_not_found")
+
     def sampling(body: dict) -> Sampling:
-        return Sampling(max_tokens=int(number(body, "max_tokens", cfg.max_tokens, 1, cfg.max_tokens)),
+        limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        return Sampling(max_tokens=int(number(body, limit, cfg.max_tokens, 1, cfg.max_tokens)),
                         temperature=number(body, "temperature", 1.0, 0.0, 2.0),
                         top_p=number(body, "top_p", 1.0, 0.0, 1.0), stop=stop_list(body))
 
@@ -165,9 +182,19 @@ def create_app(cfg: Config, server: "Server | None" = None):
             raise RequestError(400, f"'n' must be a whole number from 1 to {cfg.max_batch}", "n")
         return n
 
+    def usage_in_stream(body: dict) -> bool:
+        options = body.get("stream_options")
+        if options is None:
+            return False
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise RequestError(400, "'stream_options' must be an object such as {\"include_usage\": true}",
+                               "stream_options")
+        return bool(options.get("include_usage")) and bool(body.get("stream"))
+
     async def respond(request: Request, body: dict, ids: list[int], kind: str):
         """Submit n requests to the engine; stream their events, or gather them into one answer."""
-        n, settings = choices_wanted(body), sampling(body)
+        check_model(body)
+        n, settings, with_usage = choices_wanted(body), sampling(body), usage_in_stream(body)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emitter(index: int):
@@ -197,6 +224,9 @@ def create_app(cfg: Config, server: "Server | None" = None):
             return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
                     "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
 
+        def usage(generated: int) -> dict:
+            return {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
+
         async def until_all_end() -> AsyncIterator[tuple[int, Event]]:
             """The events of the n jobs as they come; a client that goes away cancels them all."""
             async def watch() -> None:  # polled on its own: while an answer is decoded, events never pause
@@ -224,9 +254,14 @@ def create_app(cfg: Config, server: "Server | None" = None):
                         opening = chunk(index, "", None)
                         opening["choices"][0]["delta"] = {"role": "assistant"}
                         yield f"data: {json.dumps(opening, ensure_ascii=False)}\n\n"
+                generated = 0
                 async for index, event in until_all_end():
+                    generated += event.tokens if event.finish else 0
                     if event.text or event.finish:
                         yield f"data: {json.dumps(chunk(index, event.text, event.finish), ensure_ascii=False)}\n\n"
+                if with_usage:  # OpenAI's last chunk: no choices, the usage of the whole request
+                    last = {**chunk(0, "", None), "choices": [], "usage": usage(generated)}
+                    yield f"data: {json.dumps(last, ensure_ascii=False)}\n\n"
                 yield "data: [DONE]\n\n"
             return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -235,21 +270,27 @@ def create_app(cfg: Config, server: "Server | None" = None):
             answers[index] += event.text
             if event.finish:
                 finishes[index], generated = event.finish, generated + event.tokens
-        usage = {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
         if kind == "chat":
             choices = [{"index": i, "message": {"role": "assistant", "content": answers[i]},
                         "finish_reason": finishes[i]} for i in range(n)]
             return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
-                    "choices": choices, "usage": usage}
+                    "choices": choices, "usage": usage(generated)}
         choices = [{"index": i, "text": answers[i], "finish_reason": finishes[i], "logprobs": None} for i in range(n)]
         return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                "choices": choices, "usage": usage}
+                "choices": choices, "usage": usage(generated)}
+
+    model_card = {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "baby-llama2-chinese"}
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
-                                            "owned_by": "baby-llama2-chinese"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        check_key(request)
+        check_model({"model": model_id})
+        return model_card
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

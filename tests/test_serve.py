@@ -357,3 +357,33 @@ def test_half_sent_bodies_leave_no_traceback_in_the_log(small_tokenizer, tmp_pat
         proc.terminate()
         _, stderr = proc.communicate(timeout=30)
     assert "Traceback" not in stderr and "ClientDisconnect" not in stderr, stderr[-3000:]
+
+
+def test_the_api_parts_clients_use_every_day(server):
+    """GET /v1/models/{id}, an unknown model's 404, max_completion_tokens, the usage chunk of a stream, and a
+    user message whose content is a list of text parts, with the official client."""
+    c = client(server)
+    assert c.models.retrieve("baby-llama2").id == "baby-llama2"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-4o")
+    hello = [{"role": "user", "content": "你好"}]
+    with pytest.raises(openai.NotFoundError) as missing:
+        c.chat.completions.create(model="gpt-4o", messages=hello)
+    assert missing.value.body["code"] == "model_not_found"
+    short = c.chat.completions.create(model="baby-llama2", messages=hello, temperature=0, max_completion_tokens=3)
+    assert short.usage.completion_tokens <= 3
+    if short.choices[0].finish_reason == "length":
+        assert short.usage.completion_tokens == 3
+    chunks = list(c.chat.completions.create(model="baby-llama2", messages=hello, temperature=0, max_tokens=6,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    plain = list(c.chat.completions.create(model="baby-llama2", messages=hello, temperature=0, max_tokens=6,
+                                           stream=True))
+    assert all(chunk.usage is None for chunk in plain) and plain[-1].choices
+    parts = [{"role": "user", "content": [{"type": "text", "text": "你"}, {"type": "text", "text": "好"}]}]
+    assert ask(server, "你好")[0] == c.chat.completions.create(model="baby-llama2", messages=parts, temperature=0,
+                                                             max_tokens=16).choices[0].message.content
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="baby-llama2", messages=image)
