@@ -85,3 +85,7 @@ def all_reduce_mean(value: float | torch.Tensor, dist: Dist) -> float:
 
 def all_reduce_max(value: float, dist: Dist) -> float:
     return _all_reduce(value, dist, torch_dist.ReduceOp.MAX)
+
+
+def all_reduce_sum(value: float, dist: Dist) -> float:
+    return _all_reduce(value, dist, torch_dist.ReduceOp.SUM)

@@ -46,7 +46,14 @@ from babyllama.configurator import (
     one_of,
     parse_config,
 )
-from babyllama.distributed import Dist, all_reduce_max, all_reduce_mean, setup_distributed, teardown
+from babyllama.distributed import (
+    Dist,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    setup_distributed,
+    teardown,
+)
 from babyllama.errors import UsageError, one_line_errors
 from babyllama.muon import MuonAdamW
 from babyllama.precision import autocast, measure_peak_flops, resolve_dtype
@@ -353,6 +360,11 @@ class Trainer:
         its entries differ from expect (model_args, LoRA settings). Returns the checkpoint for the
         stage's own state (data position)."""
         path = os.path.join(out_dir, "ckpt.pt")
+        seen = all_reduce_sum(float(os.path.exists(path)), self.dist)
+        if 0 < seen < self.dist.world_size:  # else some ranks would resume and the others start afresh
+            raise UsageError(f"rank {self.dist.rank}: {int(seen)} of {self.dist.world_size} processes see "
+                             f"{path}: every node needs it (a folder all nodes share, or the newest ckpt.pt "
+                             "copied into each node's --out_dir)")
         if not os.path.exists(path):
             return None
         if not allowed:
@@ -363,6 +375,9 @@ class Trainer:
             if state.get(key) != value:
                 raise ValueError(f"{path} was made with other {key}: {state.get(key)} (this run: {value})")
         self.load_state_dict(state)
+        if all_reduce_max(self.step, self.dist) != -all_reduce_max(-self.step, self.dist):
+            raise UsageError(f"rank {self.dist.rank}: the nodes' {path} are of different steps (this one: "
+                             f"{self.step}): copy the newest into each node's --out_dir")
         print0(f"resumed from {path} at step {self.step}", dist=self.dist)
         return state
 

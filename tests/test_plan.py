@@ -29,7 +29,7 @@ def test_parameter_count_and_flops_are_the_models(preset):
 # (preset, micro-batch, --loss_chunk, --checkpoint_activations, tolerance): the plain runs as first fitted,
 # the loss in chunks and checkpointing within the tighter bound their issue set.
 PEAKS = [("tiny", 8, 0, False, 0.2), ("baby_92m", 2, 0, False, 0.2), ("tiny", 8, 256, False, 0.15),
-         ("tiny", 8, 256, True, 0.15), ("baby_92m", 2, 512, True, 0.15)]
+         ("tiny", 8, 256, True, 0.15)]  # baby_92m with both: bench/bench_memory.py (BENCHMARKS.md)
 
 
 @pytest.mark.parametrize("preset,batch,loss_chunk,checkpoint,tolerance", PEAKS)

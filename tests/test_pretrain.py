@@ -113,6 +113,21 @@ def torchrun(corpus, tokenizer, out, port, *extra):
             *command(corpus, tokenizer, out, *extra)[1:]], timeout=300)
 
 
+def two_nodes(corpus, tokenizer, out, port, *extra, nodes=(0, 1), timeout=300) -> list[subprocess.CompletedProcess]:
+    """pretrain.py under two torchrun agents on this machine (--nnodes=2, one process each), as two hosts would
+    start it, meeting at 127.0.0.1; nodes=(0,) starts the first only."""
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                *command(corpus, tokenizer, out, *extra)[1:]], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+              for node in nodes]
+    results = []
+    for agent in agents:
+        stdout, stderr = agent.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr))
+    return results
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_with_double_batch(corpus, small_tokenizer, tmp_path, sharding):
     args = ("--max_steps=6", "--log_interval=1", "--eval_interval=3", "--eval_batches=2", "--grad_accum=2",
@@ -126,6 +141,10 @@ def test_torchrun_two_processes_match_one_with_double_batch(corpus, small_tokeni
     for x, y in zip(multi, one):
         assert abs(x["loss"] - y["loss"]) < 1e-5
         assert abs(x.get("val_loss", 0) - y.get("val_loss", 0)) < 1e-5
+    # Two nodes of one process each (two torchrun agents meeting on loopback) are the same two ranks.
+    for node in two_nodes(corpus, small_tokenizer, tmp_path / "nodes", 29521 + (sharding == "fsdp"), *args):
+        assert node.returncode == 0, node.stderr[-3000:]
+    assert [m["loss"] for m in metrics(tmp_path / "nodes")] == pytest.approx([m["loss"] for m in multi], abs=1e-6)
     if sharding == "fsdp":  # an FSDP checkpoint resumes like any other
         partial = tmp_path / "partial"
         torchrun(corpus, small_tokenizer, partial, 29519, *args[:-1], "--fsdp=true", "--max_steps=3")
