@@ -69,11 +69,11 @@ def preset_args(preset: str, args):
 
 
 def train_row(preset: str, dist, args, mode: str, fsdp: bool = False, variant: str = "plain",
-              batch_size: int = 0) -> dict:
-    """Tokens/s over args.steps optimizer steps (after warm-up) of the trainer's own step."""
+              batch_size: int = 0, steps: int = 0) -> dict:
+    """Tokens/s over args.steps (or steps) optimizer steps (after warm-up) of the trainer's own step."""
     torch.manual_seed(0)
     model_args = preset_args(preset, args)
-    T, batch_size = model_args.max_seq_len, batch_size or args.batch_size
+    T, batch_size, steps = model_args.max_seq_len, batch_size or args.batch_size, steps or args.steps
     reset_peak_memory(dist.device)
     model = Transformer(model_args)
     cfg = train_config(args, mode, variant, fsdp)
@@ -87,12 +87,12 @@ def train_row(preset: str, dist, args, mode: str, fsdp: bool = False, variant: s
         trainer.train_step([batch], loss_fn)
     synchronize(dist.device)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         trainer.train_step([batch], loss_fn)
     synchronize(dist.device)
     seconds = time.perf_counter() - start
     trainer.release()
-    tokens_per_s = args.steps * batch_size * T * dist.world_size / seconds
+    tokens_per_s = steps * batch_size * T * dist.world_size / seconds
     planned = training_memory(model_args, batch_size, T, trainer.dtype, dist.world_size, fsdp,
                               loss_chunk=cfg.loss_chunk, checkpoint_activations=cfg.checkpoint_activations)
     return {"tokens_per_s": tokens_per_s, "flops": tokens_per_s * model.flops_per_token(T),
@@ -106,20 +106,18 @@ def largest_batch(preset: str, dist, args, variant: str) -> int:
     device = torch.device(dist.device).index or 0
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(args.fit_gib * 2**30 / total, device)
-    steps, args.steps = args.steps, 1
     low, high = 0, 4096
     try:
         while low < high:
             middle = (low + high + 1) // 2
             try:
-                train_row(preset, dist, args, "eager", variant=variant, batch_size=middle)
+                train_row(preset, dist, args, "eager", variant=variant, batch_size=middle, steps=1)
                 low = middle
             except torch.OutOfMemoryError:
                 high = middle - 1
             torch.cuda.empty_cache()
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
-        args.steps = steps
     return low
 
 

@@ -2,9 +2,12 @@
 losses and gradients as the plain path, in float32 and under bfloat16 autocast, for the mean and for each
 position, with ignored targets, for chunk sizes that do and do not divide the positions."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
+from conftest import ROOT, metrics, run_ok, stage_flags
 
 from model import IGNORE_INDEX, ModelArgs, Transformer, chunked_cross_entropy, token_logprobs
 
@@ -142,10 +145,6 @@ STAGES = {
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_every_stage_trains_the_same_with_the_memory_options(stage, pretrained, preference, small_tokenizer, tmp_path):
-    import os
-    import sys
-
-    from conftest import ROOT, metrics, run_ok, stage_flags
     ckpt, data = pretrained
     losses = []
     for name, options in (("plain", []), ("chunked", ["--loss_chunk=13", "--checkpoint_activations=true"])):

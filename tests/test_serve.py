@@ -65,24 +65,25 @@ def start_server(folder, tokenizer, args: ModelArgs, *flags: str):
     pytest.fail(f"server did not start: {proc.communicate()[1][-2000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, small_tokenizer):
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
-    url, proc = start_server(tmp_path_factory.mktemp("serve"), small_tokenizer, args, "--max_tokens=24")
+def serving(folder, tokenizer, args: ModelArgs, *flags: str):
+    """A fixture's body: the url of a server of this shape while the module's tests run, then stopped."""
+    url, proc = start_server(folder, tokenizer, args, *flags)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, small_tokenizer):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
+    yield from serving(tmp_path_factory.mktemp("serve"), small_tokenizer, args, "--max_tokens=24")
 
 
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory, small_tokenizer):
     """A model big enough that a long answer takes a while, with two rows of batch."""
     args = ModelArgs(dim=256, n_layers=6, n_heads=4, vocab_size=600, max_seq_len=512, multiple_of=16)
-    url, proc = start_server(tmp_path_factory.mktemp("slow"), small_tokenizer, args, "--max_tokens=400",
-                             "--max_batch=2")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from serving(tmp_path_factory.mktemp("slow"), small_tokenizer, args, "--max_tokens=400", "--max_batch=2")
 
 
 def client(url):
@@ -197,10 +198,7 @@ def post(url: str, body, timeout: float = 30) -> Response:
 def padded_server(tmp_path_factory, small_tokenizer):
     """A model with more ids than its tokenizer has (a vocabulary padded for speed)."""
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=700, max_seq_len=64, multiple_of=16)
-    url, proc = start_server(tmp_path_factory.mktemp("padded"), small_tokenizer, args, "--max_tokens=24")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from serving(tmp_path_factory.mktemp("padded"), small_tokenizer, args, "--max_tokens=24")
 
 
 EDGES = [0, 1, -1, float("nan"), float("inf"), 1e308, 10**30, 0.5, None, "1", True]
