@@ -3,10 +3,13 @@ accumulation for a number of tokens per step, and the time and cost of a pretrai
 
     python plan.py --model=baby_218m --gpu=3090 --gpus=4 --tokens=10B
     python plan.py --model=baby_92m --gpu=H100 --gpus=8 --tokens=50B --mfu=0.45
+    python plan.py --model=baby_218m --gpu=4090 --gpus=8 --nodes=2 --network_gbit=25
 
 Memory comes from babyllama/gpu_memory.py (checked against measured peaks on a CPU); time is the
 training FLOPs (model.flops_per_token) over the GPUs' dense bf16 peak at the stated MFU. Measure your
-own MFU with bench/gpu_check.py and pass it with --mfu.
+own MFU with bench/gpu_check.py and pass it with --mfu. Over several nodes, each optimizer step also
+sends the bytes of gradient_traffic between them (docs/10_distributed.md); its time at --network_gbit is
+added where it exceeds the compute it could hide behind.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from babyllama.configurator import (
     NonNegative,
     NonNegativeFloat,
     Positive,
+    PositiveFloat,
     PositiveFraction,
     SeqLen,
     in_range,
@@ -28,8 +32,8 @@ from babyllama.configurator import (
     parse_config,
     read_model_preset,
 )
-from babyllama.errors import one_line_errors
-from babyllama.gpu_memory import GPUS, MemoryPlan, largest_micro_batch, training_memory
+from babyllama.errors import SettingError, one_line_errors
+from babyllama.gpu_memory import GPUS, MemoryPlan, gradient_traffic, largest_micro_batch, training_memory
 from model import Transformer
 
 MAX_GPUS = 1 << 20  # past the largest clusters built; larger counts are typing mistakes
@@ -41,6 +45,9 @@ class Config:
     model: str = "baby_92m"  # model preset (tiny, baby_92m, baby_218m) or a path to one
     gpu: one_of(*GPUS) = "3090"  # H200, H100, A100-80G, L40S, 4090, 3090, T4... (all: babyllama.gpu_memory.GPUS)
     gpus: in_range(1, MAX_GPUS, int) = 1  # GPUs in all, one process each
+    nodes: in_range(1, MAX_GPUS, int) = 1  # machines the GPUs are spread over, the same number on each
+    network_gbit: PositiveFloat = 100.0  # each node's network between nodes, Gbit/s (100: InfiniBand EDR, RoCE)
+    fsdp: bool = False  # the time of a run with --fsdp (more traffic between nodes); memory shows both
     tokens: str = "10B"  # training tokens: 10B, 500M, 2e9...
     seq_len: SeqLen = 0  # 0 keeps the preset's max_seq_len
     tokens_per_step: Positive = 65536  # tokens per optimizer step (the seed's recipe: 32 x 4 x 512)
@@ -82,6 +89,8 @@ def memory_table(plain: MemoryPlan, sharded: MemoryPlan, gpus: int) -> list[str]
 def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         cfg = parse_config(Config, argv, __doc__)
+        if cfg.gpus % cfg.nodes:
+            raise SettingError(f"--gpus={cfg.gpus} over --nodes={cfg.nodes}: give each node the same number of GPUs")
         tokens = parse_count(cfg.tokens)
         overrides = {"max_seq_len": cfg.seq_len} if cfg.seq_len else {}
         args = read_model_preset(cfg.model, **overrides)
@@ -114,17 +123,29 @@ def main(argv: list[str] | None = None) -> None:
                   f"FSDP: at most {max(fit_plain, fit_fsdp)}")
         per_micro_step = micro * T * cfg.gpus
         accum = max(1, math.ceil(cfg.tokens_per_step / per_micro_step))
+        tokens_per_step = per_micro_step * accum
+        nodes = (f"--nnodes={cfg.nodes} --node_rank=<0..{cfg.nodes - 1}> --master_addr=<node 0> "
+                 if cfg.nodes > 1 else "")
         print(f"tokens per optimizer step: {micro} x {T} x {cfg.gpus} GPU(s) x grad_accum {accum} = "
-              f"{per_micro_step * accum:,} (asked: {cfg.tokens_per_step:,}); "
-              f"torchrun --nproc_per_node={cfg.gpus} pretrain.py --batch_size={micro} --grad_accum={accum}")
+              f"{tokens_per_step:,} (asked: {cfg.tokens_per_step:,}); torchrun {nodes}"
+              f"--nproc_per_node={cfg.gpus // cfg.nodes} pretrain.py --batch_size={micro} --grad_accum={accum}"
+              + (" --fsdp=true" if cfg.fsdp else ""))
 
-        seconds = tokens * flops_per_token / (cfg.gpus * gpu.bf16_tflops * 1e12 * cfg.mfu)
+        steps = tokens / tokens_per_step
+        compute_s = tokens_per_step * flops_per_token / (cfg.gpus * gpu.bf16_tflops * 1e12 * cfg.mfu)
+        network_s = 0.0
+        if cfg.nodes > 1:
+            sent = gradient_traffic(model.num_params(), cfg.nodes, accum, fsdp=cfg.fsdp)
+            network_s = sent / (cfg.network_gbit * 1e9 / 8)
+            print(f"between nodes, each node sends {sent / 2**30:.2f} GiB a step ({'FSDP' if cfg.fsdp else 'DDP'}): "
+                  f"{network_s:.2f} s at {cfg.network_gbit:g} Gbit/s against {compute_s:.2f} s of compute"
+                  + ("; the network sets the pace" if network_s > compute_s else ""))
+        # The gradients' exchange overlaps the backward pass: only what exceeds the compute adds time.
+        hours = steps * max(compute_s, network_s) / 3600
         price = cfg.usd_per_gpu_hour or gpu.usd_per_hour
-        hours = seconds / 3600
         print(f"time for {tokens:.3g} tokens at {100 * cfg.mfu:.0f}% MFU of {cfg.gpus} x {gpu.bf16_tflops:g} TFLOP/s: "
               f"{hours:.1f} h ({hours / 24:.1f} days), about ${hours * cfg.gpus * price:,.0f} "
-              f"at ${price:g} a GPU-hour; "
-              f"{tokens / (cfg.tokens_per_step or 1):,.0f} optimizer steps")
+              f"at ${price:g} a GPU-hour; {steps:,.0f} optimizer steps")
 
 
 if __name__ == "__main__":

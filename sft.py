@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
         train_loop(training, next_batches, lambda m, batch: m(batch[0], batch[1])[1], validation if val else None,
                    lambda: {"lora": lora})
-        if lora and dist.master:
+        if lora and training.writes_checkpoints:
             save_atomic({"lora": lora, "adapters": lora_state_dict(model), "base": cfg.init_from},
                         os.path.join(cfg.out_dir, "adapter.pt"))
         print0(f"checkpoint: {os.path.join(cfg.out_dir, 'ckpt.pt')}; "

@@ -1,5 +1,6 @@
-"""What a training run needs of the hardware: common GPUs (memory, dense bf16 peak) and a model of the
-memory one training process holds, part by part, for our Transformer under the trainer's AdamW.
+"""What a training run needs of the hardware: common GPUs (memory, dense bf16 peak), a model of the
+memory one training process holds, part by part, for our Transformer under the trainer's AdamW, and
+the bytes a training step sends between nodes.
 
 The memory model counts what PyTorch keeps: float32 weights, gradients and AdamW's two moments; the
 half-precision copies of the weights that autocast makes and the backward pass keeps; the activations
@@ -140,3 +141,13 @@ def largest_micro_batch(args: ModelArgs, seq_len: int, memory_bytes: float, **kw
     while training_memory(args, batch + 1, seq_len, **kw).total <= memory_bytes and batch < 65536:
         batch += 1
     return batch
+
+
+def gradient_traffic(params: int, nodes: int, grad_accum: int = 1, fsdp: bool = False) -> float:
+    """Bytes each node sends to the others in one optimizer step: float32 tensors of `params` entries in
+    ring collectives, where each pass moves (nodes - 1) / nodes of a tensor through each node's link.
+    DDP all-reduces the gradients once a step (a reduce-scatter and an all-gather: two passes); FSDP2
+    gathers the parameters for every micro-step's forward and again for its backward, and
+    reduce-scatters the gradients once a step."""
+    passes = 2 * grad_accum + 1 if fsdp else 2
+    return passes * 4 * params * (nodes - 1) / nodes

@@ -51,6 +51,9 @@ from babyllama.distributed import (
     all_reduce_max,
     all_reduce_mean,
     all_reduce_sum,
+    broadcast_from_master,
+    lost_processes,
+    sees_one_folder,
     setup_distributed,
     teardown,
 )
@@ -187,6 +190,9 @@ class TrainConfig:
     time_budget_min: NonNegativeFloat = 0.0  # fit the steps (at most max_steps) into this many minutes; 0: off
     peak_tflops: NonNegativeFloat = 0.0  # the device's peak for MFU; 0 measures a matmul at start
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
+    out_dir_shared: one_of("auto", "true", "false") = "auto"  # one out_dir all nodes see? auto: a probe file tells;
+    # false: each node's first process writes the checkpoints into its own out_dir
+    dist_timeout_min: PositiveFloat = 10.0  # the longest wait for another process (joining, any collective)
     max_nonfinite_in_a_row: Positive = 10  # stop the run after this many non-finite losses in a row
     loss_chunk: NonNegative = 0  # positions per chunk of the output layer's loss (never the whole logits); 0: off
     checkpoint_activations: bool = False  # keep only each block's input, recompute the rest in the backward
@@ -198,11 +204,14 @@ def training_stage(config_cls: type[C], argv: list[str] | None, doc: str | None)
     processes (one, or torchrun's), one line for an ordinary mistake, and the teardown."""
     with one_line_errors():
         cfg = parse_config(config_cls, argv, doc)
-        dist = setup_distributed(cfg.device)
+        dist = setup_distributed(cfg.device, cfg.dist_timeout_min)
         try:
-            yield cfg, dist
-        finally:
-            teardown(dist)
+            with lost_processes(dist.rank, dist.world_size, cfg.dist_timeout_min):
+                yield cfg, dist
+        except BaseException:
+            teardown(dist, meet=False)  # the others may be gone: waiting for them would hang
+            raise
+        teardown(dist)
 
 
 # ------------------------------------------------------------------ the optimizer step
@@ -422,6 +431,18 @@ class Training:
     tokenizer_sha256: str
     peak_flops: float  # FLOP/s of one device, for MFU
     flops_per_token: float  # training FLOPs per token of the model
+    shared_out_dir: bool  # every process sees one out_dir (else each node has its own)
+    writes_checkpoints: bool  # this process writes them: rank 0, or each node's first process
+
+
+def checkpoint_writers(cfg: TrainConfig, dist: Dist) -> tuple[bool, bool]:
+    """(whether out_dir is one folder for all processes, whether this process writes the checkpoints):
+    in a shared out_dir rank 0 alone; in node-local ones each node's first process."""
+    shared = cfg.out_dir_shared == "true" or (cfg.out_dir_shared == "auto" and sees_one_folder(cfg.out_dir, dist))
+    if not shared and cfg.out_dir_shared == "auto":
+        print0(f"{cfg.out_dir} is not one folder that every node sees: each node's first process writes the "
+               "checkpoints into its own (--out_dir_shared=false)", dist=dist)
+    return shared, dist.master if shared else dist.local_rank == 0
 
 
 def start_training(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int, items_per_step: int,
@@ -429,14 +450,15 @@ def start_training(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items
                    expect: dict | None = None) -> Training:
     """The common start of every stage: a rank-sharded order over n_items, the number of steps
     (cfg.max_steps, or cfg.epochs passes over the items), the trainer, a resume from out_dir/ckpt.pt
-    when there is one (it must have the model's shape, this tokenizer, and what expect lists), and the
-    device's peak for MFU."""
+    when there is one (it must have the model's shape, this tokenizer, and what expect lists), which
+    processes write the checkpoints, and the device's peak for MFU."""
     from dataset import WindowOrder
     order = WindowOrder(n_items, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = max(1, n_items // (items_per_step * cfg.grad_accum * dist.world_size))
     trainer = Trainer(model, cfg, dist, max_steps=cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch))
     expect = {"model_args": asdict(model.args), "tokenizer_sha256": tokenizer_sha256, **(expect or {})}
-    if dist.master:
+    shared, writes = checkpoint_writers(cfg, dist)
+    if writes:
         for path in remove_stale_temps(cfg.out_dir, ["ckpt*.pt", "metrics.jsonl", "*.json"]):
             print0(f"removed {path}, left by an interrupted run")
     state = trainer.resume(cfg.out_dir, cfg.resume, expect)
@@ -451,7 +473,8 @@ def start_training(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items
         steps = f"at most {steps}, as many as fit in {cfg.time_budget_min:g} min"
     print0(f"{steps} ({schedule.max_steps / steps_per_epoch:.2f} passes over {n_items:,} items); "
            f"{dist.world_size} process(es) on {dist.device}; {trainer.precision}", dist=dist)
-    return Training(trainer, order, tokens_seen, state, stage, tokenizer_sha256, peak, flops_per_token)
+    return Training(trainer, order, tokens_seen, state, stage, tokenizer_sha256, peak, flops_per_token, shared,
+                    writes)
 
 
 def validation_loss(trainer: Trainer, n_items: int, batch_of: Callable[[list[int]], tuple], batches: int,
@@ -497,7 +520,9 @@ def train_loop(training: Training, next_batches: Callable[[], tuple[list[Any], i
         state.update(tokens_seen=tokens_seen, model_args=asdict(trainer.raw_model.args),
                      data=training.order.state_dict(), config=asdict(cfg), tokenizer_sha256=training.tokenizer_sha256,
                      stage=training.stage, **(own_state() if own_state else {}))
-        if dist.master:
+        if cfg.fsdp and not training.shared_out_dir:  # FSDP gathers the whole state on rank 0 alone
+            state = broadcast_from_master(state, dist)
+        if training.writes_checkpoints:
             save_checkpoint(cfg.out_dir, state, trainer.step, cfg.keep_last)
         return time.time() - began
 

@@ -105,6 +105,36 @@ def run_ok(cmd, **kw) -> subprocess.CompletedProcess:
     return result
 
 
+def start_agents(commands: list[list[str]], port: int, *torchrun_flags: str, nodes: int = 0) -> list[subprocess.Popen]:
+    """One torchrun agent per command (a python script and its flags), each a node of its own (one
+    process each) of a job of `nodes` nodes (0: one per command) meeting at 127.0.0.1:port, as hosts of
+    a cluster would start them; each in a session of its own, so that a test can kill one node whole."""
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes or len(commands)}",
+                              f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                              f"--master_port={port}", *torchrun_flags, *cmd[1:]], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             start_new_session=True)
+            for node, cmd in enumerate(commands)]
+
+
+def finish_agents(agents: list[subprocess.Popen], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Wait for the agents (started by start_agents) and return what each printed."""
+    results = []
+    for agent in agents:
+        stdout, stderr = agent.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr))
+    return results
+
+
+def run_nodes(commands: list[list[str]], port: int) -> list[subprocess.CompletedProcess]:
+    """Run commands as the nodes of one job (start_agents), check that every node succeeds, and return
+    what each printed."""
+    nodes = finish_agents(start_agents(commands, port))
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    return nodes
+
+
 @pytest.fixture(scope="session")
 def pretrained(corpus, small_tokenizer, tmp_path_factory):
     """(ckpt.pt of 10 pretraining steps on the corpus, a folder with SFT train.csv and val.csv)."""

@@ -6,7 +6,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import batch, fresh_model, loss_fn, settings
 
-from babyllama.distributed import Dist
+from babyllama.distributed import Dist, lost_processes
+from babyllama.errors import UsageError
 from babyllama.trainer import Trainer
 
 
@@ -50,3 +51,19 @@ def test_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path):
     for key, value in single.model_state().items():
         assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key])
         assert torch.allclose(ranks[0]["model"][key], value, atol=1e-5)
+
+
+def test_lost_processes_are_one_line_and_other_errors_pass():
+    with pytest.raises(UsageError, match=r"^rank 1 of 2: lost the other processes \(Connection closed by peer\); "
+                                         r"check that every node.*--dist_timeout_min=0.5 bounds the wait\)$"):
+        with lost_processes(1, 2, 0.5):
+            raise RuntimeError("[/src/third_party/gloo/transport/tcp/pair.cc:553] Connection closed by peer\nframe #0")
+    with pytest.raises(UsageError, match="Timed out after 4 seconds"):
+        with lost_processes(0, 2, 10):
+            raise torch.distributed.DistStoreError("Timed out after 4 seconds waiting for clients.")
+    with pytest.raises(RuntimeError, match="^shapes do not match$"):  # not the backend's: left as it is
+        with lost_processes(0, 2, 10):
+            raise RuntimeError("shapes do not match")
+    with pytest.raises(RuntimeError, match="gloo"):  # a single process has no others to lose
+        with lost_processes(0, 1, 10):
+            raise RuntimeError("gloo")

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 
 from babyllama.configurator import read_model_preset
-from babyllama.gpu_memory import GPUS, largest_micro_batch, n_params, training_memory
+from babyllama.gpu_memory import GPUS, gradient_traffic, largest_micro_batch, n_params, training_memory
 from model import Transformer
 from plan import main, parse_count
 
@@ -76,8 +76,34 @@ def test_plan_time_is_flops_over_peak(capsys):
     assert micro * 512 * 8 * accum >= 65536 > micro * 512 * 8 * (accum - 1)
 
 
+def test_gradient_traffic_of_ring_collectives():
+    assert gradient_traffic(1000, nodes=1) == 0
+    assert gradient_traffic(1000, nodes=2) == 2 * 4 * 1000 / 2  # reduce-scatter + all-gather, half each
+    assert gradient_traffic(1000, nodes=4, grad_accum=3, fsdp=True) == 7 * 4 * 1000 * 3 / 4
+
+
+def test_plan_over_nodes_adds_the_network_where_it_exceeds_the_compute(capsys):
+    flags = ["--model=baby_92m", "--gpu=H100", "--gpus=16", "--tokens=50B", "--mfu=0.5"]
+    main(flags)
+    one_node_hours = float(re.search(r": ([\d.]+) h", capsys.readouterr().out).group(1))
+    main([*flags, "--nodes=2", "--network_gbit=1000"])  # fast enough to hide behind the backward pass
+    out = capsys.readouterr().out
+    assert "--nnodes=2 --node_rank=<0..1> --master_addr=<node 0> --nproc_per_node=8 pretrain.py" in out
+    compute = float(re.search(r"against ([\d.]+) s of compute", out).group(1))
+    assert "the network sets the pace" not in out and f": {one_node_hours:.1f} h" in out
+    main([*flags, "--nodes=2", "--network_gbit=1"])
+    out = capsys.readouterr().out
+    sent, network = map(float, re.search(r"sends ([\d.]+) GiB a step \(DDP\): ([\d.]+) s", out).groups())
+    assert sent == pytest.approx(4 * n_params(read_model_preset("baby_92m")) / 2**30, rel=1e-2)
+    assert "the network sets the pace" in out
+    hours = float(re.search(r": ([\d.]+) h", out).group(1))
+    assert hours == pytest.approx(one_node_hours * network / compute, rel=0.05)
+
+
 @pytest.mark.parametrize("flag,message", [("--gpu=GTX", "must be one of"), ("--tokens=lots", "--tokens"),
-                                          ("--gpus=0", "must be at least 1")])
+                                          ("--gpus=0", "must be at least 1"),
+                                          ("--gpus=6 --nodes=4", "give each node the same number of GPUs")])
 def test_plan_errors_are_one_line(flag, message):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "plan.py"), flag], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "plan.py"), *flag.split()], capture_output=True,
+                            text=True)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, metrics, run_ok
+from conftest import ROOT, finish_agents, metrics, run_nodes, run_ok, start_agents
 from conftest import pretrain_command as command
 
 from babyllama.checkpoint import load_model
@@ -113,21 +113,6 @@ def torchrun(corpus, tokenizer, out, port, *extra):
             *command(corpus, tokenizer, out, *extra)[1:]], timeout=300)
 
 
-def two_nodes(corpus, tokenizer, out, port, *extra, nodes=(0, 1), timeout=300) -> list[subprocess.CompletedProcess]:
-    """pretrain.py under two torchrun agents on this machine (--nnodes=2, one process each), as two hosts would
-    start it, meeting at 127.0.0.1; nodes=(0,) starts the first only."""
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                *command(corpus, tokenizer, out, *extra)[1:]], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-              for node in nodes]
-    results = []
-    for agent in agents:
-        stdout, stderr = agent.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr))
-    return results
-
-
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_with_double_batch(corpus, small_tokenizer, tmp_path, sharding):
     args = ("--max_steps=6", "--log_interval=1", "--eval_interval=3", "--eval_batches=2", "--grad_accum=2",
@@ -142,16 +127,104 @@ def test_torchrun_two_processes_match_one_with_double_batch(corpus, small_tokeni
         assert abs(x["loss"] - y["loss"]) < 1e-5
         assert abs(x.get("val_loss", 0) - y.get("val_loss", 0)) < 1e-5
     # Two nodes of one process each (two torchrun agents meeting on loopback) are the same two ranks.
-    for node in two_nodes(corpus, small_tokenizer, tmp_path / "nodes", 29521 + (sharding == "fsdp"), *args):
-        assert node.returncode == 0, node.stderr[-3000:]
+    first, _ = run_nodes([command(corpus, small_tokenizer, tmp_path / "nodes", *args)] * 2,
+                         29521 + (sharding == "fsdp"))
+    assert "is not one folder" not in first.stdout  # one out_dir: rank 0 alone writes
     assert [m["loss"] for m in metrics(tmp_path / "nodes")] == pytest.approx([m["loss"] for m in multi], abs=1e-6)
-    if sharding == "fsdp":  # an FSDP checkpoint resumes like any other
-        partial = tmp_path / "partial"
-        torchrun(corpus, small_tokenizer, partial, 29519, *args[:-1], "--fsdp=true", "--max_steps=3")
-        torchrun(corpus, small_tokenizer, partial, 29519, *args)
-        assert [m["loss"] for m in metrics(partial)] == pytest.approx([m["loss"] for m in multi], abs=1e-6)
-        _, ckpt = load_model(str(partial / "ckpt.pt"))
-        assert ckpt["step"] == 6
+    if sharding == "fsdp":  # each node its own out_dir (found out, not told): both write, both resume
+        local = [tmp_path / "node0", tmp_path / "node1"]
+        run_nodes([command(corpus, small_tokenizer, out, *args, "--max_steps=3") for out in local], 29519)
+        first, _ = run_nodes([command(corpus, small_tokenizer, out, *args) for out in local], 29520)
+        assert "is not one folder that every node sees" in first.stdout
+        assert [m["loss"] for m in metrics(local[0])] == pytest.approx([m["loss"] for m in multi], abs=1e-6)
+        written = [load_model(str(out / "ckpt.pt"))[1] for out in local]
+        assert written[0]["step"] == written[1]["step"] == 6
+        assert all(torch.equal(written[0]["model"][k], written[1]["model"][k]) for k in written[0]["model"])
+
+
+def test_a_node_without_the_checkpoint_says_so(corpus, small_tokenizer, tmp_path):
+    local = [tmp_path / "node0", tmp_path / "node1"]
+    run_nodes([command(corpus, small_tokenizer, out, "--max_steps=2") for out in local], 29523)
+    os.remove(local[1] / "ckpt.pt")
+    nodes = finish_agents(start_agents([command(corpus, small_tokenizer, out, "--max_steps=4") for out in local],
+                                       29524))
+    for rank, node in enumerate(nodes):
+        assert node.returncode != 0
+        assert f"error: rank {rank}: 1 of 2 processes see" in node.stderr, node.stderr[-3000:]
+
+
+def test_a_node_that_never_arrives_ends_the_first_within_the_timeout(corpus, small_tokenizer, tmp_path):
+    # As a cluster's launcher starts it (its environment, no torchrun): --dist_timeout_min bounds the wait.
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29525", "OMP_NUM_THREADS": "1"}
+    began = time.time()
+    alone = subprocess.run(command(corpus, small_tokenizer, tmp_path / "a", "--dist_timeout_min=0.05"), env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert time.time() - began < 3 + 30  # the timeout, and the start of a Python process with torch
+    assert alone.returncode == 1 and alone.stderr.strip().splitlines()[-1].startswith(
+        "error: rank 0 of 2: lost the other processes"), alone.stderr[-3000:]
+    # A wrong MASTER_ADDR (an address of documentation's test network: nothing answers there).
+    env.update(RANK="1", MASTER_ADDR="192.0.2.1")
+    began = time.time()
+    lost = subprocess.run(command(corpus, small_tokenizer, tmp_path / "c", "--dist_timeout_min=0.05"), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert time.time() - began < 3 + 30
+    assert lost.returncode == 1 and lost.stderr.strip().splitlines()[-1].startswith(
+        "error: rank 1 of 2: lost the other processes"), lost.stderr[-3000:]
+    assert "reaches 192.0.2.1:29525" in lost.stderr
+    # Under torchrun its agent waits at the rendezvous first: --rdzv_conf=timeout bounds that.
+    began = time.time()
+    agent = finish_agents(start_agents([command(corpus, small_tokenizer, tmp_path / "b")], 29526,
+                                       "--rdzv_conf=timeout=3", nodes=2), timeout=120)[0]
+    assert time.time() - began < 3 + 30
+    assert agent.returncode != 0 and "1/2 clients joined" in agent.stderr.strip().splitlines()[-1]
+
+
+def test_a_killed_rank_ends_the_other_node_and_the_run_resumes_exactly(corpus, small_tokenizer, tmp_path):
+    # The rate is constant after warmup (min_lr = lr), so the losses do not depend on max_steps.
+    args = ("--log_interval=1", "--save_interval=2", "--eval_interval=100000", "--min_lr=3e-3",
+            "--dist_timeout_min=0.1")
+    out = tmp_path / "killed"
+    agents = start_agents([command(corpus, small_tokenizer, out, *args, "--max_steps=100000")] * 2, 29527)
+    while not (out / "ckpt.pt").exists():
+        assert agents[0].poll() is None, agents[0].communicate()[1][-3000:]
+        time.sleep(0.01)
+    with open(f"/proc/{agents[1].pid}/task/{agents[1].pid}/children") as f:  # the agent's worker: rank 1
+        os.kill(int(f.read().split()[0]), signal.SIGKILL)
+    began = time.time()
+    first = finish_agents(agents, timeout=120)[0]
+    assert time.time() - began < 6 + 20
+    assert first.returncode != 0
+    said = [line for line in first.stderr.splitlines() if line.startswith("error: ")]  # torchrun's report follows
+    assert said and said[0].startswith("error: rank 0 of 2: lost the other processes ("), first.stderr[-3000:]
+    step = load_model(str(out / "ckpt.pt"))[1]["step"]
+    run_nodes([command(corpus, small_tokenizer, out, *args, f"--max_steps={step + 3}")] * 2, 29528)
+    whole = tmp_path / "whole"
+    run_nodes([command(corpus, small_tokenizer, whole, *args, f"--max_steps={step + 3}")] * 2, 29529)
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(whole)]
+
+
+def test_the_slurm_script_starts_every_node(corpus, small_tokenizer, tmp_path):
+    # SLURM's commands, as far as docs/slurm/train.sbatch uses them: srun starts the task on every node at once.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {"srun": 'while [[ $1 == --* ]]; do shift; done\n'
+                     'for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" & done\n'
+                     'status=0; for task in $(jobs -p); do wait "$task" || status=1; done; exit $status',
+             "scontrol": "echo 127.0.0.1",
+             "torchrun": f'exec "{sys.executable}" -m torch.distributed.run "$@"'}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1",
+           "SLURM_JOB_NODELIST": "node[1-2]", "CONFIG": "", "MASTER_PORT": "29535", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    result = subprocess.run(["bash", os.path.join(ROOT, "docs", "slurm", "train.sbatch"),
+                             *command(corpus, small_tokenizer, out, "--max_steps=3")[2:]], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("2 process(es) on cpu") == 1  # rank 0 of the two nodes speaks
+    assert load_model(str(out / "ckpt.pt"))[1]["step"] == 3
 
 
 def test_errors_are_one_line(corpus, small_tokenizer, chatglm_path, tmp_path):

@@ -2,17 +2,22 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
-from conftest import ROOT, metrics, run_ok
+from conftest import ROOT, metrics, run_nodes, run_ok
 
 from babyllama.checkpoint import load_model
 
 
+def sft_command(ckpt, data, tokenizer, out, *extra) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "sft.py"), f"--init_from={ckpt}", f"--data={data / 'train.csv'}",
+            f"--val_data={data / 'val.csv'}", f"--tokenizer={tokenizer}", f"--out_dir={out}", "--dtype=float32",
+            "--peak_tflops=1", "--batch_size=8", "--log_interval=1", "--eval_interval=5", "--eval_batches=1",
+            "--lr=3e-3", "--warmup_steps=2", *extra]
+
+
 def sft(ckpt, data, tokenizer, out, *extra):
-    return run_ok([sys.executable, os.path.join(ROOT, "sft.py"), f"--init_from={ckpt}", f"--data={data / 'train.csv'}",
-                   f"--val_data={data / 'val.csv'}", f"--tokenizer={tokenizer}", f"--out_dir={out}",
-                   "--dtype=float32", "--peak_tflops=1", "--batch_size=8", "--log_interval=1", "--eval_interval=5",
-                   "--eval_batches=1", "--lr=3e-3", "--warmup_steps=2", *extra])
+    return run_ok(sft_command(ckpt, data, tokenizer, out, *extra))
 
 
 def test_full_sft_lowers_answer_loss_and_resumes(pretrained, small_tokenizer, tmp_path):
@@ -47,3 +52,17 @@ def test_wrong_tokenizer_is_refused(pretrained, chatglm_path, tmp_path):
                              f"--out_dir={tmp_path}"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "trained with another tokenizer" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_nodes_equal_one_node_of_two_processes(pretrained, small_tokenizer, tmp_path, sharding):
+    ckpt, data = pretrained
+    extra = ("--max_steps=5", f"--fsdp={sharding == 'fsdp'}")
+    one = sft_command(ckpt, data, small_tokenizer, tmp_path / "one", *extra)
+    run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            f"--master_port={29541 + (sharding == 'fsdp')}", *one[1:]], timeout=300)
+    run_nodes([sft_command(ckpt, data, small_tokenizer, tmp_path / "two", *extra)] * 2, 29543 + (sharding == "fsdp"))
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == list(range(1, 6))
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], abs=1e-6)
+    assert [m.get("val_loss") for m in two] == pytest.approx([m.get("val_loss") for m in one], abs=1e-6)
