@@ -65,6 +65,18 @@ def check_tokenizer(files: list[str], tokenizer_sha: str) -> None:
                              "this tokenizer or pass the corpus's --tokenizer")
 
 
+def chars_per_token(files: list[str], split: str) -> float | None:
+    """Characters per token of one corpus's split, from its meta.json, to turn a loss into bits per
+    character (None for several corpora or none)."""
+    meta = os.path.join(os.path.dirname(files[0]), "meta.json") if len(files) == 1 else ""
+    if not os.path.isfile(meta):
+        return None
+    with open(meta, encoding="utf-8") as f:
+        m = json.load(f)
+    chars, tokens = m.get("characters", {}).get(split), m.get("tokens", {}).get(split)
+    return chars / tokens if chars and tokens else None
+
+
 class PretrainDataset(torch.utils.data.Dataset):
     """Map-style: item i is window i as (inputs, targets), int64 tensors of max_seq_len tokens."""
 
@@ -125,31 +137,40 @@ class WindowOrder:
     """The order in which one rank visits windows: a permutation per epoch from (seed, epoch), sharded
     so that ranks see disjoint windows, with a resumable position.
 
-    Every rank gets the same number of windows per epoch (the remainder after an even split is left out
-    for that epoch, and falls elsewhere in the next permutation), so DDP ranks stay in step."""
+    The ranks together take the epoch's permutation from its start, a window each in turn: after any
+    number of steps the windows seen in the epoch are a prefix of it, whatever the number of ranks. So a
+    run resumes on another number of ranks by sharing the rest of the epoch among the new ranks. Every
+    rank gets the same number of windows per epoch (the few left after an even split are left out for
+    that epoch, and fall elsewhere in the next permutation), so DDP ranks stay in step."""
 
     def __init__(self, n_windows: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
         if n_windows < world_size:
             raise ValueError(f"{n_windows} windows cannot be shared by {world_size} ranks")
         self.n_windows, self.seed, self.rank, self.world_size, self.shuffle = \
             n_windows, seed, rank, world_size, shuffle
-        self.per_rank = n_windows // world_size
         self.epoch, self.position = 0, 0
+        self.start = 0  # windows of this epoch taken before this run (by any number of ranks)
         self._order = self._epoch_order()
+
+    @property
+    def per_rank(self) -> int:
+        """Windows this rank takes in the current epoch."""
+        return len(self._order)
 
     def _epoch_order(self) -> np.ndarray:
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
         else:
             order = np.arange(self.n_windows)
-        return order[self.rank::self.world_size][:self.per_rank]
+        rest = order[self.start:]
+        return rest[self.rank::self.world_size][:len(rest) // self.world_size]
 
     def next(self, count: int) -> list[int]:
         """The next count window indices (wrapping into the next epoch)."""
         out: list[int] = []
         while len(out) < count:
             if self.position == self.per_rank:
-                self.epoch, self.position = self.epoch + 1, 0
+                self.epoch, self.position, self.start = self.epoch + 1, 0, 0
                 self._order = self._epoch_order()
             take = min(count - len(out), self.per_rank - self.position)
             out += self._order[self.position:self.position + take].tolist()
@@ -157,12 +178,16 @@ class WindowOrder:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+        """Where the ranks together are: the epoch and how many of its windows they have taken (the same
+        for every rank, as all ranks take the same number)."""
+        return {"epoch": self.epoch, "taken": self.start + self.position * self.world_size, "seed": self.seed,
                 "n_windows": self.n_windows, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["n_windows"] != self.n_windows or state["world_size"] != self.world_size:
-            raise ValueError(f"cannot resume the data order: it was for {state['n_windows']} windows on "
-                             f"{state['world_size']} ranks, now {self.n_windows} on {self.world_size}")
-        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        """Continue where a run of any number of ranks left off."""
+        if state["n_windows"] != self.n_windows:
+            raise ValueError(f"cannot resume the data order: it was for {state['n_windows']} windows, now "
+                             f"{self.n_windows}")
+        taken = state["taken"] if "taken" in state else state["position"] * state["world_size"]
+        self.seed, self.epoch, self.start, self.position = state["seed"], state["epoch"], taken, 0
         self._order = self._epoch_order()

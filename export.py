@@ -6,10 +6,17 @@ and import such a folder back into our checkpoint format.
         --tokenizer=chatglm_tokenizer/tokenizer.model --out=out/hf_92m     # the seed's released weights
     python export.py --import_from=out/hf_sft --out=out/imported/ckpt.pt  # back to ckpt.pt
     python export.py --ckpt=out/sft/ckpt.pt --gguf=true --out=out/sft.gguf  # llama.cpp / Ollama
+    python export.py --ckpt=out/lora/ckpt.pt --peft=true --out=out/hf_lora  # base + PEFT adapter in lora/
+    python export.py --import_from=out/hf_lora --peft_adapter=out/hf_lora/lora --out=out/back/ckpt.pt
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained("out/hf_sft")
     tok = AutoTokenizer.from_pretrained("out/hf_sft")  # the ChatGLM2 file: add trust_remote_code=True
+
+A LoRA run (sft.py --lora=true) exports merged by default; with --peft=true the folder holds the base
+model and lora/ a PEFT adapter (`PeftModel.from_pretrained(base, "out/hf_lora/lora")`), and
+--peft_adapter reads such an adapter (ours or one trained with peft on our exported base) back into a
+LoRA ckpt.pt.
 
 The model is a plain `LlamaForCausalLM` (safetensors, tied embeddings). Our RoPE rotates adjacent
 pairs (2i, 2i+1) while transformers rotates halves (i, i + d/2), so the rows of wq and wk are permuted
@@ -27,7 +34,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from babyllama.checkpoint import load_model, save_atomic
+from babyllama.checkpoint import clean_state_dict, load_model, read_checkpoint, save_atomic
+from babyllama.common import require
 from babyllama.configurator import OutputPath, one_of, parse_config, read_model_preset
 from babyllama.errors import UsageError, one_line_errors
 from chatglm_tokenizer import HERE as TOKENIZER_CODE
@@ -48,6 +56,8 @@ class Config:
     import_from: str = ""  # a Hugging Face Llama folder to convert back into our format
     gguf: bool = False  # write a GGUF file (llama.cpp, Ollama) at --out instead of a folder
     gguf_type: one_of("f32", "f16", "q8_0") = "f32"  # the GGUF's matrices: float32, float16 or 8-bit blocks
+    peft: bool = False  # a LoRA run: the base model, and its adapters as a PEFT adapter in out/lora
+    peft_adapter: str = ""  # with --import_from: a PEFT LoRA adapter folder for that model, kept as adapters
     overwrite: bool = False
 
 
@@ -263,6 +273,93 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
+# Our linear layers' short names (sft.py --lora_targets) -> PEFT's target_modules.
+PEFT_TARGETS = {ours.split(".")[1]: theirs.split(".")[1] for ours, theirs in HF_LAYER_NAMES.items() if "." in ours}
+
+
+def peft_tensors(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Our adapters (lora_a, lora_b of each wrapped layer) under PEFT's names; lora_b's rows of wq and
+    wk permuted like the weights they add to."""
+    out = {}
+    for i in range(args.n_layers):
+        for ours, theirs in HF_LAYER_NAMES.items():
+            a, b = state.get(f"layers.{i}.{ours}.lora_a"), state.get(f"layers.{i}.{ours}.lora_b")
+            if a is None:
+                continue
+            heads = _heads(ours, args)
+            name = f"base_model.model.model.layers.{i}.{theirs}"
+            out[f"{name}.lora_A.weight"] = a.contiguous()
+            out[f"{name}.lora_B.weight"] = (permute_to_hf(b, heads) if heads else b).contiguous()
+    return out
+
+
+def export_peft(ckpt_path: str, tokenizer_path: str | None, out: str) -> None:
+    """A LoRA run's ckpt.pt as out/ (the base model, a transformers folder) and out/lora (its adapters, a
+    PEFT adapter: adapter_config.json and adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    from babyllama.lora import apply_lora, base_of
+    peft = require("peft", "--peft=true")
+    ckpt = read_checkpoint(ckpt_path)
+    if not isinstance(ckpt, dict) or not ckpt.get("lora"):
+        raise UsageError(f"--ckpt={ckpt_path} has no LoRA adapters (a run of sft.py --lora=true has); "
+                         "export it without --peft")
+    lora, args = ckpt["lora"], ModelArgs(**ckpt["model_args"])
+    model = Transformer(args)
+    apply_lora(model, **lora)
+    state = clean_state_dict(ckpt["model"])
+    model.load_state_dict(state, strict=True)
+    export_hf(base_of(model), tokenizer_path, out)
+    folder = os.path.join(out, "lora")
+    config = peft.LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0),
+                             target_modules=[PEFT_TARGETS[t] for t in lora["targets"]], bias="none",
+                             task_type="CAUSAL_LM", base_model_name_or_path=os.path.abspath(out))
+    config.save_pretrained(folder)
+    save_file(peft_tensors(state, args), os.path.join(folder, "adapter_model.safetensors"))
+
+
+def import_peft(folder: str, model: Transformer) -> dict:
+    """Wrap model's layers with the LoRA adapters of a PEFT adapter folder and load them; returns our
+    LoRA settings (rank, alpha, dropout, targets). Refuses what our LoRA does not compute."""
+    from safetensors.torch import load_file
+
+    from babyllama.lora import apply_lora
+    config_path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise UsageError(f"--peft_adapter={folder}: no adapter_config.json there; a PEFT adapter folder is expected")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    unsupported = [key for key in ("use_rslora", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern")
+                   if config.get(key)] + ([f"bias={config['bias']}"] if config.get("bias", "none") != "none" else [])
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise UsageError(f"--peft_adapter={folder}: only plain LoRA adapters convert (this one: "
+                         f"{config.get('peft_type')} {' '.join(unsupported)})")
+    theirs = set(config["target_modules"])
+    targets = [ours for ours, name in PEFT_TARGETS.items() if name in theirs]
+    if len(targets) != len(theirs):
+        raise UsageError(f"--peft_adapter={folder}: target_modules {sorted(theirs - set(PEFT_TARGETS.values()))} "
+                         f"are not layers of ours ({', '.join(PEFT_TARGETS.values())})")
+    lora = {"rank": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
+            "targets": targets}
+    apply_lora(model, **lora)
+    tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    expected = peft_tensors(model.state_dict(), model.args)
+    if set(tensors) != set(expected):
+        raise UsageError(f"--peft_adapter={folder}: its tensors do not fit this model (for example "
+                         f"{sorted(set(tensors) ^ set(expected))[0]})")
+    state = model.state_dict()
+    for i in range(model.args.n_layers):
+        for ours, name in HF_LAYER_NAMES.items():
+            prefix = f"base_model.model.model.layers.{i}.{name}"
+            if f"{prefix}.lora_A.weight" in tensors:
+                heads = _heads(ours, model.args)
+                b = tensors[f"{prefix}.lora_B.weight"]
+                state[f"layers.{i}.{ours}.lora_a"] = tensors[f"{prefix}.lora_A.weight"]
+                state[f"layers.{i}.{ours}.lora_b"] = permute_from_hf(b, heads) if heads else b
+    model.load_state_dict(state, strict=True)
+    return lora
+
+
 def import_hf(folder: str) -> Transformer:
     """Our model from a transformers Llama folder (tied or not; ours are tied)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -296,10 +393,21 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError(f"{cfg.out} exists; pass --overwrite=true to replace it")
         if cfg.import_from:
             model = import_hf(cfg.import_from)
+            lora = import_peft(cfg.peft_adapter, model) if cfg.peft_adapter else None
             os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-            state = {"model": model.state_dict(), "model_args": asdict(model.args), "stage": "imported"}
+            state = {"model": model.state_dict(), "model_args": asdict(model.args), "stage": "imported",
+                     **({"lora": lora} if lora else {})}
             save_atomic(state, cfg.out)
-            print(f"wrote {cfg.out} ({model.num_params() / 1e6:.2f}M parameters)")
+            print(f"wrote {cfg.out} ({model.num_params() / 1e6:.2f}M parameters"
+                  + (f", LoRA adapters of rank {lora['rank']} on {','.join(lora['targets'])})" if lora else ")"))
+            return
+        if cfg.peft_adapter:
+            raise UsageError("--peft_adapter reads an adapter for the model of --import_from; give both")
+        if cfg.peft:
+            export_peft(cfg.ckpt, cfg.tokenizer or None, cfg.out)
+            print(f"wrote {cfg.out} (the base model) and {os.path.join(cfg.out, 'lora')} (a PEFT adapter): "
+                  f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({cfg.out!r}), "
+                  f"{os.path.join(cfg.out, 'lora')!r})")
             return
         args = read_model_preset(cfg.preset) if cfg.preset else None
         model, _ = load_model(cfg.ckpt, model_args=args)

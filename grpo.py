@@ -29,6 +29,7 @@ from babyllama.configurator import (
     in_range,
     one_of,
 )
+from babyllama.errors import SettingError
 from babyllama.precision import autocast
 from babyllama.tasks import char_f1, task_of
 from babyllama.trainer import TrainConfig, frozen_reference, start_training, train_loop, training_stage
@@ -106,6 +107,9 @@ def make_rewarder(cfg: Config, tok, device: str):
 
 def main(argv: list[str] | None = None) -> None:
     with training_stage(Config, argv, __doc__) as (cfg, dist):
+        if cfg.grad_accum != 1:
+            raise SettingError(f"--grad_accum={cfg.grad_accum}: GRPO takes a step per group of rollouts; "
+                               "set the prompts a step with --prompts_per_step")
         policy, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
         reference = frozen_reference(policy, dist.device)
         policy.train()
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         print0(f"GRPO from {cfg.init_from}: {len(rows):,} {cfg.task} prompts, groups of {cfg.group_size}, "
                f"reward {cfg.reward}", dist=dist)
         training = start_training(cfg, policy, dist, len(rows), cfg.prompts_per_step,
-                                  policy.flops_per_token(max_len), stage="grpo", tokenizer_sha256=tok.sha256)
+                                  policy.flops_per_token(max_len), stage="grpo", tokenizer_sha256=tok.sha256,
+                                  items_flag="--prompts_per_step", accumulates=False)
         trainer, order, state = training.trainer, training.order, training.state
         generator = torch.Generator(device=dist.device).manual_seed(cfg.seed + 1000 * dist.rank + trainer.step)
         if state is not None and "sampler" in state and not dist.enabled:  # one process resumes its sampling exactly

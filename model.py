@@ -282,15 +282,21 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | SlotKVCache | None = None, pad_left: torch.Tensor | None = None,
-                last_only: bool = False, per_token: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                last_only: bool = False, per_token: bool = False,
+                loss_head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V), or (B, 1, V) with last_only, and the mean cross-entropy over the targets
         that are not IGNORE_INDEX (None without targets), or with per_token each position's (B, T), 0
         where ignored. With loss_chunk set and targets given the logits are never made whole
-        (ChunkedCrossEntropy) and None is returned for them.
+        (ChunkedCrossEntropy) and None is returned for them. loss_head(hidden states, output weight), when
+        given, is the loss instead (distillation), with no logits returned: inside forward, so that DDP
+        and FSDP see it.
 
         pad_left (B,) gives how many left-padding tokens each row of a generation batch starts with;
         cache, when given, holds the keys and values of the tokens before these ones."""
         h = self.hidden(tokens, cache=cache, pad_left=pad_left)
+        if loss_head is not None:
+            return None, loss_head(h, self.output.weight)
         if targets is not None and self.loss_chunk:
             return None, chunked_cross_entropy(h, self.output.weight, targets, self.loss_chunk, per_token)
         logits = self.output(h[:, -1:] if last_only else h)

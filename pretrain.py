@@ -11,7 +11,6 @@ an interrupted run continues exactly; Ctrl-C or SIGTERM saves a checkpoint befor
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ from babyllama.configurator import (
 )
 from babyllama.trainer import TrainConfig, start_training, train_loop, training_stage, validation_loss
 from chatglm_tokenizer import OUR_TOKENIZER, load_tokenizer
-from dataset import PretrainDataset, bin_files, check_tokenizer
+from dataset import PretrainDataset, bin_files, chars_per_token, check_tokenizer
 from model import INITS, ModelArgs, Transformer, init_residual_projections
 
 
@@ -66,17 +65,6 @@ def build_model_args(cfg: Config) -> ModelArgs:
     return read_model_preset(cfg.model, **overrides)
 
 
-def corpus_chars_per_token(files: list[str], split: str) -> float | None:
-    """Characters per token of a split, from meta.json, to turn a loss into bits per character."""
-    meta = os.path.join(os.path.dirname(files[0]), "meta.json")
-    if len(files) != 1 or not os.path.isfile(meta):
-        return None
-    with open(meta, encoding="utf-8") as f:
-        m = json.load(f)
-    chars, tokens = m.get("characters", {}).get(split), m.get("tokens", {}).get(split)
-    return chars / tokens if chars and tokens else None
-
-
 def main(argv: list[str] | None = None) -> None:
     with training_stage(Config, argv, __doc__) as (cfg, dist):
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -97,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         data = PretrainDataset(train_files, args.max_seq_len)
         val_files = [f for f in bin_files(cfg.data, "val") if f not in train_files]
         val = PretrainDataset(val_files, args.max_seq_len) if val_files else None
-        chars_per_token = corpus_chars_per_token(val_files, "val") if val_files else None
+        corpus_chars = chars_per_token(val_files, "val") if val_files else None
         model = Transformer(args)
         init_residual_projections(model, cfg.init)
         print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "
@@ -119,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def validation() -> dict[str, float]:
             metrics = {"val_loss": validation_loss(trainer, len(val), val.batch, cfg.eval_batches, cfg.batch_size)}
-            if chars_per_token:
-                metrics["val_bpc"] = metrics["val_loss"] / math.log(2) / chars_per_token
+            if corpus_chars:
+                metrics["val_bpc"] = metrics["val_loss"] / math.log(2) / corpus_chars
             return metrics
 
         train_loop(training, next_batches, lambda m, batch: m(batch[0], batch[1])[1],

@@ -13,21 +13,19 @@ times are reported apart. The last line says: bpc, steps, tokens seen, dtype, CP
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from babyllama.checkpoint import load_model
 from babyllama.common import write_json_atomic
 from babyllama.configurator import OutputDir, OutputFile, PositiveFloat, in_range, parse_config
 from babyllama.errors import UsageError, one_line_errors
-from babyllama.heldout import bits, split_documents
+from babyllama.heldout import corpus_bits
 from babyllama.precision import resolve_dtype
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -90,15 +88,8 @@ def prepare(cfg: Config) -> tuple[str, str, dict]:
 
 def score(ckpt: str, data: str) -> dict:
     """Held-out bits per character of the checkpoint on data/val.bin (heldout.py's protocol)."""
-    with open(os.path.join(data, "meta.json"), encoding="utf-8") as f:
-        meta = json.load(f)
     model, state = load_model(ckpt)
-    docs = [d.tolist() for d in split_documents(np.fromfile(os.path.join(data, "val.bin"), dtype=np.uint16),
-                                                meta["eos_id"])]
-    total, tokens = bits(model, docs, meta["eos_id"], model.args.max_seq_len)
-    chars = meta["characters"]["val"]
-    return {"bpc": total / chars, "documents": len(docs), "characters": chars, "tokens_scored": tokens,
-            "steps": state["step"], "tokens_seen": state["tokens_seen"],
+    return {**corpus_bits(model, data), "steps": state["step"], "tokens_seen": state["tokens_seen"],
             "dtype_setting": state.get("config", {}).get("dtype", "auto")}
 
 

@@ -61,15 +61,16 @@ def model_args_from_state_dict(state: dict, n_heads: int = 8, **overrides) -> Mo
     return ModelArgs(**args)
 
 
-def read_checkpoint(path: str) -> object:
+def read_checkpoint(path: str, mmap: bool = False) -> object:
     """torch.load of a checkpoint file, with a one-line error for a path that is missing, a directory, or
-    a file that is not a PyTorch checkpoint (empty, truncated by an interrupted copy, another format)."""
+    a file that is not a PyTorch checkpoint (empty, truncated by an interrupted copy, another format).
+    mmap: the tensors stay on disk until used (a cheap look at the other entries)."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory; expected a checkpoint file (ckpt.pt or a .pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # torch.load fails in many ways on a bad file (zip, pickle, EOF, ...)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (empty, truncated or another kind of "

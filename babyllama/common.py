@@ -1,11 +1,14 @@
-"""What the entry points share: the choice of device, printing on the first process only, writing
-files safely (temp files renamed into place, removed when a run fails or on the next run after a kill)."""
+"""What the entry points share: the choice of device, printing on the first process only, optional
+packages imported when asked, writing files safely (temp files renamed into place, removed when a run
+fails or on the next run after a kill)."""
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import re
+from types import ModuleType
 from typing import Any, Protocol
 
 import torch
@@ -15,6 +18,18 @@ from babyllama.errors import UsageError
 
 class Ranked(Protocol):
     master: bool  # the first process (distributed.Dist is one)
+
+
+def require(module: str, asked_by: str, package: str = "", also: str = "") -> ModuleType:
+    """An optional package's module, imported because a setting (asked_by) needs it, or a one-line error
+    naming the package to install (package: its name on PyPI when it differs from the module's; also:
+    where related packages are listed)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = package or module.split(".")[0]
+        raise UsageError(f"{asked_by} needs the {package} package: pip install {package}"
+                         + (f" ({also})" if also else "")) from None
 
 
 def mps_available() -> bool:

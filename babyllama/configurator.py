@@ -99,6 +99,8 @@ OutputFile = Annotated[str, Check(path="out_file")]
 OutputPath = Annotated[str, Check(path="out_path")]  # a file or a folder, by the command's other settings
 Device = Annotated[str, Check(pattern=r"auto|cpu|mps|cuda(:\d+)?", expected="auto, cpu, mps, cuda or cuda:N")]
 Dtype = Annotated[str, Check(choices=("auto", "float32", "bfloat16", "float16"))]
+TrackerNames = Annotated[str, Check(pattern=r"((tensorboard|wandb|swanlab)(,(tensorboard|wandb|swanlab))*)?",
+                                    expected="empty or comma-separated names of tensorboard, wandb, swanlab")]
 
 
 def one_of(*choices: str) -> Any:

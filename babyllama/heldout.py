@@ -8,7 +8,9 @@ text data_process.py counted), so that models with different tokenizers compare.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import numpy as np
 import torch
@@ -61,3 +63,15 @@ def bits(model: torch.nn.Module, docs: list[list[int]], eos_id: int, window: int
                                             reduction="sum"))
         count += int((y != IGNORE_INDEX).sum())
     return total_nats / math.log(2), count
+
+
+def corpus_bits(model: torch.nn.Module, data: str) -> dict:
+    """The score of model on the corpus folder data (its val.bin and meta.json, from data_process.py):
+    bits per character, and the documents, characters and tokens it covered."""
+    with open(os.path.join(data, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    docs = [d.tolist() for d in split_documents(np.fromfile(os.path.join(data, "val.bin"), dtype=np.uint16),
+                                                meta["eos_id"])]
+    total, tokens = bits(model, docs, meta["eos_id"], model.args.max_seq_len)
+    chars = meta["characters"]["val"]
+    return {"bpc": total / chars, "documents": len(docs), "characters": chars, "tokens_scored": tokens}

@@ -63,3 +63,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by the linear layer under it (the adapters dropped): the base model."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.base)
+    return model

@@ -43,6 +43,7 @@ from babyllama.configurator import (
     OutputDir,
     Positive,
     PositiveFloat,
+    TrackerNames,
     one_of,
     parse_config,
 )
@@ -61,6 +62,7 @@ from babyllama.errors import UsageError, one_line_errors
 from babyllama.muon import MuonAdamW
 from babyllama.precision import autocast, measure_peak_flops, resolve_dtype
 from babyllama.schedule import Schedule
+from babyllama.trackers import Tracker, open_trackers, scalars_of
 
 C = TypeVar("C", bound="TrainConfig")
 
@@ -106,10 +108,11 @@ def set_rng_state(state: dict) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per log step) and a console line, on the master rank only."""
+    """metrics.jsonl (one JSON object per log step), and the same numbers to the trackers, on the master
+    rank only. A context manager: the trackers are closed at its end."""
 
-    def __init__(self, out_dir: str, dist: Dist, resume_step: int | None = None):
-        self.dist = dist
+    def __init__(self, out_dir: str, dist: Dist, resume_step: int | None = None, trackers: list[Tracker] = ()):
+        self.dist, self.trackers = dist, list(trackers)
         self.path = os.path.join(out_dir, "metrics.jsonl")
         if dist.master:
             os.makedirs(out_dir, exist_ok=True)
@@ -132,6 +135,15 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(scalars_of(record), record["step"])
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class StopSignal:
@@ -193,6 +205,8 @@ class TrainConfig:
     out_dir_shared: one_of("auto", "true", "false") = "auto"  # one out_dir all nodes see? auto: a probe file tells;
     # false: each node's first process writes the checkpoints into its own out_dir
     dist_timeout_min: PositiveFloat = 10.0  # the longest wait for another process (joining, any collective)
+    log_to: TrackerNames = ""  # also log to tensorboard, wandb, swanlab (comma-separated); on this machine
+    # unless their own settings say otherwise (WANDB_MODE, SWANLAB_MODE)
     max_nonfinite_in_a_row: Positive = 10  # stop the run after this many non-finite losses in a row
     loss_chunk: NonNegative = 0  # positions per chunk of the output layer's loss (never the whole logits); 0: off
     checkpoint_activations: bool = False  # keep only each block's input, recompute the rest in the backward
@@ -433,6 +447,7 @@ class Training:
     flops_per_token: float  # training FLOPs per token of the model
     shared_out_dir: bool  # every process sees one out_dir (else each node has its own)
     writes_checkpoints: bool  # this process writes them: rank 0, or each node's first process
+    global_batch: int  # items an optimizer step takes over all processes
 
 
 def checkpoint_writers(cfg: TrainConfig, dist: Dist) -> tuple[bool, bool]:
@@ -445,16 +460,44 @@ def checkpoint_writers(cfg: TrainConfig, dist: Dist) -> tuple[bool, bool]:
     return shared, dist.master if shared else dist.local_rank == 0
 
 
+def keep_global_batch(cfg: TrainConfig, items_per_step: int, dist: Dist, items_flag: str, accumulates: bool) -> None:
+    """A run saved by N processes and resumed on M keeps its global batch (items per optimizer step), so
+    that its schedule and data order continue: grad_accum becomes N/M times the saved one, said in one
+    line; where no whole grad_accum gives it (or the stage does not accumulate), a one-line error says
+    what to set."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not (cfg.resume and os.path.exists(path)):
+        return
+    saved = read_checkpoint(path, mmap=True)
+    saved_world = saved.get("data", {}).get("world_size", dist.world_size)
+    if saved_world == dist.world_size:
+        return
+    wanted = saved.get("global_batch") or items_per_step * saved["config"]["grad_accum"] * saved_world
+    per_micro_step = items_per_step * dist.world_size
+    if not accumulates or wanted % per_micro_step:
+        how = f"{items_flag} x --grad_accum" if accumulates else items_flag
+        raise UsageError(f"{path} was saved by {saved_world} processes with {wanted} items a step: on "
+                         f"{dist.world_size} choose {how} so that it times {dist.world_size} is {wanted} "
+                         f"({items_flag}={items_per_step} now)")
+    cfg.grad_accum = wanted // per_micro_step
+    print0(f"{path} was saved by {saved_world} processes: on {dist.world_size}, --grad_accum={cfg.grad_accum} "
+           f"keeps its {wanted} items a step", dist=dist)
+
+
 def start_training(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int, items_per_step: int,
-                   flops_per_token: float, *, stage: str, tokenizer_sha256: str,
-                   expect: dict | None = None) -> Training:
+                   flops_per_token: float, *, stage: str, tokenizer_sha256: str, expect: dict | None = None,
+                   items_flag: str = "--batch_size", accumulates: bool = True) -> Training:
     """The common start of every stage: a rank-sharded order over n_items, the number of steps
     (cfg.max_steps, or cfg.epochs passes over the items), the trainer, a resume from out_dir/ckpt.pt
-    when there is one (it must have the model's shape, this tokenizer, and what expect lists), which
-    processes write the checkpoints, and the device's peak for MFU."""
+    when there is one (it must have the model's shape, this tokenizer, and what expect lists; a run
+    saved by another number of processes keeps its global batch), which processes write the
+    checkpoints, and the device's peak for MFU. Each process takes items_per_step items (the setting
+    items_flag) a micro-step, cfg.grad_accum micro-steps a step when the stage accumulates."""
     from dataset import WindowOrder
     order = WindowOrder(n_items, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    steps_per_epoch = max(1, n_items // (items_per_step * cfg.grad_accum * dist.world_size))
+    keep_global_batch(cfg, items_per_step, dist, items_flag, accumulates)
+    global_batch = items_per_step * (cfg.grad_accum if accumulates else 1) * dist.world_size
+    steps_per_epoch = max(1, n_items // global_batch)
     trainer = Trainer(model, cfg, dist, max_steps=cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch))
     expect = {"model_args": asdict(model.args), "tokenizer_sha256": tokenizer_sha256, **(expect or {})}
     shared, writes = checkpoint_writers(cfg, dist)
@@ -474,7 +517,7 @@ def start_training(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items
     print0(f"{steps} ({schedule.max_steps / steps_per_epoch:.2f} passes over {n_items:,} items); "
            f"{dist.world_size} process(es) on {dist.device}; {trainer.precision}", dist=dist)
     return Training(trainer, order, tokens_seen, state, stage, tokenizer_sha256, peak, flops_per_token, shared,
-                    writes)
+                    writes, global_batch)
 
 
 def validation_loss(trainer: Trainer, n_items: int, batch_of: Callable[[list[int]], tuple], batches: int,
@@ -505,7 +548,11 @@ def train_loop(training: Training, next_batches: Callable[[], tuple[list[Any], i
     and on SIGINT/SIGTERM."""
     trainer, cfg = training.trainer, training.trainer.cfg
     dist, tokens_seen = trainer.dist, training.tokens_seen
-    log = MetricsLog(cfg.out_dir, dist, resume_step=trainer.step if trainer.step else None)
+    settings = {**asdict(cfg), "stage": training.stage,
+                "parameters": sum(p.numel() for p in trainer.raw_model.parameters())}
+    run_name = f"{training.stage} {os.path.basename(os.path.abspath(cfg.out_dir))}"
+    log = MetricsLog(cfg.out_dir, dist, resume_step=trainer.step if trainer.step else None,
+                     trackers=open_trackers(cfg.log_to, cfg.out_dir, run_name, settings, dist.master))
     schedule = trainer.schedule
     budget = TimeBudget(cfg.time_budget_min, schedule, eval_interval=cfg.eval_interval,
                         save_interval=cfg.save_interval, step=trainer.step,
@@ -518,15 +565,16 @@ def train_loop(training: Training, next_batches: Callable[[], tuple[list[Any], i
         began = time.time()
         state = trainer.state_dict()
         state.update(tokens_seen=tokens_seen, model_args=asdict(trainer.raw_model.args),
-                     data=training.order.state_dict(), config=asdict(cfg), tokenizer_sha256=training.tokenizer_sha256,
-                     stage=training.stage, **(own_state() if own_state else {}))
+                     data=training.order.state_dict(), global_batch=training.global_batch, config=asdict(cfg),
+                     tokenizer_sha256=training.tokenizer_sha256, stage=training.stage,
+                     **(own_state() if own_state else {}))
         if cfg.fsdp and not training.shared_out_dir:  # FSDP gathers the whole state on rank 0 alone
             state = broadcast_from_master(state, dist)
         if training.writes_checkpoints:
             save_checkpoint(cfg.out_dir, state, trainer.step, cfg.keep_last)
         return time.time() - began
 
-    with StopSignal() as stop:
+    with log, StopSignal() as stop:
         while trainer.step < schedule.max_steps:
             began = time.time()
             batches, n_tokens = next_batches()

@@ -98,9 +98,11 @@ def metrics(out) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def run_ok(cmd, **kw) -> subprocess.CompletedProcess:
-    """Run a command on one thread; its stderr is the failure message when it fails."""
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+def run_ok(cmd, env=None, **kw) -> subprocess.CompletedProcess:
+    """Run a command on one thread (in env, else this environment); its stderr is the failure message when
+    it fails."""
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**(env or os.environ), "OMP_NUM_THREADS": "1"},
+                            **kw)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

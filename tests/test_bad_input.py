@@ -39,6 +39,15 @@ BAD_SETTINGS = [
     ("grpo", "--task=poetry", "--task=poetry"),
     ("grpo", "--reward=human", "--reward=human"),
     ("grpo", "--temperature=-1", "--temperature=-1"),
+    ("grpo", "--grad_accum=2", "--grad_accum=2"),
+    ("pretrain", "--log_to=mlflow", "--log_to=mlflow"),
+    ("pretrain", "--dist_timeout_min=0", "--dist_timeout_min=0"),
+    ("pretrain", "--out_dir_shared=maybe", "--out_dir_shared=maybe"),
+    ("distill", "--temperature=0", "--temperature=0"),
+    ("distill", "--mix=2", "--mix=2"),
+    ("distill", "--teacher={dir}", "--teacher="),
+    ("distill", "--teacher={file}", "{file}"),
+    ("export", "--peft_adapter={dir}", "--peft_adapter"),
     ("train_reward_model", "--eval_pairs=0", "--eval_pairs=0"),
     ("chat", "--top_p=2", "--top_p=2"),
     ("chat", "--temperature=nan", "--temperature=nan"),
@@ -111,7 +120,7 @@ BAD_SETTINGS += [("sft", "--data={gbk_csv}", "{gbk_csv}"), ("dpo", "--data={gbk_
                  ("eval_choice", "--val_data={gbk_choice}", "{gbk_choice}"),
                  ("train_reward_model", "--data={gbk_pairs}", "{gbk_pairs}")]
 # A text file where a tokenizer or a checkpoint goes: every command that reads one names the file.
-TOKENIZER_READERS = ["pretrain", "sft", "dpo", "grpo", "train_reward_model", "chat", "eval", "eval_choice",
+TOKENIZER_READERS = ["pretrain", "sft", "dpo", "grpo", "distill", "train_reward_model", "chat", "eval", "eval_choice",
                      "eval_pretrain", "serve", "data_process", "export"]
 # (pretrain.py's --init_from: tests/test_pretrain.py, with a corpus to reach it)
 CHECKPOINT_READERS = {"sft": "init_from", "dpo": "init_from", "grpo": "init_from",
@@ -126,6 +135,7 @@ GOOD = {
     "sft": "--init_from={ckpt} --data={csv} --val_data= --tokenizer={tokenizer} --out_dir={out}",
     "dpo": "--init_from={ckpt} --data={pairs} --val_data= --tokenizer={tokenizer} --out_dir={out}",
     "grpo": "--init_from={ckpt} --prompts={csv} --tokenizer={tokenizer} --out_dir={out}",
+    "distill": "--teacher={ckpt} --data={csv} --tokenizer={tokenizer} --out_dir={out}",
     "train_reward_model": "--init_from={ckpt} --data={pairs} --val_data= --tokenizer={tokenizer} --out_dir={out}",
     "chat": "--ckpt={ckpt} --tokenizer={tokenizer}",
     "eval": "--ckpt={ckpt} --tokenizer={tokenizer} --val_data= --out={out}",

@@ -66,7 +66,44 @@ def test_ranks_see_disjoint_windows_and_resume(tmp_path):
         WindowOrder(100, seed=5).load_state_dict(state)
 
 
+@pytest.mark.parametrize("resumed_on", [1, 2, 4])
+def test_a_run_resumes_on_another_number_of_ranks(resumed_on):
+    """Saved by 2 ranks after 3 steps of 4 windows each, resumed on 1, 2 or 4 with the same global batch
+    (8 windows a step): the windows seen are the uninterrupted run's, none twice, to the epoch's end."""
+    n, per_step = 101, 8
+    saved_by = [WindowOrder(n, seed=7, rank=r, world_size=2) for r in range(2)]
+    seen = [i for _ in range(3) for order in saved_by for i in order.next(per_step // 2)]
+    state = saved_by[0].state_dict()
+    assert state == saved_by[1].state_dict()
+    resumed = [WindowOrder(n, seed=7, rank=r, world_size=resumed_on) for r in range(resumed_on)]
+    for order in resumed:
+        order.load_state_dict(state)
+    while resumed[0].epoch == 0 and resumed[0].position < resumed[0].per_rank:
+        seen += [i for order in resumed for i in order.next(min(per_step // resumed_on,
+                                                               order.per_rank - order.position))]
+    uninterrupted = WindowOrder(n, seed=7)
+    whole = uninterrupted.next(n)
+    assert len(seen) == len(set(seen))
+    assert set(seen) == set(whole[:len(seen)]) and len(seen) >= n - resumed_on
+    # The next epoch is the plain one of the new number of ranks.
+    fresh = [WindowOrder(n, seed=7, rank=r, world_size=resumed_on) for r in range(resumed_on)]
+    for order in fresh:
+        order.next(order.per_rank)
+    assert [o.next(5) for o in resumed] == [o.next(5) for o in fresh]
+
+
 def test_epochs_are_shuffled_differently():
     order = WindowOrder(50, seed=0)
     e0, e1 = order.next(50), order.next(50)
     assert sorted(e0) == sorted(e1) and e0 != e1
+
+
+def test_a_data_position_saved_in_the_older_form_still_resumes():
+    first = WindowOrder(101, seed=5, rank=1, world_size=2)
+    first.next(20)
+    state = first.state_dict()
+    older = {"epoch": state["epoch"], "position": 20, "seed": 5, "n_windows": 101, "world_size": 2}
+    a, b = WindowOrder(101, seed=5, rank=1, world_size=2), WindowOrder(101, seed=5, rank=1, world_size=2)
+    a.load_state_dict(state)
+    b.load_state_dict(older)
+    assert a.next(40) == b.next(40) == first.next(40)

@@ -1,3 +1,5 @@
+import copy
+import json
 import subprocess
 import sys
 from dataclasses import asdict
@@ -169,3 +171,73 @@ def test_gguf_f16_and_q8_0_read_back_within_the_format_error(tmp_path, small_tok
     matrices = sum(w.size for w in ours.values() if w.ndim == 2)
     assert sizes["q8_0"] < 0.3 * sizes["f32"] and sizes["f16"] < 0.55 * sizes["f32"]
     assert sizes["q8_0"] >= matrices * 34 / 32  # 34 bytes a block of 32
+
+
+def lora_run(tmp_path) -> tuple[Transformer, Transformer, dict]:
+    """A ckpt.pt as sft.py --lora=true writes it (base weights and adapters apart), with adapters that are
+    not zero; returns (the model with its adapters, the same merged, the LoRA settings)."""
+    from babyllama.lora import apply_lora, merge_lora
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=600, max_seq_len=64, multiple_of=16)
+    model = scrambled(args)
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["wq", "wk", "wv", "w2"]}
+    apply_lora(model, **lora)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_b" in name:
+                p.normal_(0, 0.05)
+    torch.save({"model": model.state_dict(), "model_args": asdict(args), "lora": lora}, tmp_path / "ckpt.pt")
+    return model.eval(), merge_lora(copy.deepcopy(model)).eval(), lora
+
+
+def test_a_lora_run_exports_as_a_peft_adapter_and_comes_back(tmp_path):
+    peft = pytest.importorskip("peft")
+    from babyllama.checkpoint import load_model
+    from export import main
+    model, merged, lora = lora_run(tmp_path)
+    out = tmp_path / "hf_lora"
+    main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--peft=true", "--tokenizer=", f"--out={out}"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    adapted = peft.PeftModel.from_pretrained(base, str(out / "lora")).eval()
+    x = torch.randint(3, 600, (2, 20))
+    with torch.no_grad():
+        ours = model(x)[0]
+        assert (ours - merged(x)[0]).abs().max() < 1e-5
+        assert (adapted(input_ids=x).logits - ours).abs().max() < 1e-5  # unmerged, under peft
+        assert (adapted.merge_and_unload()(input_ids=x).logits - ours).abs().max() < 1e-5  # merged by peft
+    main([f"--import_from={out}", f"--peft_adapter={out / 'lora'}", f"--out={tmp_path / 'back.pt'}"])
+    back = torch.load(tmp_path / "back.pt", weights_only=False)
+    assert back["lora"] == lora
+    assert all(torch.equal(back["model"][k], v) for k, v in model.state_dict().items())
+    reloaded, _ = load_model(str(tmp_path / "back.pt"))
+    with torch.no_grad():
+        assert (reloaded(x)[0] - ours).abs().max() < 1e-5
+
+
+def test_what_peft_adapters_cannot_convert_is_one_line(tmp_path, capsys):
+    from export import main
+
+    def error(*argv: str) -> str:
+        with pytest.raises(SystemExit):
+            main(list(argv))
+        return capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars of transformers
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=600, max_seq_len=64, multiple_of=16)
+    torch.save({"model": scrambled(args).state_dict(), "model_args": asdict(args)}, tmp_path / "plain.pt")
+    out = tmp_path / "hf"
+    assert "has no LoRA adapters" in error(f"--ckpt={tmp_path / 'plain.pt'}", "--peft=true", "--tokenizer=",
+                                           f"--out={out}")
+    main([f"--ckpt={tmp_path / 'plain.pt'}", "--tokenizer=", f"--out={out}"])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "lm_head"], "bias": "none"}))
+    said = error(f"--import_from={out}", f"--peft_adapter={adapter}", f"--out={tmp_path / 'back.pt'}")
+    assert said == (f"error: --peft_adapter={adapter}: target_modules ['lm_head'] are not layers of ours "
+                    "(q_proj, k_proj, v_proj, o_proj, gate_proj, down_proj, up_proj)")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "target_modules": ["q_proj"], "use_dora": True}))
+    said = error(f"--import_from={out}", f"--peft_adapter={adapter}", f"--out={tmp_path / 'back.pt'}")
+    assert said.endswith("only plain LoRA adapters convert (this one: LORA use_dora)")
+    assert "give both" in error(f"--ckpt={tmp_path / 'plain.pt'}", f"--peft_adapter={adapter}",
+                                f"--out={tmp_path / 'x'}")

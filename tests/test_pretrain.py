@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,9 +109,9 @@ def test_time_budget_resume_keeps_the_fitted_steps(corpus, small_tokenizer, tmp_
     assert rows[-1]["lr"] == pytest.approx(1e-4)
 
 
-def torchrun(corpus, tokenizer, out, port, *extra):
-    run_ok([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-            *command(corpus, tokenizer, out, *extra)[1:]], timeout=300)
+def torchrun(corpus, tokenizer, out, port, *extra, processes=2) -> subprocess.CompletedProcess:
+    return run_ok([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   f"--master_port={port}", *command(corpus, tokenizer, out, *extra)[1:]], timeout=300)
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
@@ -131,6 +132,20 @@ def test_torchrun_two_processes_match_one_with_double_batch(corpus, small_tokeni
                          29521 + (sharding == "fsdp"))
     assert "is not one folder" not in first.stdout  # one out_dir: rank 0 alone writes
     assert [m["loss"] for m in metrics(tmp_path / "nodes")] == pytest.approx([m["loss"] for m in multi], abs=1e-6)
+    if sharding == "ddp":  # saved by 2 processes, resumed by 1 and by 4: the same global batch, the data order on
+        torchrun(corpus, small_tokenizer, tmp_path / "on1", 29515, *args, "--max_steps=3")
+        shutil.copytree(tmp_path / "on1", tmp_path / "on4")
+        odd = subprocess.run([*command(corpus, small_tokenizer, tmp_path / "on1", *args), "--batch_size=3"],
+                             capture_output=True, text=True)
+        assert odd.returncode == 1 and odd.stderr.strip().splitlines()[-1].endswith(
+            "with 16 items a step: on 1 choose --batch_size x --grad_accum so that it times 1 is 16 "
+            "(--batch_size=3 now)"), odd.stderr[-3000:]
+        said = [run_ok(command(corpus, small_tokenizer, tmp_path / "on1", *args)).stdout,
+                torchrun(corpus, small_tokenizer, tmp_path / "on4", 29516, *args, processes=4).stdout]
+        assert "saved by 2 processes: on 1, --grad_accum=4 keeps its 16 items a step" in said[0]
+        assert "saved by 2 processes: on 4, --grad_accum=1 keeps its 16 items a step" in said[1]
+        for out in ("on1", "on4"):
+            assert [m["loss"] for m in metrics(tmp_path / out)] == pytest.approx([m["loss"] for m in multi], abs=1e-5)
     if sharding == "fsdp":  # each node its own out_dir (found out, not told): both write, both resume
         local = [tmp_path / "node0", tmp_path / "node1"]
         run_nodes([command(corpus, small_tokenizer, out, *args, "--max_steps=3") for out in local], 29519)

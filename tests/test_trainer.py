@@ -5,7 +5,8 @@ import torch
 from conftest import batch, fresh_model, loss_fn, settings
 
 from babyllama.distributed import Dist
-from babyllama.trainer import MetricsLog, Trainer, TrainingDiverged, make_optimizer
+from babyllama.errors import UsageError
+from babyllama.trainer import MetricsLog, Trainer, TrainingDiverged, keep_global_batch, make_optimizer
 
 
 def test_no_weight_decay_on_norms():
@@ -78,3 +79,19 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     MetricsLog(str(tmp_path), Dist(), resume_step=3)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [int(line.split(":")[1].strip(" }")) for line in lines] == [1, 2, 3]
+
+
+def test_a_resume_on_fewer_processes_keeps_the_global_batch(tmp_path, capsys):
+    # Saved by 4 processes of 2 items x 3 micro-steps: 24 items a step. This run has one process.
+    torch.save({"data": {"world_size": 4}, "global_batch": 24, "config": {"grad_accum": 3}}, tmp_path / "ckpt.pt")
+    cfg = settings(out_dir=str(tmp_path), grad_accum=3)
+    keep_global_batch(cfg, 2, Dist(), "--batch_size", accumulates=True)
+    assert cfg.grad_accum == 12 and "--grad_accum=12 keeps its 24 items a step" in capsys.readouterr().out
+    with pytest.raises(UsageError, match=r"choose --batch_size x --grad_accum so that it times 1 is 24 "
+                                         r"\(--batch_size=5 now\)"):
+        keep_global_batch(cfg, 5, Dist(), "--batch_size", accumulates=True)
+    with pytest.raises(UsageError, match=r"choose --prompts_per_step so that it times 1 is 24"):
+        keep_global_batch(cfg, 2, Dist(), "--prompts_per_step", accumulates=False)
+    cfg = settings(out_dir=str(tmp_path), grad_accum=3, resume=False)  # no resume: nothing to keep
+    keep_global_batch(cfg, 5, Dist(), "--batch_size", accumulates=True)
+    assert cfg.grad_accum == 3
