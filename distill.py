@@ -8,7 +8,9 @@ with the data's own targets, on pretraining windows or on SFT samples.
 loss = mix * T^2 * KL(teacher || student, both at temperature T) + (1 - mix) * cross-entropy, over the
 positions the data trains (every position of a window; the answers of an SFT sample). --top_k=K keeps the
 teacher's K most likely tokens of each position; --loss_chunk=N takes N positions at a time (neither
-model's logits ever whole); --teacher_int8 runs the teacher with int8 weights. The
+model's logits ever whole); --teacher_int8 runs the teacher with int8 weights. Black-box, --black_box=true
+with SFT prompts: the teacher answers each prompt (sampled at --answer_temperature) and the student is
+fine-tuned on those answers. The
 teacher and the student share the tokenizer (checked) and the vocabulary. The student's ckpt.pt is an
 ordinary checkpoint (stage "distill"): eval, chat, export and sft take it as any other.
 """
@@ -36,12 +38,12 @@ from babyllama.configurator import (
     SeqLen,
     read_model_preset,
 )
-from babyllama.distill import distillation_loss
-from babyllama.errors import UsageError
+from babyllama.distill import distillation_loss, teacher_examples
+from babyllama.errors import SettingError, UsageError
 from babyllama.trainer import TrainConfig, start_training, train_loop, training_stage, validation_loss
 from chatglm_tokenizer import OUR_TOKENIZER, load_tokenizer
 from dataset import PretrainDataset, bin_files, chars_per_token, check_tokenizer
-from dataset_sft import SFTDataset
+from dataset_sft import SFTDataset, collate
 from model import Transformer
 
 
@@ -59,6 +61,9 @@ class Config(TrainConfig):
     temperature: PositiveFloat = 2.0  # softens both distributions; the KL term is scaled by its square
     mix: Fraction = 0.5  # the weight of the teacher's term; 0 is plain training on the data
     top_k: NonNegative = 0  # keep the teacher's k most likely tokens of each position; 0: the whole vocabulary
+    black_box: bool = False  # SFT data: fine-tune on the teacher's own answers to the prompts instead
+    answer_tokens: Positive = 128  # black box: the longest answer the teacher writes
+    answer_temperature: NonNegativeFloat = 0.7  # black box: the teacher's sampling temperature (0: greedy)
     batch_size: Positive = 16  # windows or samples per micro-step in each process
     max_steps: NonNegative = 2000
     lr: PositiveFloat = 1e-3
@@ -96,11 +101,15 @@ def load_student(cfg: Config, teacher: Transformer) -> Transformer:
 
 def main(argv: list[str] | None = None) -> None:
     with training_stage(Config, argv, __doc__) as (cfg, dist):
+        if cfg.black_box and not cfg.data.endswith(".csv"):
+            raise SettingError(f"--black_box=true needs SFT prompts (a .csv) in --data, not {cfg.data}")
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         tokenizer = load_tokenizer(cfg.tokenizer)
         teacher = load_teacher(cfg, tokenizer.sha256, dist.device)
         student = load_student(cfg, teacher)
         T = student.args.max_seq_len
+        if cfg.black_box and cfg.answer_tokens >= T:
+            raise SettingError(f"--answer_tokens={cfg.answer_tokens}: leave room for the prompt in the context of {T}")
         if cfg.data.endswith(".csv"):
             data = SFTDataset(cfg.data, tokenizer, T)
             val = SFTDataset(cfg.val_data, tokenizer, T) if cfg.val_data else None
@@ -116,22 +125,36 @@ def main(argv: list[str] | None = None) -> None:
         def batch_of(dataset: SFTDataset | PretrainDataset) -> Callable[[list[int]], tuple]:
             return partial(dataset.batch, pad_id=tokenizer.pad_id) if isinstance(dataset, SFTDataset) else dataset.batch
 
+        how = (f"its answers to the prompts (black box: up to {cfg.answer_tokens} tokens, temperature "
+               f"{cfg.answer_temperature:g})" if cfg.black_box else
+               f"temperature {cfg.temperature:g}, mix {cfg.mix:g}, "
+               + (f"top {cfg.top_k}" if cfg.top_k else "whole vocabulary"))
         print0(f"distilling {cfg.teacher} ({teacher.num_params() / 1e6:.2f}M parameters) into a "
-               f"{student.num_params() / 1e6:.2f}M student: {len(data):,} items of {cfg.data}; temperature "
-               f"{cfg.temperature:g}, mix {cfg.mix:g}, {f'top {cfg.top_k}' if cfg.top_k else 'whole vocabulary'}",
-               dist=dist)
+               f"{student.num_params() / 1e6:.2f}M student: {len(data):,} items of {cfg.data}; {how}", dist=dist)
         training = start_training(cfg, student, dist, len(data), cfg.batch_size,
                                   student.flops_per_token(T) + teacher.flops_per_token(T) / 3, stage="distill",
                                   tokenizer_sha256=tokenizer.sha256)
         trainer, order = training.trainer, training.order
 
+        generator = torch.Generator(device=dist.device)
+
+        def micro_batch() -> tuple:
+            ids = order.next(cfg.batch_size)
+            if not cfg.black_box:
+                return batch_of(data)(ids)
+            generator.manual_seed(cfg.seed * 1_000_003 + dist.rank * 10_007 + trainer.step)  # a resume samples alike
+            with torch.no_grad():
+                return collate(teacher_examples(teacher, tokenizer, [data.rows[i] for i in ids], T, cfg.answer_tokens,
+                                                cfg.answer_temperature, generator), tokenizer.pad_id)
+
         def next_batches():
-            batches = [tuple(t.to(dist.device) for t in batch_of(data)(order.next(cfg.batch_size)))
-                       for _ in range(cfg.grad_accum)]
+            batches = [tuple(t.to(dist.device) for t in micro_batch()) for _ in range(cfg.grad_accum)]
             return batches, sum(int((y != -100).sum()) for _, y in batches)
 
         def loss(model, batch):
             x, y = batch
+            if cfg.black_box:  # the teacher's answers are the targets
+                return model(x, y)[1]
             with torch.no_grad():
                 teacher_h = teacher.hidden(x)
 

@@ -1,5 +1,6 @@
-"""The white-box distillation loss: the student matches the teacher's next-token distribution, softened
-by a temperature, mixed with the data's own cross-entropy, over the positions the data trains.
+"""Distillation. White-box: the student matches the teacher's next-token distribution, softened by a
+temperature, mixed with the data's own cross-entropy, over the positions the data trains. Black-box: the
+student is fine-tuned on the teacher's own answers to the data's prompts (teacher_examples).
 
     loss = mix * T^2 * KL(teacher_T || student_T) + (1 - mix) * cross-entropy(student, targets)
 
@@ -65,3 +66,21 @@ def distillation_loss(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Te
                            use_reentrant=False)
                 for i in range(0, targets.numel(), chunk))
     return total / targets.numel()
+
+
+def teacher_examples(teacher: torch.nn.Module, tok, rows: list[tuple[str, str, list]], max_seq_len: int,
+                     answer_tokens: int, temperature: float, generator: torch.Generator | None = None,
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """SFT examples (inputs, labels) of the teacher's answers to rows' prompts (prompt, the data's answer,
+    history): the prompt and history masked, the teacher's answer and the eos that ended it trained (an
+    answer cut at answer_tokens has no eos to learn)."""
+    from dataset_sft import chat_prompt_ids, make_example
+    prompts = [chat_prompt_ids(tok, [tuple(turn) for turn in history], prompt, max_seq_len, reserve=answer_tokens)
+               for prompt, _, history in rows]
+    answers = teacher.generate(prompts, answer_tokens, temperature=temperature, eos_id=tok.eos_id,
+                               generator=generator)
+    examples = []
+    for ids, answer in zip(prompts, answers):
+        ended = [tok.eos_id] if len(answer) < answer_tokens else []
+        examples.append(make_example(ids + answer + ended, [False] * len(ids) + [True] * (len(answer) + len(ended))))
+    return examples

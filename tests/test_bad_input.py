@@ -45,6 +45,7 @@ BAD_SETTINGS = [
     ("pretrain", "--out_dir_shared=maybe", "--out_dir_shared=maybe"),
     ("distill", "--temperature=0", "--temperature=0"),
     ("distill", "--mix=2", "--mix=2"),
+    ("distill", "--black_box=true --data={bin_dir}", "--black_box=true"),
     ("distill", "--teacher={dir}", "--teacher="),
     ("distill", "--teacher={file}", "{file}"),
     ("export", "--peft_adapter={dir}", "--peft_adapter"),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import ROOT, metrics, pretrain_command, run_ok
 
 from babyllama.checkpoint import load_model
-from babyllama.distill import IGNORE_INDEX, distillation_loss
+from babyllama.distill import IGNORE_INDEX, distillation_loss, teacher_examples
 
 
 def reference(h, w, th, tw, y, temperature, mix, top_k):
@@ -98,3 +98,39 @@ def test_distill_on_sft_samples_trains_the_answers(pretrained, small_tokenizer, 
     rows = metrics(out)
     # A student equal to its teacher starts with nothing to learn from it: the first step's loss is zero.
     assert rows[0]["loss"] == pytest.approx(0.0, abs=1e-5) and "val_loss" in rows[1]
+
+
+class ScriptedTeacher:
+    """A teacher whose answers are given: what teacher_examples asks of a model."""
+
+    def __init__(self, answers):
+        self.answers, self.prompts = answers, None
+
+    def generate(self, prompts, max_new_tokens, **kwargs):
+        self.prompts = prompts
+        return [a[:max_new_tokens] for a in self.answers]
+
+
+def test_black_box_examples_train_the_teachers_answers_only(small_tokenizer):
+    from chatglm_tokenizer import load_tokenizer
+    tok = load_tokenizer(small_tokenizer)
+    teacher = ScriptedTeacher([[10, 11, 12], [20, 21, 22, 23, 24, 25]])  # the second is cut at 5 tokens
+    rows = [("床前明月光", "the data's answer, unused", []), ("举头望明月", "unused", [["你好", "你好！"]])]
+    (x1, y1), (x2, y2) = teacher_examples(teacher, tok, rows, max_seq_len=64, answer_tokens=5, temperature=0.0)
+    first, second = teacher.prompts
+    assert first[-1] == tok.bos_id and tok.encode("你好") == second[:len(tok.encode("你好"))]  # history kept
+    assert y1.tolist() == [IGNORE_INDEX] * (len(first) - 1) + [10, 11, 12, tok.eos_id]
+    assert y2.tolist() == [IGNORE_INDEX] * (len(second) - 1) + [20, 21, 22, 23, 24]  # cut: no eos to learn
+    assert x1.tolist() == first + [10, 11, 12]
+
+
+def test_black_box_distill_runs_on_sft_prompts(pretrained, small_tokenizer, tmp_path):
+    ckpt, data = pretrained
+    out = tmp_path / "black_box"
+    said = run_ok([sys.executable, os.path.join(ROOT, "distill.py"), f"--teacher={ckpt}", f"--init_from={ckpt}",
+                   f"--data={data / 'train.csv'}", f"--val_data={data / 'val.csv'}", f"--tokenizer={small_tokenizer}",
+                   f"--out_dir={out}", "--dtype=float32", "--peak_tflops=1", "--batch_size=4", "--max_steps=3",
+                   "--eval_interval=3", "--eval_batches=1", "--log_interval=1", "--black_box=true",
+                   "--answer_tokens=8"]).stdout
+    assert "black box: up to 8 tokens" in said
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
