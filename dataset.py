@@ -133,6 +133,17 @@ class PretrainDataset(torch.utils.data.Dataset):
         return self._split(torch.from_numpy(np.stack([self.window(i) for i in indices])))
 
 
+def pretraining_splits(paths: list[str] | str, tokenizer_sha256: str, max_seq_len: int,
+                       ) -> tuple[PretrainDataset, PretrainDataset | None, float | None]:
+    """The training windows of paths (made with this tokenizer: checked), their val.bin windows when
+    there are any, and the validation split's characters per token (for bits per character)."""
+    files = bin_files(paths, "train")
+    check_tokenizer(files, tokenizer_sha256)
+    val_files = [f for f in bin_files(paths, "val") if f not in files]
+    val = PretrainDataset(val_files, max_seq_len) if val_files else None
+    return PretrainDataset(files, max_seq_len), val, chars_per_token(val_files, "val") if val_files else None
+
+
 class WindowOrder:
     """The order in which one rank visits windows: a permutation per epoch from (seed, epoch), sharded
     so that ranks see disjoint windows, with a resumable position.

@@ -10,9 +10,9 @@ positions the data trains (every position of a window; the answers of an SFT sam
 teacher's K most likely tokens of each position; --loss_chunk=N takes N positions at a time (neither
 model's logits ever whole); --teacher_int8 runs the teacher with int8 weights. Black-box, --black_box=true
 with SFT prompts: the teacher answers each prompt (sampled at --answer_temperature) and the student is
-fine-tuned on those answers. The
-teacher and the student share the tokenizer (checked) and the vocabulary. The student's ckpt.pt is an
-ordinary checkpoint (stage "distill"): eval, chat, export and sft take it as any other.
+fine-tuned on those answers. The teacher and the student share the tokenizer (checked) and the
+vocabulary. The student's ckpt.pt is an ordinary checkpoint (stage "distill"): eval, chat, export and
+sft take it as any other.
 """
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ from babyllama.distill import distillation_loss, teacher_examples
 from babyllama.errors import SettingError, UsageError
 from babyllama.trainer import TrainConfig, start_training, train_loop, training_stage, validation_loss
 from chatglm_tokenizer import OUR_TOKENIZER, load_tokenizer
-from dataset import PretrainDataset, bin_files, chars_per_token, check_tokenizer
+from dataset import PretrainDataset, pretraining_splits
 from dataset_sft import SFTDataset, collate
-from model import Transformer
+from model import IGNORE_INDEX, Transformer
 
 
 @dataclass
@@ -115,12 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             val = SFTDataset(cfg.val_data, tokenizer, T) if cfg.val_data else None
             corpus_chars = None
         else:
-            files = bin_files(cfg.data, "train")
-            check_tokenizer(files, tokenizer.sha256)
-            data = PretrainDataset(files, T)
-            val_files = [f for f in bin_files(cfg.data, "val") if f not in files]
-            val = PretrainDataset(val_files, T) if val_files else None
-            corpus_chars = chars_per_token(val_files, "val") if val_files else None
+            data, val, corpus_chars = pretraining_splits(cfg.data, tokenizer.sha256, T)
 
         def batch_of(dataset: SFTDataset | PretrainDataset) -> Callable[[list[int]], tuple]:
             return partial(dataset.batch, pad_id=tokenizer.pad_id) if isinstance(dataset, SFTDataset) else dataset.batch
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def next_batches():
             batches = [tuple(t.to(dist.device) for t in micro_batch()) for _ in range(cfg.grad_accum)]
-            return batches, sum(int((y != -100).sum()) for _, y in batches)
+            return batches, sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
 
         def loss(model, batch):
             x, y = batch

@@ -34,7 +34,7 @@ from babyllama.configurator import (
 )
 from babyllama.trainer import TrainConfig, start_training, train_loop, training_stage, validation_loss
 from chatglm_tokenizer import OUR_TOKENIZER, load_tokenizer
-from dataset import PretrainDataset, bin_files, chars_per_token, check_tokenizer
+from dataset import pretraining_splits
 from model import INITS, ModelArgs, Transformer, init_residual_projections
 
 
@@ -74,18 +74,14 @@ def main(argv: list[str] | None = None) -> None:
                    f"context {args.max_seq_len}", dist=dist)
             return
         tokenizer = load_tokenizer(cfg.tokenizer)
-        train_files = bin_files(cfg.data, "train")
-        check_tokenizer(train_files, tokenizer.sha256)
+        # A corpus made with another tokenizer is named before any vocabulary mismatch.
+        data, val, corpus_chars = pretraining_splits(cfg.data, tokenizer.sha256, args.max_seq_len)
         if tokenizer.n_pieces > args.vocab_size:
             raise ValueError(f"model vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.n_pieces} "
                              "pieces")
         if args.vocab_size > tokenizer.vocab_size:
             print0(f"note: the model has {args.vocab_size:,} ids and the tokenizer {tokenizer.vocab_size:,}: the "
                    "ids past the tokenizer's are trained never to appear and never decoded", dist=dist)
-        data = PretrainDataset(train_files, args.max_seq_len)
-        val_files = [f for f in bin_files(cfg.data, "val") if f not in train_files]
-        val = PretrainDataset(val_files, args.max_seq_len) if val_files else None
-        corpus_chars = chars_per_token(val_files, "val") if val_files else None
         model = Transformer(args)
         init_residual_projections(model, cfg.init)
         print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from model import IGNORE_INDEX
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:

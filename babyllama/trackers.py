@@ -9,8 +9,6 @@ from typing import Any, Protocol
 
 from babyllama.common import require
 
-TRACKERS = ("tensorboard", "wandb", "swanlab")
-
 
 class Tracker(Protocol):
     def log(self, scalars: dict[str, float], step: int) -> None: ...
