@@ -13,8 +13,6 @@ character (so that long options are not penalised); chance is 1 / number of opti
 """
 from __future__ import annotations
 
-import csv
-import io
 import random
 import sys
 from dataclasses import dataclass
@@ -22,14 +20,21 @@ from dataclasses import dataclass
 import torch
 
 from babyllama.checkpoint import ModelSettings, load_for_inference
-from babyllama.common import read_text, write_json_atomic
+from babyllama.choice import (
+    FORMATS,
+    Question,
+    choice_texts,
+    option_characters,
+    read_choice_csv,
+    request_ids,
+    write_choice_csv,
+)
+from babyllama.common import write_json_atomic
 from babyllama.configurator import InputFile, NonNegative, OutputFile, Positive, one_of, parse_config
 from babyllama.errors import one_line_errors
 from babyllama.tasks import task_of
 from dataset_sft import collate, read_sft_csv
-from model import Transformer, answer_logprobs
-
-LETTERS = "ABCD"
+from model import IGNORE_INDEX, Transformer, answer_logprobs
 
 
 @dataclass
@@ -37,38 +42,13 @@ class Config(ModelSettings):
     file: InputFile = ""  # a C-Eval/CMMLU CSV; empty: the built-in idiom set from --val_data
     dev_file: InputFile = ""  # few-shot examples in the same layout (default: none)
     shots: NonNegative = 0  # examples put before each question
-    format: one_of("chat", "plain") = "chat"  # chat (question + bos, as SFT trains) or plain ("问题：...\n答案：")
+    format: one_of(*FORMATS) = "chat"  # chat (question + bos, as SFT trains) or plain ("问题：...\n答案：")
     val_data: str = "sft_data/sft_val.csv"  # held-out idioms for the built-in set
     idiom_questions: Positive = 500  # at most this many built-in questions
     seed: int = 0  # which distractors the built-in set draws
     write_set: OutputFile = ""  # write the built-in set here as a C-Eval CSV
     batch_size: Positive = 16
     json: OutputFile = ""  # also write the results here
-
-
-@dataclass
-class Question:
-    question: str
-    options: list[str]
-    answer: int  # index of the right option
-
-
-def read_choice_csv(path: str) -> list[Question]:
-    """C-Eval or CMMLU layout; a row without a known answer letter is an error naming the row."""
-    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
-    if not rows:
-        raise ValueError(f"{path} has no questions")
-    keys = {k.lower(): k for k in rows[0] if k}
-    missing = [k for k in ("question", "a", "b", "c", "d", "answer") if k not in keys]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing} (expected question, A, B, C, D, answer)")
-    out = []
-    for i, row in enumerate(rows, 2):
-        letter = (row[keys["answer"]] or "").strip().upper()
-        if letter not in LETTERS:
-            raise ValueError(f"{path}:{i}: answer {letter!r} is not one of A, B, C, D")
-        out.append(Question(row[keys["question"]], [row[keys[c.lower()]] for c in LETTERS], LETTERS.index(letter)))
-    return out
 
 
 def idiom_set(val_data: str, n: int, seed: int) -> list[Question]:
@@ -87,52 +67,39 @@ def idiom_set(val_data: str, n: int, seed: int) -> list[Question]:
     return questions
 
 
-def write_choice_csv(path: str, questions: list[Question]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "question", *LETTERS, "answer"])
-        for i, q in enumerate(questions):
-            w.writerow([i, q.question, *q.options, LETTERS[q.answer]])
-
-
-def context_ids(tok, q: Question, shots: list[Question], fmt: str) -> list[int]:
-    ids: list[int] = []
-    for s in shots:
-        context, option = option_example(tok, s.question, s.options[s.answer], fmt)
-        ids += context + option + ([] if fmt == "chat" else tok.encode("\n\n"))
-    return ids + option_example(tok, q.question, "", fmt)[0]
-
-
-def option_example(tok, question: str, option: str, fmt: str) -> tuple[list[int], list[int]]:
-    """(context ids, option ids) in the chat format (question + bos, option + eos) or the plain one."""
-    if fmt == "chat":
-        return tok.encode(question) + [tok.bos_id], tok.encode(option) + [tok.eos_id]
-    return tok.encode(f"问题：{question}\n答案："), tok.encode(option)
-
-
 @torch.no_grad()
-def choose(model: Transformer, tok, questions: list[Question], shots: list[Question], fmt: str,
-           batch_size: int) -> list[int]:
-    """The index of the best option of each question (log-likelihood per character)."""
+def option_logprobs(model: Transformer, tok, questions: list[Question], shots: list[Question], fmt: str,
+                    batch_size: int) -> torch.Tensor:
+    """[questions, options] summed log-likelihood of each option after its context (-inf where a question
+    has fewer options); a context longer than the model's window loses its front, as lm-eval's does."""
     limit = model.args.max_seq_len + 1
-    pairs = []  # (question index, option index, inputs, labels, characters)
+    pairs = []  # (question index, option index, inputs, labels)
     for qi, q in enumerate(questions):
-        context = context_ids(tok, q, shots, fmt)
-        for oi, option in enumerate(q.options):
-            option_ids = option_example(tok, q.question, option, fmt)[1]
-            ids = (context + option_ids)[-limit:]
-            n = min(len(option_ids), len(ids) - 1)
-            labels = [-100] * (len(ids) - n) + ids[len(ids) - n:]
-            pairs.append((qi, oi, torch.tensor(ids[:-1]), torch.tensor(labels[1:]), max(1, len(option))))
-    scores = torch.full((len(questions), max(len(q.options) for q in questions)), float("-inf"))
+        context, options = choice_texts(q, shots, fmt)
+        for oi, option in enumerate(options):
+            head, tail = request_ids(tok, context, option)
+            ids = (head + tail)[-limit:]
+            n = min(len(tail), len(ids) - 1)
+            labels = [IGNORE_INDEX] * (len(ids) - n) + ids[len(ids) - n:]
+            pairs.append((qi, oi, torch.tensor(ids[:-1]), torch.tensor(labels[1:])))
+    logprobs = torch.full((len(questions), max(len(q.options) for q in questions)), float("-inf"), dtype=torch.float64)
     device = model.freqs_cos.device
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         x, y = collate([(p[2], p[3]) for p in chunk], tok.pad_id)
         logp, _ = answer_logprobs(model, x.to(device), y.to(device))
-        for (qi, oi, *_, chars), lp in zip(chunk, logp.tolist()):
-            scores[qi, oi] = lp / chars
-    return scores.argmax(-1).tolist()
+        for (qi, oi, *_), lp in zip(chunk, logp.tolist()):
+            logprobs[qi, oi] = lp
+    return logprobs
+
+
+def choose(model: Transformer, tok, questions: list[Question], shots: list[Question], fmt: str,
+           batch_size: int) -> list[int]:
+    """The index of the best option of each question (log-likelihood per character)."""
+    logprobs = option_logprobs(model, tok, questions, shots, fmt, batch_size)
+    chars = torch.tensor([[option_characters(o) for o in q.options] + [1] * (logprobs.shape[1] - len(q.options))
+                          for q in questions], dtype=torch.float64)
+    return (logprobs / chars).argmax(-1).tolist()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,13 +7,14 @@ import pytest
 import torch
 from conftest import ROOT, write_csv
 
+from babyllama.choice import Question, read_choice_csv, write_choice_csv
 from babyllama.distributed import Dist
 from babyllama.tasks import char_f1, rouge_l, task_of
 from babyllama.trainer import TrainConfig, Trainer
 from chatglm_tokenizer import load_tokenizer
 from dataset_sft import collate, encode_turns, make_example
 from eval import score
-from eval_choice import Question, choose, read_choice_csv, write_choice_csv
+from eval_choice import choose
 from model import ModelArgs, Transformer
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16)
