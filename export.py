@@ -40,7 +40,7 @@ from babyllama.configurator import OutputPath, one_of, parse_config, read_model_
 from babyllama.errors import UsageError, one_line_errors
 from chatglm_tokenizer import HERE as TOKENIZER_CODE
 from chatglm_tokenizer import SPTokenizer, load_tokenizer, resolve_tokenizer_path
-from model import ModelArgs, Transformer
+from model import YARN_BETA_FAST, YARN_BETA_SLOW, ModelArgs, Transformer
 
 # question + bos, the answer generated until eos: the SFT format, turn after turn.
 CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}<s>"
@@ -79,8 +79,42 @@ def hf_config(args: ModelArgs):
     return LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
                        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                        num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.max_seq_len,
-                       rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, tie_word_embeddings=True,
+                       rms_norm_eps=args.norm_eps, rope_theta=exported_rope_theta(args),
+                       rope_scaling=hf_rope_scaling(args), tie_word_embeddings=True,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_bias=False, mlp_bias=False)
+
+
+def exported_rope_theta(args: ModelArgs) -> float:
+    """ntk scaling is a larger base, which every runtime computes without knowing the word."""
+    if args.rope_scaling != "ntk":
+        return args.rope_theta
+    d = args.dim // args.n_heads
+    return args.rope_theta * args.rope_factor ** (d / (d - 2))
+
+
+def hf_rope_scaling(args: ModelArgs) -> dict | None:
+    if args.rope_scaling not in ("linear", "yarn"):
+        return None
+    extra = {"original_max_position_embeddings": args.rope_original_len} if args.rope_scaling == "yarn" else {}
+    return {"rope_type": args.rope_scaling, "factor": args.rope_factor, **extra}
+
+
+def rope_from_hf(config, folder: str) -> dict:
+    """Our rope settings from a transformers config (rope_parameters, or rope_scaling before v5)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params |= dict(getattr(config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return {"rope_theta": theta}
+    tuned = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if params.get(k) is not None]
+    tuned += [k for k, v in (("beta_fast", YARN_BETA_FAST), ("beta_slow", YARN_BETA_SLOW)) if params.get(k, v) != v]
+    if kind not in ("linear", "yarn") or tuned or params.get("truncate") is False:
+        raise ValueError(f"{folder}: RoPE scaling {kind} {tuned or ''} has no equal here (linear, yarn with its "
+                         "default betas, or a larger rope_theta for ntk)")
+    original = params.get("original_max_position_embeddings") or config.max_position_embeddings
+    return {"rope_theta": theta, "rope_scaling": kind, "rope_factor": float(params["factor"]),
+            "rope_original_len": int(original)}
 
 
 # Our per-layer names -> transformers' (under model.layers.{i}.); q and k are also permuted (see above).
@@ -215,7 +249,11 @@ def export_gguf(model: Transformer, tokenizer_path: str, out: str, kind: str = "
     writer.add_head_count(a.n_heads)
     writer.add_head_count_kv(a.n_kv_heads)
     writer.add_layer_norm_rms_eps(a.norm_eps)
-    writer.add_rope_freq_base(a.rope_theta)
+    writer.add_rope_freq_base(exported_rope_theta(a))
+    if a.rope_scaling in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType(a.rope_scaling))
+        writer.add_rope_scaling_factor(a.rope_factor)
+        writer.add_rope_scaling_orig_ctx_len(a.rope_original_len)
     writer.add_rope_dimension_count(a.dim // a.n_heads)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
@@ -375,8 +413,7 @@ def import_hf(folder: str) -> Transformer:
     args = ModelArgs(dim=config.hidden_size, n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
                      n_kv_heads=config.num_key_value_heads, vocab_size=config.vocab_size,
                      hidden_dim=config.intermediate_size, norm_eps=config.rms_norm_eps,
-                     max_seq_len=config.max_position_embeddings,
-                     rope_theta=getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])
+                     max_seq_len=config.max_position_embeddings, **rope_from_hf(config, folder))
     try:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except OSError as e:  # config.json without the weights

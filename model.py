@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100  # label value that the loss skips; never the pad id
+ROPE_SCALINGS = ("", "linear", "ntk", "yarn")
+YARN_BETA_FAST, YARN_BETA_SLOW = 32, 1  # the YaRN paper's (and transformers', llama.cpp's) defaults
 
 
 @dataclass
@@ -29,6 +31,11 @@ class ModelArgs:
     max_seq_len: int = 512
     rope_theta: float = 10000.0
     dropout: float = 0.0
+    # RoPE past the trained length (docs/11_long_context.md): '' none, linear, ntk or yarn, stretching
+    # rope_original_len, the length the positions were trained at, by rope_factor
+    rope_scaling: str = ""
+    rope_factor: float = 1.0
+    rope_original_len: int = 0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -38,6 +45,11 @@ class ModelArgs:
                              f"and n_heads by n_kv_heads {self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head size {self.dim // self.n_heads} must be even for RoPE")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling {self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
+        if self.rope_scaling and (self.rope_factor < 1 or self.rope_original_len < 1):
+            raise ValueError(f"rope_scaling={self.rope_scaling} needs rope_factor >= 1 and the trained length "
+                             f"rope_original_len (got {self.rope_factor}, {self.rope_original_len})")
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
@@ -56,11 +68,34 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (max_len, head_dim // 2), one frequency per adjacent pair."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), freqs)
-    return angles.cos().float(), angles.sin().float()
+def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """(one rotation frequency per adjacent pair of a head, the factor on cos and sin) under args'
+    scaling. linear divides every frequency by the factor; ntk raises the base so that the slowest
+    pair is stretched by the factor and the fastest kept; yarn keeps the pairs that turn many times
+    within the trained length, divides those that turn less than once, blends between, and sharpens
+    attention by 0.1 ln(factor) + 1 (as transformers and llama.cpp compute it)."""
+    d, base, factor = args.dim // args.n_heads, args.rope_theta, args.rope_factor
+    if args.rope_scaling == "ntk":
+        base *= factor ** (d / (d - 2))
+    freqs = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if args.rope_scaling == "linear":
+        return freqs / factor, 1.0
+    if args.rope_scaling != "yarn" or factor == 1:
+        return freqs, 1.0
+
+    def pair_turning(turns: float) -> float:  # the pair index whose frequency turns `turns` times
+        return d * math.log(args.rope_original_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+    low = max(math.floor(pair_turning(YARN_BETA_FAST)), 0)
+    high = min(math.ceil(pair_turning(YARN_BETA_SLOW)), d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    return freqs / factor * ramp + freqs * (1 - ramp), 0.1 * math.log(factor) + 1.0
+
+
+def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim // 2), one frequency per adjacent pair."""
+    freqs, scale = rope_frequencies(args)
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -255,7 +290,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied, as in the seed
-        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        cos, sin = rope_tables(args)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.generated_vocab = args.vocab_size  # decoding picks ids below this (limit_vocab)
@@ -388,6 +423,12 @@ class Transformer(nn.Module):
                 return
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             step_input = nxt[:, None]
+
+    def read_as(self, args: ModelArgs) -> None:
+        """Read with args' window and RoPE scaling; the weights stay (their shapes must be args')."""
+        self.args = args
+        cos, sin = rope_tables(args)
+        self.freqs_cos, self.freqs_sin = cos.to(self.freqs_cos.device), sin.to(self.freqs_sin.device)
 
     def limit_vocab(self, n: int) -> None:
         """Decode only ids below n: those of the tokenizer, when the model's vocabulary is larger (padded

@@ -4,6 +4,8 @@ metrics.jsonl, as a PNG.
     python plot.py out/pretrain                       # writes out/pretrain/loss.png
     python plot.py out/run_a out/run_b --out=compare.png --smooth=50
     python plot.py out/grpo --metric=reward --x=step  # writes out/grpo/reward.png
+    python plot.py out/long.json out/long_extended.json --out=long.png
+                                    # bits per character by position (eval_pretrain.py --long_context)
 """
 from __future__ import annotations
 
@@ -87,15 +89,52 @@ def plot(runs: list[str], out: str, smooth: int, metric: str = "loss",
     return {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()}
 
 
+def read_by_position(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: {e}") from None
+    if not isinstance(result, dict) or "by_position" not in result:
+        raise UsageError(f"{path} has no by_position: write it with eval_pretrain.py --long_context=8 --json={path}")
+    return result["by_position"]
+
+
+def plot_positions(files: list[str], out: str) -> dict[str, list[tuple[float, float]]]:
+    """Bits per character against position (the end of each bucket, doubling), one line per file and
+    RoPE scaling, the trained length marked; returns the points of each line by its label."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for path in files:
+        r = read_by_position(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        for scaling, values in r["scalings"].items():
+            ax.plot([b for _, b in r["buckets"]], values, "o-", label=f"{name} {scaling}")
+        ax.axvline(r["trained_length"], color="gray", linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the window (end of bucket; dashed: the trained length)")
+    ax.set_ylabel(r["unit"])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
+    parser.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files), or eval_pretrain.py JSONs")
     parser.add_argument("--out", default=None, help="PNG path (default: <first run>/<metric>.png)")
     parser.add_argument("--smooth", type=positive_int, default=20, help="moving average window for the train curve")
     parser.add_argument("--metric", default="loss", help="a field of metrics.jsonl: loss, reward, margin, ...")
     parser.add_argument("--x", default="tokens", choices=["tokens", "step"], help="the horizontal axis")
     with one_line_errors():
         args = parser.parse_args(argv)
+        if args.runs[0].endswith(".json"):
+            plot_positions(args.runs, args.out or os.path.splitext(args.runs[0])[0] + "_by_position.png")
+            return
         first = args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0])
         plot(args.runs, args.out or os.path.join(first, f"{args.metric}.png"), max(1, args.smooth), args.metric,
              args.x)

@@ -2,6 +2,8 @@
 
     python pretrain.py config/pretrain_tiny.py            # the demo's model (tiny_shallow) on data/demo, on the CPU
     python pretrain.py --model=tiny --max_steps=200       # the flags alone: the 6-layer tiny preset
+    python pretrain.py config/pretrain_tiny.py --init_from=out/pretrain/ckpt.pt --out_dir=out/long \
+        --max_seq_len=1024 --rope_scaling=yarn --max_steps=300 # continue at 4x the length (docs/11_long_context.md)
     torchrun --nproc_per_node=4 pretrain.py config/pretrain_baby_92m.py    # several GPUs
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \\
         --nproc_per_node=8 pretrain.py config/pretrain_baby_218m.py       # several machines
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from babyllama.checkpoint import load_model
+from babyllama.checkpoint import ContextSettings, load_model
 from babyllama.common import print0
 from babyllama.configurator import (
     Fraction,
@@ -39,12 +41,12 @@ from model import INITS, ModelArgs, Transformer, init_residual_projections
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(TrainConfig, ContextSettings):
     data: str = "data/demo"  # .bin files or folders (their train.bin/val.bin), comma-separated
     tokenizer: InputFile = OUR_TOKENIZER  # the tokenizer the corpus was made with
     out_dir: OutputDir = "out/pretrain"  # ckpt.pt, metrics.jsonl
     model: str = "tiny"  # model preset in config/ (tiny, baby_92m, baby_218m) or a path to one
-    max_seq_len: SeqLen = 0  # 0 keeps the preset's
+    max_seq_len: SeqLen = 0  # 0 keeps the preset's (with --init_from and --rope_scaling: continue at a longer one)
     dropout: Fraction = 0.0
     init_from: InputFile = ""  # start from these weights: our ckpt.pt or the seed's .pth
     init: one_of(*INITS) = "seed"  # starting weights of the residual projections (model.init_residual_projections)
@@ -59,10 +61,7 @@ class Config(TrainConfig):
 
 
 def build_model_args(cfg: Config) -> ModelArgs:
-    overrides = {"dropout": cfg.dropout}
-    if cfg.max_seq_len:
-        overrides["max_seq_len"] = cfg.max_seq_len
-    return read_model_preset(cfg.model, **overrides)
+    return cfg.applied(read_model_preset(cfg.model, dropout=cfg.dropout))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,16 +6,16 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from babyllama.common import pick_device
-from babyllama.configurator import Device, InputFile, one_of
+from babyllama.configurator import Device, InputFile, NonNegativeFloat, SeqLen, one_of
 from babyllama.errors import UsageError
 from chatglm_tokenizer import OUR_TOKENIZER, SPTokenizer, load_tokenizer
-from model import ModelArgs, Transformer
+from model import ROPE_SCALINGS, ModelArgs, Transformer
 
 
 class CheckpointError(UsageError):
@@ -78,8 +78,9 @@ def read_checkpoint(path: str, mmap: bool = False) -> object:
 
 
 def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelArgs | None = None,
-               **arg_overrides) -> tuple[Transformer, dict]:
-    """Load our ckpt.pt (model + model_args + training state) or a raw state_dict .pth.
+               context: ContextSettings | None = None, **arg_overrides) -> tuple[Transformer, dict]:
+    """Load our ckpt.pt (model + model_args + training state) or a raw state_dict .pth, reading as far
+    as context says (RoPE tables are not weights: any window loads).
 
     Returns the model in eval mode and the checkpoint dict (empty apart from 'model' for a raw .pth)."""
     ckpt = read_checkpoint(path)
@@ -98,6 +99,8 @@ def load_model(path: str, device: str | torch.device = "cpu", model_args: ModelA
                 model_args = model_args_from_state_dict(state, **arg_overrides)
             except CheckpointError as e:
                 raise CheckpointError(f"{path}: {e}") from None
+    if context is not None:
+        model_args = context.applied(model_args)
     model = Transformer(model_args)
     if ckpt.get("lora"):  # an SFT run with adapters: rebuild them, load, and merge them in
         from babyllama.lora import apply_lora, merge_lora
@@ -141,13 +144,14 @@ def save_checkpoint(out_dir: str, state: dict, step: int, keep_last: int) -> str
 
 
 def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch.device = "cpu",
-                             quantize: str = "") -> tuple[Transformer, dict, SPTokenizer]:
+                             quantize: str = "", context: ContextSettings | None = None,
+                             ) -> tuple[Transformer, dict, SPTokenizer]:
     """A checkpoint's model (as load_model) and the tokenizer to read it with, refused together when
     they do not belong together: the checkpoint records another tokenizer's sha256, or the tokenizer
     has more pieces than the model has ids (its ids would index past the embedding). The model decodes
     only the tokenizer's ids. quantize="int8" gives the model int8 weights (quantize.py; for inference)."""
     tokenizer = load_tokenizer(tokenizer_path)
-    model, ckpt = load_model(path, device)
+    model, ckpt = load_model(path, device, context=context)
     if ckpt.get("tokenizer_sha256") not in (None, tokenizer.sha256):
         raise ValueError(f"{path} was trained with another tokenizer than {tokenizer_path}")
     if tokenizer.n_pieces > model.args.vocab_size:
@@ -165,7 +169,27 @@ def load_model_and_tokenizer(path: str, tokenizer_path: str, device: str | torch
 
 
 @dataclass
-class ModelSettings:
+class ContextSettings:
+    """How far a model reads: the window it was trained with, or a longer one with its RoPE scaled
+    (docs/11_long_context.md)."""
+    max_seq_len: SeqLen = 0  # 0: the window the model was trained with
+    rope_scaling: one_of("", "none", *ROPE_SCALINGS[1:]) = ""  # '': the model's own; none: unscaled
+    rope_factor: NonNegativeFloat = 0.0  # 0: max_seq_len / the length the positions were trained at
+
+    def applied(self, args: ModelArgs) -> ModelArgs:
+        """args reading max_seq_len tokens with this scaling; the factor, unless given, stretches the
+        trained length to the window."""
+        trained = args.rope_original_len if args.rope_scaling else args.max_seq_len
+        length = self.max_seq_len or args.max_seq_len
+        scaling = {"": args.rope_scaling, "none": ""}.get(self.rope_scaling, self.rope_scaling)
+        if not scaling:
+            return replace(args, max_seq_len=length, rope_scaling="", rope_factor=1.0, rope_original_len=0)
+        return replace(args, max_seq_len=length, rope_scaling=scaling,
+                       rope_factor=self.rope_factor or max(1.0, length / trained), rope_original_len=trained)
+
+
+@dataclass
+class ModelSettings(ContextSettings):
     """The settings of every command that runs a trained model (chat, serve, the evaluations): a
     command's Config inherits them and may give ckpt another default."""
     ckpt: InputFile = "out/sft/ckpt.pt"  # our ckpt.pt or the seed's .pth
@@ -177,4 +201,4 @@ class ModelSettings:
 def load_for_inference(settings: ModelSettings) -> tuple[Transformer, dict, SPTokenizer]:
     """The model of settings.ckpt on its device (quantized if asked), its checkpoint and its tokenizer."""
     return load_model_and_tokenizer(settings.ckpt, settings.tokenizer, pick_device(settings.device),
-                                    settings.quantize)
+                                    settings.quantize, context=settings)

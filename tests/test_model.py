@@ -139,7 +139,7 @@ def test_loss_ignores_minus_100():
 
 
 def test_rope_rotates_adjacent_pairs_and_is_relative():
-    cos, sin = rope_tables(4, 16, 10000.0)
+    cos, sin = rope_tables(ModelArgs(dim=4, n_heads=1, max_seq_len=16, rope_theta=10000.0))  # head size 4
     x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
     out = apply_rope(x, cos[5:6][None], sin[5:6][None]).flatten()
     a0, a1 = 5.0, 5.0 * 10000 ** (-0.5)  # angles of the two pairs at position 5
