@@ -75,9 +75,8 @@ def option_logprobs(model: Transformer, tok, questions: list[Question], shots: l
     limit = model.args.max_seq_len + 1
     pairs = []  # (question index, option index, inputs, labels)
     for qi, q in enumerate(questions):
-        context, options = choice_texts(q, shots, fmt)
-        for oi, option in enumerate(options):
-            head, tail = request_ids(tok, context, option)
+        head, tails = request_ids(tok, *choice_texts(q, shots, fmt))
+        for oi, tail in enumerate(tails):
             ids = (head + tail)[-limit:]
             n = min(len(tail), len(ids) - 1)
             labels = [IGNORE_INDEX] * (len(ids) - n) + ids[len(ids) - n:]

@@ -115,8 +115,9 @@ def perplexity(model: Transformer, tok, cfg: Config) -> dict:
         windows = bin_windows(cfg.bin, seq_len, cfg.max_windows, tok)
         loss, n = mean_loss(model, windows, cfg.batch_size)
         result["bin"] = {"path": cfg.bin, "tokens": n, "loss": loss, "perplexity": math.exp(loss)}
-        if tokens_per_char(cfg.bin):
-            result["bin"]["bits_per_char"] = loss / math.log(2) * tokens_per_char(cfg.bin)
+        ratio = tokens_per_char(cfg.bin)
+        if ratio:
+            result["bin"]["bits_per_char"] = loss / math.log(2) * ratio
     if cfg.text:
         windows, chars = text_windows(tok, cfg.text, seq_len, cfg.max_windows)
         loss, n = mean_loss(model, windows, cfg.batch_size)
@@ -160,7 +161,7 @@ def by_position(model: Transformer, tok, cfg: Config) -> dict:
     if any(s not in known for s in scalings):
         raise UsageError(f"--scalings={cfg.scalings}: each must be one of {', '.join(known)}")
     args = model.args
-    trained = args.rope_original_len if args.rope_scaling else args.max_seq_len
+    trained = args.trained_len
     longest = cfg.long_context * trained
     if os.path.getsize(cfg.bin) // 2 < longest + 1:  # uint16 ids
         raise ValueError(f"{cfg.bin} holds fewer than {longest + 1:,} tokens, one window of {cfg.long_context} x "

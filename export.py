@@ -79,17 +79,9 @@ def hf_config(args: ModelArgs):
     return LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
                        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                        num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.max_seq_len,
-                       rms_norm_eps=args.norm_eps, rope_theta=exported_rope_theta(args),
+                       rms_norm_eps=args.norm_eps, rope_theta=args.rope_base,  # ntk: the larger base it is
                        rope_scaling=hf_rope_scaling(args), tie_word_embeddings=True,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_bias=False, mlp_bias=False)
-
-
-def exported_rope_theta(args: ModelArgs) -> float:
-    """ntk scaling is a larger base, which every runtime computes without knowing the word."""
-    if args.rope_scaling != "ntk":
-        return args.rope_theta
-    d = args.dim // args.n_heads
-    return args.rope_theta * args.rope_factor ** (d / (d - 2))
 
 
 def hf_rope_scaling(args: ModelArgs) -> dict | None:
@@ -249,7 +241,7 @@ def export_gguf(model: Transformer, tokenizer_path: str, out: str, kind: str = "
     writer.add_head_count(a.n_heads)
     writer.add_head_count_kv(a.n_kv_heads)
     writer.add_layer_norm_rms_eps(a.norm_eps)
-    writer.add_rope_freq_base(exported_rope_theta(a))
+    writer.add_rope_freq_base(a.rope_base)
     if a.rope_scaling in ("linear", "yarn"):
         writer.add_rope_scaling_type(gguf.RopeScalingType(a.rope_scaling))
         writer.add_rope_scaling_factor(a.rope_factor)

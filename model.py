@@ -54,6 +54,19 @@ class ModelArgs:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
+    @property
+    def trained_len(self) -> int:
+        """The length the positions were trained at (the window itself when RoPE is not scaled)."""
+        return self.rope_original_len if self.rope_scaling else self.max_seq_len
+
+    @property
+    def rope_base(self) -> float:
+        """RoPE's base: ntk scaling raises it so that the slowest pair turns rope_factor times slower."""
+        if self.rope_scaling != "ntk":
+            return self.rope_theta
+        d = self.dim // self.n_heads
+        return self.rope_theta * self.rope_factor ** (d / (d - 2))
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -74,9 +87,7 @@ def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
     pair is stretched by the factor and the fastest kept; yarn keeps the pairs that turn many times
     within the trained length, divides those that turn less than once, blends between, and sharpens
     attention by 0.1 ln(factor) + 1 (as transformers and llama.cpp compute it)."""
-    d, base, factor = args.dim // args.n_heads, args.rope_theta, args.rope_factor
-    if args.rope_scaling == "ntk":
-        base *= factor ** (d / (d - 2))
+    d, base, factor = args.dim // args.n_heads, args.rope_base, args.rope_factor
     freqs = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     if args.rope_scaling == "linear":
         return freqs / factor, 1.0

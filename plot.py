@@ -80,13 +80,19 @@ def plot(runs: list[str], out: str, smooth: int, metric: str = "loss",
             ax.plot([t / scale for t, _ in val], [v for _, v in val], "o-", label=f"{name} val")
     ax.set_xlabel(LABELS.get(x, x))
     ax.set_ylabel(LABELS.get(metric, metric))
+    return save(fig, ax, out)
+
+
+def save(fig, ax, out: str) -> dict[str, list[tuple[float, float]]]:
+    """Write the figure; the points of each labelled line, by its label."""
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     print(f"wrote {out}")
-    return {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()}
+    return {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
 
 
 def read_by_position(path: str) -> dict:
@@ -113,14 +119,7 @@ def plot_positions(files: list[str], out: str) -> dict[str, list[tuple[float, fl
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in the window (end of bucket; dashed: the trained length)")
     ax.set_ylabel(r["unit"])
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    print(f"wrote {out}")
-    return {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()
-            if not line.get_label().startswith("_")}
+    return save(fig, ax, out)
 
 
 def main(argv: list[str] | None = None) -> None:

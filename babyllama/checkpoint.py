@@ -179,7 +179,7 @@ class ContextSettings:
     def applied(self, args: ModelArgs) -> ModelArgs:
         """args reading max_seq_len tokens with this scaling; the factor, unless given, stretches the
         trained length to the window."""
-        trained = args.rope_original_len if args.rope_scaling else args.max_seq_len
+        trained = args.trained_len
         length = self.max_seq_len or args.max_seq_len
         scaling = {"": args.rope_scaling, "none": ""}.get(self.rope_scaling, self.rope_scaling)
         if not scaling:

@@ -88,8 +88,8 @@ def encode_marked(tok, text: str) -> list[int]:
     return ids
 
 
-def request_ids(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids): the whole text encoded once and split where the context's ids
-    end (lm-eval's rule), so that a continuation is scored as the tokens running text would have."""
-    whole, head = encode_marked(tok, context + continuation), encode_marked(tok, context)
-    return head, whole[len(head):]
+def request_ids(tok, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
+    """(context ids, each continuation's ids): context + continuation encoded whole and split where the
+    context's ids end (lm-eval's rule), so that a continuation is scored as the tokens running text has."""
+    head = encode_marked(tok, context)
+    return head, [encode_marked(tok, context + c)[len(head):] for c in continuations]

@@ -52,7 +52,7 @@ class Check:
                 return f"must be greater than {_number(self.above)}"
         if isinstance(value, str):
             if self.choices and value not in self.choices:
-                return f"must be one of {', '.join(self.choices)}"
+                return "must be one of " + ", ".join(c or "'' (empty)" for c in self.choices)
             if self.pattern and not re.fullmatch(self.pattern, value):
                 return f"must be {self.expected or self.pattern}"
             return self._path_problem(value, check_files)

@@ -169,6 +169,19 @@ def stage_flags(ckpt, tokenizer, out) -> list[str]:
             "--peak_tflops=1", "--log_interval=1"]
 
 
+def scrambled(args, std: float = 0.05):
+    """A model of args with its matrices drawn at std (seed 0), in eval mode: large enough random weights
+    that its logits and greedy outputs differ from position to position, unlike a fresh tied model's."""
+    from model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+    return model
+
+
 # ---------------------------------------------------------------- a tiny model and batches for the trainer's tests
 
 TRAINER_ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, multiple_of=16)

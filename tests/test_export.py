@@ -6,23 +6,13 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import ROOT, write_corpus
+from conftest import ROOT, scrambled, write_corpus
 
 from babyllama.configurator import read_model_preset
 from export import export_hf, import_hf, permute_from_hf, permute_to_hf
 from model import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")
-
-
-def scrambled(args: ModelArgs) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(args).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05)
-    return model
 
 
 def test_permutation_round_trips():

@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from conftest import POEMS, ROOT
+from conftest import POEMS, ROOT, scrambled
 
 from babyllama.choice import Question, option_characters, write_choice_csv
 from chatglm_tokenizer import load_tokenizer
@@ -31,13 +31,8 @@ def choice_files(folder) -> tuple[list[Question], list[Question]]:
 
 
 def exported(folder, tokenizer: str, vocab_size: int) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=vocab_size, max_seq_len=128,
-                                  multiple_of=16)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
+    model = scrambled(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=vocab_size, max_seq_len=128,
+                                multiple_of=16), 0.1)
     export_hf(model, tokenizer, str(folder / "hf"))
     return model
 

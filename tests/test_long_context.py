@@ -7,26 +7,16 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
-from conftest import ROOT, pretrain_command, run_ok
+from conftest import ROOT, pretrain_command, run_ok, scrambled
 
 from babyllama.checkpoint import ContextSettings, load_model
-from model import KVCache, ModelArgs, Transformer, rope_frequencies
+from model import KVCache, ModelArgs, rope_frequencies
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=32, multiple_of=16)
 
 
 def scaled(kind: str, factor: float = 4.0, length: int = 128, args: ModelArgs = ARGS) -> ModelArgs:
     return replace(args, max_seq_len=length, rope_scaling=kind, rope_factor=factor, rope_original_len=args.max_seq_len)
-
-
-def scrambled(args: ModelArgs) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(args).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    return model
 
 
 def test_linear_and_ntk_frequencies_by_hand():
@@ -83,7 +73,7 @@ def test_settings_load_a_longer_window():
 
 @pytest.mark.parametrize("kind", ["linear", "ntk", "yarn"])
 def test_cached_logits_equal_full_forward_past_the_trained_length(kind):
-    model = scrambled(scaled(kind, length=96))
+    model = scrambled(scaled(kind, length=96), 0.1)
     tokens = torch.randint(0, 300, (2, 90))
     full, _ = model(tokens)
     cache = KVCache(model.args, 2, 90, "cpu", torch.float32)
@@ -98,7 +88,7 @@ def test_cached_logits_equal_full_forward_past_the_trained_length(kind):
 def test_transformers_gives_our_logits_when_scaled(tmp_path, kind):
     transformers = pytest.importorskip("transformers")
     from export import export_hf, import_hf
-    model = scrambled(scaled(kind, length=128))
+    model = scrambled(scaled(kind, length=128), 0.1)
     export_hf(model, None, str(tmp_path / "hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     x = torch.randint(3, 300, (1, 120))
@@ -118,7 +108,7 @@ def test_transformers_gives_our_logits_when_scaled(tmp_path, kind):
 def test_gguf_carries_the_scaling(tmp_path, small_tokenizer):
     gguf = pytest.importorskip("gguf")
     from export import export_gguf
-    model = scrambled(scaled("yarn", length=128, args=replace(ARGS, vocab_size=600)))
+    model = scrambled(scaled("yarn", length=128, args=replace(ARGS, vocab_size=600)), 0.1)
     export_gguf(model, small_tokenizer, str(tmp_path / "m.gguf"))
     fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
 
@@ -126,7 +116,7 @@ def test_gguf_carries_the_scaling(tmp_path, small_tokenizer):
         return fields[key].contents()
     assert value("llama.rope.scaling.type") == "yarn" and value("llama.rope.scaling.factor") == 4.0
     assert value("llama.rope.scaling.original_context_length") == 32 and value("llama.context_length") == 128
-    ntk = scrambled(scaled("ntk", length=128, args=replace(ARGS, vocab_size=600)))
+    ntk = scrambled(scaled("ntk", length=128, args=replace(ARGS, vocab_size=600)), 0.1)
     export_gguf(ntk, small_tokenizer, str(tmp_path / "n.gguf"))
     fields = gguf.GGUFReader(str(tmp_path / "n.gguf")).fields
     assert value("llama.rope.freq_base") == pytest.approx(10000 * 4 ** (16 / 14), rel=1e-6)
@@ -174,7 +164,7 @@ def test_long_context_needs_a_long_enough_file(tmp_path, corpus, small_tokenizer
 
 
 def test_checkpoints_without_scaling_fields_still_load(tmp_path):
-    model = scrambled(ARGS)
+    model = scrambled(ARGS, 0.1)
     old = {k: v for k, v in asdict(ARGS).items() if not k.startswith("rope_") or k == "rope_theta"}
     torch.save({"model": model.state_dict(), "model_args": old}, tmp_path / "old.pt")
     loaded, _ = load_model(str(tmp_path / "old.pt"), context=ContextSettings(max_seq_len=64, rope_scaling="yarn"))

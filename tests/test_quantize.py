@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import scrambled
 
 from babyllama.quantize import Int8Linear, quantize_int8
 from model import ModelArgs, Transformer
@@ -21,14 +22,7 @@ def quantized(model: Transformer) -> Transformer:
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    args = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=500, max_seq_len=64, multiple_of=32)
-    m = Transformer(args).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    return m
+    return scrambled(ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=500, max_seq_len=64, multiple_of=32), 0.1)
 
 
 def test_int8_linear_is_within_half_a_step():
