@@ -74,14 +74,33 @@ def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, d // 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
+def hf_architecture(args: ModelArgs) -> str:
+    """The transformers model type that computes what ours does: llama for a dense model; for a mixture of
+    experts mixtral (softmax router, top-k renormalised) when it has no shared experts and k > 1, else
+    qwen2_moe (its top-k weights renormalised or not; its shared expert behind a sigmoid gate that is set
+    to a constant, or zero when we have none)."""
+    if not args.n_experts:
+        return "llama"
+    return "mixtral" if not args.n_shared_experts and args.n_active_experts > 1 else "qwen2_moe"
+
+
 def hf_config(args: ModelArgs):
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-                       num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                       num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.max_seq_len,
-                       rms_norm_eps=args.norm_eps, rope_theta=args.rope_base,  # ntk: the larger base it is
-                       rope_scaling=hf_rope_scaling(args), tie_word_embeddings=True,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_bias=False, mlp_bias=False)
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
+    common = dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
+                  num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                  num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.max_seq_len,
+                  rms_norm_eps=args.norm_eps, rope_theta=args.rope_base,  # ntk: the larger base it is
+                  rope_scaling=hf_rope_scaling(args), tie_word_embeddings=True,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kind = hf_architecture(args)
+    if kind == "llama":
+        return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+    if kind == "mixtral":
+        return MixtralConfig(**common, num_local_experts=args.n_experts, num_experts_per_tok=args.n_active_experts)
+    return Qwen2MoeConfig(**common, moe_intermediate_size=args.hidden_dim, num_experts=args.n_experts,
+                          num_experts_per_tok=args.n_active_experts, norm_topk_prob=args.n_active_experts > 1,
+                          shared_expert_intermediate_size=max(1, args.n_shared_experts * args.hidden_dim),
+                          qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[])
 
 
 def hf_rope_scaling(args: ModelArgs) -> dict | None:
@@ -115,6 +134,7 @@ HF_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn
                   "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
                   "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
                   "ffn_norm": "post_attention_layernorm"}
+DENSE_ONLY = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # a mixture of experts maps its own
 
 
 def _heads(name: str, args: ModelArgs) -> int | None:
@@ -122,34 +142,91 @@ def _heads(name: str, args: ModelArgs) -> int | None:
     return {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}.get(name)
 
 
+def _layer_names(args: ModelArgs) -> dict[str, str]:
+    return {k: v for k, v in HF_LAYER_NAMES.items() if not (args.n_experts and k in DENSE_ONLY)}
+
+
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     a, sd = model.args, model.state_dict()
     out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
            "lm_head.weight": sd["output.weight"]}
     for i in range(a.n_layers):
-        for ours, theirs in HF_LAYER_NAMES.items():
+        for ours, theirs in _layer_names(a).items():
             w = sd[f"layers.{i}.{ours}.weight"]
             heads = _heads(ours, a)
             out[f"model.layers.{i}.{theirs}.weight"] = permute_to_hf(w, heads) if heads else w
+        if a.n_experts:
+            out.update(experts_to_hf(sd, i, a))
     return out
 
 
-def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def experts_to_hf(sd: dict[str, torch.Tensor], i: int, a: ModelArgs) -> dict[str, torch.Tensor]:
+    """A block's router and experts as transformers (5 and later) holds them: each expert's w1 and w3
+    stacked as gate_up_proj (experts, 2 x hidden, dim), its w2 as down_proj; qwen2_moe's shared expert
+    (ours, or zero when we have none) with its gate at zero, so a constant sigmoid(0) = 1/2 that the
+    doubled down projection undoes exactly."""
+    ours, theirs = f"layers.{i}.feed_forward", f"model.layers.{i}.mlp"
+    experts = [f"{ours}.experts.{e}" for e in range(a.n_experts)]
+    out = {f"{theirs}.gate.weight": sd[f"{ours}.router.weight"],
+           f"{theirs}.experts.gate_up_proj": torch.stack([torch.cat([sd[f"{e}.w1.weight"], sd[f"{e}.w3.weight"]])
+                                                          for e in experts]),
+           f"{theirs}.experts.down_proj": torch.stack([sd[f"{e}.w2.weight"] for e in experts])}
+    if hf_architecture(a) == "qwen2_moe":
+        if a.n_shared_experts:
+            shared = {name: sd[f"{ours}.shared.{w}.weight"]
+                      for w, name in (("w1", "gate"), ("w3", "up"), ("w2", "down"))}
+        else:
+            shared = {"gate": torch.zeros(1, a.dim), "up": torch.zeros(1, a.dim), "down": torch.zeros(a.dim, 1)}
+        out |= {f"{theirs}.shared_expert.{name}_proj.weight": w * 2 if name == "down" else w
+                for name, w in shared.items()}
+        out[f"{theirs}.shared_expert_gate.weight"] = torch.zeros(1, a.dim)
+    return out
+
+
+def experts_from_hf(sd: dict[str, torch.Tensor], i: int, a: ModelArgs, folder: str) -> dict[str, torch.Tensor]:
+    """experts_to_hf backwards; a qwen2_moe shared-expert gate that is not zero (a constant) has no equal here."""
+    ours, theirs = f"layers.{i}.feed_forward", f"model.layers.{i}.mlp"
+    gate_up, down = sd[f"{theirs}.experts.gate_up_proj"], sd[f"{theirs}.experts.down_proj"]
+    out = {f"{ours}.router.weight": sd[f"{theirs}.gate.weight"]}
+    for e in range(a.n_experts):
+        out[f"{ours}.experts.{e}.w1.weight"], out[f"{ours}.experts.{e}.w3.weight"] = gate_up[e].chunk(2)
+        out[f"{ours}.experts.{e}.w2.weight"] = down[e]
+    if f"{theirs}.shared_expert_gate.weight" in sd:
+        shared = {w: sd[f"{theirs}.shared_expert.{name}_proj.weight"] for w, name in (("w1", "gate"), ("w3", "up"),
+                                                                                        ("w2", "down"))}
+        if sd[f"{theirs}.shared_expert_gate.weight"].any() or not a.n_shared_experts and shared["w2"].any():
+            raise UsageError(f"--import_from={folder}: layer {i}'s shared expert has a learned gate or a width of 1; "
+                             "only a constant gate (zero weights, as export.py writes) has an equal here")
+        if a.n_shared_experts:
+            out |= {f"{ours}.shared.{w}.weight": weight / 2 if w == "w2" else weight for w, weight in shared.items()}
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, folder: str = "") -> dict[str, torch.Tensor]:
     out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
     out["output.weight"] = sd.get("lm_head.weight", out["tok_embeddings.weight"])
     for i in range(args.n_layers):
-        for ours, theirs in HF_LAYER_NAMES.items():
+        for ours, theirs in _layer_names(args).items():
             w = sd[f"model.layers.{i}.{theirs}.weight"]
             heads = _heads(ours, args)
             out[f"layers.{i}.{ours}.weight"] = permute_from_hf(w, heads) if heads else w
+        if args.n_experts:
+            out.update(experts_from_hf(sd, i, args, folder))
     return out
 
 
 def export_hf(model: Transformer, tokenizer_path: str | None, out: str) -> None:
     """Write out/ as a transformers folder: config, model.safetensors, generation config, tokenizer."""
-    from transformers import GenerationConfig, LlamaForCausalLM
-    hf = LlamaForCausalLM(hf_config(model.args))
-    hf.load_state_dict(to_hf_state_dict(model), strict=True)
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    hf = AutoModelForCausalLM.from_config(hf_config(model.args))
+    try:
+        hf.load_state_dict(to_hf_state_dict(model), strict=True)
+    except RuntimeError as e:
+        if not model.args.n_experts:
+            raise
+        import transformers
+        raise UsageError(f"transformers {transformers.__version__} keeps a mixture of experts' weights another way: "
+                         "the export needs transformers 5 or later (experts stacked in 3-d tensors)") from e
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -232,6 +309,10 @@ def export_gguf(model: Transformer, tokenizer_path: str, out: str, kind: str = "
     import gguf
 
     a, tok = model.args, load_tokenizer(tokenizer_path)
+    if a.n_experts and hf_architecture(a) != "mixtral":
+        raise UsageError("llama.cpp's Llama architecture routes like Mixtral only (no shared experts, several experts "
+                         "a token, their weights renormalised): this mixture of experts has no GGUF equal; export it "
+                         "for transformers (without --gguf)")
     writer = gguf.GGUFWriter(out + ".tmp", "llama")
     writer.add_name("baby-llama2-chinese")
     writer.add_context_length(a.max_seq_len)
@@ -240,6 +321,9 @@ def export_gguf(model: Transformer, tokenizer_path: str, out: str, kind: str = "
     writer.add_feed_forward_length(a.hidden_dim)
     writer.add_head_count(a.n_heads)
     writer.add_head_count_kv(a.n_kv_heads)
+    if a.n_experts:
+        writer.add_expert_count(a.n_experts)
+        writer.add_expert_used_count(a.n_active_experts)
     writer.add_layer_norm_rms_eps(a.norm_eps)
     writer.add_rope_freq_base(a.rope_base)
     if a.rope_scaling in ("linear", "yarn"):
@@ -295,11 +379,20 @@ def add_gguf_tensor(writer, name: str, data, kind: str) -> None:
 
 
 def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
+    """Our weights under llama.cpp's names; a mixture of experts' router as ffn_gate_inp and its experts'
+    matrices stacked, one 3-d tensor per kind (ffn_gate_exps, ffn_up_exps, ffn_down_exps), as Mixtral's."""
+    a, sd = model.args, model.state_dict()
     out = {"token_embd.weight": sd["tok_embeddings.weight"], "output_norm.weight": sd["norm.weight"]}
-    for i in range(model.args.n_layers):
+    for i in range(a.n_layers):
         for ours, theirs in GGUF_NAMES.items():
-            out[f"blk.{i}.{theirs}.weight"] = sd[f"layers.{i}.{ours}.weight"]
+            if not (a.n_experts and ours in DENSE_ONLY):
+                out[f"blk.{i}.{theirs}.weight"] = sd[f"layers.{i}.{ours}.weight"]
+        if a.n_experts:
+            ours = f"layers.{i}.feed_forward"
+            out[f"blk.{i}.ffn_gate_inp.weight"] = sd[f"{ours}.router.weight"]
+            for w, name in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
+                out[f"blk.{i}.{name}.weight"] = torch.stack([sd[f"{ours}.experts.{e}.{w}.weight"]
+                                                             for e in range(a.n_experts)])
     return out
 
 
@@ -335,6 +428,9 @@ def export_peft(ckpt_path: str, tokenizer_path: str | None, out: str) -> None:
         raise UsageError(f"--ckpt={ckpt_path} has no LoRA adapters (a run of sft.py --lora=true has); "
                          "export it without --peft")
     lora, args = ckpt["lora"], ModelArgs(**ckpt["model_args"])
+    if args.n_experts and set(lora["targets"]) & {"w1", "w2", "w3"}:
+        raise UsageError(f"--ckpt={ckpt_path} has LoRA adapters on a mixture of experts' feed-forward, which PEFT "
+                         "cannot hold for transformers' stacked experts; export it merged (without --peft)")
     model = Transformer(args)
     apply_lora(model, **lora)
     state = clean_state_dict(ckpt["model"])
@@ -390,6 +486,27 @@ def import_peft(folder: str, model: Transformer) -> dict:
     return lora
 
 
+def feed_forward_from_hf(config, folder: str) -> dict:
+    """Our feed-forward settings from a llama, mixtral or qwen2_moe config; what ours cannot compute is refused."""
+    kind = config.model_type
+    if kind == "llama":
+        return {"hidden_dim": config.intermediate_size}
+    if kind == "mixtral":
+        return {"hidden_dim": config.intermediate_size, "n_experts": config.num_local_experts,
+                "n_active_experts": config.num_experts_per_tok}
+    if kind != "qwen2_moe":
+        raise ValueError(f"{folder} holds a {kind} model; only llama, mixtral and qwen2_moe folders convert")
+    k, hidden, shared = config.num_experts_per_tok, config.moe_intermediate_size, config.shared_expert_intermediate_size
+    checks = (("qkv_bias", not config.qkv_bias), ("decoder_sparse_step", config.decoder_sparse_step == 1),
+              ("mlp_only_layers", not config.mlp_only_layers), ("norm_topk_prob", config.norm_topk_prob == (k > 1)),
+              ("shared_expert_intermediate_size", shared == 1 or shared % hidden == 0))
+    differs = [name for name, ok in checks if not ok]
+    if differs:
+        raise ValueError(f"{folder}: a qwen2_moe model whose {', '.join(differs)} has no equal here")
+    return {"hidden_dim": hidden, "n_experts": config.num_experts, "n_active_experts": k,
+            "n_shared_experts": 0 if shared == 1 else shared // hidden}
+
+
 def import_hf(folder: str) -> Transformer:
     """Our model from a transformers Llama folder (tied or not; ours are tied)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -400,18 +517,16 @@ def import_hf(folder: str) -> Transformer:
         config = AutoConfig.from_pretrained(folder)
     except OSError as e:
         raise UsageError(f"--import_from={folder}: {str(e).splitlines()[0]}") from None
-    if config.model_type != "llama":
-        raise ValueError(f"{folder} holds a {config.model_type} model; only Llama folders convert")
     args = ModelArgs(dim=config.hidden_size, n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
                      n_kv_heads=config.num_key_value_heads, vocab_size=config.vocab_size,
-                     hidden_dim=config.intermediate_size, norm_eps=config.rms_norm_eps,
-                     max_seq_len=config.max_position_embeddings, **rope_from_hf(config, folder))
+                     norm_eps=config.rms_norm_eps, max_seq_len=config.max_position_embeddings,
+                     **feed_forward_from_hf(config, folder), **rope_from_hf(config, folder))
     try:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except OSError as e:  # config.json without the weights
         raise UsageError(f"--import_from={folder}: {str(e).splitlines()[0]}") from None
     model = Transformer(args)
-    model.load_state_dict(from_hf_state_dict(hf.state_dict(), args), strict=True)
+    model.load_state_dict(from_hf_state_dict(hf.state_dict(), args, folder), strict=True)
     return model.eval()
 
 

@@ -36,6 +36,11 @@ class ModelArgs:
     rope_scaling: str = ""
     rope_factor: float = 1.0
     rope_original_len: int = 0
+    # Mixture of experts (docs/12_moe.md): each block's feed-forward becomes n_experts SwiGLUs of hidden_dim, each
+    # token routed to n_active_experts of them, plus n_shared_experts that every token goes through; 0: dense
+    n_experts: int = 0
+    n_active_experts: int = 1
+    n_shared_experts: int = 0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -50,6 +55,10 @@ class ModelArgs:
         if self.rope_scaling and (self.rope_factor < 1 or self.rope_original_len < 1):
             raise ValueError(f"rope_scaling={self.rope_scaling} needs rope_factor >= 1 and the trained length "
                              f"rope_original_len (got {self.rope_factor}, {self.rope_original_len})")
+        if self.n_experts and not 1 <= self.n_active_experts <= self.n_experts or min(self.n_experts,
+                                                                                        self.n_shared_experts) < 0:
+            raise ValueError(f"n_active_experts {self.n_active_experts} must be between 1 and n_experts "
+                             f"{self.n_experts}, and n_shared_experts {self.n_shared_experts} not negative")
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
@@ -242,15 +251,105 @@ def causal_attention_by_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs, hidden_dim: int | None = None):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        hidden_dim = hidden_dim or args.hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden_dim, bias=False)
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Router(nn.Module):
+    """Each token's probability over the experts: a softmax of a linear map, in float32 (in bfloat16 close
+    scores would tie and the choice would flip between runs). Not an nn.Linear, so that LoRA and int8
+    leave it alone."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(args.n_experts, args.dim))
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float()).softmax(-1)
+
+
+class MoEFeedForward(nn.Module):
+    """A mixture of experts: the router sends each token to its n_active_experts most probable experts,
+    whose outputs are summed weighted by those probabilities (renormalised to sum to 1 when there are
+    several; with one, the raw probability, so that the router learns from the loss), plus the shared
+    experts every token goes through. No token is dropped: each expert takes all the tokens sent to it.
+
+    In training it records, for each forward, the balance loss (balance_loss) and each expert's share of
+    the routed tokens, for the trainer to add and log (routing_stats)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_active = args.n_active_experts
+        self.router = Router(args)
+        self.experts = nn.ModuleList(FeedForward(args) for _ in range(args.n_experts))
+        # Several shared experts are one SwiGLU as wide as all of them (a sum of SwiGLUs is one).
+        self.shared = FeedForward(args, args.n_shared_experts * args.hidden_dim) if args.n_shared_experts else None
+        self.balance_losses: list[torch.Tensor] = []
+        self.expert_shares: list[torch.Tensor] = []
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probabilities (N, n_experts), chosen experts (N, k), their weights (N, k)) of tokens x (N, dim)."""
+        probs = self.router(x)
+        weights, chosen = probs.topk(self.n_active, dim=-1)
+        if self.n_active > 1:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return probs, chosen, weights
+
+    @torch.compiler.disable  # the experts' row counts change every batch: compiled, each would recompile
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs, chosen, weights = self.route(flat)
+        # The (token, expert) pairs sorted by expert: one gather, each expert a contiguous slice, one
+        # scatter back. Every expert runs, on no rows if no token chose it, so that each has a gradient
+        # on every process (DDP waits for all of them).
+        order = chosen.flatten().argsort(stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts))
+        tokens = order // self.n_active
+        routed = flat.index_select(0, tokens).split(counts.tolist())  # its backward: one index_add
+        outputs = torch.cat([expert(rows) for expert, rows in zip(self.experts, routed)])
+        outputs = outputs * weights.flatten()[order, None].to(outputs.dtype)
+        out = torch.zeros_like(flat).index_add(0, tokens, outputs.to(flat.dtype))
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        if self.training and torch.is_grad_enabled():
+            self.balance_losses.append(balance_loss(probs.view(*x.shape[:-1], -1), chosen.view(*x.shape[:-1], -1)))
+            self.expert_shares.append(counts.float() / chosen.numel())
+        return out.view_as(x)
+
+
+def balance_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The mean over sequences of n_experts * sum over experts of (the expert's share of the sequence's
+    (token, expert) pairs) * (its mean probability over the sequence), for probs (B, T, n_experts) and
+    chosen (B, T, k): 1 when every sequence spreads evenly, n_experts when one expert takes all. Per
+    sequence (as DeepSeek-V3's sequence-wise loss), so that the batch's loss is the mean of its sequences':
+    split over micro-batches or processes, it stays the same."""
+    n_experts = probs.shape[-1]
+    picked = F.one_hot(chosen, n_experts).flatten(1, 2).float().mean(1)  # (B, n_experts): shares per sequence
+    return n_experts * (picked * probs.mean(1)).sum(-1).mean()
+
+
+def routing_stats(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the balance loss, each expert's share of the routed tokens), averaged over the MoE layers and the
+    training forwards since the last call; None when there were none (a dense model). Clears them."""
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.balance_losses]
+    if not layers:
+        return None
+    loss = torch.stack([x for m in layers for x in m.balance_losses]).mean()
+    shares = torch.stack([x for m in layers for x in m.expert_shares]).mean(0)
+    for m in layers:
+        m.balance_losses, m.expert_shares = [], []
+    return loss, shares
 
 
 class TransformerBlock(nn.Module):
@@ -258,7 +357,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -282,13 +381,19 @@ def init_residual_projections(model: Transformer, scheme: str) -> None:
     stds = {"seed": {"wo": small, "w3": small},  # w2 left as drawn
             "gpt2": {"wo": small, "w2": small, "w3": 0.02}, "zero": {"wo": 0.0, "w2": 0.0, "w3": 0.02}}[scheme]
     for layer in model.layers:
-        weights = {"wo": layer.attention.wo.weight, "w2": layer.feed_forward.w2.weight,
-                   "w3": layer.feed_forward.w3.weight}
+        weights = {"wo": [layer.attention.wo.weight], "w2": [f.w2.weight for f in feed_forwards(layer)],
+                   "w3": [f.w3.weight for f in feed_forwards(layer)]}
         for name, std in stds.items():
-            if std:
-                nn.init.normal_(weights[name], mean=0.0, std=std)
-            else:
-                nn.init.zeros_(weights[name])
+            for weight in weights[name]:
+                if std:
+                    nn.init.normal_(weight, mean=0.0, std=std)
+                else:
+                    nn.init.zeros_(weight)
+
+
+def feed_forwards(layer: TransformerBlock) -> list[FeedForward]:
+    """A block's SwiGLUs: its feed-forward, or its experts and shared experts."""
+    return [m for m in layer.feed_forward.modules() if isinstance(m, FeedForward)]
 
 
 class Transformer(nn.Module):
@@ -321,10 +426,17 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n + self.output.weight.numel() if count_tied_twice else n
 
+    def num_active_params(self) -> int:
+        """Parameters a token goes through: of an MoE's experts, only the n_active_experts it is sent to."""
+        a = self.args
+        idle = a.n_layers * (a.n_experts - a.n_active_experts) * 3 * a.dim * a.hidden_dim if a.n_experts else 0
+        return self.num_params() - idle
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T d."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T d, N the active
+        parameters (an MoE's idle experts do no work for the token)."""
         # Every parameter is a matmul weight once (the embedding lookup is free, its tied twin the output is not).
-        return 6 * self.num_params() + 12 * self.args.n_layers * seq_len * self.args.dim
+        return 6 * self.num_active_params() + 12 * self.args.n_layers * seq_len * self.args.dim
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | SlotKVCache | None = None, pad_left: torch.Tensor | None = None,

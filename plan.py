@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.checkpoint_activations:  # the blocks' forward runs twice: a third of their FLOPs more
             flops_per_token += (flops_per_token - 6 * args.vocab_size * args.dim) / 3
         print(f"{cfg.model}: {model.num_params() / 1e6:.1f}M parameters "
-              f"({model.num_params(count_tied_twice=True) / 1e6:.1f}M counting the tied embedding twice), "
-              f"{T} tokens a sequence, {flops_per_token:.3g} training FLOPs a token"
+              f"({model.num_params(count_tied_twice=True) / 1e6:.1f}M counting the tied embedding twice"
+              + (f"; {model.num_active_params() / 1e6:.1f}M active: {args.n_active_experts} of {args.n_experts} "
+                 "experts a token" if args.n_experts else "")
+              + f"), {T} tokens a sequence, {flops_per_token:.3g} training FLOPs a token"
               + (" (the blocks' forward twice: activation checkpointing)" if cfg.checkpoint_activations else ""))
 
         capacity = (gpu.memory_gib - cfg.reserve_gib) * 2**30

@@ -46,11 +46,17 @@ def gpu_of_device_name(device_name: str) -> GPU | None:
     return None
 
 
+def block_params(args: ModelArgs) -> int:
+    """The weight matrices of one block: attention, and the feed-forward or every expert, the shared ones
+    and the router."""
+    d, kv = args.dim, args.n_kv_heads * (args.dim // args.n_heads)
+    feed_forwards = args.n_experts + args.n_shared_experts if args.n_experts else 1
+    return 2 * d * d + 2 * d * kv + 3 * d * args.hidden_dim * feed_forwards + args.n_experts * d
+
+
 def n_params(args: ModelArgs) -> int:
     """Unique parameters of our Transformer (the embedding is tied to the output)."""
-    d, kv = args.dim, args.n_kv_heads * (args.dim // args.n_heads)
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * args.hidden_dim + 2 * d
-    return args.vocab_size * d + args.n_layers * per_layer + d
+    return args.vocab_size * args.dim + args.n_layers * (block_params(args) + 2 * args.dim) + args.dim
 
 
 def layer_activation_bytes_per_token(args: ModelArgs, seq_len: int, dtype_bytes: int, matmul_attention: bool) -> float:
@@ -58,11 +64,16 @@ def layer_activation_bytes_per_token(args: ModelArgs, seq_len: int, dtype_bytes:
     them: the float32 residual stream and each RMSNorm's float32 normalised input (4 x dim each), the
     half-precision inputs autocast makes for the projections, q and k after RoPE, v, the attention output
     and its reshaped copy, and the feed-forward's four hidden-size tensors (w1 x, its SiLU, w3 x, their
-    product). Flash attention adds its float32 log-sum-exp per head; the written-out attention (model.py's
-    choice on a CPU in bf16) keeps the probabilities, seq_len per head."""
+    product), for each expert the token goes through; an MoE also keeps, per routed copy of the token, its
+    gathered input and the expert's output, and the router's float32 probabilities.
+    Flash attention adds its float32 log-sum-exp per head; the written-out attention (model.py's choice on
+    a CPU in bf16) keeps the probabilities, seq_len per head."""
     d, h, heads = args.dim, args.hidden_dim, args.n_heads
     kv = args.n_kv_heads * (d // heads)
     per_layer = 16 * d + dtype_bytes * (5 * d + 2 * kv + 4 * h)
+    if args.n_experts:
+        k = args.n_active_experts
+        per_layer += dtype_bytes * (4 * h * (k + args.n_shared_experts - 1) + 2 * d * k) + 8 * args.n_experts
     return per_layer + (dtype_bytes * heads * seq_len if matmul_attention else 4 * heads)
 
 
@@ -118,9 +129,7 @@ def training_memory(args: ModelArgs, micro_batch: int, seq_len: int, dtype: str 
     dtype_bytes = 2 if half else 4
     p = n_params(args)
     shard = processes if fsdp else 1
-    d = args.dim
-    block = 2 * d * d + 2 * d * args.n_kv_heads * (d // args.n_heads) + 3 * d * args.hidden_dim
-    gathered = 4 * block if fsdp and processes > 1 else 0  # one block's full weights at a time
+    gathered = 4 * block_params(args) if fsdp and processes > 1 else 0  # one block's full weights at a time
     tokens = micro_batch * seq_len
     activations = tokens * activation_bytes_per_token(args, seq_len, dtype_bytes, matmul_attention,
                                                       checkpoint_activations)

@@ -63,6 +63,7 @@ from babyllama.muon import MuonAdamW
 from babyllama.precision import autocast, measure_peak_flops, resolve_dtype
 from babyllama.schedule import Schedule
 from babyllama.trackers import Tracker, open_trackers, scalars_of
+from model import routing_stats
 
 C = TypeVar("C", bound="TrainConfig")
 
@@ -71,14 +72,16 @@ C = TypeVar("C", bound="TrainConfig")
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                    device: str, kind: str = "adamw") -> torch.optim.Optimizer:
     """AdamW (the fused kernel on CUDA, CPU and Apple GPUs: on a CPU many times faster than the foreach
-    kernels), or with kind="muon" Muon for the blocks' weight matrices and AdamW for the rest (muon.py).
+    kernels), or with kind="muon" Muon for the blocks' weight matrices (not a router's: its rows are one
+    score each, not a map to orthogonalize) and AdamW for the rest (muon.py).
     Matrices decay, norms and biases do not. The groups keep the parameters' order, which checkpoints of
     the optimizer's state rely on."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # a tied embedding once
     matrices, no_decay = [(n, p) for n, p in named if p.dim() >= 2], [p for _, p in named if p.dim() < 2]
     if kind == "muon":
-        groups = [{"params": [p for n, p in matrices if n.startswith("layers.")], "muon": True},
-                  {"params": [p for n, p in matrices if not n.startswith("layers.")]}]
+        orthogonalized = [n.startswith("layers.") and not n.endswith("router.weight") for n, _ in matrices]
+        groups = [{"params": [p for (_, p), o in zip(matrices, orthogonalized) if o], "muon": True},
+                  {"params": [p for (_, p), o in zip(matrices, orthogonalized) if not o]}]
         groups = [{**g, "weight_decay": weight_decay} for g in groups] + [{"params": no_decay, "weight_decay": 0.0}]
         return MuonAdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
     groups = [{"params": [p for _, p in matrices], "weight_decay": weight_decay},
@@ -210,6 +213,7 @@ class TrainConfig:
     max_nonfinite_in_a_row: Positive = 10  # stop the run after this many non-finite losses in a row
     loss_chunk: NonNegative = 0  # positions per chunk of the output layer's loss (never the whole logits); 0: off
     checkpoint_activations: bool = False  # keep only each block's input, recompute the rest in the backward
+    moe_balance: NonNegativeFloat = 0.01  # weight of a mixture of experts' balance loss (docs/12_moe.md); 0: none
 
 
 @contextlib.contextmanager
@@ -325,12 +329,14 @@ class Trainer:
             if self.cfg.fsdp and last:
                 self.raw_model.set_requires_gradient_sync(True)
             with self._sync_context(last):
+                routing_stats(self.raw_model)  # drop what a backward's recomputation (checkpoint_activations) recorded
                 with autocast(self.dist.device, self.dtype):
                     out = loss_fn(self.model, batch)
                     loss, reported = out if isinstance(out, tuple) else (out, {})
                     loss = loss / len(micro_batches)
-                finite &= bool(torch.isfinite(loss))
-                self.scaler.scale(loss).backward()
+                    objective, reported = self._with_balance(loss, reported, len(micro_batches))
+                finite &= bool(torch.isfinite(objective))
+                self.scaler.scale(objective).backward()
             total += float(loss.detach())
             for name, value in reported.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value) / len(micro_batches)
@@ -346,6 +352,17 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         metrics = {name: all_reduce_mean(value, self.dist) for name, value in sorted(metrics.items())}
         return StepStats(all_reduce_mean(total, self.dist), lr, float(norm), False, metrics)
+
+    def _with_balance(self, loss: torch.Tensor, reported: dict, micro_steps: int) -> tuple[torch.Tensor, dict]:
+        """loss plus a mixture of experts' balance loss (weighted by moe_balance), and the metrics with it and
+        each expert's share of the tokens; loss and metrics as they were for a dense model."""
+        stats = routing_stats(self.raw_model)
+        if stats is None:
+            return loss, reported
+        balance, shares = stats
+        reported = {**reported, "balance_loss": balance.detach(),
+                    **{f"expert_share_{i:02d}": share for i, share in enumerate(shares.tolist())}}
+        return loss + self.cfg.moe_balance * balance / micro_steps, reported
 
     def _skip(self, lr: float) -> StepStats:
         """A non-finite loss: drop the gradients, keep the weights, count it; many in a row stop the run."""
@@ -537,6 +554,13 @@ def validation_loss(trainer: Trainer, n_items: int, batch_of: Callable[[list[int
     return all_reduce_mean(sum(losses) / len(losses), dist)
 
 
+def metrics_line(metrics: dict[str, float]) -> str:
+    """A step's metrics for the console; the experts' shares of the tokens as one group."""
+    shares = [v for k, v in metrics.items() if k.startswith("expert_share_")]
+    line = "".join(f" {k} {v:.3f}" for k, v in metrics.items() if not k.startswith("expert_share_"))
+    return line + (f" experts {'/'.join(f'{v:.2f}' for v in shares)}" if shares else "")
+
+
 def train_loop(training: Training, next_batches: Callable[[], tuple[list[Any], int]],
                loss_fn: Callable[[torch.nn.Module, Any], Any], evaluate: Callable[[], dict[str, float]] | None = None,
                own_state: Callable[[], dict] | None = None) -> None:
@@ -606,7 +630,7 @@ def train_loop(training: Training, next_batches: Callable[[], tuple[list[Any], i
                 total = "?" if budget.pending else schedule.max_steps  # the budget has not set it yet
                 console = (f"step {step}/{total} loss {stats.loss:.4f} lr {stats.lr:.2e} "
                            f"{speed:,.0f} tok/s MFU {100 * record['mfu']:.1f}% ETA {eta / 60:.1f} min"
-                           + "".join(f" {k} {v:.3f}" for k, v in stats.metrics.items()))
+                           + metrics_line(stats.metrics))
             eval_s = 0.0
             if evaluate is not None and not stats.skipped and (
                     step % cfg.eval_interval == 0 or done or over_time or fit_now):

@@ -187,11 +187,11 @@ def scrambled(args, std: float = 0.05):
 TRAINER_ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, multiple_of=16)
 
 
-def fresh_model(seed=0):
-    """The tiny model with the weights of seed."""
+def fresh_model(seed=0, **overrides):
+    """The tiny model with the weights of seed (overrides: other ModelArgs, e.g. experts)."""
     from model import ModelArgs, Transformer
     torch.manual_seed(seed)
-    return Transformer(ModelArgs(**TRAINER_ARGS))
+    return Transformer(ModelArgs(**{**TRAINER_ARGS, **overrides}))
 
 
 def batch(seed, n):
