@@ -18,7 +18,8 @@ model and lora/ a PEFT adapter (`PeftModel.from_pretrained(base, "out/hf_lora/lo
 --peft_adapter reads such an adapter (ours or one trained with peft on our exported base) back into a
 LoRA ckpt.pt.
 
-The model is a plain `LlamaForCausalLM` (safetensors, tied embeddings). Our RoPE rotates adjacent
+The model is a plain `LlamaForCausalLM` (safetensors, tied embeddings); a mixture of experts is a
+`MixtralForCausalLM` or a `Qwen2MoeForCausalLM` (hf_architecture, docs/12_moe.md). Our RoPE rotates adjacent
 pairs (2i, 2i+1) while transformers rotates halves (i, i + d/2), so the rows of wq and wk are permuted
 within each head on the way out and back on the way in. A tokenizer we trained becomes a standard
 `LlamaTokenizer` (byte-fallback BPE in tokenizer.json, same ids as SentencePiece); the ChatGLM2 file keeps
@@ -53,7 +54,7 @@ class Config:
     preset: str = ""  # the model shape of a raw .pth (e.g. baby_92m); empty for our ckpt.pt
     tokenizer: str = "data/tokenizer/tokenizer.model"  # copied into the folder
     out: OutputPath = "out/hf"  # the folder to write (export), or the ckpt.pt to write (import)
-    import_from: str = ""  # a Hugging Face Llama folder to convert back into our format
+    import_from: str = ""  # a Hugging Face folder (llama, mixtral, qwen2_moe) to convert back into our format
     gguf: bool = False  # write a GGUF file (llama.cpp, Ollama) at --out instead of a folder
     gguf_type: one_of("f32", "f16", "q8_0") = "f32"  # the GGUF's matrices: float32, float16 or 8-bit blocks
     peft: bool = False  # a LoRA run: the base model, and its adapters as a PEFT adapter in out/lora
@@ -508,10 +509,10 @@ def feed_forward_from_hf(config, folder: str) -> dict:
 
 
 def import_hf(folder: str) -> Transformer:
-    """Our model from a transformers Llama folder (tied or not; ours are tied)."""
+    """Our model from a transformers llama, mixtral or qwen2_moe folder (tied or not; ours are tied)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise UsageError(f"--import_from={folder}: no config.json there; a Hugging Face Llama folder is expected "
+        raise UsageError(f"--import_from={folder}: no config.json there; a Hugging Face model folder is expected "
                          "(one written by export.py or save_pretrained)")
     try:
         config = AutoConfig.from_pretrained(folder)

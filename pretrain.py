@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         model = Transformer(args)
         init_residual_projections(model, cfg.init)
         print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "
-               f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice); "
+               f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice"
+               + (f", {model.num_active_params() / 1e6:.2f}M active a token" if args.n_experts else "") + "); "
                f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}", dist=dist)
         training = start_training(cfg, model, dist, len(data), cfg.batch_size,
                                   model.flops_per_token(args.max_seq_len), stage="pretrain",

@@ -182,6 +182,21 @@ def scrambled(args, std: float = 0.05):
     return model
 
 
+def transformers_agrees(model, folder, tokens: torch.Tensor, prompt_len: int, new_tokens: int):
+    """The transformers model that export.py wrote to folder: its float32 logits of tokens are model's within
+    1e-4, and its greedy continuation of the first row's first prompt_len tokens is model's. Returns it."""
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    prompt = tokens[:1, :prompt_len]
+    with torch.no_grad():
+        assert (model(tokens)[0] - hf(input_ids=tokens).logits).abs().max() < 1e-4
+        ours = model.generate([prompt[0].tolist()], new_tokens, eos_id=None)[0]
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)[0, prompt_len:].tolist()
+    assert ours == theirs
+    return hf
+
+
 # ---------------------------------------------------------------- a tiny model and batches for the trainer's tests
 
 TRAINER_ARGS = dict(dim=32, n_layers=2, n_heads=4, vocab_size=50, max_seq_len=16, multiple_of=16)

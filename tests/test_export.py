@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import ROOT, scrambled, write_corpus
+from conftest import ROOT, scrambled, transformers_agrees, write_corpus
 
 from babyllama.configurator import read_model_preset
 from export import export_hf, import_hf, permute_from_hf, permute_to_hf
@@ -31,15 +31,8 @@ def test_transformers_gives_our_logits_and_greedy_tokens(tmp_path, shape):
                          multiple_of=16)
     model = scrambled(args)
     export_hf(model, None, str(tmp_path / "hf"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    hf = transformers_agrees(model, tmp_path / "hf", torch.randint(3, args.vocab_size, (2, 24)), 24, 64)
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings
-    x = torch.randint(3, args.vocab_size, (2, 24))
-    with torch.no_grad():
-        assert (model(x)[0] - hf(input_ids=x).logits).abs().max() < 1e-4
-        ours = model.generate([x[0].tolist()], 64, eos_id=None)[0]
-        theirs = hf.generate(x[:1], attention_mask=torch.ones_like(x[:1]), max_new_tokens=64, min_new_tokens=64,
-                             do_sample=False)[0, 24:].tolist()
-    assert ours == theirs
     back = import_hf(str(tmp_path / "hf"))
     same = {k: v for k, v in asdict(back.args).items() if k != "multiple_of"}  # hidden_dim is explicit
     assert same == {k: v for k, v in asdict(model.args).items() if k != "multiple_of"}

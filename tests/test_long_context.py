@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
-from conftest import ROOT, pretrain_command, run_ok, scrambled
+from conftest import ROOT, pretrain_command, run_ok, scrambled, transformers_agrees
 
 from babyllama.checkpoint import ContextSettings, load_model
 from model import KVCache, ModelArgs, rope_frequencies
@@ -86,18 +86,12 @@ def test_cached_logits_equal_full_forward_past_the_trained_length(kind):
 
 @pytest.mark.parametrize("kind", ["linear", "ntk", "yarn"])
 def test_transformers_gives_our_logits_when_scaled(tmp_path, kind):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from export import export_hf, import_hf
     model = scrambled(scaled(kind, length=128), 0.1)
     export_hf(model, None, str(tmp_path / "hf"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     x = torch.randint(3, 300, (1, 120))
-    with torch.no_grad():
-        assert (model(x)[0] - hf(input_ids=x).logits).abs().max() < 1e-4
-        ours = model.generate([x[0, :40].tolist()], 80, eos_id=None)[0]
-        theirs = hf.generate(x[:, :40], attention_mask=torch.ones_like(x[:, :40]), max_new_tokens=80,
-                             min_new_tokens=80, do_sample=False)[0, 40:].tolist()
-    assert ours == theirs
+    transformers_agrees(model, tmp_path / "hf", x, 40, 80)
     back = import_hf(str(tmp_path / "hf"))
     assert torch.allclose(back(x)[0], model(x)[0], atol=1e-5)
     if kind != "ntk":  # ntk goes out as the larger base it is
