@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from babyllama.chat_format import MARKERS
 from babyllama.checkpoint import clean_state_dict, load_model, read_checkpoint, save_atomic
 from babyllama.common import require
 from babyllama.configurator import OutputPath, one_of, parse_config, read_model_preset
@@ -43,9 +44,26 @@ from chatglm_tokenizer import HERE as TOKENIZER_CODE
 from chatglm_tokenizer import SPTokenizer, load_tokenizer, resolve_tokenizer_path
 from model import YARN_BETA_FAST, YARN_BETA_SLOW, ModelArgs, Transformer
 
-# question + bos, the answer generated until eos: the SFT format, turn after turn.
-CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}<s>"
-                 "{% elif message['role'] == 'assistant' %}{{ message['content'] }}</s>{% endif %}{% endfor %}")
+# chat_format.py's template in Jinja (tests check they agree): tools and system text before the first user
+# message, <s> (bos) after each prompt, </s> (eos) after each answer; enable_thinking as chat_format's reasoning
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(prefix='', first=true) -%}"
+    "{%- if tools %}{% set ns.prefix = '<tools>' %}{% for t in tools %}{% set ns.prefix = ns.prefix + "
+    "((t.function if t.function is defined else t) | tojson) + ('' if loop.last else '\\n') %}{% endfor %}"
+    "{% set ns.prefix = ns.prefix + '</tools>' %}{% endif -%}"
+    "{%- for m in messages if m.role == 'system' %}{% set ns.prefix = ns.prefix + m.content + '\\n' %}{% endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}{{ ns.prefix if ns.first else '' }}{% set ns.first = false %}{{ m.content }}<s>"
+    "{%- elif m.role == 'tool' -%}<tool_response>{{ m.content }}</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<s>{% endif %}"
+    "{%- elif m.role == 'assistant' -%}"
+    "{% if m.reasoning_content is string %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{\"name\": {{ c.function.name | tojson }}, \"arguments\": "
+    "{{ c.function.arguments if c.function.arguments is string else c.function.arguments | tojson }}}"
+    "</tool_call>{% endfor %}</s>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if enable_thinking is defined and messages[-1].role != 'assistant' -%}"
+    "{{ '<think>' if enable_thinking else '<think></think>' }}{%- endif -%}")
 
 
 @dataclass
@@ -260,7 +278,7 @@ def llama_tokenizer(sp_tok: SPTokenizer):
     pair whose result has the best score (our ids are in score order), so merges are ranked by the id of
     the merged piece. Checked on probe texts: a model this cannot mirror (e.g. one that normalises
     its input) is refused rather than exported with different ids."""
-    from transformers import LlamaTokenizer
+    from transformers import AddedToken, LlamaTokenizer
     sp = sp_tok.sp
     vocab = {sp.id_to_piece(i): i for i in range(sp_tok.n_pieces)}
     ranked = []
@@ -275,6 +293,8 @@ def llama_tokenizer(sp_tok: SPTokenizer):
                          bos_token=sp.id_to_piece(sp_tok.bos_id), eos_token=sp.id_to_piece(sp_tok.eos_id),
                          pad_token=sp.id_to_piece(sp_tok.pad_id), add_prefix_space=dummy_prefix,
                          add_bos_token=False, add_eos_token=False)  # our models are trained on plain ids
+    # the chat template's markers are whole pieces wherever they occur
+    tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in MARKERS if m in vocab])
     for text in PROBE_TEXTS:
         if tok.encode(text) != sp_tok.encode(text):
             raise ValueError(f"{sp_tok.model_file} cannot be mirrored by a Llama tokenizer (it encodes "
@@ -282,7 +302,8 @@ def llama_tokenizer(sp_tok: SPTokenizer):
     return tok
 
 
-PROBE_TEXTS = ["中华人民共和国成立于1949年。", "Hello,  world!\t1 2 3", " 前导空格 and trailing ", "emoji 😀 生僻字 𠀀",
+PROBE_TEXTS = ["中华人民共和国成立于1949年。", '<think>想</think>a<tool_call>{"name": "x"}</tool_call>',
+               "Hello,  world!\t1 2 3", " 前导空格 and trailing ", "emoji 😀 生僻字 𠀀",
                "第一行\n第二行\n\n", "ＡＢＣ全角，标点？"]
 
 
@@ -345,6 +366,8 @@ def export_gguf(model: Transformer, tokenizer_path: str, out: str, kind: str = "
             types.append(gguf.TokenType.UNKNOWN)
         elif i >= tok.n_pieces or tok.sp.is_control(i):
             types.append(gguf.TokenType.CONTROL)
+        elif piece in MARKERS:  # the chat template's markers: one piece wherever they occur
+            types.append(gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("llama")

@@ -14,7 +14,6 @@ as a string or text parts). Requests are decoded together (continuous batching, 
 frees its place at once. A bad request gets a 4xx JSON error in OpenAI's shape.
 """
 import asyncio
-import copy
 import json
 import os
 import socket
@@ -22,16 +21,18 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from babyllama.chat_format import Answer, AnswerStream, conversation, reasoning_prefix
 from babyllama.checkpoint import ModelSettings, load_for_inference
 from babyllama.configurator import NonNegative, Port, Positive, parse_config
 from babyllama.engine import Engine, Event, Sampling
 from babyllama.engine import Request as EngineRequest
 from babyllama.errors import UsageError, one_line_errors
+from babyllama.grammar import Constraint, GrammarError, json_grammar, tool_calls_grammar
 from dataset_sft import chat_prompt_ids
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "babyllama", "serve_page.html")
@@ -101,26 +102,106 @@ def text_of(content: Any, i: int) -> str:
     raise RequestError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
 
 
-def chat_turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
-    """(earlier user/assistant pairs, the last user message); a system message is put before the first
-    user message (the model has no system role)."""
+ROLES = ("system", "user", "assistant", "tool")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+
+
+def chat_messages(messages: Any) -> list[dict]:
+    """The messages with their content as text (an assistant's may be empty beside its tool_calls)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list", "messages")
-    system, history, pending = "", [], None
+    checked = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(400, f"messages[{i}] needs a role (system, user, assistant) and a content", "messages")
-        content = unicode_of(text_of(m.get("content"), i), f"messages[{i}].content")
-        if m["role"] == "system":
-            system += content + "\n"
-        elif m["role"] == "user":
-            pending = (system + content) if not history and pending is None else content
-        elif pending is not None:
-            history.append((pending, content))
-            pending = None
-    if pending is None:
-        raise RequestError(400, "the last message must come from the user", "messages")
-    return history, pending
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RequestError(400, f"messages[{i}] needs a role ({', '.join(ROLES)}) and a content", "messages")
+        content = m.get("content")
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            content = ""
+        content = unicode_of(text_of(content, i), f"messages[{i}].content")
+        checked.append({**m, "content": content})
+    return checked
+
+
+def offered_tools(body: dict) -> list[dict]:
+    tools = body.get("tools") or []
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) and isinstance(t["function"].get("parameters", {}), dict)
+            for t in tools):
+        raise RequestError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\": ..., "
+                                "\"parameters\": {...}}}", "tools")
+    return tools
+
+
+def chosen_tools(body: dict, tools: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the tools the prompt offers, the tools an answer must call: empty when it may answer in text)."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice == "none":
+        return [], []
+    if choice in ("auto", "required"):
+        if not tools:
+            raise RequestError(400, f"tool_choice '{choice}' needs 'tools'", "tool_choice")
+        return tools, tools if choice == "required" else []
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    named = [t for t in tools if t["function"]["name"] == name]
+    if not named:
+        raise RequestError(400, "'tool_choice' must be none, auto, required or {\"type\": \"function\", "
+                                "\"function\": {\"name\": NAME}} naming one of 'tools'", "tool_choice")
+    return tools, named
+
+
+def reasoning_wanted(body: dict) -> bool | None:
+    """reasoning_effort: 'none' turns reasoning off, the others on; absent, the model decides."""
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in REASONING_EFFORTS:
+        raise RequestError(400, f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}",
+                           "reasoning_effort")
+    return effort != "none"
+
+
+def answer_schema(body: dict) -> dict | None:
+    """The JSON schema response_format asks the answer to follow (json_object: any object), or None."""
+    fmt = body.get("response_format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        return {"type": "object"}
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict) \
+            and isinstance(fmt["json_schema"].get("schema", {}), dict):
+        return fmt["json_schema"].get("schema") or {"type": "object"}
+    raise RequestError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                            "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                       "response_format")
+
+
+@dataclass
+class ChatPlan:
+    """How a chat request is answered: the prompt's ids, what the answer starts with, whether calls are
+    parsed out of it, whether reasoning is shown, and the grammar it must follow (None: free text)."""
+    ids: list[int]
+    prefix: str
+    calls: bool
+    show_reasoning: bool
+    grammar: str | None
+
+
+def chat_plan(body: dict, tok) -> ChatPlan:
+    messages, tools = chat_messages(body.get("messages")), offered_tools(body)
+    offered, forced = chosen_tools(body, tools)
+    reasoning, schema = reasoning_wanted(body), answer_schema(body)
+    try:
+        turns, prompt = conversation(messages, offered)
+    except ValueError as e:
+        raise RequestError(400, str(e), "messages") from None
+    prefix = reasoning_prefix(reasoning)
+    ids = chat_prompt_ids(tok, turns, prompt, 10**9) + (tok.encode(prefix) if prefix else [])
+    grammar = tool_calls_grammar(forced, reasoning is True) if forced else \
+        json_grammar(schema, reasoning is True) if schema is not None else None
+    return ChatPlan(ids, prefix, bool(offered), reasoning is not False, grammar)
 
 
 class Server:
@@ -191,8 +272,17 @@ def create_app(cfg: Config, server: "Server | None" = None):
                                "stream_options")
         return bool(options.get("include_usage")) and bool(body.get("stream"))
 
-    async def respond(request: Request, body: dict, ids: list[int], kind: str):
-        """Submit n requests to the engine; stream their events, or gather them into one answer."""
+    def constraint(plan: ChatPlan | None) -> Constraint | None:
+        if plan is None or plan.grammar is None:
+            return None
+        try:
+            return Constraint(served.tok, served.model.args.vocab_size, plan.grammar)
+        except GrammarError as e:
+            raise RequestError(400, f"the schema cannot be followed: {e}", "response_format") from None
+
+    async def respond(request: Request, body: dict, ids: list[int], plan: ChatPlan | None = None):
+        """Submit n requests to the engine (plan: a chat request's, None for a completion); stream their
+        events, or gather them into one answer."""
         check_model(body)
         n, settings, with_usage = choices_wanted(body), sampling(body), usage_in_stream(body)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -205,24 +295,36 @@ def create_app(cfg: Config, server: "Server | None" = None):
                     pass
             return emit
 
-        jobs = [EngineRequest(ids, copy.deepcopy(settings), emitter(i)) for i in range(n)]
+        jobs = [EngineRequest(ids, replace(settings, stop=list(settings.stop), constraint=constraint(plan)),
+                              emitter(i)) for i in range(n)]
         try:
             for job in jobs:
                 served.engine.submit(job)
         except ValueError as e:
             for job in jobs:
                 job.cancel()
-            raise RequestError(400, str(e), "messages" if kind == "chat" else "prompt",
-                               "context_length_exceeded") from None
-        created, rid = int(time.time()), f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+            raise RequestError(400, str(e), "messages" if plan else "prompt", "context_length_exceeded") from None
+        created, rid = int(time.time()), f"{'chatcmpl' if plan else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        answers = [AnswerStream(plan.prefix, plan.calls) for _ in range(n)] if plan else []
 
-        def chunk(index: int, text: str, finish: str | None) -> dict:
-            if kind == "chat":
-                choice = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish}
+        def shown(delta: dict) -> dict:
+            return delta if plan.show_reasoning else {k: v for k, v in delta.items() if k != "reasoning_content"}
+
+        def calls_of(answer: Answer) -> list[dict]:
+            return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                     "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+                    for c in answer.tool_calls]
+
+        def finish_reason(answer: Answer, finish: str) -> str:
+            return "tool_calls" if answer.tool_calls and finish == "stop" else finish
+
+        def chunk(index: int, delta: dict | str, finish: str | None) -> dict:
+            if plan:
+                choice = {"index": index, "delta": delta, "finish_reason": finish}
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
                         "choices": [choice]}
             return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
-                    "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"index": index, "text": delta, "finish_reason": finish, "logprobs": None}]}
 
         def usage(generated: int) -> dict:
             return {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
@@ -247,17 +349,42 @@ def create_app(cfg: Config, server: "Server | None" = None):
                 for job in jobs:
                     job.cancel()
 
+        def chat_chunks(index: int, event: Event) -> list[dict]:
+            """A chat event's chunks: the delta it makes sure; at the end the rest, the calls, the reason."""
+            delta = shown(answers[index].feed(event.text))
+            if not event.finish:
+                return [chunk(index, delta, None)] if delta else []
+            last, answer = answers[index].finish()
+            for key, rest in shown(last).items():  # what feed sent, finish does not send again
+                delta[key] = delta.get(key, "") + rest
+            calls = [{"index": k, **call} for k, call in enumerate(calls_of(answer))]
+            chunks = [chunk(index, delta, None)] if delta else []
+            if calls:
+                chunks.append(chunk(index, {"tool_calls": calls}, None))
+            return chunks + [chunk(index, {}, finish_reason(answer, event.finish))]
+
+        def chat_choice(index: int, text: str, finish: str) -> dict:
+            answers[index].feed(text)
+            answer = answers[index].finish()[1]
+            message = {"role": "assistant", "content": answer.content or (None if answer.tool_calls else "")}
+            if answer.reasoning is not None and plan.show_reasoning:
+                message["reasoning_content"] = answer.reasoning
+            if answer.tool_calls:
+                message["tool_calls"] = calls_of(answer)
+            return {"index": index, "message": message, "finish_reason": finish_reason(answer, finish)}
+
         if body.get("stream"):
             async def stream() -> AsyncIterator[str]:
-                if kind == "chat":
+                if plan:
                     for index in range(n):
-                        opening = chunk(index, "", None)
-                        opening["choices"][0]["delta"] = {"role": "assistant"}
-                        yield f"data: {json.dumps(opening, ensure_ascii=False)}\n\n"
+                        yield f"data: {json.dumps(chunk(index, {'role': 'assistant'}, None), ensure_ascii=False)}\n\n"
                 generated = 0
                 async for index, event in until_all_end():
                     generated += event.tokens if event.finish else 0
-                    if event.text or event.finish:
+                    if plan:
+                        for c in chat_chunks(index, event):
+                            yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+                    elif event.text or event.finish:
                         yield f"data: {json.dumps(chunk(index, event.text, event.finish), ensure_ascii=False)}\n\n"
                 if with_usage:  # OpenAI's last chunk: no choices, the usage of the whole request
                     last = {**chunk(0, "", None), "choices": [], "usage": usage(generated)}
@@ -265,17 +392,16 @@ def create_app(cfg: Config, server: "Server | None" = None):
                 yield "data: [DONE]\n\n"
             return StreamingResponse(stream(), media_type="text/event-stream")
 
-        answers, finishes, generated = [""] * n, ["stop"] * n, 0
+        texts, finishes, generated = [""] * n, ["stop"] * n, 0
         async for index, event in until_all_end():
-            answers[index] += event.text
+            texts[index] += event.text
             if event.finish:
                 finishes[index], generated = event.finish, generated + event.tokens
-        if kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": answers[i]},
-                        "finish_reason": finishes[i]} for i in range(n)]
+        if plan:
+            choices = [chat_choice(i, texts[i], finishes[i]) for i in range(n)]
             return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
                     "choices": choices, "usage": usage(generated)}
-        choices = [{"index": i, "text": answers[i], "finish_reason": finishes[i], "logprobs": None} for i in range(n)]
+        choices = [{"index": i, "text": texts[i], "finish_reason": finishes[i], "logprobs": None} for i in range(n)]
         return {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name,
                 "choices": choices, "usage": usage(generated)}
 
@@ -295,9 +421,8 @@ def create_app(cfg: Config, server: "Server | None" = None):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await json_body(request)
-        history, question = chat_turns(body.get("messages"))
-        ids = chat_prompt_ids(served.tok, history, question, 10**9)
-        return await respond(request, body, ids, "chat")
+        plan = chat_plan(body, served.tok)
+        return await respond(request, body, plan.ids, plan)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -306,7 +431,7 @@ def create_app(cfg: Config, server: "Server | None" = None):
         if not isinstance(prompt, str) or not prompt:
             raise RequestError(400, "'prompt' must be a non-empty string", "prompt")
         unicode_of(prompt, "prompt")
-        return await respond(request, body, served.tok.encode(prompt), "completion")
+        return await respond(request, body, served.tok.encode(prompt))
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

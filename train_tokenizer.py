@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import sentencepiece as spm
 from tqdm import tqdm
 
+from babyllama.chat_format import MARKERS
 from babyllama.cleaning import clean_text
 from babyllama.common import write_json_atomic
 from babyllama.configurator import OutputFile, Positive, PositiveFraction, in_range, parse_config
@@ -120,6 +121,7 @@ def _train_sentencepiece(cfg: Config, sentences: Iterator[str], model_prefix: st
         # identity normalisation and no dummy prefix keep decode(encode(x)) == x for cleaned text
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=16384,
+        user_defined_symbols=MARKERS,  # the chat template's markers, each one piece (chat_format.py)
         num_threads=cfg.threads, minloglevel=2)
 
 

@@ -3,9 +3,10 @@
 A new request is prefilled at once, between two layers of the step that is running, and gets its first
 token there; it takes a free row of the KV cache when that step ends. It leaves as soon as it ends (eos,
 a stop string, its token limit) or its client goes away, freeing its row. Each keeps its own sampling
-settings. Requests beyond max_batch wait in arrival order. At batch 1 decoding
-is bound by reading the weights, so a batch of rows costs little more per step than one row: this is
-where serving many users at once gets its throughput (BENCHMARKS.md).
+settings, and its own grammar when its answer is constrained (a mask on its row's logits). Requests
+beyond max_batch wait in arrival order. At batch 1 decoding is bound by reading the weights, so a batch
+of rows costs little more per step than one row: this is where serving many users at once gets its
+throughput (BENCHMARKS.md).
 
     engine = Engine(model, tokenizer, max_batch=8)
     engine.submit(Request(ids, Sampling(max_tokens=64), emit=print))   # emit(Event) from the engine thread
@@ -16,10 +17,14 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from model import KVCache, SlotKVCache, Transformer, keep_top_p
+
+if TYPE_CHECKING:
+    from babyllama.grammar import Constraint
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Sampling:
     temperature: float = 0.0  # 0 is greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)  # strings that end the answer (not included)
+    constraint: Constraint | None = None  # a grammar the answer must follow (grammar.py); one per request
 
 
 @dataclass
@@ -158,7 +164,12 @@ class Engine:
         self._join()
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """One token per row, each row with its request's temperature and top_p (0 temperature: greedy)."""
+        """One token per row, each row with its request's temperature and top_p (0 temperature: greedy),
+        among the tokens its grammar allows when it has one."""
+        for row, request in enumerate(requests):
+            if request.sampling.constraint is not None:
+                allowed = request.sampling.constraint.allowed().to(logits.device)
+                logits[row].masked_fill_(~allowed[:logits.shape[-1]], float("-inf"))
         greedy = logits.argmax(-1)
         temperature = torch.tensor([r.sampling.temperature for r in requests], device=logits.device)
         if not bool((temperature > 0).any()):
@@ -182,6 +193,8 @@ class Engine:
         """Add token to the request's answer and emit what is new; the finish reason when it ends."""
         if token != self.tok.eos_id:
             request.out.append(token)
+            if request.sampling.constraint is not None:
+                request.sampling.constraint.take(token)
         pending = self._pending(request)
         if token == self.tok.eos_id:
             request.emit(Event(pending))
