@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from babyllama.configurator import NonNegativeFloat, OutputDir, Positive, in_range, parse_config
 from babyllama.errors import one_line_errors
+from chatglm_tokenizer import MIN_VOCAB
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Config:
     data_dir: OutputDir = "data"  # raw sources, tokenizer and corpus go under it
     out_dir: OutputDir = "out"  # checkpoints, evaluations and plots go under it
     sft_dir: OutputDir = "sft_data"  # instruction data
-    vocab_size: in_range(260, 65535, int) = 8192  # our tokenizer's size (config/tiny_shallow.py is sized for 8192)
+    vocab_size: in_range(MIN_VOCAB, 65535, int) = 8192  # our tokenizer (config/tiny_shallow.py is sized for 8192)
     pretrain_steps: Positive = 2000  # at most this many optimizer steps of 4,096 tokens
     sft_steps: Positive = 1000  # at most this many SFT optimizer steps of 16 samples
     rm_steps: Positive = 400  # at most this many reward-model steps of 16 pairs

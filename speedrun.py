@@ -27,6 +27,7 @@ from babyllama.configurator import OutputDir, OutputFile, PositiveFloat, in_rang
 from babyllama.errors import UsageError, one_line_errors
 from babyllama.heldout import corpus_bits
 from babyllama.precision import resolve_dtype
+from chatglm_tokenizer import MIN_VOCAB
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 UNCAPPED_STEPS = 10**7  # the budget alone sets the steps, whatever the recipe's max_steps
@@ -36,7 +37,7 @@ UNCAPPED_STEPS = 10**7  # the budget alone sets the steps, whatever the recipe's
 class Config:
     minutes: PositiveFloat = 10.0  # the pretraining budget
     recipe: str = "config/pretrain_tiny.py"  # pretrain.py settings (a config file of it)
-    vocab_size: in_range(260, 65535, int) = 8192  # our tokenizer's size
+    vocab_size: in_range(MIN_VOCAB, 65535, int) = 8192  # our tokenizer's size
     flags: str = ""  # more pretrain.py flags on top of the recipe (ablations)
     raw_dir: OutputDir = "data/raw"  # where download_data.py puts People's Daily
     work_dir: OutputDir = "out/speedrun"  # tokenizers, corpora and runs

@@ -23,7 +23,7 @@ from babyllama.configurator import OutputFile, Positive, PositiveFraction, in_ra
 from babyllama.corpora import CorpusError, iter_corpus
 from babyllama.dedup import held_out, text_hash
 from babyllama.errors import one_line_errors
-from chatglm_tokenizer import DEFAULT_MODEL, load_tokenizer
+from chatglm_tokenizer import DEFAULT_MODEL, MIN_VOCAB, load_tokenizer
 
 MAX_VOCAB = 65535  # ids must fit in uint16
 
@@ -35,7 +35,7 @@ class Config:
     encoding: str = "utf-8"  # of your text files (gb18030 for Chinese Windows files); a BOM is fine
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
     out: OutputFile = "data/tokenizer/tokenizer.model"  # the model file; tokenizer.json is written beside it
-    vocab_size: in_range(260, MAX_VOCAB, int) = 8192  # 3 specials + 256 bytes at least; ids fit in uint16
+    vocab_size: in_range(MIN_VOCAB, MAX_VOCAB, int) = 8192  # specials, markers, 256 bytes at least; fits uint16
     max_chars: Positive = 20_000_000  # stop sampling training text after this many characters
     character_coverage: PositiveFraction = 0.995  # rarer characters fall back to UTF-8 bytes
     compare_with: str = DEFAULT_MODEL  # another tokenizer to report characters per token for

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import os
 
+from babyllama.chat_format import MARKERS
 from babyllama.errors import UsageError
 
 from .sp_tokenizer import SPTokenizer, file_sha256
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "tokenizer.model")  # ChatGLM2's file, where load_tokenizer() looks without a path
+MIN_VOCAB = 3 + len(MARKERS) + 256  # ours: unk, bos, eos, the chat template's markers, the 256 byte pieces
 OUR_TOKENIZER = "data/tokenizer/tokenizer.model"  # where train_tokenizer.py writes ours: the commands' default
 WHERE_TO_GET = ("get the ChatGLM2-6B tokenizer.model from https://huggingface.co/THUDM/chatglm2-6b "
                 "(file tokenizer.model) and put it at chatglm_tokenizer/tokenizer.model, pass its path, "
                 "or train your own with train_tokenizer.py")
 
-__all__ = ["SPTokenizer", "load_tokenizer", "resolve_tokenizer_path", "file_sha256", "DEFAULT_MODEL", "OUR_TOKENIZER"]
+__all__ = ["SPTokenizer", "load_tokenizer", "resolve_tokenizer_path", "file_sha256", "DEFAULT_MODEL", "OUR_TOKENIZER",
+           "MIN_VOCAB"]
 
 
 class TokenizerNotFound(UsageError, FileNotFoundError):

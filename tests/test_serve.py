@@ -38,14 +38,17 @@ def http(method: str, url: str, data: bytes | None = None, timeout: float = 30) 
         return Response(e.code, e.read().decode())
 
 
-def start_server(folder, tokenizer, args: ModelArgs, *flags: str):
-    """serve.py in a process of its own, for a random model of this shape; (url, process)."""
+def start_server(folder, tokenizer, args: ModelArgs, *flags: str, endless: bool = False):
+    """serve.py in a process of its own, for a random model of this shape; (url, process). An endless
+    model never ends an answer itself: eos's logit is 0, below the largest of the others."""
     torch.manual_seed(0)
     model = Transformer(args)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
+        if endless:
+            model.output.weight[2] = 0
     torch.save({"model": model.state_dict(), "model_args": asdict(args)}, folder / "ckpt.pt")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,9 +68,9 @@ def start_server(folder, tokenizer, args: ModelArgs, *flags: str):
     pytest.fail(f"server did not start: {proc.communicate()[1][-2000:]}")
 
 
-def serving(folder, tokenizer, args: ModelArgs, *flags: str):
+def serving(folder, tokenizer, args: ModelArgs, *flags: str, endless: bool = False):
     """A fixture's body: the url of a server of this shape while the module's tests run, then stopped."""
-    url, proc = start_server(folder, tokenizer, args, *flags)
+    url, proc = start_server(folder, tokenizer, args, *flags, endless=endless)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -83,7 +86,8 @@ def server(tmp_path_factory, small_tokenizer):
 def slow_server(tmp_path_factory, small_tokenizer):
     """A model big enough that a long answer takes a while, with two rows of batch."""
     args = ModelArgs(dim=256, n_layers=6, n_heads=4, vocab_size=600, max_seq_len=512, multiple_of=16)
-    yield from serving(tmp_path_factory.mktemp("slow"), small_tokenizer, args, "--max_tokens=400", "--max_batch=2")
+    yield from serving(tmp_path_factory.mktemp("slow"), small_tokenizer, args, "--max_tokens=400", "--max_batch=2",
+                       endless=True)
 
 
 def client(url):
