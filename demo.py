@@ -131,6 +131,14 @@ def results_table(cfg: Config) -> str:
                      f"{idiom.get('reward', float('nan')):.3f} | {choice['accuracy']:.3f} | "
                      f"{summary['val_answer_loss']:.3f} | {everything['distinct_2']:.3f} | "
                      f"{everything['loop']:.1%} |")
+    lines += ["", "Held-out tool tasks (unseen numbers / unseen templates), every built-in tool offered; without "
+              "tools, the same questions answered at once:", "",
+              "| model | valid call | right tool | right arguments | right answer with tools | right answer without "
+              "tools |", "|---|---|---|---|---|---|"]
+    for name in MODELS:
+        tools = read_json(f"{ev}/{name}/summary.json")["tool_tasks"]
+        lines.append(f"| {name} | " + " | ".join(f"{tools['numbers'][k]:.0%} / {tools['templates'][k]:.0%}" for k in (
+            "valid_call", "right_tool", "right_arguments", "right_answer", "right_answer_without_tools")) + " |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,9 @@
     python eval.py --questions_file=my_questions.txt --val_data=
 
 On the validation set: the answer loss, and for greedy answers the character-level F1, ROUGE-L (on
-characters) and, for short references, exact match, overall and per task (idiom, character, other).
+characters) and, for short references, exact match, overall and per task (idiom, character, tool, other).
+On held-out tool tasks (unseen numbers, unseen templates): valid calls, right tool, right arguments and
+right final answers with the tools, and right answers without them.
 Writes answers.csv (one row a sample) and summary.json into --out.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from babyllama.chat_format import parse_answer, render_results, render_tools
 from babyllama.checkpoint import ModelSettings, load_for_inference
 from babyllama.common import read_text, write_json_atomic
 from babyllama.configurator import (
@@ -30,6 +33,8 @@ from babyllama.configurator import (
 )
 from babyllama.errors import UsageError, one_line_errors
 from babyllama.tasks import char_f1, distinct_n, has_loop, rouge_l, task_of
+from babyllama.tool_tasks import ALL_TOOLS, ToolTask, score_call, tasks
+from babyllama.tools import run_tool
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import IGNORE_INDEX, Transformer
 
@@ -48,6 +53,7 @@ class Config(ModelSettings):
     batch_size: Positive = 16
     exact_match_chars: NonNegative = 10  # exact match is reported for references up to this long
     reward_model: InputFile = ""  # also report the mean reward of the answers under this reward model
+    tool_tasks: NonNegative = 100  # held-out tool tasks of each split (tool_tasks.py), with and without tools
     out: OutputDir = "out/eval"  # answers.csv and summary.json
 
 
@@ -101,6 +107,25 @@ def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars
             for task, items in per_task.items()}
 
 
+def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config) -> dict[str, float]:
+    """With every built-in tool offered: the shares of valid calls, right tools, right arguments, and of
+    right final answers once the model's own call has run; and of right answers with no tools offered."""
+    prompts = [render_tools(ALL_TOOLS) + t.question for t in tool_tasks]
+    firsts = answer(model, tok, [([], p) for p in prompts], cfg)
+    calls = [parse_answer(text).tool_calls for text in firsts]
+    called = [i for i, c in enumerate(calls) if c]
+    results = {i: run_tool(calls[i][0].name, calls[i][0].arguments) for i in called}
+    seconds = answer(model, tok, [([(prompts[i], firsts[i])], render_results([results[i]])) for i in called], cfg)
+    finals = [*firsts]  # a model that made no call answered in its first turn
+    for i, text in zip(called, seconds):
+        finals[i] = text
+    direct = answer(model, tok, [([], t.question) for t in tool_tasks], cfg)
+    rows = [{**score_call(t, parse_answer(first)), "right_answer": t.holds_result(parse_answer(final).content),
+             "right_answer_without_tools": t.holds_result(parse_answer(alone).content)}
+            for t, first, final, alone in zip(tool_tasks, firsts, finals, direct)]
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+
+
 def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         cfg = parse_config(Config, argv, __doc__)
@@ -137,6 +162,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {task:<9} {s['samples']:>5} samples: char F1 {s['f1']:.3f}, "
                       f"ROUGE-L {s['rouge_l']:.3f}{em}{reward}; distinct-1 {s['distinct_1']:.3f}, "
                       f"distinct-2 {s['distinct_2']:.3f}, in a loop {s['loop']:.1%}")
+        if cfg.tool_tasks:
+            summary["tool_tasks"] = {split: tool_scores(model, tok, list(tasks(split, cfg.tool_tasks)), cfg)
+                                     for split in ("numbers", "templates")}
+            print(f"held-out tool tasks ({cfg.tool_tasks} a split): valid call, right tool, right arguments, "
+                  "right answer; right answer without tools")
+            for split, s in summary["tool_tasks"].items():
+                print(f"  unseen {split:<9}  {s['valid_call']:.1%}  {s['right_tool']:.1%}  {s['right_arguments']:.1%}"
+                      f"  {s['right_answer']:.1%};  {s['right_answer_without_tools']:.1%}")
         write_json_atomic(os.path.join(cfg.out, "summary.json"), summary)
         print(f"wrote {cfg.out}/summary.json" + (" and answers.csv" if rows else ""))
 

@@ -48,9 +48,12 @@ from model import YARN_BETA_FAST, YARN_BETA_SLOW, ModelArgs, Transformer
 # message, <s> (bos) after each prompt, </s> (eos) after each answer; enable_thinking as chat_format's reasoning
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(prefix='', first=true) -%}"
-    "{%- if tools %}{% set ns.prefix = '<tools>' %}{% for t in tools %}{% set ns.prefix = ns.prefix + "
-    "((t.function if t.function is defined else t) | tojson) + ('' if loop.last else '\\n') %}{% endfor %}"
-    "{% set ns.prefix = ns.prefix + '</tools>' %}{% endif -%}"
+    "{%- if tools %}{% set ns.prefix = '<tools>' %}{% for t in tools %}"
+    "{% set f = t.function if t.function is defined else t %}"
+    "{% set p = f.parameters.properties if f.parameters is defined and f.parameters.properties is defined else {} %}"
+    "{% set ns.prefix = ns.prefix + f.name + '(' + (p | list | join(', ')) + ')'"
+    " + (': ' + f.description if f.description is defined and f.description else '')"
+    " + ('' if loop.last else '\\n') %}{% endfor %}{% set ns.prefix = ns.prefix + '</tools>' %}{% endif -%}"
     "{%- for m in messages if m.role == 'system' %}{% set ns.prefix = ns.prefix + m.content + '\\n' %}{% endfor -%}"
     "{%- for m in messages -%}"
     "{%- if m.role == 'user' -%}{{ ns.prefix if ns.first else '' }}{% set ns.first = false %}{{ m.content }}<s>"

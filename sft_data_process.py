@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from babyllama import tool_tasks
 from babyllama.cleaning import clean_text
 from babyllama.common import PendingFiles, remove_stale_temps, write_json_atomic
 from babyllama.configurator import NonNegative, OutputDir, Positive, in_range, parse_config
@@ -44,8 +45,10 @@ class Sample:
 
 @dataclass
 class Config:
-    builtin: str = "idioms,dictionary,alpaca_demo"  # built-in tasks: idioms, dictionary, alpaca_demo
+    builtin: str = "idioms,dictionary,alpaca_demo,tools"  # built-in tasks: idioms, dictionary, alpaca_demo, tools
     preference: str = "idioms,poems,dpo_demo"  # built-in preference pairs: idioms, poems, dpo_demo
+    tool_samples: NonNegative = 12000  # built-in tool tasks (tool_tasks.py: calculator, dates, units), generated
+    tool_direct: in_range(0, 1) = 0.25  # share of them offered no tools, answered at once with worked reasoning
     max_pairs_per_source: Positive = 30000  # keep the sources balanced (poems alone give 180k pairs)
     inputs: str = ""  # your files, comma-separated FORMAT:PATH (alpaca, belle, medical, huatuo, disc, chatmed)
     encoding: str = "utf-8"  # of your files (gb18030 for Chinese Windows files); a BOM is fine
@@ -193,11 +196,25 @@ BUILTIN = {"idioms": ("idioms", "idioms/idioms.json"), "dictionary": ("dictionar
            "belle": ("belle", "belle/Belle_open_source_1M.json")}
 
 
+def tool_samples(n: int, direct: float, seed: int = 0) -> Iterator[Sample]:
+    """Tool tasks of the training split: with some of the tools offered, the call then the answer; or,
+    for a share of them, no tools and the answer worked out at once."""
+    rng = random.Random(seed)
+    for i, t in enumerate(tool_tasks.tasks("train", n, seed)):
+        tools = None if rng.random() < direct else tool_tasks.offered_tools(rng, t.call.name)
+        *history, (prompt, answer) = t.turns(tools)
+        yield Sample(prompt, answer, [list(turn) for turn in history], "tools", f"task {i} ({t.template})",
+                     group=t.question)
+
+
 def iter_samples(cfg: Config) -> Iterator[Sample]:
     specs = []
     for name in [n.strip() for n in cfg.builtin.split(",") if n.strip()]:
+        if name == "tools":
+            specs.append(("tools", "", "tools", ""))
+            continue
         if name not in BUILTIN:
-            raise CorpusError(f"unknown built-in task {name!r}; known: {', '.join(BUILTIN)}")
+            raise CorpusError(f"unknown built-in task {name!r}; known: {', '.join([*BUILTIN, 'tools'])}")
         fmt, inside = BUILTIN[name]
         path = os.path.join(cfg.raw_dir, inside)
         if not os.path.isfile(path):
@@ -213,7 +230,8 @@ def iter_samples(cfg: Config) -> Iterator[Sample]:
                                                           else "does not exist"))
         specs.append((fmt, path, f"{fmt}:{os.path.basename(path)}", cfg.encoding))
     for fmt, path, name, encoding in specs:
-        yield from READERS[fmt](path, name, encoding)
+        yield from tool_samples(cfg.tool_samples, cfg.tool_direct) if fmt == "tools" else \
+            READERS[fmt](path, name, encoding)
 
 
 # ------------------------------------------------------------------ filtering and writing

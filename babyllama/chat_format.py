@@ -5,14 +5,14 @@ A prompt is a user message (the first one after the offered tools and the system
 of the tool calls the assistant just made; an answer is what the assistant wrote: its reasoning between
 think markers, its text, then its calls, each a JSON object between call markers:
 
-    prompt 1   <tools>{"name": "calculator", "parameters": {...}}</tools>你是助手。\\n3个苹果60元，一个多少元？
+    prompt 1   <tools>calculator(expression): 计算算术表达式</tools>你是助手。\\n3个苹果60元，一个多少元？
     answer 1   <think>除法。</think><tool_call>{"name": "calculator", "arguments": {"expression": "60/3"}}</tool_call>
     prompt 2   <tool_response>20</tool_response>
     answer 2   一个苹果20元。
 
 Our tokenizer (train_tokenizer.py) holds each marker as one piece; ChatGLM2's spells them with several
-ordinary pieces (docs/13_tools.md). JSON is written as json.dumps(ensure_ascii=False) writes it, which is
-what the exported tokenizer's chat template (export.py) writes too.
+ordinary pieces (docs/13_tools.md). The offered tools are one signature a line; calls are JSON as
+json.dumps(ensure_ascii=False) writes it, as the exported tokenizer's chat template (export.py) does.
 """
 from __future__ import annotations
 
@@ -45,10 +45,17 @@ def function_of(tool: dict) -> dict:
     return tool["function"] if isinstance(tool.get("function"), dict) else tool
 
 
+def tool_signature(tool: dict) -> str:
+    """`name(argument, ...): description`: a small model's context holds a signature, not a JSON schema
+    (the schema is enforced when decoding is constrained: grammar.py)."""
+    function = function_of(tool)
+    arguments = ", ".join((function.get("parameters") or {}).get("properties") or {})
+    description = function.get("description")
+    return f"{function['name']}({arguments})" + (f": {description}" if description else "")
+
+
 def render_tools(tools: list[dict]) -> str:
-    if not tools:
-        return ""
-    return TOOLS + "\n".join(json.dumps(function_of(t), ensure_ascii=False) for t in tools) + END_TOOLS
+    return TOOLS + "\n".join(map(tool_signature, tools)) + END_TOOLS if tools else ""
 
 
 def render_call(call: ToolCall) -> str:

@@ -6,6 +6,8 @@ import re
 import unicodedata
 from collections import Counter
 
+from babyllama.chat_format import RESPONSE, TOOLS
+
 IDIOM_PROMPT = "成语“{word}”是什么意思?"  # ASCII ?: the cleaning (NFKC) turns ？ into ?
 CHAR_PROMPT = "“{word}”字是什么意思?"
 POEM_PROMPT = "“{line}”的下一句是什么?"
@@ -54,8 +56,11 @@ def has_loop(text: str) -> bool:
 
 
 def task_of(prompt: str) -> str:
-    """idiom, character or other, from the built-in task templates (after the same NFKC cleaning)."""
+    """idiom, character, tool (a prompt offering tools or giving a tool's result) or other, from the
+    built-in task templates (after the same NFKC cleaning)."""
     prompt = unicodedata.normalize("NFKC", prompt)
+    if prompt.startswith((TOOLS, RESPONSE)):
+        return "tool"
     if prompt.startswith(IDIOM_PROMPT.split("{")[0]) and prompt.endswith(IDIOM_PROMPT.split("}")[-1]):
         return "idiom"
     if prompt.startswith(CHAR_PROMPT.split("{")[0]) and prompt.endswith(CHAR_PROMPT.split("}")[-1]):

@@ -101,7 +101,7 @@ def test_a_tool_that_fails_or_hangs_becomes_an_error_result():
 
 
 def test_the_conversation_renders_the_documented_strings():
-    tools_text = "<tools>" + json.dumps(CALCULATOR["function"], ensure_ascii=False) + "</tools>"
+    tools_text = "<tools>calculator(expression): 计算算术表达式</tools>"
     turns, prompt = conversation([{**m, "content": m["content"] or ""} for m in CONVERSATION], [CALCULATOR])
     assert turns == [
         (tools_text + "你是助手。\n3个苹果60元,一个多少元?",
