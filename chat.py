@@ -3,6 +3,10 @@
     python chat.py                                  # out/sft/ckpt.pt
     python chat.py --ckpt=out/dpo/ckpt.pt --temperature=0.7
     printf '成语“画蛇添足”是什么意思？\\n' | python chat.py   # from a pipe: one answer a line
+    python chat.py --tools=all --reasoning=on         # the built-in tools, run when the model calls them
+
+With --tools, the model sees the tools' signatures; a call it writes is run (babyllama/tools.py, with a time
+limit; a failure is an error result) and the result handed back, until it answers in text.
 
 Commands: /reset forgets the conversation; /set NAME=VALUE changes temperature, top_k, top_p,
 repetition_penalty or max_new_tokens; /settings shows them; /quit (or Ctrl-D) leaves.
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from babyllama.chat_format import parse_answer, reasoning_prefix, render_call, render_results, render_tools
 from babyllama.checkpoint import ModelSettings, load_for_inference
 from babyllama.configurator import (
     Fraction,
@@ -22,10 +27,12 @@ from babyllama.configurator import (
     Positive,
     PositiveFloat,
     SettingError,
+    one_of,
     parse_config,
     set_from_text,
 )
 from babyllama.errors import UsageError, one_line_errors
+from babyllama.tools import BUILTIN, run_tool
 from dataset_sft import chat_prompt_ids
 
 
@@ -37,6 +44,9 @@ class Config(ModelSettings):
     repetition_penalty: PositiveFloat = 1.1
     max_new_tokens: Positive = 256
     seed: int = 0
+    tools: str = ""  # built-in tools to offer, comma-separated (calculator, date_add, date_diff, unit_convert) or all
+    reasoning: one_of("auto", "on", "off") = "auto"  # think before answering; auto: the model decides
+    max_tool_rounds: Positive = 3  # calls answered in a row before the model must answer in text
 
 
 SETTABLE = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
@@ -64,6 +74,34 @@ def stream_answer(model, tok, prompt_ids: list[int], cfg: Config, generator, out
     return text
 
 
+def offered_tools(names: str) -> list[dict]:
+    wanted = list(BUILTIN) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in BUILTIN]
+    if unknown:
+        raise UsageError(f"--tools: unknown tool {unknown[0]!r} (built-in: {', '.join(BUILTIN)}, or all)")
+    return [BUILTIN[n].spec() for n in wanted]
+
+
+def reply(model, tok, history: list[tuple[str, str]], prompt: str, cfg: Config, generator, tools: bool,
+          out=sys.stdout) -> None:
+    """Answer prompt after history, streaming; run each tool call the answer makes and answer its result,
+    up to max_tool_rounds. The turns are added to history."""
+    prefix = reasoning_prefix({"auto": None, "on": True, "off": False}[cfg.reasoning])
+    for _ in range(cfg.max_tool_rounds + 1):
+        ids = chat_prompt_ids(tok, history, prompt, model.args.max_seq_len,
+                              reserve=min(cfg.max_new_tokens, model.args.max_seq_len // 2))
+        out.write(prefix)
+        text = prefix + stream_answer(model, tok, ids + (tok.encode(prefix) if prefix else []), cfg, generator, out)
+        history.append((prompt, text))
+        calls = parse_answer(text, calls=tools).tool_calls
+        if not calls:
+            return
+        results = [run_tool(call.name, call.arguments) for call in calls]
+        for call, result in zip(calls, results):
+            out.write(f"[{render_call(call)} -> {result}]\n")
+        prompt = render_results(results)
+
+
 def apply_setting(cfg: Config, assignment: str) -> str:
     """`/set NAME=VALUE`: checked as the --flag is; the answer to print."""
     name, _, value = assignment.partition("=")
@@ -82,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_config(Config, argv, __doc__)
         if sys.stdin is None:
             raise UsageError("standard input is closed: chat.py reads the questions from it (a terminal or a pipe)")
+        tools = offered_tools(cfg.tools)
         model, _, tok = load_for_inference(cfg)
     interactive = sys.stdin.isatty()
     generator = torch.Generator(device=model.freqs_cos.device).manual_seed(cfg.seed)
@@ -113,9 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if interactive:
             print("模型> ", end="", flush=True)
-        prompt = chat_prompt_ids(tok, history, line, model.args.max_seq_len,
-                                 reserve=min(cfg.max_new_tokens, model.args.max_seq_len // 2))
-        history.append((line, stream_answer(model, tok, prompt, cfg, generator)))
+        reply(model, tok, history, (render_tools(tools) if not history else "") + line, cfg, generator, bool(tools))
 
 
 if __name__ == "__main__":

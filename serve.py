@@ -9,7 +9,10 @@
 
 Endpoints: GET /v1/models and /v1/models/{id}, POST /v1/chat/completions and /v1/completions (stream or not,
 with usage when stream_options asks; temperature, top_p, max_tokens or max_completion_tokens, stop, n; content
-as a string or text parts). Requests are decoded together (continuous batching, engine.py): up to
+as a string or text parts). Chat takes tools, tool_choice (none, auto, required, a named function), tool
+messages, response_format (json_object, json_schema) and reasoning_effort ('none' turns reasoning off), and
+returns tool_calls and reasoning_content (docs/13_tools.md); a forced call or a JSON answer is decoded under
+a grammar, so it parses and validates. Requests are decoded together (continuous batching, engine.py): up to
 --max_batch at once, each streamed token by token; more wait in arrival order. A client that goes away
 frees its place at once. A bad request gets a 4xx JSON error in OpenAI's shape.
 """

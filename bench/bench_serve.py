@@ -9,6 +9,10 @@ at once (--repeats pairs of the two, interleaved; the medians and each pair's ra
 token (a one-token answer, median of 5) when the server is idle and while 8 other clients are streaming long
 answers. Greedy decoding, so both ways generate the same tokens. A shape
 without --ckpt gets random weights (its answers never end early); the vocabulary is the tokenizer's.
+
+With --constrained, it measures instead what constrained decoding costs: 8 clients at once, each answer
+free or under a JSON schema (response_format, one string field that random weights rarely close), in
+--repeats interleaved pairs; the time per generated token of the constrained runs against the free ones.
 """
 from __future__ import annotations
 
@@ -59,12 +63,12 @@ class Server:
                 time.sleep(0.5)
         raise SystemExit("serve.py did not start in 5 minutes")
 
-    def ask(self, question: str, max_tokens: int, stream: bool = False) -> tuple[int, float, float]:
-        """(completion tokens, seconds to the first streamed text, seconds in all)."""
+    def ask(self, question: str, max_tokens: int, stream: bool = False, **extra) -> tuple[int, float, float]:
+        """(completion tokens, seconds to the first streamed text, seconds in all); extra: more request fields."""
         began = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0,
-                "stream": stream}
+                "stream": stream, **extra}
         conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
         response = conn.getresponse()
         if not stream:
@@ -120,6 +124,27 @@ def measure(server: Server, max_tokens: int, clients: int, repeats: int) -> dict
             "ttft_idle_ms": idle_ttft * 1e3, "ttft_busy_ms": busy_ttft * 1e3, "ttft_ratio": busy_ttft / idle_ttft}
 
 
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}}
+
+
+def measure_constrained(server: Server, max_tokens: int, clients: int, repeats: int) -> dict:
+    """Generated tokens/s of clients at once, free and under SCHEMA, in interleaved pairs."""
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)]
+    server.ask(QUESTIONS[0], 8, response_format=SCHEMA)  # warm up, the grammar engine's tokenizer included
+    rates: dict[str, list[float]] = {"free": [], "constrained": []}
+    for _ in range(repeats):
+        for kind, extra in (("free", {}), ("constrained", {"response_format": SCHEMA})):
+            began = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                tokens = sum(n for n, _, _ in pool.map(lambda q, e=extra: server.ask(q, max_tokens, **e), questions))
+            rates[kind].append(tokens / (time.perf_counter() - began))
+    ratios = [f / c for f, c in zip(rates["free"], rates["constrained"])]  # time per token, constrained / free
+    return {"clients": clients, "tokens_per_s_free": statistics.median(rates["free"]),
+            "tokens_per_s_constrained": statistics.median(rates["constrained"]),
+            "time_per_token_ratio": statistics.median(ratios), "ratios": ratios}
+
+
 def random_checkpoint(shape: str, vocab_size: int, folder: str) -> str:
     torch.manual_seed(0)
     args = read_model_preset(shape, vocab_size=vocab_size)
@@ -138,6 +163,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="pairs of throughput runs (medians reported)")
     parser.add_argument("--serve_flags", default="", help="extra serve.py flags, e.g. --quantize=int8")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--constrained", action="store_true", help="measure constrained decoding's cost instead")
     args = parser.parse_args()
     if args.repeats < 1 or args.clients < 1 or args.max_tokens < 1:
         parser.error("--repeats, --clients and --max_tokens must be at least 1")
@@ -156,21 +182,33 @@ def main() -> None:
             server = Server(ckpt, args.tokenizer, args.serve_flags.split())
             try:
                 threads = server.banner.rsplit("decoding threads: ", 1)[-1].rstrip(")")
+                run = measure_constrained if args.constrained else measure
                 rows.append({"model": name, "server": threads,
-                             **measure(server, args.max_tokens, args.clients, args.repeats)})
+                             **run(server, args.max_tokens, args.clients, args.repeats)})
             finally:
                 server.close()
     machine = f"{torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"
-    print(f"| model | serve.py's decoding threads | tokens/s, 1 at a time | tokens/s, {args.clients} clients | ratio | "
-          f"first token idle (ms) | first token, {args.clients} busy (ms) | ratio | ratios of the {args.repeats} pairs "
+    if args.constrained:
+        print(f"| model | tokens/s, {args.clients} clients, free | under a JSON schema | time per token, constrained / "
+              f"free | ratios of the {args.repeats} pairs |  ({machine})")
+        for r in rows:
+            print(f"| {r['model']} | {r['tokens_per_s_free']:.1f} | {r['tokens_per_s_constrained']:.1f} | "
+                  f"{r['time_per_token_ratio']:.2f}x | {', '.join(f'{x:.2f}' for x in r['ratios'])} |")
+    else:
+        print_table(rows, args.clients, args.repeats, machine)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": rows}, f, indent=2)
+
+
+def print_table(rows: list[dict], clients: int, repeats: int, machine: str) -> None:
+    print(f"| model | serve.py's decoding threads | tokens/s, 1 at a time | tokens/s, {clients} clients | ratio | "
+          f"first token idle (ms) | first token, {clients} busy (ms) | ratio | ratios of the {repeats} pairs "
           f"|  ({machine})")
     for r in rows:
         print(f"| {r['model']} | {r['server']} | {r['tokens_per_s_alone']:.1f} | {r['tokens_per_s_together']:.1f} | "
               f"{r['throughput_ratio']:.2f}x | {r['ttft_idle_ms']:.0f} | {r['ttft_busy_ms']:.0f} | "
               f"{r['ttft_ratio']:.2f}x | {', '.join(f'{x:.2f}' for x in r['throughput_ratios'])} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

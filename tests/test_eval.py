@@ -119,12 +119,17 @@ def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, tmp_path):
                for i, word in enumerate(["画蛇添足", "守株待兔", "亡羊补牢", "对牛弹琴", "井底之蛙"])])
     out = tmp_path / "eval"
     run = [sys.executable, f"{ROOT}/eval.py", f"--ckpt={chat_ckpt}", f"--tokenizer={small_tokenizer}",
-           f"--val_data={val}", f"--out={out}", "--max_new_tokens=8", "--questions=你好|再见"]
+           f"--val_data={val}", f"--out={out}", "--max_new_tokens=8", "--questions=你好|再见", "--tool_tasks=3"]
     result = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scores"]["idiom"]["samples"] == 5 and len(summary["questions"]) == 2
     assert summary["val_answer_loss"] > 0
+    assert set(summary["tool_tasks"]) == {"numbers", "templates"}
+    for shares in summary["tool_tasks"].values():
+        assert set(shares) == {"valid_call", "right_tool", "right_arguments", "right_answer",
+                               "right_answer_without_tools"} and all(0 <= v <= 1 for v in shares.values())
+    assert "held-out tool tasks (3 a split)" in result.stdout
     choice = subprocess.run([sys.executable, f"{ROOT}/eval_choice.py", f"--ckpt={chat_ckpt}",
                              f"--tokenizer={small_tokenizer}", f"--val_data={val}", f"--json={tmp_path}/c.json"],
                             capture_output=True, text=True, timeout=120)

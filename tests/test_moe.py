@@ -319,3 +319,19 @@ def test_every_stage_trains_an_moe(corpus, small_tokenizer, pretrained, preferen
                    "--quantize=int8"])
     assert (tmp_path / "eval" / "summary.json").exists()
 
+
+
+@pytest.mark.parametrize("field, value", [("qkv_bias", True), ("decoder_sparse_step", 2), ("mlp_only_layers", [0]),
+                                          ("norm_topk_prob", False), ("shared_expert_intermediate_size", 100)])
+def test_import_refuses_a_qwen2_moe_config_ours_cannot_compute(field, value):
+    """Each qwen2_moe setting our blocks have no equal for is named; the exported config itself converts."""
+    pytest.importorskip("transformers")
+    from export import feed_forward_from_hf, hf_config
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=300, max_seq_len=32, multiple_of=16, n_experts=4,
+                     n_active_experts=2, n_shared_experts=1)
+    config = hf_config(args)
+    assert feed_forward_from_hf(config, "folder") == {"hidden_dim": args.hidden_dim, "n_experts": 4,
+                                                      "n_active_experts": 2, "n_shared_experts": 1}
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=f"folder: a qwen2_moe model whose {field} has no equal here"):
+        feed_forward_from_hf(config, "folder")

@@ -394,3 +394,69 @@ def test_with_tool_choice_auto_whatever_the_model_writes_comes_back(client):
     """Unconstrained, a random model writes no valid call: its text comes back as content, never an error."""
     for answer in ask(client, tools=BOUNDED_TOOLS, n=3, temperature=1.0, max_tokens=20).choices:
         assert answer.finish_reason in ("stop", "length") and isinstance(answer.message.content, str)
+
+
+def test_held_out_tool_tasks_never_reach_training():
+    from babyllama.tool_tasks import HELD_OUT_TEMPLATES, TEMPLATES, draw_key, tasks
+    train = list(tasks("train", 3000))
+    numbers, templates = list(tasks("numbers", 300)), list(tasks("templates", 300))
+    assert not {t.template for t in train} & set(HELD_OUT_TEMPLATES)
+    assert {t.template for t in templates} == set(HELD_OUT_TEMPLATES)
+    assert {t.template for t in numbers} <= set(TEMPLATES) - set(HELD_OUT_TEMPLATES)
+    assert not {t.question for t in train} & {t.question for t in numbers + templates}
+    assert not {json.dumps(t.call.arguments) for t in train} & {json.dumps(t.call.arguments) for t in numbers}
+    assert draw_key("a", {"b": 1, "name": "小明"}) == draw_key("a", {"b": 1, "name": "小红"})  # names are not numbers
+    assert [t.question for t in tasks("numbers", 20)] == [t.question for t in numbers[:20]]  # the same every time
+
+
+def test_every_tool_task_checks_out():
+    from babyllama.tool_tasks import tasks
+    for split in ("train", "numbers", "templates"):
+        for t in tasks(split, 200):
+            assert run_tool(t.call.name, t.call.arguments) == t.result and t.holds_result(t.answer)
+            tools_turns, direct = t.turns([CALCULATOR]), t.turns(None)
+            assert len(tools_turns) == 2 and parse_answer(tools_turns[0][1]).tool_calls == [t.call]
+            assert t.holds_result(parse_answer(direct[0][1]).content)
+    assert not next(tasks("train", 1)).holds_result("答案是 12345678")
+
+
+def test_tool_scores_reward_equivalent_arguments_and_right_results():
+    from babyllama.tool_tasks import ToolTask, score_call
+    t = ToolTask("arithmetic", "x", "37乘24?", ToolCall("calculator", {"expression": "37*24"}), "888", "是888。",
+                 "", "")
+    assert score_call(t, Answer("", None, [ToolCall("calculator", {"expression": "24*37"})])) == {
+        "valid_call": True, "right_tool": True, "right_arguments": True}
+    wrong = Answer("", None, [ToolCall("calculator", {"expression": "24+37"})])
+    assert score_call(t, wrong)["right_arguments"] is False
+    assert score_call(t, Answer("", None, [ToolCall("date_add", {})]))["right_tool"] is False
+    assert score_call(t, Answer("888")) == {"valid_call": False, "right_tool": False, "right_arguments": False}
+    assert t.holds_result("一共888元") and not t.holds_result("一共8888元") and not t.holds_result("888.5")
+
+
+def test_chat_runs_the_calls_the_model_makes_and_hands_back_the_results(small_tokenizer):
+    """chat.py's loop with a model that answers from a script: the call is run, its result is the next
+    prompt, the model's answer to it ends the turn."""
+    import io
+
+    from chat import Config, reply
+    tok = load_tokenizer(small_tokenizer)
+    script = ['<think>乘法</think><tool_call>{"name": "calculator", "arguments": {"expression": "37*24"}}</tool_call>',
+              "是888。"]
+    seen_prompts = []
+
+    class Scripted:
+        class args:
+            max_seq_len = 2048
+
+        def generate_stream(self, prompts, *_, **__):
+            seen_prompts.append(tok.decode(prompts[0]))
+            for token in tok.encode(script[len(seen_prompts) - 1]) + [tok.eos_id]:
+                yield [token]
+
+    history, out = [], io.StringIO()
+    reply(Scripted(), tok, history, "<tools>calculator(expression)</tools>37乘24?", Config(), None, True, out)
+    assert [p for p, _ in history] == ["<tools>calculator(expression)</tools>37乘24?",
+                                       "<tool_response>888</tool_response>"]
+    assert [a for _, a in history] == script
+    assert seen_prompts[1].endswith("<tool_response>888</tool_response>")
+    assert '-> 888]' in out.getvalue()
