@@ -133,12 +133,15 @@ def results_table(cfg: Config) -> str:
                      f"{everything['loop']:.1%} |")
     lines += ["", "Held-out tool tasks (unseen numbers / unseen templates), every built-in tool offered; without "
               "tools, the same questions answered at once:", "",
-              "| model | valid call | right tool | right arguments | right answer with tools | right answer without "
-              "tools |", "|---|---|---|---|---|---|"]
+              "| model | tasks | valid call | right tool | right arguments | right answer with tools | right answer "
+              "without tools |", "|---|---|---|---|---|---|---|"]
+    shares = ("valid_call", "right_tool", "right_arguments", "right_answer", "right_answer_without_tools")
     for name in MODELS:
         tools = read_json(f"{ev}/{name}/summary.json")["tool_tasks"]
-        lines.append(f"| {name} | " + " | ".join(f"{tools['numbers'][k]:.0%} / {tools['templates'][k]:.0%}" for k in (
-            "valid_call", "right_tool", "right_arguments", "right_answer", "right_answer_without_tools")) + " |")
+        for kind in ("all", "arithmetic"):
+            numbers, templates = tools["numbers"].get(kind, {}), tools["templates"].get(kind, {})
+            lines.append(f"| {name} | {kind} | " + " | ".join(
+                f"{numbers.get(k, float('nan')):.0%} / {templates.get(k, float('nan')):.0%}" for k in shares) + " |")
     return "\n".join(lines)
 
 

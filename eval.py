@@ -107,9 +107,10 @@ def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars
             for task, items in per_task.items()}
 
 
-def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config) -> dict[str, float]:
+def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config) -> dict[str, dict[str, float]]:
     """With every built-in tool offered: the shares of valid calls, right tools, right arguments, and of
-    right final answers once the model's own call has run; and of right answers with no tools offered."""
+    right final answers once the model's own call has run; and of right answers with no tools offered;
+    for all the tasks and for each kind (arithmetic, date, unit)."""
     prompts = [render_tools(ALL_TOOLS) + t.question for t in tool_tasks]
     firsts = answer(model, tok, [([], p) for p in prompts], cfg)
     calls = [parse_answer(text).tool_calls for text in firsts]
@@ -123,7 +124,10 @@ def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config
     rows = [{**score_call(t, parse_answer(first)), "right_answer": t.holds_result(parse_answer(final).content),
              "right_answer_without_tools": t.holds_result(parse_answer(alone).content)}
             for t, first, final, alone in zip(tool_tasks, firsts, finals, direct)]
-    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+    kinds = {"all": rows} | {kind: [r for r, t in zip(rows, tool_tasks) if t.kind == kind]
+                             for kind in sorted({t.kind for t in tool_tasks})}
+    return {kind: {"tasks": len(part), **{key: sum(r[key] for r in part) / len(part) for key in rows[0]}}
+            for kind, part in kinds.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,9 +171,11 @@ def main(argv: list[str] | None = None) -> None:
                                      for split in ("numbers", "templates")}
             print(f"held-out tool tasks ({cfg.tool_tasks} a split): valid call, right tool, right arguments, "
                   "right answer; right answer without tools")
-            for split, s in summary["tool_tasks"].items():
-                print(f"  unseen {split:<9}  {s['valid_call']:.1%}  {s['right_tool']:.1%}  {s['right_arguments']:.1%}"
-                      f"  {s['right_answer']:.1%};  {s['right_answer_without_tools']:.1%}")
+            for split, kinds in summary["tool_tasks"].items():
+                for kind, s in kinds.items():
+                    shares = [s[k] for k in ("valid_call", "right_tool", "right_arguments", "right_answer")]
+                    print(f"  unseen {split:<9} {kind:<10} {s['tasks']:>4} tasks: "
+                          + "  ".join(f"{v:.1%}" for v in shares) + f";  {s['right_answer_without_tools']:.1%}")
         write_json_atomic(os.path.join(cfg.out, "summary.json"), summary)
         print(f"wrote {cfg.out}/summary.json" + (" and answers.csv" if rows else ""))
 

@@ -39,15 +39,17 @@ def test_results_table(tmp_path):
         (ev / name / "summary.json").write_text(json.dumps({"val_answer_loss": 3.0 - i, "scores": {
             "idiom": {"f1": 0.1 * i, "rouge_l": 0.05 * i, "reward": float(i)},
             "all": {"distinct_2": 0.2 * i, "loop": 0.125 * i}}, "tool_tasks": {
-                split: {"valid_call": 0.25 * i, "right_tool": 0.2 * i, "right_arguments": 0.1 * i + shift,
-                        "right_answer": 0.3 * i, "right_answer_without_tools": 0.01 * i}
+                split: {kind: {"valid_call": 0.25 * i, "right_tool": 0.2 * i, "right_arguments": 0.1 * i + shift,
+                               "right_answer": 0.3 * i - low, "right_answer_without_tools": 0.01 * i}
+                        for kind, low in (("all", 0.0), ("arithmetic", 0.1))}
                 for split, shift in (("numbers", 0.0), ("templates", 0.05))}}))
         (ev / f"{name}_choice.json").write_text(json.dumps({"accuracy": 0.25 + 0.1 * i}))
     table = results_table(Config(out_dir=str(tmp_path)))
     assert "4.500 nats/token, 5.500 bits per character" in table
     assert "idiom 0.900 (10 pairs)" in table
     assert "| grpo | 0.300 | 0.150 | 3.000 | 0.550 | 0.000 | 0.600 | 37.5% |" in table
-    assert "| grpo | 75% / 75% | 60% / 60% | 30% / 35% | 90% / 90% | 3% / 3% |" in table
+    assert "| grpo | all | 75% / 75% | 60% / 60% | 30% / 35% | 90% / 90% | 3% / 3% |" in table
+    assert "| grpo | arithmetic | 75% / 75% | 60% / 60% | 30% / 35% | 80% / 80% | 3% / 3% |" in table
 
 
 def test_samples_show_each_prompt_with_an_answer(tmp_path, small_tokenizer):

@@ -126,9 +126,12 @@ def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, tmp_path):
     assert summary["scores"]["idiom"]["samples"] == 5 and len(summary["questions"]) == 2
     assert summary["val_answer_loss"] > 0
     assert set(summary["tool_tasks"]) == {"numbers", "templates"}
-    for shares in summary["tool_tasks"].values():
-        assert set(shares) == {"valid_call", "right_tool", "right_arguments", "right_answer",
-                               "right_answer_without_tools"} and all(0 <= v <= 1 for v in shares.values())
+    for kinds in summary["tool_tasks"].values():
+        assert kinds["all"]["tasks"] == 3 == sum(s["tasks"] for kind, s in kinds.items() if kind != "all")
+        for shares in kinds.values():
+            assert set(shares) == {"tasks", "valid_call", "right_tool", "right_arguments", "right_answer",
+                                   "right_answer_without_tools"}
+            assert all(0 <= v <= 1 for k, v in shares.items() if k != "tasks")
     assert "held-out tool tasks (3 a split)" in result.stdout
     choice = subprocess.run([sys.executable, f"{ROOT}/eval_choice.py", f"--ckpt={chat_ckpt}",
                              f"--tokenizer={small_tokenizer}", f"--val_data={val}", f"--json={tmp_path}/c.json"],
