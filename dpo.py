@@ -6,7 +6,9 @@ a frozen reference (the SFT model), without a reward model.
 
 loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))), sequence log-probs
 summing the answer tokens only; with label smoothing e the loss is (1 - e) times that plus e times the
-same for the swapped pair (conservative DPO). Logged: the implicit rewards beta * (log pi - log ref) of
+same for the swapped pair (conservative DPO). With --nll_weight w, w times the chosen answers' mean negative
+log-likelihood per token is added (RPO: it keeps the chosen answers likely, where DPO alone may lower both
+answers and drift into repetition; docs/07_dpo.md). Logged: the implicit rewards beta * (log pi - log ref) of
 chosen and rejected answers, their margin and how often it is positive.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Config(TrainConfig):
     out_dir: OutputDir = "out/dpo"
     beta: PositiveFloat = 0.1  # strength of the pull towards the reference
     label_smoothing: Fraction = 0.0  # assumed share of wrong preference labels (conservative DPO)
+    nll_weight: NonNegativeFloat = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO)
     batch_size: Positive = 16  # pairs per micro-step in each process
     epochs: PositiveFloat = 1.0
     lr: PositiveFloat = 5e-5
@@ -55,6 +58,11 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     margin = chosen_reward - rejected_reward
     loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return loss.mean(), chosen_reward.detach(), rejected_reward.detach()
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen answers' negative log-likelihood per token, averaged over the answers (RPO's term)."""
+    return -(policy_chosen.float() / chosen_tokens.clamp(min=1)).mean()
 
 
 def pair_examples(tok, pairs, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,13 +99,16 @@ def main(argv: list[str] | None = None) -> None:
 
         def loss_fn(model, batch):
             x, y, ref_logp = batch
-            logp, _ = answer_logprobs(model, x, y)
+            logp, counts = answer_logprobs(model, x, y)
             pc, pr = logp.chunk(2)
             rc, rr = ref_logp.chunk(2)
             loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
+            nll = chosen_nll(pc, counts.chunk(2)[0])
             margin = chosen - rejected
-            return loss, {"reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
-                          "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
+            return loss + cfg.nll_weight * nll, {
+                "chosen_nll": float(nll), "reward_chosen": float(chosen.mean()),
+                "reward_rejected": float(rejected.mean()), "margin": float(margin.mean()),
+                "accuracy": float((margin > 0).float().mean())}
 
         @torch.no_grad()
         def validation() -> dict[str, float]:

@@ -6,11 +6,13 @@ worked reasoning. As SFT samples it is a conversation of two turns (the call, th
 result) when tools are offered, or one turn answered directly when they are not.
 
 Held out, never trained on (tests check both): the templates of HELD_OUT_TEMPLATES (split 'templates'),
-and, of the other templates, every draw of numbers whose hash falls in the held-out share (split 'numbers').
+and, of the other templates, every call whose numbers (numbers_key: the tool and its numbers in order of
+size, whatever the template) hash into the held-out share (split 'numbers').
 """
 from __future__ import annotations
 
 import datetime
+import json
 import random
 import re
 import zlib
@@ -182,12 +184,14 @@ TEMPLATES = {t.name: t for t in TEMPLATES}
 HELD_OUT_TEMPLATES = ["more_than", "boxes", "change", "days_before", "rope"]  # the 'templates' split
 
 
-def draw_key(template: str, values: dict) -> str:
-    return template + ":" + ",".join(f"{k}={values[k]}" for k in sorted(values) if k != "name")
+def numbers_key(call: ToolCall) -> str:
+    """The tool and the numbers its call holds, in order of size: 37*24 and 24*37 under any template share it."""
+    numbers = sorted(re.findall(r"\d+(?:\.\d+)?", json.dumps(call.arguments)), key=lambda n: (float(n), n))
+    return call.name + ":" + ",".join(numbers)
 
 
-def numbers_held_out(template: str, values: dict) -> bool:
-    return zlib.crc32(draw_key(template, values).encode()) % 1000 < HELD_OUT_NUMBERS * 1000
+def numbers_held_out(call: ToolCall) -> bool:
+    return zlib.crc32(numbers_key(call).encode()) % 1000 < HELD_OUT_NUMBERS * 1000
 
 
 def task(template: Template, values: dict) -> ToolTask:
@@ -209,11 +213,11 @@ def tasks(split: str, n: int, seed: int = 0) -> Iterator[ToolTask]:
     made = 0
     while made < n:
         template = TEMPLATES[rng.choice(names)]
-        values = template.draw(rng)
-        if split != "templates" and numbers_held_out(template.name, values) != (split == "numbers"):
+        t = task(template, template.draw(rng))
+        if split != "templates" and numbers_held_out(t.call) != (split == "numbers"):
             continue
         made += 1
-        yield task(template, values)
+        yield t
 
 
 def offered_tools(rng: random.Random, right: str) -> list[dict]:

@@ -7,7 +7,7 @@ import torch
 from conftest import ROOT, metrics, run_ok, stage_flags
 
 from babyllama.checkpoint import load_model
-from dpo import dpo_loss
+from dpo import chosen_nll, dpo_loss
 from model import IGNORE_INDEX, ModelArgs, Transformer, answer_logprobs
 
 
@@ -26,6 +26,12 @@ def test_dpo_loss_and_rewards_by_hand():
     assert float(smooth) == pytest.approx(-0.8 * math.log(sig(1.0)) - 0.2 * math.log(sig(-1.0)))
 
 
+def test_the_rpo_term_is_the_chosen_answers_nll_per_token():
+    logp, tokens = torch.tensor([-6.0, -2.0]), torch.tensor([3, 4])
+    assert chosen_nll(logp, tokens).item() == pytest.approx((6 / 3 + 2 / 4) / 2)
+    assert chosen_nll(torch.tensor([0.0]), torch.tensor([0])).item() == 0  # an empty answer adds nothing
+
+
 def test_sequence_logprob_sums_answer_tokens_only():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=20, max_seq_len=8, multiple_of=16))
@@ -42,9 +48,10 @@ def test_dpo_moves_towards_the_chosen_answers(pretrained, preference, small_toke
     ckpt, _ = pretrained
     run_ok([sys.executable, os.path.join(ROOT, "dpo.py"), *stage_flags(ckpt, small_tokenizer, tmp_path),
             f"--data={preference / 'train.csv'}", f"--val_data={preference / 'val.csv'}", "--batch_size=8",
-            "--eval_interval=3", "--lr=1e-3", "--warmup_steps=1", "--max_steps=6"])
+            "--eval_interval=3", "--lr=1e-3", "--warmup_steps=1", "--max_steps=6", "--nll_weight=0.5"])
     first, last = metrics(tmp_path)[0], metrics(tmp_path)[-1]
-    assert {"reward_chosen", "reward_rejected", "margin", "accuracy", "val_loss"} <= set(last)
+    assert {"reward_chosen", "reward_rejected", "margin", "accuracy", "val_loss", "chosen_nll"} <= set(last)
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["chosen_nll"], rel=1e-3)  # margin 0 at first
     # The implicit reward margin grows from 0 (the policy starts as its reference).
     assert abs(first["margin"]) < 1e-3 < last["margin"] and last["accuracy"] == 1.0
     _, state = load_model(str(tmp_path / "ckpt.pt"))
