@@ -40,7 +40,7 @@ class Config(TrainConfig):
     out_dir: OutputDir = "out/dpo"
     beta: PositiveFloat = 0.1  # strength of the pull towards the reference
     label_smoothing: Fraction = 0.0  # assumed share of wrong preference labels (conservative DPO)
-    nll_weight: NonNegativeFloat = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO)
+    nll_weight: NonNegativeFloat = 1.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; 0: DPO)
     batch_size: Positive = 16  # pairs per micro-step in each process
     epochs: PositiveFloat = 1.0
     lr: PositiveFloat = 5e-5

@@ -16,7 +16,7 @@ import csv
 import os
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -107,20 +107,27 @@ def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars
             for task, items in per_task.items()}
 
 
+CALL_TOKENS, FINAL_TOKENS = 100, 16
+
+
 def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config) -> dict[str, dict[str, float]]:
     """With every built-in tool offered: the shares of valid calls, right tools, right arguments, and of
     right final answers once the model's own call has run; and of right answers with no tools offered;
     for all the tasks and for each kind (arithmetic, date, unit)."""
+    # Room to generate is taken from the prompt's (answer()'s reserve): a call and its reasoning need about
+    # a hundred tokens, a final answer a dozen, so that a small context keeps the question and the call
+    calls_cfg, finals_cfg = replace(cfg, max_new_tokens=CALL_TOKENS), replace(cfg, max_new_tokens=FINAL_TOKENS)
     prompts = [render_tools(ALL_TOOLS) + t.question for t in tool_tasks]
-    firsts = answer(model, tok, [([], p) for p in prompts], cfg)
+    firsts = answer(model, tok, [([], p) for p in prompts], calls_cfg)
     calls = [parse_answer(text).tool_calls for text in firsts]
     called = [i for i, c in enumerate(calls) if c]
     results = {i: run_tool(calls[i][0].name, calls[i][0].arguments) for i in called}
-    seconds = answer(model, tok, [([(prompts[i], firsts[i])], render_results([results[i]])) for i in called], cfg)
+    seconds = answer(model, tok, [([(prompts[i], firsts[i])], render_results([results[i]])) for i in called],
+                     finals_cfg)
     finals = [*firsts]  # a model that made no call answered in its first turn
     for i, text in zip(called, seconds):
         finals[i] = text
-    direct = answer(model, tok, [([], t.question) for t in tool_tasks], cfg)
+    direct = answer(model, tok, [([], t.question) for t in tool_tasks], calls_cfg)
     rows = [{**score_call(t, parse_answer(first)), "right_answer": t.holds_result(parse_answer(final).content),
              "right_answer_without_tools": t.holds_result(parse_answer(alone).content)}
             for t, first, final, alone in zip(tool_tasks, firsts, finals, direct)]
