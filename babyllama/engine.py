@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from babyllama.grammar import allowed_tokens
 from model import KVCache, SlotKVCache, Transformer, keep_top_p
 
 if TYPE_CHECKING:
@@ -166,10 +167,9 @@ class Engine:
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """One token per row, each row with its request's temperature and top_p (0 temperature: greedy),
         among the tokens its grammar allows when it has one."""
-        for row, request in enumerate(requests):
-            if request.sampling.constraint is not None:
-                allowed = request.sampling.constraint.allowed().to(logits.device)
-                logits[row].masked_fill_(~allowed[:logits.shape[-1]], float("-inf"))
+        allowed = allowed_tokens([r.sampling.constraint for r in requests])
+        if allowed is not None:
+            logits.masked_fill_(~allowed[:, :logits.shape[-1]].to(logits.device), float("-inf"))
         greedy = logits.argmax(-1)
         temperature = torch.tensor([r.sampling.temperature for r in requests], device=logits.device)
         if not bool((temperature > 0).any()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 
+import numpy as np
 import torch
 
 from babyllama.chat_format import CALL, END_CALL, END_THINK, function_of
@@ -97,17 +98,32 @@ class Constraint:
             raise GrammarError(error.splitlines()[0])
         self.matcher = lib.LLMatcher(self.tokenizer, grammar, log_level=0)
         self.vocab_size = vocab_size
-        self.bits = torch.zeros((self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
         """A bool per token id: may it come next (eos only once the grammar is complete)."""
-        self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.bits.numel() * 4)
-        shifts = torch.arange(32, dtype=torch.int32)
-        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
-        known = min(self.vocab_size, self.tokenizer.vocab_size)
-        allowed[:known] = ((self.bits[:, None] >> shifts) & 1).flatten()[:known].bool()
-        return allowed
+        return allowed_tokens([self])[0]
 
     def take(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise GrammarError(self.matcher.get_error().splitlines()[0])
+
+
+def allowed_tokens(constraints: list[Constraint | None]) -> torch.Tensor | None:
+    """(rows, vocab) bools: the tokens each row's grammar allows next; a row without a constraint allows every
+    token. None when no row has a constraint."""
+    rows = [(c.matcher, i) for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return None
+    first = next(c for c in constraints if c is not None)
+    known, vocab_size = first.tokenizer.vocab_size, first.vocab_size
+    words = (known + 31) // 32
+    bits = torch.full((len(constraints), words), -1, dtype=torch.int32)
+    for matcher, row in rows:  # in this thread: on few cores a pool's hand-offs cost more than the masks
+        matcher.unsafe_compute_mask_ptr(bits[row].data_ptr(), words * 4)
+    unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")  # token i is bit i
+    allowed = torch.ones(len(constraints), vocab_size, dtype=torch.bool)
+    allowed[:, :known] = torch.from_numpy(unpacked[:, :known].view(np.bool_))
+    for row, c in enumerate(constraints):
+        if c is not None:
+            allowed[row, known:] = False  # ids past the tokenizer's are padding of the model's rows
+    return allowed
