@@ -74,7 +74,7 @@ def stream_answer(model, tok, prompt_ids: list[int], cfg: Config, generator, out
     return text
 
 
-def offered_tools(names: str) -> list[dict]:
+def builtin_tools(names: str) -> list[dict]:
     wanted = list(BUILTIN) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in BUILTIN]
     if unknown:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_config(Config, argv, __doc__)
         if sys.stdin is None:
             raise UsageError("standard input is closed: chat.py reads the questions from it (a terminal or a pipe)")
-        tools = offered_tools(cfg.tools)
+        tools = builtin_tools(cfg.tools)
         model, _, tok = load_for_inference(cfg)
     interactive = sys.stdin.isatty()
     generator = torch.Generator(device=model.freqs_cos.device).manual_seed(cfg.seed)

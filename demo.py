@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from babyllama.configurator import NonNegativeFloat, OutputDir, Positive, in_range, parse_config
 from babyllama.errors import one_line_errors
+from babyllama.tool_tasks import SCORES
 from chatglm_tokenizer import MIN_VOCAB
 
 
@@ -135,13 +136,12 @@ def results_table(cfg: Config) -> str:
               "tools, the same questions answered at once:", "",
               "| model | tasks | valid call | right tool | right arguments | right answer with tools | right answer "
               "without tools |", "|---|---|---|---|---|---|---|"]
-    shares = ("valid_call", "right_tool", "right_arguments", "right_answer", "right_answer_without_tools")
     for name in MODELS:
         tools = read_json(f"{ev}/{name}/summary.json")["tool_tasks"]
         for kind in ("all", "arithmetic"):
             numbers, templates = tools["numbers"].get(kind, {}), tools["templates"].get(kind, {})
             lines.append(f"| {name} | {kind} | " + " | ".join(
-                f"{numbers.get(k, float('nan')):.0%} / {templates.get(k, float('nan')):.0%}" for k in shares) + " |")
+                f"{numbers.get(k, float('nan')):.0%} / {templates.get(k, float('nan')):.0%}" for k in SCORES) + " |")
     return "\n".join(lines)
 
 

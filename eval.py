@@ -33,7 +33,7 @@ from babyllama.configurator import (
 )
 from babyllama.errors import UsageError, one_line_errors
 from babyllama.tasks import char_f1, distinct_n, has_loop, rouge_l, task_of
-from babyllama.tool_tasks import ALL_TOOLS, ToolTask, score_call, tasks
+from babyllama.tool_tasks import ALL_TOOLS, SCORES, ToolTask, score_call, tasks
 from babyllama.tools import run_tool
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import IGNORE_INDEX, Transformer
@@ -180,9 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                   "right answer; right answer without tools")
             for split, kinds in summary["tool_tasks"].items():
                 for kind, s in kinds.items():
-                    shares = [s[k] for k in ("valid_call", "right_tool", "right_arguments", "right_answer")]
                     print(f"  unseen {split:<9} {kind:<10} {s['tasks']:>4} tasks: "
-                          + "  ".join(f"{v:.1%}" for v in shares) + f";  {s['right_answer_without_tools']:.1%}")
+                          + "  ".join(f"{s[k]:.1%}" for k in SCORES[:-1]) + f";  {s[SCORES[-1]]:.1%}")
         write_json_atomic(os.path.join(cfg.out, "summary.json"), summary)
         print(f"wrote {cfg.out}/summary.json" + (" and answers.csv" if rows else ""))
 

@@ -184,12 +184,14 @@ def answer_schema(body: dict) -> dict | None:
 @dataclass
 class ChatPlan:
     """How a chat request is answered: the prompt's ids, what the answer starts with, whether calls are
-    parsed out of it, whether reasoning is shown, and the grammar it must follow (None: free text)."""
+    parsed out of it, whether reasoning is shown, and the grammar it must follow (None: free text) with the
+    request field its schemas came from."""
     ids: list[int]
     prefix: str
     calls: bool
     show_reasoning: bool
     grammar: str | None
+    grammar_from: str = ""
 
 
 def chat_plan(body: dict, tok) -> ChatPlan:
@@ -202,9 +204,13 @@ def chat_plan(body: dict, tok) -> ChatPlan:
         raise RequestError(400, str(e), "messages") from None
     prefix = reasoning_prefix(reasoning)
     ids = chat_prompt_ids(tok, turns, prompt, 10**9) + (tok.encode(prefix) if prefix else [])
-    grammar = tool_calls_grammar(forced, reasoning is True) if forced else \
-        json_grammar(schema, reasoning is True) if schema is not None else None
-    return ChatPlan(ids, prefix, bool(offered), reasoning is not False, grammar)
+    if forced:
+        grammar, grammar_from = tool_calls_grammar(forced, reasoning is True), "tools"
+    elif schema is not None:
+        grammar, grammar_from = json_grammar(schema, reasoning is True), "response_format"
+    else:
+        grammar, grammar_from = None, ""
+    return ChatPlan(ids, prefix, bool(offered), reasoning is not False, grammar, grammar_from)
 
 
 class Server:
@@ -281,7 +287,7 @@ def create_app(cfg: Config, server: "Server | None" = None):
         try:
             return Constraint(served.tok, served.model.args.vocab_size, plan.grammar)
         except GrammarError as e:
-            raise RequestError(400, f"the schema cannot be followed: {e}", "response_format") from None
+            raise RequestError(400, f"the schema cannot be followed: {e}", plan.grammar_from) from None
 
     async def respond(request: Request, body: dict, ids: list[int], plan: ChatPlan | None = None):
         """Submit n requests to the engine (plan: a chat request's, None for a completion); stream their

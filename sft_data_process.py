@@ -201,17 +201,17 @@ def tool_samples(n: int, direct: float, seed: int = 0) -> Iterator[Sample]:
     for a share of them, no tools and the answer worked out at once."""
     rng = random.Random(seed)
     for i, t in enumerate(tool_tasks.tasks("train", n, seed)):
-        tools = None if rng.random() < direct else tool_tasks.offered_tools(rng, t.call.name)
+        tools = None if rng.random() < direct else tool_tasks.tools_for_training(rng, t.call.name)
         *history, (prompt, answer) = t.turns(tools)
         yield Sample(prompt, answer, [list(turn) for turn in history], "tools", f"task {i} ({t.template})",
                      group=t.question)
 
 
 def iter_samples(cfg: Config) -> Iterator[Sample]:
-    specs = []
+    specs, generated = [], []
     for name in [n.strip() for n in cfg.builtin.split(",") if n.strip()]:
-        if name == "tools":
-            specs.append(("tools", "", "tools", ""))
+        if name == "tools":  # made here, not read from a file
+            generated.append(tool_samples(cfg.tool_samples, cfg.tool_direct))
             continue
         if name not in BUILTIN:
             raise CorpusError(f"unknown built-in task {name!r}; known: {', '.join([*BUILTIN, 'tools'])}")
@@ -230,8 +230,9 @@ def iter_samples(cfg: Config) -> Iterator[Sample]:
                                                           else "does not exist"))
         specs.append((fmt, path, f"{fmt}:{os.path.basename(path)}", cfg.encoding))
     for fmt, path, name, encoding in specs:
-        yield from tool_samples(cfg.tool_samples, cfg.tool_direct) if fmt == "tools" else \
-            READERS[fmt](path, name, encoding)
+        yield from READERS[fmt](path, name, encoding)
+    for samples in generated:
+        yield from samples
 
 
 # ------------------------------------------------------------------ filtering and writing

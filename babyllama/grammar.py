@@ -28,9 +28,9 @@ def llguidance():
 
 
 @functools.cache
-def guidance_tokenizer(tok, vocab_size: int):
+def guidance_tokenizer(tok):
     """llguidance's view of our SentencePiece tokenizer: each id's bytes (a piece's '▁' is a space, byte
-    pieces their byte, control and extra ids special), over vocab_size ids (the model's rows)."""
+    pieces their byte, control and extra ids special). A model's rows past these ids are masked apart."""
     lib = llguidance()
     sp = tok.sp
     pieces, special = [], []
@@ -45,9 +45,9 @@ def guidance_tokenizer(tok, vocab_size: int):
     source = _Pieces(pieces, special, tok.bos_id, tok.eos_id, tok.encode)
     dummy_prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
     if dummy_prefix:  # encode() would add a space in front: tokenize text inside an answer greedily instead
-        greedy = lib.LLTokenizer(lib.TokenizerWrapper(source), n_vocab=vocab_size, eos_token=tok.eos_id)
+        greedy = lib.LLTokenizer(lib.TokenizerWrapper(source), eos_token=tok.eos_id)
         source.encode = greedy.greedy_tokenize
-    return lib.LLTokenizer(lib.TokenizerWrapper(source), n_vocab=vocab_size, eos_token=tok.eos_id)
+    return lib.LLTokenizer(lib.TokenizerWrapper(source), eos_token=tok.eos_id)
 
 
 class _Pieces:
@@ -69,22 +69,26 @@ def json_rule(schema: dict) -> str:
     return "%json" + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
 
 
+def think_rule(reasoning: bool) -> str:
+    """With reasoning (the answer opened by the think marker): a text without '<', then the closing marker."""
+    return f'/[^<]*/ {json.dumps(END_THINK)} ' if reasoning else ""
+
+
 def tool_calls_grammar(tools: list[dict], reasoning: bool = False) -> str:
-    """Lark: one call block, a call of one of the tools with arguments valid for its parameters; after a
-    reasoning text (no '<' in it) closed by the think marker when reasoning. One call, not several: a
-    model that would go on calling ends there, and the client answers it."""
-    calls = [{"type": "object", "properties": {"name": {"const": function_of(t)["name"]},
-                                               "arguments": function_of(t).get("parameters") or {"type": "object"}},
-              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    """Lark: one call block, a call of one of the tools with arguments valid for its parameters, after the
+    reasoning when there is some. One call, not several: a model that would go on calling ends there, and
+    the client answers it."""
+    functions = [function_of(t) for t in tools]
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                               "arguments": f.get("parameters") or {"type": "object"}},
+              "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    think = f'/[^<]*/ {json.dumps(END_THINK)} ' if reasoning else ""
-    return (f"start: {think}call\n"
+    return (f"start: {think_rule(reasoning)}call\n"
             f"call: {json.dumps(CALL)} {json_rule(schema)} {json.dumps(END_CALL)}\n")
 
 
 def json_grammar(schema: dict, reasoning: bool = False) -> str:
-    think = f'/[^<]*/ {json.dumps(END_THINK)} ' if reasoning else ""
-    return f"start: {think}answer\nanswer: {json_rule(schema)}\n"
+    return f"start: {think_rule(reasoning)}answer\nanswer: {json_rule(schema)}\n"
 
 
 class Constraint:
@@ -92,7 +96,7 @@ class Constraint:
 
     def __init__(self, tok, vocab_size: int, grammar: str):
         lib = llguidance()
-        self.tokenizer = guidance_tokenizer(tok, vocab_size)
+        self.tokenizer = guidance_tokenizer(tok)
         error = lib.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
             raise GrammarError(error.splitlines()[0])

@@ -35,7 +35,11 @@ class ToolTask:
     result: str  # what the tool returns
     answer: str  # the final answer, holding the result
     reasoning: str  # how the call follows from the question
-    direct_reasoning: str  # the same worked out without the tool (the answer computed in the head)
+
+    @property
+    def direct_reasoning(self) -> str:
+        """The reasoning worked out without the tool: the result computed in the head."""
+        return f"{self.reasoning}结果是{self.result}。"
 
     @property
     def expected(self) -> str:
@@ -95,7 +99,7 @@ def discount(rng: random.Random) -> dict:
     return {"a": rng.randint(20, 999), "d": rng.randint(5, 9)}
 
 
-TEMPLATES = [
+ARITHMETIC = [
     arithmetic("buy_more", two(12, 999), "{name}有{a}个苹果,又买了{b}个,现在一共有多少个苹果?", "{a}+{b}",
                "一共有{r}个苹果。", "原有{a}个,又买了{b}个,两数相加。"),
     arithmetic("unit_price", two(12, 99), "一本书{a}元,买{b}本需要多少元?", "{a}*{b}", "需要{r}元。",
@@ -173,14 +177,13 @@ def unit_template(name: str, question: str) -> Template:
     return Template(name, "unit", draw, make)
 
 
-TEMPLATES += [
+TEMPLATES = {t.name: t for t in ARITHMETIC + [
     date_template("days_after", "{d}之后{n}天是哪一天?", 1),
     date_template("days_before", "{d}之前{n}天是哪一天?", -1),
     between_template("days_between", "从{s}到{e}一共多少天?"),
     unit_template("convert", "{v}{f}等于多少{t}?"),
     unit_template("rope", "一根绳子长{v}{f},合多少{t}?"),
-]
-TEMPLATES = {t.name: t for t in TEMPLATES}
+]}
 HELD_OUT_TEMPLATES = ["more_than", "boxes", "change", "days_before", "rope"]  # the 'templates' split
 
 
@@ -199,8 +202,7 @@ def task(template: Template, values: dict) -> ToolTask:
     result = run_tool(call.name, call.arguments)
     if result.startswith("error"):
         raise ValueError(f"template {template.name} made a failing call {call}: {result}")
-    return ToolTask(template.kind, template.name, question, call, result, answer(result), reasoning,
-                    f"{reasoning}结果是{result}。")
+    return ToolTask(template.kind, template.name, question, call, result, answer(result), reasoning)
 
 
 def tasks(split: str, n: int, seed: int = 0) -> Iterator[ToolTask]:
@@ -220,7 +222,7 @@ def tasks(split: str, n: int, seed: int = 0) -> Iterator[ToolTask]:
         yield t
 
 
-def offered_tools(rng: random.Random, right: str) -> list[dict]:
+def tools_for_training(rng: random.Random, right: str) -> list[dict]:
     """The right tool and some of the others, in a random order (evaluation offers all of them)."""
     others = [name for name in BUILTIN if name != right]
     names = [right] + rng.sample(others, rng.randint(0, len(others)))
@@ -229,6 +231,9 @@ def offered_tools(rng: random.Random, right: str) -> list[dict]:
 
 
 ALL_TOOLS = [t.spec() for t in BUILTIN.values()]
+
+
+SCORES = ("valid_call", "right_tool", "right_arguments", "right_answer", "right_answer_without_tools")  # eval.py
 
 
 def score_call(t: ToolTask, answer: Answer) -> dict[str, bool]:

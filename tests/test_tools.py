@@ -379,6 +379,9 @@ def test_reasoning_content_is_there_when_asked_and_not_otherwise(client):
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}}}], "tool_choice": "required"},
+     "tools"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"messages": [{"role": "tool", "content": "1"}]}, "messages"),
 ])
@@ -423,8 +426,7 @@ def test_every_tool_task_checks_out():
 
 def test_tool_scores_reward_equivalent_arguments_and_right_results():
     from babyllama.tool_tasks import ToolTask, score_call
-    t = ToolTask("arithmetic", "x", "37乘24?", ToolCall("calculator", {"expression": "37*24"}), "888", "是888。",
-                 "", "")
+    t = ToolTask("arithmetic", "x", "37乘24?", ToolCall("calculator", {"expression": "37*24"}), "888", "是888。", "")
     assert score_call(t, Answer("", None, [ToolCall("calculator", {"expression": "24*37"})])) == {
         "valid_call": True, "right_tool": True, "right_arguments": True}
     wrong = Answer("", None, [ToolCall("calculator", {"expression": "24+37"})])
