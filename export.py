@@ -106,13 +106,22 @@ def hf_architecture(args: ModelArgs) -> str:
     return "mixtral" if not args.n_shared_experts and args.n_active_experts > 1 else "qwen2_moe"
 
 
+def without_equal(args: ModelArgs) -> None:
+    """UsageError when the model uses a speedrun option that neither transformers' architectures here nor
+    llama.cpp's llama compute: an export would give other logits."""
+    used = [name for name in ("qk_norm", "logit_softcap", "value_embeddings") if getattr(args, name)]
+    if used:
+        raise UsageError(f"this model uses {', '.join(used)} (ModelArgs), which the exported architectures (llama, "
+                         "mixtral, qwen2_moe) do not compute; it cannot be exported with equal logits")
+
+
 def hf_config(args: ModelArgs):
     from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
     common = dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
                   num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                   num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.max_seq_len,
                   rms_norm_eps=args.norm_eps, rope_theta=args.rope_base,  # ntk: the larger base it is
-                  rope_scaling=hf_rope_scaling(args), tie_word_embeddings=True,
+                  rope_scaling=hf_rope_scaling(args), tie_word_embeddings=args.tie_embeddings,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     kind = hf_architecture(args)
     if kind == "llama":
@@ -240,6 +249,7 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, folder: str
 def export_hf(model: Transformer, tokenizer_path: str | None, out: str) -> None:
     """Write out/ as a transformers folder: config, model.safetensors, generation config, tokenizer."""
     from transformers import AutoModelForCausalLM, GenerationConfig
+    without_equal(model.args)
     hf = AutoModelForCausalLM.from_config(hf_config(model.args))
     try:
         hf.load_state_dict(to_hf_state_dict(model), strict=True)
@@ -330,10 +340,11 @@ def export_gguf(model: Transformer, tokenizer_path: str, out: str, kind: str = "
     """A GGUF file for llama.cpp, tokenizer inside; its matrices in kind (f32, f16, or q8_0: blocks of
     32 int8 values with a float16 scale, by the gguf package's quantizer); norms stay float32, as
     llama.cpp's converter keeps them. llama.cpp's Llama RoPE rotates adjacent pairs, as ours does, so
-    wq and wk go in unpermuted; the tied output matrix is not repeated."""
+    wq and wk go in unpermuted; a tied output matrix is not repeated, an untied one is output.weight."""
     import gguf
 
     a, tok = model.args, load_tokenizer(tokenizer_path)
+    without_equal(a)
     if a.n_experts and hf_architecture(a) != "mixtral":
         raise UsageError("llama.cpp's Llama architecture routes like Mixtral only (no shared experts, several experts "
                          "a token, their weights renormalised): this mixture of experts has no GGUF equal; export it "
@@ -410,6 +421,8 @@ def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     matrices stacked, one 3-d tensor per kind (ffn_gate_exps, ffn_up_exps, ffn_down_exps), as Mixtral's."""
     a, sd = model.args, model.state_dict()
     out = {"token_embd.weight": sd["tok_embeddings.weight"], "output_norm.weight": sd["norm.weight"]}
+    if not a.tie_embeddings:
+        out["output.weight"] = sd["output.weight"]
     for i in range(a.n_layers):
         for ours, theirs in GGUF_NAMES.items():
             if not (a.n_experts and ours in DENSE_ONLY):
@@ -535,7 +548,7 @@ def feed_forward_from_hf(config, folder: str) -> dict:
 
 
 def import_hf(folder: str) -> Transformer:
-    """Our model from a transformers llama, mixtral or qwen2_moe folder (tied or not; ours are tied)."""
+    """Our model from a transformers llama, mixtral or qwen2_moe folder, its embeddings tied or not."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise UsageError(f"--import_from={folder}: no config.json there; a Hugging Face model folder is expected "
@@ -547,6 +560,7 @@ def import_hf(folder: str) -> Transformer:
     args = ModelArgs(dim=config.hidden_size, n_layers=config.num_hidden_layers, n_heads=config.num_attention_heads,
                      n_kv_heads=config.num_key_value_heads, vocab_size=config.vocab_size,
                      norm_eps=config.rms_norm_eps, max_seq_len=config.max_position_embeddings,
+                     tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
                      **feed_forward_from_hf(config, folder), **rope_from_hf(config, folder))
     try:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

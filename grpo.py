@@ -3,11 +3,17 @@ push the policy towards the answers that beat their group's mean, with a KL pena
 
     python grpo.py                                     # idiom questions, reward = character F1 vs the meaning
     python grpo.py --reward=model --reward_model=out/rm/ckpt.pt
+    python grpo.py --task=tools                        # tool tasks: call, the tool runs, answer; reward = right answer
 
 advantage_i = (r_i - mean(r)) / (std(r) + eps) within each group (equal rewards: zero advantage);
 per answer token: min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) - kl_beta * KL, with
 ratio = pi / pi_old and KL = exp(ref - logp) - (ref - logp) - 1 (the k3 estimator), averaged over
 each answer's tokens, then over answers. Logged: mean reward, KL, answer length.
+
+With --task=tools the prompts are generated tool tasks (tool_tasks.py, the training split) with every built-in
+tool offered, and each rollout has two turns: the model's first answer; when it calls a tool, the tool runs
+and the model answers again after the result. The reward is 1 when the final answer holds the task's checked
+result, else 0. Both turns are trained on, the tool's result is not (docs/13_tools.md).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from babyllama.chat_format import parse_answer, render_results, render_tools
 from babyllama.checkpoint import load_model_and_tokenizer
 from babyllama.common import print0
 from babyllama.configurator import (
@@ -32,6 +39,8 @@ from babyllama.configurator import (
 from babyllama.errors import SettingError
 from babyllama.precision import autocast
 from babyllama.tasks import char_f1, task_of
+from babyllama.tool_tasks import ALL_TOOLS, ToolTask, tasks
+from babyllama.tools import run_tool
 from babyllama.trainer import TrainConfig, frozen_reference, start_training, train_loop, training_stage
 from chatglm_tokenizer import OUR_TOKENIZER
 from dataset_sft import chat_prompt_ids, collate, read_sft_csv
@@ -41,15 +50,17 @@ from model import IGNORE_INDEX, token_logprobs
 @dataclass
 class Config(TrainConfig):
     init_from: InputFile = "out/sft/ckpt.pt"  # the policy starts here; the frozen reference is this model
-    prompts: InputFile = "sft_data/sft_data.csv"  # questions with reference answers
-    task: one_of("idiom", "character", "other", "all") = "idiom"  # which prompts: idiom, character, other or all
+    prompts: str = "sft_data/sft_data.csv"  # questions with reference answers (not read with --task=tools)
+    task: one_of("idiom", "character", "other", "all", "tools") = "idiom"  # which prompts of --prompts, or tools
     tokenizer: InputFile = OUR_TOKENIZER
     out_dir: OutputDir = "out/grpo"
     reward: one_of("f1", "model") = "f1"  # f1 (character F1 against the reference) or model (a reward model's score)
     reward_model: str = "out/rm/ckpt.pt"  # used when reward=model
     group_size: in_range(2, 1 << 16, int) = 8  # answers sampled per prompt
     prompts_per_step: Positive = 4  # prompts per optimizer step in each process
-    max_new_tokens: Positive = 48
+    max_new_tokens: Positive = 48  # a text answer's; with --task=tools, the first turn's (reasoning and call)
+    final_tokens: Positive = 16  # with --task=tools: the answer after the tool's result
+    tool_prompts: Positive = 5000  # with --task=tools: generated training tasks to draw from
     temperature: NonNegativeFloat = 1.0
     top_k: NonNegative = 0  # 0 keeps every token
     clip_eps: PositiveFloat = 0.2
@@ -96,6 +107,57 @@ def answer_examples(prompt_ids: list[list[int]], completions: list[list[int]], g
     return examples
 
 
+def after_result(prompt: list[int], first: list[int], result: str, tok) -> list[int]:
+    """The ids the second turn continues: the prompt, the first answer and its eos, the tool's result, bos."""
+    return prompt + first + [tok.eos_id] + tok.encode(render_results([result])) + [tok.bos_id]
+
+
+def tool_turns(prompt: list[int], first: list[int], result: str | None, second: list[int], tok,
+               cfg: Config) -> tuple[list[int], list[int]]:
+    """A tool rollout's ids and labels: the prompt and the first answer, and when a tool ran, its result
+    and the second answer. Labels only on the answers, each closed by eos unless it was cut."""
+    if result is None:
+        ids = prompt + first + ([tok.eos_id] if len(first) < cfg.max_new_tokens else [])
+        return ids, [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
+    context = after_result(prompt, first, result, tok)
+    ids = context + second + ([tok.eos_id] if len(second) < cfg.final_tokens else [])
+    labels = ([IGNORE_INDEX] * len(prompt) + first + [tok.eos_id]
+              + [IGNORE_INDEX] * (len(context) - len(prompt) - len(first) - 1) + ids[len(context):])
+    return ids, labels
+
+
+def tool_room(cfg: Config) -> int:
+    """The tokens a tool rollout keeps free after its prompt: the two answers and the tool's result."""
+    return cfg.max_new_tokens + cfg.final_tokens + 32
+
+
+def tool_rollouts(model, tok, picked: list[ToolTask], cfg: Config, generator: torch.Generator,
+                  ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float], dict]:
+    """cfg.group_size rollouts of each task: the first answer; when it makes a call (and stopped by itself),
+    the call runs and the model answers again after the result. Returns each rollout's (inputs, labels),
+    its reward (1.0 when the final answer holds the task's result) and the share of rollouts that called."""
+    max_len = model.args.max_seq_len
+    sample = {"temperature": cfg.temperature, "top_k": cfg.top_k or None, "eos_id": tok.eos_id, "generator": generator}
+    room = tool_room(cfg)
+    prompts = [chat_prompt_ids(tok, [], render_tools(ALL_TOOLS) + t.question, max_len, reserve=room) for t in picked]
+    rows = [(t, ids) for t, ids in zip(picked, prompts) for _ in range(cfg.group_size)]
+    firsts = model.generate([ids for _, ids in rows], cfg.max_new_tokens, **sample)
+    calls = [parse_answer(tok.decode(f)).tool_calls if len(f) < cfg.max_new_tokens else [] for f in firsts]
+    results = {i: run_tool(c[0].name, c[0].arguments) for i, c in enumerate(calls) if c}
+    contexts = {i: after_result(rows[i][1], firsts[i], result, tok) for i, result in results.items()}
+    called = [i for i in results if len(contexts[i]) + cfg.final_tokens <= max_len]
+    seconds = dict(zip(called, model.generate([contexts[i] for i in called], cfg.final_tokens, **sample)
+                       if called else []))
+    examples, rewards = [], []
+    for i, ((t, prompt), first) in enumerate(zip(rows, firsts)):
+        ran = i in seconds
+        ids, labels = tool_turns(prompt, first, results[i] if ran else None, seconds.get(i, []), tok, cfg)
+        final = tok.decode(seconds[i] if ran else first)
+        rewards.append(float(t.holds_result(parse_answer(final).content)))
+        examples.append((torch.tensor(ids[:-1]), torch.tensor(labels[1:])))
+    return examples, rewards, {"called": len(seconds) / len(rows)}
+
+
 def make_rewarder(cfg: Config, tok, device: str):
     """rewards(prompts, answers, references) -> list of floats."""
     if cfg.reward == "f1":
@@ -113,14 +175,24 @@ def main(argv: list[str] | None = None) -> None:
         policy, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
         reference = frozen_reference(policy, dist.device)
         policy.train()
-        rows = [(p, a) for p, a, h in read_sft_csv(cfg.prompts)
-                if not h and (cfg.task == "all" or task_of(p) == cfg.task)]
+        if cfg.task == "tools":
+            if policy.args.max_seq_len < tool_room(cfg) + 64:
+                raise SettingError(f"--task=tools: a window of {policy.args.max_seq_len} tokens leaves too little for "
+                                   f"the prompt beside the two answers and the result ({tool_room(cfg)} tokens: "
+                                   "--max_new_tokens + --final_tokens + 32)")
+            rows = list(tasks("train", cfg.tool_prompts, seed=cfg.seed))
+        elif not os.path.isfile(cfg.prompts):
+            raise SettingError(f"--prompts={cfg.prompts}: no such file")
+        else:
+            rows = [(p, a) for p, a, h in read_sft_csv(cfg.prompts)
+                    if not h and (cfg.task == "all" or task_of(p) == cfg.task)]
         if not rows:
             raise ValueError(f"{cfg.prompts} has no single-turn prompts of task {cfg.task!r}")
         rewarder = make_rewarder(cfg, tok, dist.device)
         max_len = policy.args.max_seq_len
+        reward = "the checked final answer" if cfg.task == "tools" else cfg.reward
         print0(f"GRPO from {cfg.init_from}: {len(rows):,} {cfg.task} prompts, groups of {cfg.group_size}, "
-               f"reward {cfg.reward}", dist=dist)
+               f"reward {reward}", dist=dist)
         training = start_training(cfg, policy, dist, len(rows), cfg.prompts_per_step,
                                   policy.flops_per_token(max_len), stage="grpo", tokenizer_sha256=tok.sha256,
                                   items_flag="--prompts_per_step", accumulates=False)
@@ -129,10 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         if state is not None and "sampler" in state and not dist.enabled:  # one process resumes its sampling exactly
             generator.set_state(state["sampler"])
 
-        def rollouts():
-            """Sample a group of answers per prompt with the current policy, reward them, and build the
-            training batch: (inputs, labels, advantages, old log-probs, reference log-probs, stats)."""
-            picked = [rows[i] for i in order.next(cfg.prompts_per_step)]
+        def text_rollouts(picked: list[tuple[str, str]], trainer, generator):
+            """A group of sampled answers to each prompt, rewarded against its reference answer."""
             prompt_ids = [chat_prompt_ids(tok, [], p, max_len, reserve=cfg.max_new_tokens) for p, _ in picked]
             with trainer.evaluating() as model:
                 completions = model.generate([ids for ids in prompt_ids for _ in range(cfg.group_size)],
@@ -140,18 +210,28 @@ def main(argv: list[str] | None = None) -> None:
                                              eos_id=tok.eos_id, generator=generator)
             prompts = [p for p, _ in picked for _ in range(cfg.group_size)]
             references = [a for _, a in picked for _ in range(cfg.group_size)]
-            answers = [tok.decode(c) for c in completions]
-            rewards = torch.tensor(rewarder(prompts, answers, references), dtype=torch.float32)
+            rewards = rewarder(prompts, [tok.decode(c) for c in completions], references)
+            return answer_examples(prompt_ids, completions, cfg.group_size, tok.eos_id, cfg.max_new_tokens,
+                                   max_len), rewards, {}
+
+        def rollouts():
+            """Sample a group of answers per prompt with the current policy, reward them, and build the
+            training batch: (inputs, labels, advantages, old log-probs, reference log-probs, stats)."""
+            picked = [rows[i] for i in order.next(cfg.prompts_per_step)]
+            if cfg.task == "tools":
+                with trainer.evaluating() as model:
+                    examples, rewards, stats = tool_rollouts(model, tok, picked, cfg, generator)
+            else:
+                examples, rewards, stats = text_rollouts(picked, trainer, generator)
+            rewards = torch.tensor(rewards, dtype=torch.float32)
             advantages = grpo_advantages(rewards.view(-1, cfg.group_size)).view(-1)
-            examples = answer_examples(prompt_ids, completions, cfg.group_size, tok.eos_id, cfg.max_new_tokens,
-                                       max_len)
             x, y = collate(examples, tok.pad_id)
             x, y = x.to(dist.device), y.to(dist.device)
             with torch.no_grad(), autocast(dist.device, trainer.dtype):
                 old, _ = token_logprobs(trainer.raw_model, x, y)
                 ref, _ = token_logprobs(reference, x, y)
-            stats = {"reward": float(rewards.mean()),
-                     "answer_tokens": sum(len(c) for c in completions) / len(completions)}
+            answer_tokens = float((y != IGNORE_INDEX).sum() / len(y))  # eos included
+            stats = {"reward": float(rewards.mean()), "answer_tokens": answer_tokens, **stats}
             return [(x, y, advantages.to(dist.device), old, ref, stats)], int((x != tok.pad_id).sum())
 
         def loss_fn(model, batch):

@@ -41,6 +41,11 @@ class ModelArgs:
     n_experts: int = 0
     n_active_experts: int = 1
     n_shared_experts: int = 0
+    # Choices the speedrun's A/B runs tried (BENCHMARKS.md, the ablation table); the defaults are the seed's model
+    qk_norm: bool = False  # RMSNorm each head's query and key before RoPE (as Qwen3), with a learned gain
+    tie_embeddings: bool = True  # the output layer is the embedding matrix (the seed's); False: a matrix of its own
+    logit_softcap: float = 0.0  # logits become cap * tanh(logits / cap) (as Gemma 2), bounded by cap; 0: off
+    value_embeddings: int = 0  # the first this many layers add a gated embedding of the token to its values
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -198,7 +203,7 @@ class SlotKVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
         self.head_dim = args.dim // args.n_heads
@@ -206,14 +211,26 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, args.norm_eps)
+        self.qk_norm = args.qk_norm
+        if layer_id < args.value_embeddings:  # (modded-nanogpt): each head's gate starts at 0, the plain values
+            self.value_embedding = nn.Embedding(args.vocab_size, args.n_kv_heads * self.head_dim)
+            self.value_gate = nn.Parameter(torch.zeros(args.n_kv_heads))
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | SlotKVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | SlotKVCache | None, layer: int,
+                tokens: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "value_embedding"):
+            v = v + self.value_gate[:, None].to(v.dtype) * self.value_embedding(tokens).view_as(v).to(v.dtype)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
@@ -356,13 +373,13 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id)
+    def forward(self, x, cos, sin, mask, cache, tokens=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id, tokens)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -405,7 +422,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied, as in the seed
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # as in the seed
         cos, sin = rope_tables(args)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
@@ -421,10 +439,10 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, count_tied_twice: bool = False) -> int:
-        """Unique parameters; with count_tied_twice the shared embedding/output matrix counts twice,
+        """Unique parameters; with count_tied_twice a shared embedding/output matrix counts twice,
         which is how the seed's model names (92M, 218M) count."""
         n = sum(p.numel() for p in self.parameters())
-        return n + self.output.weight.numel() if count_tied_twice else n
+        return n + self.output.weight.numel() if count_tied_twice and self.args.tie_embeddings else n
 
     def num_active_params(self) -> int:
         """Parameters a token goes through: of an MoE's experts, only the n_active_experts it is sent to."""
@@ -453,11 +471,13 @@ class Transformer(nn.Module):
         pad_left (B,) gives how many left-padding tokens each row of a generation batch starts with;
         cache, when given, holds the keys and values of the tokens before these ones."""
         h = self.hidden(tokens, cache=cache, pad_left=pad_left)
+        if self.args.logit_softcap and (loss_head is not None or targets is not None and self.loss_chunk):
+            raise ValueError("logit_softcap is computed on whole logits only: not with distillation or loss_chunk")
         if loss_head is not None:
             return None, loss_head(h, self.output.weight)
         if targets is not None and self.loss_chunk:
             return None, chunked_cross_entropy(h, self.output.weight, targets, self.loss_chunk, per_token)
-        logits = self.output(h[:, -1:] if last_only else h)
+        logits = self.softcap(self.output(h[:, -1:] if last_only else h))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
@@ -481,9 +501,9 @@ class Transformer(nn.Module):
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:  # keep only each block's input; its activations are recomputed in the backward
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, tokens, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache)
+                h = layer(h, cos, sin, mask, cache, tokens)
             if between_layers is not None:
                 between_layers()
         if cache is not None:
@@ -562,8 +582,13 @@ class Transformer(nn.Module):
     def next_token_logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 logits (B, generated_vocab) of last hidden states h (B, dim), for decoding."""
         if isinstance(self.output, nn.Linear):
-            return (h @ self._output_transposed()).float()
-        return self.output.logits(h)[:, :self.generated_vocab]  # a quantized output layer (quantize.py)
+            return self.softcap((h @ self._output_transposed()).float())
+        return self.softcap(self.output.logits(h)[:, :self.generated_vocab])  # a quantized output layer (quantize.py)
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits squashed into (-cap, cap) by cap * tanh(logits / cap) when args.logit_softcap is set."""
+        cap = self.args.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     def train(self, mode: bool = True) -> Transformer:
         # Fused optimizers update weights in place without bumping their version counter, so the cached

@@ -12,7 +12,9 @@ with usage when stream_options asks; temperature, top_p, max_tokens or max_compl
 as a string or text parts). Chat takes tools, tool_choice (none, auto, required, a named function), tool
 messages, response_format (json_object, json_schema) and reasoning_effort ('none' turns reasoning off), and
 returns tool_calls and reasoning_content (docs/13_tools.md); a forced call or a JSON answer is decoded under
-a grammar, so it parses and validates. Requests are decoded together (continuous batching, engine.py): up to
+a grammar, so it parses and validates. GET /v1/tools lists the built-in tools (tools.py) and POST /v1/tools/run
+runs one ({"name", "arguments"} -> {"content"}, with a time limit): the web page offers them and runs the calls
+the model makes, showing each beside its result. Requests are decoded together (continuous batching, engine.py): up to
 --max_batch at once, each streamed token by token; more wait in arrival order. A client that goes away
 frees its place at once. A bad request gets a 4xx JSON error in OpenAI's shape.
 """
@@ -36,6 +38,7 @@ from babyllama.engine import Engine, Event, Sampling
 from babyllama.engine import Request as EngineRequest
 from babyllama.errors import UsageError, one_line_errors
 from babyllama.grammar import Constraint, GrammarError, json_grammar, tool_calls_grammar
+from babyllama.tools import BUILTIN, run_tool
 from dataset_sft import chat_prompt_ids
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "babyllama", "serve_page.html")
@@ -426,6 +429,26 @@ def create_app(cfg: Config, server: "Server | None" = None):
         check_key(request)
         check_model({"model": model_id})
         return model_card
+
+    @app.get("/v1/tools")
+    async def builtin_tools(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [t.spec() for t in BUILTIN.values()]}
+
+    @app.post("/v1/tools/run")
+    async def run_builtin_tool(request: Request):
+        body = await json_body(request)
+        name, arguments = body.get("name"), body.get("arguments", {})
+        if isinstance(arguments, str):  # as a tool call carries them
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise RequestError(400, "'arguments' is not JSON", "arguments") from None
+        if not isinstance(name, str) or not isinstance(arguments, dict):
+            raise RequestError(400, "expected {\"name\": a built-in tool, \"arguments\": {...}}")
+        if name not in BUILTIN:
+            raise RequestError(404, f"no built-in tool '{name}' (GET /v1/tools lists them)", "name")
+        return {"name": name, "content": await asyncio.to_thread(run_tool, name, arguments)}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

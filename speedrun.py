@@ -26,7 +26,6 @@ from babyllama.common import write_json_atomic
 from babyllama.configurator import OutputDir, OutputFile, PositiveFloat, in_range, parse_config
 from babyllama.errors import UsageError, one_line_errors
 from babyllama.heldout import corpus_bits
-from babyllama.precision import resolve_dtype
 from chatglm_tokenizer import MIN_VOCAB
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -91,7 +90,7 @@ def score(ckpt: str, data: str) -> dict:
     """Held-out bits per character of the checkpoint on data/val.bin (heldout.py's protocol)."""
     model, state = load_model(ckpt)
     return {**corpus_bits(model, data), "steps": state["step"], "tokens_seen": state["tokens_seen"],
-            "dtype_setting": state.get("config", {}).get("dtype", "auto")}
+            "dtype": state["dtype"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,15 +109,15 @@ def main(argv: list[str] | None = None) -> None:
         began = time.time()
         result = score(os.path.join(run_dir, "ckpt.pt"), data)
         times["scoring_s"] = time.time() - began
-        dtype = resolve_dtype(result.pop("dtype_setting"), "cpu")[0]
-        result.update(times, dtype=dtype, cpu=torch.backends.cpu.get_cpu_capability(), minutes=cfg.minutes,
+        result.update(times, cpu=torch.backends.cpu.get_cpu_capability(), minutes=cfg.minutes,
                       settings=asdict(cfg))
         write_json_atomic(os.path.join(run_dir, "speedrun.json"), result)
         if cfg.json:
             write_json_atomic(cfg.json, result)
         print(f"speedrun: {result['bpc']:.4f} bits per character on {result['documents']:,} held-out documents "
               f"({result['characters']:,} characters); {result['steps']} steps, {result['tokens_seen'] / 1e6:.2f}M "
-              f"tokens seen in {cfg.minutes:g} min ({times['pretrain_s']:.0f} s), {dtype}, CPU {result['cpu']}; "
+              f"tokens seen in {cfg.minutes:g} min ({times['pretrain_s']:.0f} s), {result['dtype']} (trained), "
+              f"CPU {result['cpu']}; "
               f"tokenizer {times['tokenizer_s']:.0f} s, corpus {times['corpus_s']:.0f} s, scoring "
               f"{times['scoring_s']:.0f} s")
 

@@ -56,7 +56,11 @@ def model_args_from_state_dict(state: dict, n_heads: int = 8, **overrides) -> Mo
     head_dim = dim // n_heads
     args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab_size,
                 n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim,
-                hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0])
+                hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
+                tie_embeddings="output.weight" not in state or torch.equal(state["output.weight"],
+                                                                           state["tok_embeddings.weight"]),
+                qk_norm="layers.0.attention.q_norm.weight" in state,
+                value_embeddings=sum(k.endswith("attention.value_embedding.weight") for k in state))
     args.update(overrides)
     return ModelArgs(**args)
 

@@ -15,19 +15,30 @@ import math
 
 import torch
 
-NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # a quintic tuned for speed over exactness (Muon's own)
-NEWTON_SCHULZ_STEPS = 5
+# Each iteration maps every singular value s to a s + b s^3 + c s^5. Muon's own quintic, the same five times, is
+# tuned for speed over exactness; Polar Express (Amsel et al., 2025, arXiv:2505.16932) picks each iteration's
+# polynomial to be minimax-optimal for the interval the singular values can be in at that point, and starts
+# from a gradient scaled a little below norm 1 (its safety factor).
+ITERATIONS = {
+    "jordan": (1.0, ((3.4445, -4.7750, 2.0315),) * 5),
+    "polar_express": (1.02, ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                             (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                             (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                             (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                             (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))),
+}
 
 
-def orthogonalize(grad: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
-    """An approximation of U V^T where grad = U S V^T: singular values end near 1 (between about 0.7 and 1.2)."""
-    a, b, c = NEWTON_SCHULZ
+def orthogonalize(grad: torch.Tensor, iterations: str = "jordan") -> torch.Tensor:
+    """An approximation of U V^T where grad = U S V^T: singular values end near 1 (with "jordan" between
+    about 0.7 and 1.2, with "polar_express" closer)."""
+    safety, polynomials = ITERATIONS[iterations]
     x = grad.float()
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
-    for _ in range(steps):
+    x = x / (x.norm() * safety + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    for a, b, c in polynomials:
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.T if tall else x).to(grad.dtype)
@@ -38,9 +49,12 @@ class MuonAdamW(torch.optim.Optimizer):
     weight_decay and betas as torch.optim.AdamW. One optimizer, so checkpoints and resumes are unchanged."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], weight_decay: float = 0.0,
-                 momentum: float = 0.95, eps: float = 1e-8):
+                 momentum: float = 0.95, eps: float = 1e-8, iterations: str = "jordan"):
+        if iterations not in ITERATIONS:
+            raise ValueError(f"unknown Newton-Schulz iterations {iterations!r}; expected one of "
+                             f"{', '.join(ITERATIONS)}")
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "momentum": momentum, "eps": eps,
-                    "muon": False}
+                    "muon": False, "iterations": iterations}
         super().__init__(groups, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.dim() != 2 for p in group["params"]):
@@ -65,7 +79,7 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         momentum = state["momentum"]
         momentum.lerp_(p.grad, 1 - group["momentum"])
-        direction = orthogonalize(p.grad.lerp(momentum, group["momentum"]))  # Nesterov
+        direction = orthogonalize(p.grad.lerp(momentum, group["momentum"]), group["iterations"])  # Nesterov
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
 

@@ -59,7 +59,7 @@ from babyllama.distributed import (
     teardown,
 )
 from babyllama.errors import UsageError, one_line_errors
-from babyllama.muon import MuonAdamW
+from babyllama.muon import ITERATIONS, MuonAdamW
 from babyllama.precision import autocast, measure_peak_flops, resolve_dtype
 from babyllama.schedule import Schedule
 from babyllama.trackers import Tracker, open_trackers, scalars_of
@@ -67,25 +67,37 @@ from model import routing_stats
 
 C = TypeVar("C", bound="TrainConfig")
 
+
+def is_embedding(name: str) -> bool:
+    """The tables a token id indexes (and the output matrix, tied to one or not): AdamW, embedding_lr_scale."""
+    return name in ("tok_embeddings.weight", "output.weight") or name.endswith("value_embedding.weight")
+
+
 # ------------------------------------------------------------------ the optimizer
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device: str, kind: str = "adamw") -> torch.optim.Optimizer:
+                   device: str, kind: str = "adamw", muon_iterations: str = "jordan",
+                   embedding_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """AdamW (the fused kernel on CUDA, CPU and Apple GPUs: on a CPU many times faster than the foreach
     kernels), or with kind="muon" Muon for the blocks' weight matrices (not a router's: its rows are one
     score each, not a map to orthogonalize) and AdamW for the rest (muon.py).
     Matrices decay, norms and biases do not. The groups keep the parameters' order, which checkpoints of
-    the optimizer's state rely on."""
+    the optimizer's state rely on. With embedding_lr_scale the embedding and output matrices are a group of
+    their own whose rate is the schedule's times that scale (the trainer reads each group's lr_scale)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # a tied embedding once
+    embeddings = [p for n, p in named if is_embedding(n)] if embedding_lr_scale != 1 else []
+    named = [(n, p) for n, p in named if not any(p is e for e in embeddings)]
+    scaled = [{"params": embeddings, "weight_decay": weight_decay, "lr_scale": embedding_lr_scale}][:len(embeddings)]
     matrices, no_decay = [(n, p) for n, p in named if p.dim() >= 2], [p for _, p in named if p.dim() < 2]
     if kind == "muon":
-        orthogonalized = [n.startswith("layers.") and not n.endswith("router.weight") for n, _ in matrices]
+        orthogonalized = [n.startswith("layers.") and not n.endswith("router.weight") and not is_embedding(n)
+                          for n, _ in matrices]
         groups = [{"params": [p for (_, p), o in zip(matrices, orthogonalized) if o], "muon": True},
                   {"params": [p for (_, p), o in zip(matrices, orthogonalized) if not o]}]
         groups = [{**g, "weight_decay": weight_decay} for g in groups] + [{"params": no_decay, "weight_decay": 0.0}]
-        return MuonAdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+        return MuonAdamW([g for g in groups + scaled if g["params"]], lr=lr, betas=betas, iterations=muon_iterations)
     groups = [{"params": [p for _, p in matrices], "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+              {"params": no_decay, "weight_decay": 0.0}, *scaled]
     fused = torch.device(device).type in ("cuda", "cpu", "mps")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
@@ -189,6 +201,8 @@ class TrainConfig:
     warmup_steps: NonNegative = 20  # optimizer steps of linear warmup
     weight_decay: NonNegativeFloat = 0.0  # decoupled weight decay of the matrices (never of norms and biases)
     optimizer: one_of("adamw", "muon") = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_iterations: one_of(*ITERATIONS) = "jordan"  # Muon's Newton-Schulz polynomials (babyllama/muon.py)
+    embedding_lr_scale: PositiveFloat = 1.0  # the embedding and output matrices learn at lr times this
     beta1: Fraction = 0.9
     beta2: Fraction = 0.95
     grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping
@@ -266,7 +280,7 @@ class Trainer:
         self.raw_model = model.to(dist.device)
         self.model = self._wrap(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device,
-                                        cfg.optimizer)
+                                        cfg.optimizer, cfg.muon_iterations, cfg.embedding_lr_scale)
         # A loss scaler only for float16: bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(dist.device.split(":")[0], enabled=self.dtype == "float16")
         self.step = 0
@@ -321,7 +335,7 @@ class Trainer:
         s = self.cfg
         lr = self.schedule.lr_at(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         micro_batches = list(micro_batches)
         total, finite, metrics = 0.0, True, {}
         for i, batch in enumerate(micro_batches):
@@ -590,7 +604,7 @@ def train_loop(training: Training, next_batches: Callable[[], tuple[list[Any], i
         state = trainer.state_dict()
         state.update(tokens_seen=tokens_seen, model_args=asdict(trainer.raw_model.args),
                      data=training.order.state_dict(), global_batch=training.global_batch, config=asdict(cfg),
-                     tokenizer_sha256=training.tokenizer_sha256, stage=training.stage,
+                     tokenizer_sha256=training.tokenizer_sha256, stage=training.stage, dtype=trainer.dtype,
                      **(own_state() if own_state else {}))
         if cfg.fsdp and not training.shared_out_dir:  # FSDP gathers the whole state on rank 0 alone
             state = broadcast_from_master(state, dist)

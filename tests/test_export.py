@@ -22,17 +22,17 @@ def test_permutation_round_trips():
     assert permute_to_hf(w, 2)[:4, 0].tolist() == [0.0, 6.0, 3.0, 9.0]
 
 
-@pytest.mark.parametrize("shape", ["tiny_gqa", "baby_92m"])
+@pytest.mark.parametrize("shape", ["tiny_gqa", "tiny_untied", "baby_92m"])
 def test_transformers_gives_our_logits_and_greedy_tokens(tmp_path, shape):
     if shape == "baby_92m":
         args = read_model_preset("baby_92m", max_seq_len=128)
     else:
         args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=600, max_seq_len=128,
-                         multiple_of=16)
+                         multiple_of=16, tie_embeddings=shape != "tiny_untied")
     model = scrambled(args)
     export_hf(model, None, str(tmp_path / "hf"))
     hf = transformers_agrees(model, tmp_path / "hf", torch.randint(3, args.vocab_size, (2, 24)), 24, 64)
-    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.tie_word_embeddings == args.tie_embeddings
     back = import_hf(str(tmp_path / "hf"))
     same = {k: v for k, v in asdict(back.args).items() if k != "multiple_of"}  # hidden_dim is explicit
     assert same == {k: v for k, v in asdict(model.args).items() if k != "multiple_of"}
@@ -108,6 +108,32 @@ def test_gguf_file_reads_back(tmp_path, small_tokenizer):
     assert pieces == [tok.id_to_piece(i) for i in range(600)]
     assert int(reader.fields["llama.attention.head_count_kv"].parts[-1][0]) == 2
     assert int(reader.fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == 2
+
+
+def test_an_untied_output_matrix_is_its_own_gguf_tensor(tmp_path, small_tokenizer):
+    gguf = pytest.importorskip("gguf")
+    from export import export_gguf
+    model = scrambled(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16,
+                                tie_embeddings=False))
+    export_gguf(model, small_tokenizer, str(tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert len(tensors) == 3 + 9
+    out = torch.from_numpy(tensors["output.weight"].data.reshape(600, 32).copy())
+    assert torch.equal(out, model.output.weight.detach()) and not torch.equal(out, model.tok_embeddings.weight.detach())
+
+
+@pytest.mark.parametrize("option", [{"qk_norm": True}, {"logit_softcap": 30.0}, {"value_embeddings": 1}])
+def test_options_no_exported_architecture_computes_are_refused(tmp_path, small_tokenizer, option):
+    from babyllama.errors import UsageError
+    from export import export_gguf
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16,
+                                  **option))
+    name = next(iter(option))
+    with pytest.raises(UsageError, match=f"uses {name} "):
+        export_hf(model, None, str(tmp_path / "hf"))
+    with pytest.raises(UsageError, match=f"uses {name} "):
+        export_gguf(model, small_tokenizer, str(tmp_path / "m.gguf"))
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists()
 
 
 def test_llama_cpp_greedy_tokens_match(tmp_path, small_tokenizer):

@@ -78,3 +78,65 @@ def test_grpo_without_prompts_of_the_task_is_one_line(pretrained, preference, sm
                          capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
         f"error: {preference / 'prompts.csv'} has no single-turn prompts of task 'character'"]
+
+
+class ScriptedModel:
+    """Stands in for the policy in tool_rollouts: answers each generate call with the next scripted texts."""
+
+    def __init__(self, tok, turns: list[list[str]], max_seq_len: int = 256):
+        self.args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=max_seq_len)
+        self.tok, self.turns, self.prompts = tok, turns, []
+
+    def generate(self, prompts, max_new_tokens, **_):
+        self.prompts.append(prompts)
+        texts = self.turns.pop(0)
+        assert len(texts) == len(prompts)
+        return [self.tok.encode(t)[:max_new_tokens] for t in texts]
+
+
+def test_tool_rollouts_run_the_call_and_reward_the_checked_answer(small_tokenizer):
+    """Four rollouts of one task: a right call then the right answer (reward 1); a right call then a wrong
+    answer (0); a call to a tool that fails (its error is the result); no call, the right number at once
+    (1: the final answer is checked, however it came). Labels cover both answers, never the tool's result."""
+    from babyllama.chat_format import Answer, render_answer, render_results
+    from babyllama.tool_tasks import tasks
+    from chatglm_tokenizer import load_tokenizer
+    from grpo import Config, tool_rollouts
+    tok = load_tokenizer(small_tokenizer)
+    task = next(t for t in tasks("train", 50) if t.call.name == "calculator")
+    right = render_answer(Answer("", task.reasoning, [task.call]))
+    failing = right.replace(task.call.arguments["expression"], "1/0")
+    model = ScriptedModel(tok, [[right, right, failing, f"答案是{task.expected}"],
+                                [task.answer, "答案是-1", "算不出来"]])
+    cfg = Config(group_size=4, max_new_tokens=120, final_tokens=40)
+    examples, rewards, stats = tool_rollouts(model, tok, [task], cfg, torch.Generator())
+    assert rewards == [1.0, 0.0, 0.0, 1.0] and stats == {"called": 0.75}
+    second_prompts = model.prompts[1]
+    assert tok.decode(second_prompts[0]).endswith(render_results([task.result]))
+    assert render_results(["error: division by zero"]) in tok.decode(second_prompts[2])
+    inputs, labels = examples[0]
+    ids = inputs.tolist() + [labels[-1].item()]
+    labelled = [i + 1 for i, y in enumerate(labels.tolist()) if y != IGNORE_INDEX]
+    first, second = tok.encode(right), tok.encode(task.answer)
+    prompt_len = len(model.prompts[0][0])
+    response = len(second_prompts[0]) - prompt_len - len(first) - 1
+    assert labelled == [*range(prompt_len, prompt_len + len(first) + 1),  # the first answer and its eos
+                        *range(len(second_prompts[0]), len(second_prompts[0]) + len(second) + 1)]  # the second
+    assert response > 0 and ids[labelled[-1]] == tok.eos_id
+    one_turn = prompt_len + len(tok.encode(f"答案是{task.expected}")) + 1  # prompt, answer, eos
+    assert len(examples[3][0]) == one_turn - 1  # inputs: all but the last
+
+
+def test_grpo_on_tool_tasks_runs_end_to_end(pretrained, small_tokenizer, tmp_path):
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=320, multiple_of=16)
+    torch.save({"model": Transformer(args).state_dict(), "model_args": vars(args)}, tmp_path / "ckpt.pt")
+    run_ok([sys.executable, os.path.join(ROOT, "grpo.py"),
+            *stage_flags(tmp_path / "ckpt.pt", small_tokenizer, tmp_path / "grpo"), "--task=tools", "--max_steps=2",
+            "--group_size=2", "--prompts_per_step=2", "--max_new_tokens=8", "--final_tokens=4", "--tool_prompts=20"])
+    assert all({"reward", "kl", "answer_tokens", "called"} <= set(r) for r in metrics(tmp_path / "grpo"))
+    short, _ = pretrained  # a window of 32 tokens
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *stage_flags(short, small_tokenizer, tmp_path),
+                          "--task=tools"], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "error: --task=tools: a window of 32 tokens leaves too little for the prompt beside the two answers and the "
+        "result (96 tokens: --max_new_tokens + --final_tokens + 32)"]

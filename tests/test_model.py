@@ -65,6 +65,12 @@ def test_raw_state_dict_round_trip(tmp_path):
     assert torch.equal(loaded(tokens)[0], a(tokens)[0])
     loaded_b, _ = load_model(str(path), model_args=b.args)
     assert torch.equal(loaded_b(tokens)[0], a(tokens)[0])
+    # Weights tell the options that add or untie them; the shape read off them computes the same.
+    c = small_model(2, qk_norm=True, tie_embeddings=False, value_embeddings=1)
+    torch.save(c.state_dict(), path)
+    loaded_c, _ = load_model(str(path), n_heads=4, max_seq_len=64)
+    assert (loaded_c.args.qk_norm, loaded_c.args.tie_embeddings, loaded_c.args.value_embeddings) == (True, False, 1)
+    assert torch.equal(loaded_c(tokens)[0], c(tokens)[0])
 
 
 def test_our_checkpoint_loads(tmp_path):
@@ -164,9 +170,12 @@ def test_rmsnorm_computes_in_fp32():
     assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_cached_logits_equal_full_forward(n_kv_heads):
-    model = small_model(n_kv_heads=n_kv_heads, scrambled=False)
+SPEEDRUN_OPTIONS = {"qk_norm": True, "tie_embeddings": False, "logit_softcap": 5.0}
+
+
+@pytest.mark.parametrize("options", [{"n_kv_heads": 4}, {"n_kv_heads": 2}, {"n_kv_heads": 2, **SPEEDRUN_OPTIONS}])
+def test_cached_logits_equal_full_forward(options):
+    model = small_model(scrambled=False, **options)
     tokens = torch.randint(0, 97, (2, 20))
     full, _ = model(tokens)
     cache = KVCache(model.args, 2, 20, "cpu", torch.float32)
@@ -175,6 +184,64 @@ def test_cached_logits_equal_full_forward(n_kv_heads):
     chunks.append(model(tokens[:, 8:12], cache=cache)[0])
     chunks += [model(tokens[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
     assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
+
+
+def test_qk_norm_gives_each_heads_query_and_key_the_gains_rms():
+    model = small_model(qk_norm=True)
+    attention = model.layers[0].attention
+    with torch.no_grad():
+        attention.q_norm.weight.fill_(2.0)
+    seen = {}
+    for name in ("q_norm", "k_norm"):
+        getattr(attention, name).register_forward_hook(lambda m, i, out, name=name: seen.update({name: out}))
+    model(torch.randint(0, 97, (2, 9)))
+    head_dim = 64 // 4
+    assert seen["q_norm"].shape == (2, 9, 4, head_dim)  # (B, T, heads, head_dim): one norm per head and position
+    assert torch.allclose(seen["q_norm"].pow(2).mean(-1).sqrt(), torch.tensor(2.0), atol=1e-3)
+    assert torch.allclose(seen["k_norm"].pow(2).mean(-1).sqrt(), torch.tensor(1.0), atol=1e-3)
+    assert "layers.0.attention.q_norm.weight" in model.state_dict()
+    assert "layers.0.attention.q_norm.weight" not in small_model().state_dict()  # the seed's names otherwise
+
+
+def test_softcap_bounds_the_logits_and_leaves_small_ones():
+    capped, plain = small_model(logit_softcap=3.0), small_model()
+    tokens = torch.randint(0, 97, (2, 12))
+    logits, plain_logits = capped(tokens)[0], plain(tokens)[0]
+    assert plain_logits.abs().max() > 3.0 and logits.abs().max() < 3.0  # scrambled weights give large logits
+    assert torch.allclose(logits, 3.0 * torch.tanh(plain_logits / 3.0), atol=1e-5)  # the same weights (seed 0)
+    h = torch.randn(2, 64)
+    assert torch.allclose(capped.next_token_logits(h), 3.0 * torch.tanh(plain.next_token_logits(h) / 3.0), atol=1e-5)
+    capped.loss_chunk = 4
+    with pytest.raises(ValueError, match="logit_softcap"):
+        capped(tokens, tokens)
+
+
+def test_value_embeddings_at_zero_gates_equal_the_plain_model_and_cache_equals_full_forward():
+    with_ve = small_model(value_embeddings=1, n_kv_heads=2)
+    plain = small_model(n_kv_heads=2)
+    missing = plain.load_state_dict(with_ve.state_dict(), strict=False).unexpected_keys
+    assert sorted(missing) == ["layers.0.attention.value_embedding.weight", "layers.0.attention.value_gate"]
+    assert not hasattr(with_ve.layers[1].attention, "value_embedding")  # only the first value_embeddings layers
+    tokens = torch.randint(0, 97, (2, 16))
+    assert torch.equal(with_ve(tokens)[0], plain(tokens)[0])
+    with torch.no_grad():
+        with_ve.layers[0].attention.value_gate.copy_(torch.tensor([0.5, -1.0]))
+    full = with_ve(tokens)[0]
+    assert not torch.allclose(full, plain(tokens)[0])
+    cache = KVCache(with_ve.args, 2, 16, "cpu", torch.float32)
+    steps = [with_ve(tokens[:, :5], cache=cache)[0]]
+    steps += [with_ve(tokens[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_untied_embeddings_are_a_matrix_of_their_own(tmp_path):
+    model = small_model(tie_embeddings=False)
+    assert model.output.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()
+    tied = small_model()
+    assert model.num_params() == tied.num_params() + 97 * 64 == model.num_params(count_tied_twice=True)
+    torch.save({"model": model.state_dict(), "model_args": vars(model.args)}, tmp_path / "ckpt.pt")
+    loaded, _ = load_model(str(tmp_path / "ckpt.pt"))
+    assert torch.equal(loaded.output.weight, model.output.weight) and not loaded.args.tie_embeddings
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])

@@ -1,4 +1,5 @@
 import concurrent.futures
+import contextlib
 import json
 import os
 import socket
@@ -7,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import pytest
@@ -157,7 +159,9 @@ def test_api_key_is_required_when_set(small_tokenizer, tmp_path):
                          headers={"Authorization": "Bearer secret"}).status_code == 200
 
 
-def test_web_page_streams_an_answer_in_chromium(server, tmp_path):
+@contextlib.contextmanager
+def chromium_page(url: str, tmp_path) -> Iterator:
+    """Headless Chromium (selenium) showing the server's web page; skips where either is not installed."""
     import shutil
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
@@ -171,7 +175,14 @@ def test_web_page_streams_an_answer_in_chromium(server, tmp_path):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
     try:
-        browser.get(f"{server}/")
+        browser.get(f"{url}/")
+        yield browser
+    finally:
+        browser.quit()
+
+
+def test_web_page_streams_an_answer_in_chromium(server, tmp_path):
+    with chromium_page(server, tmp_path) as browser:
         for turn, question in enumerate(["你好", "再说一遍"], 1):
             browser.find_element("id", "question").send_keys(question)
             browser.find_element("id", "send").click()
@@ -190,8 +201,6 @@ def test_web_page_streams_an_answer_in_chromium(server, tmp_path):
             browser.save_screenshot(os.environ["WEB_SCREENSHOT"])
         browser.find_element("id", "reset").click()
         assert browser.execute_script("return messages.length") == 0
-    finally:
-        browser.quit()
 
 
 def post(url: str, body, timeout: float = 30) -> Response:

@@ -36,9 +36,9 @@ def test_speedrun_end_to_end_on_tiny_settings(tmp_path):
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("speedrun: ") and "bits per character" in last and "float32" in last
+    assert last.startswith("speedrun: ") and "bits per character" in last and "float32 (trained)" in last
     record = json.loads((tmp_path / "result.json").read_text())
-    assert 0 < record["bpc"] < 12 and record["steps"] > 0 and record["documents"] > 0
+    assert 0 < record["bpc"] < 12 and record["steps"] > 0 and record["documents"] > 0 and record["dtype"] == "float32"
     assert record["tokens_seen"] == record["steps"] * 4 * 64
     assert record["pretrain_s"] < 0.3 * 60 + 15
     meta = json.loads((tmp_path / "work" / "data_600" / "meta.json").read_text())

@@ -297,16 +297,22 @@ def test_masks_apply_per_row_in_the_batched_engine(small_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, small_tokenizer):
-    """The official openai client on serve.py with a random model whose context holds the tools' schemas."""
-    openai = pytest.importorskip("openai")
+def tools_server(tmp_path_factory, small_tokenizer):
+    """serve.py with a random model whose context holds the tools' schemas."""
+    pytest.importorskip("openai")
     pytest.importorskip("llguidance")
     from test_serve import serving
 
     from model import ModelArgs
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=600, max_seq_len=2048, multiple_of=16)
-    for url in serving(tmp_path_factory.mktemp("serve_tools"), small_tokenizer, args, "--max_tokens=200"):
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    yield from serving(tmp_path_factory.mktemp("serve_tools"), small_tokenizer, args, "--max_tokens=200")
+
+
+@pytest.fixture(scope="module")
+def client(tools_server):
+    """The official openai client on tools_server."""
+    import openai
+    return openai.OpenAI(base_url=f"{tools_server}/v1", api_key="none", max_retries=0)
 
 
 def ask(client, **kw):
@@ -463,3 +469,57 @@ def test_chat_runs_the_calls_the_model_makes_and_hands_back_the_results(small_to
     assert [a for _, a in history] == script
     assert seen_prompts[1].endswith("<tool_response>888</tool_response>")
     assert '-> 888]' in out.getvalue()
+
+
+def test_the_server_lists_and_runs_its_built_in_tools(tools_server):
+    from test_serve import http, post
+    listed = http("GET", f"{tools_server}/v1/tools").json()["data"]
+    assert [t["function"]["name"] for t in listed] == list(BUILTIN)
+    run = f"{tools_server}/v1/tools/run"
+    assert post(run, {"name": "calculator", "arguments": {"expression": "24*37"}}).json() == {
+        "name": "calculator", "content": "888"}
+    assert post(run, {"name": "calculator", "arguments": '{"expression": "1/0"}'}).json()["content"] == (
+        "error: division by zero")  # as a tool call carries them: a JSON string; a failing call is a result
+    missing = post(run, {"name": "weather", "arguments": {}})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "name"
+    for bad in ({"name": "calculator", "arguments": "{"}, {"name": 3}, {"name": "calculator", "arguments": [1]}):
+        assert post(run, bad).status_code == 400, bad
+
+
+def test_the_web_page_folds_the_reasoning_and_shows_each_call_beside_its_result(tools_server, tmp_path):
+    from test_serve import chromium_page, post
+    question = "3加4等于几?"
+    with chromium_page(tools_server, tmp_path) as browser:
+        browser.find_element("id", "tools").click()
+        # A forced call to the calculator (a random model calls nothing of itself), then the model answers.
+        browser.execute_script("send(arguments[0], arguments[1])", question, {
+            "tools": BOUNDED_TOOLS, "tool_choice": {"type": "function", "function": {"name": "calculator"}}})
+        finished = "return messages.length > 1 && messages.at(-1).role === 'assistant' && !messages.at(-1).tool_calls"
+        deadline = time.time() + 120
+        while time.time() < deadline and not browser.execute_script(finished):
+            time.sleep(0.2)
+        assert browser.execute_script(finished)
+        messages = browser.execute_script("return messages")
+        call = messages[1]["tool_calls"][0]["function"]
+        assert call["name"] == "calculator" and messages[2]["role"] == "tool"
+        jsonschema.validate(json.loads(call["arguments"]), BOUNDED_TOOLS[0]["function"]["parameters"])
+        result = post(f"{tools_server}/v1/tools/run", call).json()["content"]
+        row = browser.find_elements("class name", "tool")[0]
+        assert row.find_element("class name", "call").text == f"calculator({call['arguments']})"
+        assert row.find_element("class name", "result").text == f"→ {result}" and messages[2]["content"] == result
+
+        browser.find_element("id", "reset").click()
+        browser.find_element("id", "tools").click()
+        browser.find_element("id", "think").click()
+        browser.find_element("id", "question").send_keys(question)
+        browser.find_element("id", "send").click()
+        deadline = time.time() + 120
+        while time.time() < deadline and browser.execute_script("return messages.length") < 2:
+            time.sleep(0.2)
+        fold = browser.find_element("class name", "reasoning")
+        assert fold.tag_name == "details" and fold.get_attribute("open") is None  # folded away
+        shown = browser.execute_script("return document.querySelector('.reasoning .thought').textContent")
+        reply = post(f"{tools_server}/v1/chat/completions", {"messages": [{"role": "user", "content": question}],
+                                                             "temperature": 0, "reasoning_effort": "medium"}).json()
+        assert shown == reply["choices"][0]["message"]["reasoning_content"] and shown
+        assert browser.execute_script("return messages[1].content") == (reply["choices"][0]["message"]["content"] or "")

@@ -18,6 +18,21 @@ def test_no_weight_decay_on_norms():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
 
 
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_embedding_lr_scale_gives_the_tables_a_group_of_their_own(kind):
+    model = fresh_model(tie_embeddings=False)
+    trainer = Trainer(model, settings(optimizer=kind, embedding_lr_scale=5.0), Dist())
+    scaled = [g for g in trainer.optimizer.param_groups if "lr_scale" in g]
+    assert len(scaled) == 1 and scaled[0]["lr_scale"] == 5.0
+    assert {id(p) for p in scaled[0]["params"]} == {id(model.tok_embeddings.weight), id(model.output.weight)}
+    trainer.train_step([batch(0, 4)], loss_fn)
+    lr = trainer.schedule.lr_at(0)
+    assert scaled[0]["lr"] == pytest.approx(5 * lr)
+    assert all(g["lr"] == pytest.approx(lr) for g in trainer.optimizer.param_groups if "lr_scale" not in g)
+    unscaled = make_optimizer(fresh_model(), 1e-3, 0.1, (0.9, 0.95), "cpu", kind)
+    assert not any("lr_scale" in g for g in unscaled.param_groups)  # the groups checkpoints already hold
+
+
 def test_gradient_accumulation_equals_big_batch():
     x, y = batch(0, 8)
     one = Trainer(fresh_model(), settings(), Dist())
