@@ -107,22 +107,25 @@ def answer_examples(prompt_ids: list[list[int]], completions: list[list[int]], g
     return examples
 
 
-def after_result(prompt: list[int], first: list[int], result: str, tok) -> list[int]:
-    """The ids the second turn continues: the prompt, the first answer and its eos, the tool's result, bos."""
-    return prompt + first + [tok.eos_id] + tok.encode(render_results([result])) + [tok.bos_id]
+def closed(answer: list[int], limit: int, tok) -> list[int]:
+    """An answer as it is trained on: closed by eos, unless it was cut at its limit."""
+    return answer + ([tok.eos_id] if len(answer) < limit else [])
+
+
+def result_prompt(result: str, tok) -> list[int]:
+    """The turn that hands the tool's result back: the result between response markers, then bos."""
+    return tok.encode(render_results([result])) + [tok.bos_id]
 
 
 def tool_turns(prompt: list[int], first: list[int], result: str | None, second: list[int], tok,
                cfg: Config) -> tuple[list[int], list[int]]:
     """A tool rollout's ids and labels: the prompt and the first answer, and when a tool ran, its result
-    and the second answer. Labels only on the answers, each closed by eos unless it was cut."""
-    if result is None:
-        ids = prompt + first + ([tok.eos_id] if len(first) < cfg.max_new_tokens else [])
-        return ids, [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
-    context = after_result(prompt, first, result, tok)
-    ids = context + second + ([tok.eos_id] if len(second) < cfg.final_tokens else [])
-    labels = ([IGNORE_INDEX] * len(prompt) + first + [tok.eos_id]
-              + [IGNORE_INDEX] * (len(context) - len(prompt) - len(first) - 1) + ids[len(context):])
+    and the second answer. Labels only on the answers."""
+    parts = [(prompt, False), (closed(first, cfg.max_new_tokens, tok), True)]
+    if result is not None:
+        parts += [(result_prompt(result, tok), False), (closed(second, cfg.final_tokens, tok), True)]
+    ids = [t for part, _ in parts for t in part]
+    labels = [t if answer else IGNORE_INDEX for part, answer in parts for t in part]
     return ids, labels
 
 
@@ -144,7 +147,8 @@ def tool_rollouts(model, tok, picked: list[ToolTask], cfg: Config, generator: to
     firsts = model.generate([ids for _, ids in rows], cfg.max_new_tokens, **sample)
     calls = [parse_answer(tok.decode(f)).tool_calls if len(f) < cfg.max_new_tokens else [] for f in firsts]
     results = {i: run_tool(c[0].name, c[0].arguments) for i, c in enumerate(calls) if c}
-    contexts = {i: after_result(rows[i][1], firsts[i], result, tok) for i, result in results.items()}
+    contexts = {i: rows[i][1] + closed(firsts[i], cfg.max_new_tokens, tok) + result_prompt(result, tok)
+                for i, result in results.items()}
     called = [i for i in results if len(contexts[i]) + cfg.final_tokens <= max_len]
     seconds = dict(zip(called, model.generate([contexts[i] for i in called], cfg.final_tokens, **sample)
                        if called else []))
