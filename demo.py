@@ -87,7 +87,7 @@ def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
         ckpt = f"{out}/{'pretrain' if name == 'base' else name}/ckpt.pt"
         plan.append((f"evaluate the {name} model's answers", f"{out}/eval/{name}/summary.json",
                      ["eval.py", f"--ckpt={ckpt}", tokenizer, f"--val_data={sft_val}", f"--out={out}/eval/{name}",
-                      f"--reward_model={out}/rm/ckpt.pt"]))
+                      f"--reward_model={out}/rm/ckpt.pt", f"--raw_dir={raw}"]))
         plan.append((f"4-way idiom test of the {name} model", f"{out}/eval/{name}_choice.json",
                      ["eval_choice.py", f"--ckpt={ckpt}", tokenizer, f"--val_data={sft_val}",
                       f"--json={out}/eval/{name}_choice.json"]))
@@ -138,7 +138,7 @@ def results_table(cfg: Config) -> str:
               "without tools |", "|---|---|---|---|---|---|---|"]
     for name in MODELS:
         tools = read_json(f"{ev}/{name}/summary.json")["tool_tasks"]
-        for kind in ("all", "arithmetic"):
+        for kind in [k for k in ("all", "arithmetic", "lookup") if k in tools["numbers"] or k in tools["templates"]]:
             numbers, templates = tools["numbers"].get(kind, {}), tools["templates"].get(kind, {})
             lines.append(f"| {name} | {kind} | " + " | ".join(
                 f"{numbers.get(k, float('nan')):.0%} / {templates.get(k, float('nan')):.0%}" for k in SCORES) + " |")

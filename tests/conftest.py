@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -148,6 +149,24 @@ def pretrained(corpus, small_tokenizer, tmp_path_factory):
                   [[f"第{i}首诗的下一句是什么？", "春眠不觉晓，处处闻啼鸟。" if i % 2 else "床前明月光。", "[]"]
                    for i in range(n)])
     return out / "ckpt.pt", data
+
+
+@pytest.fixture(scope="session")
+def lookup_tables(tmp_path_factory) -> str:
+    """download_data.py's idiom and dictionary files as the package writes them (a BOM-less JSON list,
+    pinyin with the IPA letter ɡ), with made-up entries; one idiom with a meaning too long for a task."""
+    raw = tmp_path_factory.mktemp("raw")
+    (raw / "idioms").mkdir()
+    (raw / "dictionary").mkdir()
+    rng = random.Random(0)
+    chars = [chr(0x4e00 + i) for i in range(400)]
+    idioms = [{"word": "".join(rng.sample(chars, 4)), "pinyin": "x", "explanation": f"第{i}个意思，很好。",
+               "derivation": "无", "example": "无", "abbreviation": "x"} for i in range(300)]
+    idioms.append({"word": "画蛇添足", "pinyin": "huà shé tiān zú", "explanation": "长" * 60})
+    readings = [{"word": c, "pinyin": f"p{i}ɡ", "explanation": f"{c} 1.一个字。"} for i, c in enumerate(chars)]
+    (raw / "idioms" / "idioms.json").write_text(json.dumps(idioms, ensure_ascii=False), encoding="utf-8")
+    (raw / "dictionary" / "dictionary.json").write_text(json.dumps(readings, ensure_ascii=False), encoding="utf-8")
+    return str(raw)
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,7 @@ def test_results_table(tmp_path):
     assert "| grpo | 0.300 | 0.150 | 3.000 | 0.550 | 0.000 | 0.600 | 37.5% |" in table
     assert "| grpo | all | 75% / 75% | 60% / 60% | 30% / 35% | 90% / 90% | 3% / 3% |" in table
     assert "| grpo | arithmetic | 75% / 75% | 60% / 60% | 30% / 35% | 80% / 80% | 3% / 3% |" in table
+    assert "lookup" not in table  # a kind no split holds (no tables downloaded) has no row
 
 
 def test_samples_show_each_prompt_with_an_answer(tmp_path, small_tokenizer):

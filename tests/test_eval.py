@@ -1,3 +1,4 @@
+import importlib
 import json
 import subprocess
 import sys
@@ -112,14 +113,15 @@ def test_chat_from_a_pipe(chat_ckpt, small_tokenizer):
     assert len(lines) == 5  # two answers and three command replies
 
 
-def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, tmp_path):
+def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, lookup_tables, tmp_path):
     val = tmp_path / "val.csv"
     write_csv(val, ["prompt", "answer", "history"],
               [[f"成语“{word}”是什么意思？", f"第{i}个意思", "[]"]
                for i, word in enumerate(["画蛇添足", "守株待兔", "亡羊补牢", "对牛弹琴", "井底之蛙"])])
     out = tmp_path / "eval"
     run = [sys.executable, f"{ROOT}/eval.py", f"--ckpt={chat_ckpt}", f"--tokenizer={small_tokenizer}",
-           f"--val_data={val}", f"--out={out}", "--max_new_tokens=8", "--questions=你好|再见", "--tool_tasks=3"]
+           f"--val_data={val}", f"--out={out}", "--max_new_tokens=8", "--questions=你好|再见", "--tool_tasks=6",
+           f"--raw_dir={lookup_tables}"]
     result = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -127,12 +129,13 @@ def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, tmp_path):
     assert summary["val_answer_loss"] > 0
     assert set(summary["tool_tasks"]) == {"numbers", "templates"}
     for kinds in summary["tool_tasks"].values():
-        assert kinds["all"]["tasks"] == 3 == sum(s["tasks"] for kind, s in kinds.items() if kind != "all")
+        assert kinds["all"]["tasks"] == 6 == sum(s["tasks"] for kind, s in kinds.items() if kind != "all")
         for shares in kinds.values():
             assert set(shares) == {"tasks", "valid_call", "right_tool", "right_arguments", "right_answer",
                                    "right_answer_without_tools"}
             assert all(0 <= v <= 1 for k, v in shares.items() if k != "tasks")
-    assert "held-out tool tasks (3 a split)" in result.stdout
+    assert "held-out tool tasks (6 a split)" in result.stdout
+    assert "lookup" in summary["tool_tasks"]["numbers"] | summary["tool_tasks"]["templates"]
     choice = subprocess.run([sys.executable, f"{ROOT}/eval_choice.py", f"--ckpt={chat_ckpt}",
                              f"--tokenizer={small_tokenizer}", f"--val_data={val}", f"--json={tmp_path}/c.json"],
                             capture_output=True, text=True, timeout=120)
@@ -148,10 +151,10 @@ def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, tmp_path):
     assert scores["bits_per_char"] > 0 and scores["perplexity"] > 1
 
 
-def test_missing_checkpoint_is_one_line(small_tokenizer):
-    for script in ("chat.py", "eval.py", "eval_choice.py", "eval_pretrain.py"):
-        result = subprocess.run([sys.executable, f"{ROOT}/{script}", "--ckpt=/nope/ckpt.pt",
-                                 f"--tokenizer={small_tokenizer}"], capture_output=True, text=True, timeout=60)
-        assert result.returncode != 0
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: --ckpt=/nope/ckpt.pt: no such file"), script
+@pytest.mark.parametrize("script", ["chat", "eval", "eval_choice", "eval_pretrain"])
+def test_missing_checkpoint_is_one_line(script, small_tokenizer, capsys):
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit) as e:
+        main(["--ckpt=/nope/ckpt.pt", f"--tokenizer={small_tokenizer}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(lines) == 1 and lines[0].startswith("error: --ckpt=/nope/ckpt.pt: no such file")

@@ -153,3 +153,50 @@ def test_preference_sources_are_capped(tmp_path):
                       max_pairs_per_source=5))
     assert meta["preference"]["sources"]["idioms"] == {"read": 21, "kept": 5, "dropped_malformed": 1,
                                                        "dropped_over_cap": 15}
+
+
+def test_sharegpt_tool_calls_and_reasoning_take_our_chat_template(tmp_path):
+    """LLaMA-Factory's two shapes as its demo sets hold them (glaive_toolcall_zh_demo: from/value with a
+    function_call and an observation, tools as a JSON text; reason_tool_use_demo: typed content parts), in a
+    file saved with a BOM and CRLF; each malformed record counted with what is wrong."""
+    tools = json.dumps([{"name": "calculator", "description": "算", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string"}}}}], ensure_ascii=False)
+    glaive = {"conversations": [
+        {"from": "human", "value": "3乘4?"},
+        {"from": "function_call", "value": '{"name": "calculator", "arguments": {"expression": "3*4"}}'},
+        {"from": "observation", "value": "12"}, {"from": "gpt", "value": "是12。"}], "tools": tools}
+    parts = {"messages": [
+        {"role": "system", "content": [{"type": "text", "value": "你是助手。"}]},
+        {"role": "user", "content": [{"type": "text", "value": "5加6?"}]},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "加法。"}, {"type": "tool_call", "value": (
+            '{"name": "calculator", "arguments": {"expression": "5+6"}}')}]},
+        {"role": "tool", "content": [{"type": "text", "value": "11"}]},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "得11。"},
+                                          {"type": "text", "value": "11。"}]}],
+        "tools": json.loads(tools)}
+    bad = [{"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{not json"},
+                              {"from": "observation", "value": "1"}, {"from": "gpt", "value": "y"}]},
+           {"conversations": [{"from": "robot", "value": "x"}]},
+           {"conversations": [{"from": "human", "value": "x"}]},
+           {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}], "tools": "[oops"},
+           {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"},
+                              {"from": "observation", "value": "1"}, {"from": "gpt", "value": "z"}]}]
+    path = tmp_path / "tools.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False)
+                                                    for r in [glaive, parts, *bad]).encode("utf-8") + b"\r\n")
+    meta = build(Config(builtin="", inputs=f"sharegpt:{path}", out_dir=str(tmp_path / "out"), val_fraction=0.0,
+                        preference=""))
+    assert meta["sources"]["sharegpt:tools.jsonl"] == {"read": 7, "kept": 2, "dropped_malformed": 5}
+    errors = " | ".join(meta["malformed_examples"])
+    for expected in ("a tool call that is not JSON", "unknown role 'robot'", "the last message is not the assistant's",
+                     "'tools' is not JSON", "a tool message must follow an assistant message with tool_calls"):
+        assert expected in errors
+    rows = list(csv.DictReader(open(tmp_path / "out" / "sft_data.csv", encoding="utf-8")))
+    assert json.loads(rows[0]["history"]) == [[
+        "<tools>calculator(expression): 算</tools>3乘4?",
+        '<tool_call>{"name": "calculator", "arguments": {"expression": "3*4"}}</tool_call>']]
+    assert rows[0]["prompt"] == "<tool_response>12</tool_response>" and rows[0]["answer"] == "是12。"
+    assert json.loads(rows[1]["history"]) == [[
+        "<tools>calculator(expression): 算</tools>你是助手。\n5加6?",
+        '<think>加法。</think><tool_call>{"name": "calculator", "arguments": {"expression": "5+6"}}</tool_call>']]
+    assert rows[1]["answer"] == "<think>得11。</think>11。"

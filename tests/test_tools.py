@@ -1,11 +1,13 @@
 """Tool calls, reasoning and structured output: the chat template, the built-in tools, the grammar masks,
 and serve.py's OpenAI tools / tool_choice / response_format / reasoning_content through the official client."""
 import json
+import os
 import random
 import time
 
 import pytest
 import torch
+from conftest import ROOT
 
 from babyllama.chat_format import (
     CALL,
@@ -18,7 +20,17 @@ from babyllama.chat_format import (
     reasoning_prefix,
     render_answer,
 )
-from babyllama.tools import BUILTIN, Tool, ToolError, calculate, date_add, date_diff, run_tool, unit_convert
+from babyllama.tools import (
+    BUILTIN,
+    Tool,
+    ToolError,
+    builtin_tools,
+    calculate,
+    date_add,
+    date_diff,
+    run_tool,
+    unit_convert,
+)
 from chatglm_tokenizer import load_tokenizer
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -405,12 +417,52 @@ def test_with_tool_choice_auto_whatever_the_model_writes_comes_back(client):
         assert answer.finish_reason in ("stop", "length") and isinstance(answer.message.content, str)
 
 
+def test_look_ups_answer_from_the_tables(lookup_tables, tmp_path):
+    tools = builtin_tools(lookup_tables)
+    assert run_tool("idiom_meaning", {"idiom": " 画蛇添足"}, tools) == "长" * 60
+    assert run_tool("char_reading", {"char": chr(0x4e01)}, tools) == "p1g"  # the IPA ɡ read as g
+    assert run_tool("char_reading", {"char": "龘"}, tools) == "error: '龘' is not in the table"
+    assert run_tool("idiom_meaning", {"idiom": ""}, tools) == "error: 'idiom' must be a non-empty text"
+    assert run_tool("idiom_meaning", {"word": "x"}, tools).startswith("error: wrong arguments for idiom_meaning")
+    missing = run_tool("char_reading", {"char": "行"}, builtin_tools(str(tmp_path)))
+    assert missing == (f"error: the table {tmp_path}/dictionary/dictionary.json is not there: "
+                       "run `python download_data.py --sources=dictionary`")
+    (tmp_path / "idioms").mkdir()
+    (tmp_path / "idioms" / "idioms.json").write_text('[{"word": "画蛇添足", "expl', encoding="utf-8")  # cut short
+    damaged = run_tool("idiom_meaning", {"idiom": "画蛇添足"}, builtin_tools(str(tmp_path)))
+    assert damaged.startswith(f"error: {tmp_path}/idioms/idioms.json") and "\n" not in damaged
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "data/raw/idioms/idioms.json")) or
+                    not os.path.isfile(os.path.join(ROOT, "data/raw/dictionary/dictionary.json")),
+                    reason="the real tables are not downloaded (python download_data.py --sources=idioms,dictionary)")
+def test_look_ups_on_the_real_tables():
+    tools = builtin_tools(os.path.join(ROOT, "data/raw"))
+    assert "多余" in run_tool("idiom_meaning", {"idiom": "画蛇添足"}, tools)
+    assert run_tool("char_reading", {"char": "行"}, tools) == "xíng"  # the package writes xínɡ
+
+
+def test_held_out_look_ups_never_reach_training(lookup_tables):
+    from babyllama.tool_tasks import HELD_OUT_TEMPLATES, MAX_LOOKUP_CHARS, numbers_key, tasks
+    train = [t for t in tasks("train", 2000, raw_dir=lookup_tables) if t.kind == "lookup"]
+    numbers = [t for t in tasks("numbers", 600, raw_dir=lookup_tables) if t.kind == "lookup"]
+    templates = [t for t in tasks("templates", 300, raw_dir=lookup_tables) if t.kind == "lookup"]
+    assert {t.call.name for t in train} == {t.call.name for t in numbers} == {"idiom_meaning", "char_reading"}
+    assert {t.template for t in templates} == {"idiom_explain", "char_pinyin"} <= set(HELD_OUT_TEMPLATES)
+    assert not {numbers_key(t.call) for t in train} & {numbers_key(t.call) for t in numbers}
+    tools = builtin_tools(lookup_tables)
+    for t in train + numbers + templates:
+        assert run_tool(t.call.name, t.call.arguments, tools) == t.result and t.holds_result(t.answer)
+        assert len(t.result) <= MAX_LOOKUP_CHARS  # 画蛇添足's long meaning is never asked
+    assert not [t for t in tasks("train", 300) if t.kind == "lookup"]  # no tables given, no look-ups
+
+
 def test_held_out_tool_tasks_never_reach_training():
     from babyllama.tool_tasks import HELD_OUT_TEMPLATES, TEMPLATES, numbers_key, tasks
     train = list(tasks("train", 3000))
     numbers, templates = list(tasks("numbers", 300)), list(tasks("templates", 300))
     assert not {t.template for t in train} & set(HELD_OUT_TEMPLATES)
-    assert {t.template for t in templates} == set(HELD_OUT_TEMPLATES)
+    assert {t.template for t in templates} == {t for t in HELD_OUT_TEMPLATES if not TEMPLATES[t].lookup}
     assert {t.template for t in numbers} <= set(TEMPLATES) - set(HELD_OUT_TEMPLATES)
     assert not {t.question for t in train} & {t.question for t in numbers + templates}
     assert not {numbers_key(t.call) for t in train} & {numbers_key(t.call) for t in numbers}
