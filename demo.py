@@ -87,7 +87,7 @@ def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
         ckpt = f"{out}/{'pretrain' if name == 'base' else name}/ckpt.pt"
         plan.append((f"evaluate the {name} model's answers", f"{out}/eval/{name}/summary.json",
                      ["eval.py", f"--ckpt={ckpt}", tokenizer, f"--val_data={sft_val}", f"--out={out}/eval/{name}",
-                      f"--reward_model={out}/rm/ckpt.pt", f"--raw_dir={raw}"]))
+                      f"--reward_model={out}/rm/ckpt.pt"]))
         plan.append((f"4-way idiom test of the {name} model", f"{out}/eval/{name}_choice.json",
                      ["eval_choice.py", f"--ckpt={ckpt}", tokenizer, f"--val_data={sft_val}",
                       f"--json={out}/eval/{name}_choice.json"]))

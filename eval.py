@@ -33,7 +33,7 @@ from babyllama.configurator import (
 )
 from babyllama.errors import UsageError, one_line_errors
 from babyllama.tasks import char_f1, distinct_n, has_loop, rouge_l, task_of
-from babyllama.tool_tasks import ALL_TOOLS, SCORES, ToolTask, missing_lookups, score_call, tasks
+from babyllama.tool_tasks import SCORES, ToolTask, all_tools, missing_lookups, score_call, tasks
 from babyllama.tools import builtin_tools, run_tool
 from dataset_sft import SFTDataset, chat_prompt_ids, read_sft_csv
 from model import IGNORE_INDEX, Transformer
@@ -54,7 +54,8 @@ class Config(ModelSettings):
     exact_match_chars: NonNegative = 10  # exact match is reported for references up to this long
     reward_model: InputFile = ""  # also report the mean reward of the answers under this reward model
     tool_tasks: NonNegative = 100  # held-out tool tasks of each split (tool_tasks.py), with and without tools
-    raw_dir: str = "data/raw"  # the look-up tools' tables (download_data.py's idioms and dictionary)
+    tool_lookups: bool = False  # also look-up tasks, with the look-up tools offered (a model trained on them)
+    raw_dir: str = "data/raw"  # with --tool_lookups: the tables (download_data.py's idioms and dictionary)
     out: OutputDir = "out/eval"  # answers.csv and summary.json
 
 
@@ -118,7 +119,7 @@ def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config
     # Room to generate is taken from the prompt's (answer()'s reserve): a call and its reasoning need about
     # a hundred tokens, a final answer a few dozen, so that a small context keeps the question and the call
     calls_cfg, finals_cfg = replace(cfg, max_new_tokens=CALL_TOKENS), replace(cfg, max_new_tokens=FINAL_TOKENS)
-    prompts = [render_tools(ALL_TOOLS) + t.question for t in tool_tasks]
+    prompts = [render_tools(all_tools(cfg.tool_lookups)) + t.question for t in tool_tasks]
     firsts = answer(model, tok, [([], p) for p in prompts], calls_cfg)
     calls = [parse_answer(text).tool_calls for text in firsts]
     called = [i for i, c in enumerate(calls) if c]
@@ -176,11 +177,11 @@ def main(argv: list[str] | None = None) -> None:
                       f"ROUGE-L {s['rouge_l']:.3f}{em}{reward}; distinct-1 {s['distinct_1']:.3f}, "
                       f"distinct-2 {s['distinct_2']:.3f}, in a loop {s['loop']:.1%}")
         if cfg.tool_tasks:
-            if note := missing_lookups(cfg.raw_dir):
+            if cfg.tool_lookups and (note := missing_lookups(cfg.raw_dir)):
                 print(note)
-            summary["tool_tasks"] = {split: tool_scores(model, tok, list(tasks(split, cfg.tool_tasks,
-                                                                               raw_dir=cfg.raw_dir)), cfg)
-                                     for split in ("numbers", "templates")}
+            raw_dir = cfg.raw_dir if cfg.tool_lookups else None
+            summary["tool_tasks"] = {split: tool_scores(model, tok, list(tasks(split, cfg.tool_tasks, raw_dir=raw_dir)),
+                                                        cfg) for split in ("numbers", "templates")}
             print(f"held-out tool tasks ({cfg.tool_tasks} a split): valid call, right tool, right arguments, "
                   "right answer; right answer without tools")
             for split, kinds in summary["tool_tasks"].items():

@@ -39,7 +39,7 @@ from babyllama.configurator import (
 from babyllama.errors import SettingError
 from babyllama.precision import autocast
 from babyllama.tasks import char_f1, task_of
-from babyllama.tool_tasks import ALL_TOOLS, ToolTask, missing_lookups, tasks
+from babyllama.tool_tasks import ToolTask, all_tools, missing_lookups, tasks
 from babyllama.tools import builtin_tools, run_tool
 from babyllama.trainer import TrainConfig, frozen_reference, start_training, train_loop, training_stage
 from chatglm_tokenizer import OUR_TOKENIZER
@@ -61,7 +61,8 @@ class Config(TrainConfig):
     max_new_tokens: Positive = 48  # a text answer's; with --task=tools, the first turn's (reasoning and call)
     final_tokens: Positive = 48  # with --task=tools: the answer after the tool's result
     tool_prompts: Positive = 5000  # with --task=tools: generated training tasks to draw from
-    raw_dir: str = "data/raw"  # with --task=tools: the look-up tools' tables (download_data.py)
+    tool_lookups: bool = False  # with --task=tools: also look-up tasks, the look-up tools offered
+    raw_dir: str = "data/raw"  # with --tool_lookups: the tables (download_data.py's idioms and dictionary)
     temperature: NonNegativeFloat = 1.0
     top_k: NonNegative = 0  # 0 keeps every token
     clip_eps: PositiveFloat = 0.2
@@ -143,7 +144,8 @@ def tool_rollouts(model, tok, picked: list[ToolTask], cfg: Config, generator: to
     max_len = model.args.max_seq_len
     sample = {"temperature": cfg.temperature, "top_k": cfg.top_k or None, "eos_id": tok.eos_id, "generator": generator}
     room = tool_room(cfg)
-    prompts = [chat_prompt_ids(tok, [], render_tools(ALL_TOOLS) + t.question, max_len, reserve=room) for t in picked]
+    offered = render_tools(all_tools(cfg.tool_lookups))
+    prompts = [chat_prompt_ids(tok, [], offered + t.question, max_len, reserve=room) for t in picked]
     rows = [(t, ids) for t, ids in zip(picked, prompts) for _ in range(cfg.group_size)]
     firsts = model.generate([ids for _, ids in rows], cfg.max_new_tokens, **sample)
     calls = [parse_answer(tok.decode(f)).tool_calls if len(f) < cfg.max_new_tokens else [] for f in firsts]
@@ -186,9 +188,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise SettingError(f"--task=tools: a window of {policy.args.max_seq_len} tokens leaves too little for "
                                    f"the prompt beside the two answers and the result ({tool_room(cfg)} tokens: "
                                    "--max_new_tokens + --final_tokens + 32)")
-            if note := missing_lookups(cfg.raw_dir):
+            if cfg.tool_lookups and (note := missing_lookups(cfg.raw_dir)):
                 print0(note, dist=dist)
-            rows = list(tasks("train", cfg.tool_prompts, seed=cfg.seed, raw_dir=cfg.raw_dir))
+            rows = list(tasks("train", cfg.tool_prompts, seed=cfg.seed,
+                              raw_dir=cfg.raw_dir if cfg.tool_lookups else None))
         elif not os.path.isfile(cfg.prompts):
             raise SettingError(f"--prompts={cfg.prompts}: no such file")
         else:

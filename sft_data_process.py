@@ -49,7 +49,8 @@ class Sample:
 class Config:
     builtin: str = "idioms,dictionary,alpaca_demo,toolcall_demo,tools"  # built-in tasks (BUILTIN, and tools)
     preference: str = "idioms,poems,dpo_demo"  # built-in preference pairs: idioms, poems, dpo_demo
-    tool_samples: NonNegative = 12000  # built-in tool tasks (tool_tasks.py: calculator, dates, units, look-ups)
+    tool_samples: NonNegative = 12000  # built-in tool tasks (tool_tasks.py: calculator, dates, units), generated
+    tool_lookups: bool = False  # look-ups among them too (an idiom's meaning, a character's reading: --raw_dir)
     tool_direct: in_range(0, 1) = 0.25  # share of them offered no tools, answered at once with worked reasoning
     max_pairs_per_source: Positive = 30000  # keep the sources balanced (poems alone give 180k pairs)
     inputs: str = ""  # your files: FORMAT:PATH, comma-separated (alpaca belle medical huatuo disc chatmed sharegpt)
@@ -274,15 +275,16 @@ BUILTIN = {"idioms": ("idioms", "idioms/idioms.json"), "dictionary": ("dictionar
            "belle": ("belle", "belle/Belle_open_source_1M.json")}
 
 
-def tool_samples(n: int, direct: float, raw_dir: str, seed: int = 0) -> Iterator[Sample]:
-    """Tool tasks of the training split (look-ups among them when raw_dir holds their tables): with some of
-    the tools offered, the call then the answer; or, for a share of them, no tools and the answer worked out
-    at once."""
-    if note := tool_tasks.missing_lookups(raw_dir):
+def tool_samples(n: int, direct: float, lookups_dir: str | None, seed: int = 0) -> Iterator[Sample]:
+    """Tool tasks of the training split (with lookups_dir, look-ups among them where it holds their tables):
+    with some of the tools offered, the call then the answer; or, for a share of them, no tools and the answer
+    worked out at once."""
+    if lookups_dir is not None and (note := tool_tasks.missing_lookups(lookups_dir)):
         print(note)
     rng = random.Random(seed)
-    for i, t in enumerate(tool_tasks.tasks("train", n, seed, raw_dir)):
-        tools = None if rng.random() < direct else tool_tasks.tools_for_training(rng, t.call.name)
+    for i, t in enumerate(tool_tasks.tasks("train", n, seed, lookups_dir)):
+        tools = None if rng.random() < direct else tool_tasks.tools_for_training(rng, t.call.name,
+                                                                                 lookups_dir is not None)
         *history, (prompt, answer) = t.turns(tools)
         yield Sample(prompt, answer, [list(turn) for turn in history], "tools", f"task {i} ({t.template})",
                      group=t.question)
@@ -292,7 +294,8 @@ def iter_samples(cfg: Config) -> Iterator[Sample]:
     specs, generated = [], []
     for name in [n.strip() for n in cfg.builtin.split(",") if n.strip()]:
         if name == "tools":  # made here, not read from a file
-            generated.append(tool_samples(cfg.tool_samples, cfg.tool_direct, cfg.raw_dir))
+            generated.append(tool_samples(cfg.tool_samples, cfg.tool_direct,
+                                           cfg.raw_dir if cfg.tool_lookups else None))
             continue
         if name not in BUILTIN:
             raise CorpusError(f"unknown built-in task {name!r}; known: {', '.join([*BUILTIN, 'tools'])}")

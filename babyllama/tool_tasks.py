@@ -281,15 +281,24 @@ def tasks(split: str, n: int, seed: int = 0, raw_dir: str | None = None) -> Iter
         yield t
 
 
-def tools_for_training(rng: random.Random, right: str) -> list[dict]:
-    """The right tool and some of the others, in a random order (evaluation offers all of them)."""
-    others = [name for name in BUILTIN if name != right]
+def offered_tools(lookups: bool) -> list[str]:
+    """The names of the tools a task's prompt may offer: the computing ones, and the look-ups when their tasks
+    are asked for. Spelled by our tokenizer, six signatures and a call overflow the demo model's 256-token
+    window (docs/13_tools.md), so the look-ups are only offered where they are trained and scored."""
+    return [name for name in BUILTIN if lookups or name not in LOOKUPS]
+
+
+def tools_for_training(rng: random.Random, right: str, lookups: bool = False) -> list[dict]:
+    """The right tool and some of the other offered ones, in a random order (evaluation offers all of them)."""
+    others = [name for name in offered_tools(lookups) if name != right]
     names = [right] + rng.sample(others, rng.randint(0, len(others)))
     rng.shuffle(names)
     return [BUILTIN[name].spec() for name in names]
 
 
-ALL_TOOLS = [t.spec() for t in BUILTIN.values()]
+def all_tools(lookups: bool = False) -> list[dict]:
+    """Every offered tool, as evaluation and GRPO put them in the prompt."""
+    return [BUILTIN[name].spec() for name in offered_tools(lookups)]
 
 
 SCORES = ("valid_call", "right_tool", "right_arguments", "right_answer", "right_answer_without_tools")  # eval.py

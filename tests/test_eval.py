@@ -121,7 +121,7 @@ def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, lookup_tables, t
     out = tmp_path / "eval"
     run = [sys.executable, f"{ROOT}/eval.py", f"--ckpt={chat_ckpt}", f"--tokenizer={small_tokenizer}",
            f"--val_data={val}", f"--out={out}", "--max_new_tokens=8", "--questions=你好|再见", "--tool_tasks=6",
-           f"--raw_dir={lookup_tables}"]
+           "--tool_lookups=true", f"--raw_dir={lookup_tables}"]
     result = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())

@@ -128,13 +128,13 @@ def test_tool_rollouts_run_the_call_and_reward_the_checked_answer(small_tokenize
 
 
 def test_grpo_on_tool_tasks_runs_end_to_end(pretrained, small_tokenizer, tmp_path):
-    """Without the look-up tables (an empty --raw_dir) the run says the look-ups are left out and goes on."""
+    """Asked for look-ups without their tables (an empty --raw_dir), the run says they are left out and goes on."""
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=320, multiple_of=16)
     torch.save({"model": Transformer(args).state_dict(), "model_args": vars(args)}, tmp_path / "ckpt.pt")
     done = run_ok([sys.executable, os.path.join(ROOT, "grpo.py"),
                    *stage_flags(tmp_path / "ckpt.pt", small_tokenizer, tmp_path / "grpo"), "--task=tools",
                    "--max_steps=2", "--group_size=2", "--prompts_per_step=2", "--max_new_tokens=8", "--final_tokens=4",
-                   "--tool_prompts=20", f"--raw_dir={tmp_path}"])
+                   "--tool_prompts=20", "--tool_lookups=true", f"--raw_dir={tmp_path}"])
     assert f"look-up tool tasks left out (idiom_meaning, char_reading): no table at {tmp_path}/idioms" in done.stdout
     assert all({"reward", "kl", "answer_tokens", "called"} <= set(r) for r in metrics(tmp_path / "grpo"))
     short, _ = pretrained  # a window of 32 tokens

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import write_csv
 
+from babyllama.chat_format import parse_answer
 from chatglm_tokenizer import load_tokenizer
 from dataset_sft import IGNORE_INDEX, SFTDataset, chat_prompt_ids, collate, encode_turns, make_example
 from sft_data_process import Config, build
@@ -200,3 +201,18 @@ def test_sharegpt_tool_calls_and_reasoning_take_our_chat_template(tmp_path):
         "<tools>calculator(expression): 算</tools>你是助手。\n5加6?",
         '<think>加法。</think><tool_call>{"name": "calculator", "arguments": {"expression": "5+6"}}</tool_call>']]
     assert rows[1]["answer"] == "<think>得11。</think>11。"
+
+
+def test_look_up_tasks_join_the_mix_only_when_asked(tmp_path, lookup_tables):
+    def look_ups(**flags) -> tuple[bool, bool]:
+        """(whether a turn calls a look-up, whether a prompt offers one)."""
+        out = tmp_path / str(len(flags))
+        build(Config(builtin="tools", tool_samples=300, raw_dir=lookup_tables, out_dir=str(out), preference="",
+                     **flags))
+        turns = [turn for r in csv.DictReader(open(out / "sft_data.csv", encoding="utf-8"))
+                 for turn in json.loads(r["history"]) + [[r["prompt"], r["answer"]]]]
+        called = any(call.name in ("idiom_meaning", "char_reading") for _, answer in turns
+                     for call in parse_answer(answer).tool_calls)
+        return called, any("idiom_meaning(idiom)" in prompt for prompt, _ in turns)
+    assert look_ups() == (False, False)
+    assert look_ups(tool_lookups=True) == (True, True)

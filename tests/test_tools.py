@@ -457,6 +457,18 @@ def test_held_out_look_ups_never_reach_training(lookup_tables):
     assert not [t for t in tasks("train", 300) if t.kind == "lookup"]  # no tables given, no look-ups
 
 
+def test_look_ups_are_offered_only_where_asked_for():
+    from babyllama.tool_tasks import all_tools, tools_for_training
+    names = [t["function"]["name"] for t in all_tools()]
+    assert names == ["calculator", "date_add", "date_diff", "unit_convert"]
+    assert [t["function"]["name"] for t in all_tools(lookups=True)] == names + ["idiom_meaning", "char_reading"]
+    rng = random.Random(0)
+    offered = {t["function"]["name"] for _ in range(200) for t in tools_for_training(rng, "calculator")}
+    assert offered == set(names)
+    offered = {t["function"]["name"] for _ in range(200) for t in tools_for_training(rng, "char_reading", True)}
+    assert offered == set(names) | {"idiom_meaning", "char_reading"}
+
+
 def test_held_out_tool_tasks_never_reach_training():
     from babyllama.tool_tasks import HELD_OUT_TEMPLATES, TEMPLATES, numbers_key, tasks
     train = list(tasks("train", 3000))
