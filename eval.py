@@ -109,7 +109,7 @@ def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars
             for task, items in per_task.items()}
 
 
-CALL_TOKENS, FINAL_TOKENS = 100, 48
+CALL_TOKENS, FINAL_TOKENS, LOOKUP_FINAL_TOKENS = 100, 16, 48
 
 
 def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config) -> dict[str, dict[str, float]]:
@@ -117,8 +117,10 @@ def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config
     right final answers once the model's own call has run; and of right answers with no tools offered;
     for all the tasks and for each kind (arithmetic, date, unit, lookup)."""
     # Room to generate is taken from the prompt's (answer()'s reserve): a call and its reasoning need about
-    # a hundred tokens, a final answer a few dozen, so that a small context keeps the question and the call
-    calls_cfg, finals_cfg = replace(cfg, max_new_tokens=CALL_TOKENS), replace(cfg, max_new_tokens=FINAL_TOKENS)
+    # a hundred tokens, a final answer a dozen (a quoted meaning a few dozen), so that a small context keeps the
+    # question and the call
+    calls_cfg = replace(cfg, max_new_tokens=CALL_TOKENS)
+    finals_cfg = replace(cfg, max_new_tokens=LOOKUP_FINAL_TOKENS if cfg.tool_lookups else FINAL_TOKENS)
     prompts = [render_tools(all_tools(cfg.tool_lookups)) + t.question for t in tool_tasks]
     firsts = answer(model, tok, [([], p) for p in prompts], calls_cfg)
     calls = [parse_answer(text).tool_calls for text in firsts]

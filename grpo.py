@@ -59,7 +59,7 @@ class Config(TrainConfig):
     group_size: in_range(2, 1 << 16, int) = 8  # answers sampled per prompt
     prompts_per_step: Positive = 4  # prompts per optimizer step in each process
     max_new_tokens: Positive = 48  # a text answer's; with --task=tools, the first turn's (reasoning and call)
-    final_tokens: Positive = 48  # with --task=tools: the answer after the tool's result
+    final_tokens: Positive = 16  # with --task=tools: the answer after the tool's result (a look-up's: more)
     tool_prompts: Positive = 5000  # with --task=tools: generated training tasks to draw from
     tool_lookups: bool = False  # with --task=tools: also look-up tasks, the look-up tools offered
     raw_dir: str = "data/raw"  # with --tool_lookups: the tables (download_data.py's idioms and dictionary)

@@ -142,4 +142,4 @@ def test_grpo_on_tool_tasks_runs_end_to_end(pretrained, small_tokenizer, tmp_pat
                           "--task=tools"], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
         "error: --task=tools: a window of 32 tokens leaves too little for the prompt beside the two answers and the "
-        "result (128 tokens: --max_new_tokens + --final_tokens + 32)"]
+        "result (96 tokens: --max_new_tokens + --final_tokens + 32)"]
