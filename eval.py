@@ -59,16 +59,22 @@ class Config(ModelSettings):
     out: OutputDir = "out/eval"  # answers.csv and summary.json
 
 
-def answer(model: Transformer, tok, conversations: list[tuple[list, str]], cfg: Config) -> list[str]:
-    """Greedy answers, in batches, to (history, question) pairs in the training format."""
-    out = []
+def answer(model: Transformer, tok, conversations: list[tuple[list, str]], cfg: Config,
+           reserve: int | None = None) -> list[str]:
+    """Greedy answers, in batches, to (history, question) pairs in the training format. A prompt keeps the
+    most recent turns that leave `reserve` tokens (default: max_new_tokens, at most half the window); an
+    answer may take up to max_new_tokens of the room its batch leaves (prompts are batched by length)."""
     limit = model.args.max_seq_len
-    for start in range(0, len(conversations), cfg.batch_size):
-        chunk = conversations[start:start + cfg.batch_size]
-        prompts = [chat_prompt_ids(tok, h, q, limit, reserve=min(cfg.max_new_tokens, limit // 2)) for h, q in chunk]
-        ids = model.generate(prompts, cfg.max_new_tokens, temperature=0.0,
+    reserve = min(cfg.max_new_tokens, limit // 2) if reserve is None else reserve
+    prompts = [chat_prompt_ids(tok, h, q, limit, reserve) for h, q in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), cfg.batch_size):
+        rows = order[start:start + cfg.batch_size]
+        ids = model.generate([prompts[i] for i in rows], cfg.max_new_tokens, temperature=0.0,
                              repetition_penalty=cfg.repetition_penalty, eos_id=tok.eos_id)
-        out += [tok.decode(x) for x in ids]
+        for i, x in zip(rows, ids):
+            out[i] = tok.decode(x)
     return out
 
 
@@ -109,33 +115,35 @@ def score(rows: list[tuple[str, str, list]], predictions: list[str], exact_chars
             for task, items in per_task.items()}
 
 
-CALL_TOKENS, FINAL_TOKENS, LOOKUP_FINAL_TOKENS = 100, 16, 48
+CALL_TOKENS, FINAL_RESERVE, FINAL_TOKENS = 100, 16, 48
 
 
 def tool_scores(model: Transformer, tok, tool_tasks: list[ToolTask], cfg: Config) -> dict[str, dict[str, float]]:
     """With every built-in tool offered: the shares of valid calls, right tools, right arguments, and of
     right final answers once the model's own call has run; and of right answers with no tools offered;
-    for all the tasks and for each kind (arithmetic, date, unit, lookup)."""
-    # Room to generate is taken from the prompt's (answer()'s reserve): a call and its reasoning need about
-    # a hundred tokens, a final answer a dozen (a quoted meaning a few dozen), so that a small context keeps the
-    # question and the call
-    calls_cfg = replace(cfg, max_new_tokens=CALL_TOKENS)
-    finals_cfg = replace(cfg, max_new_tokens=LOOKUP_FINAL_TOKENS if cfg.tool_lookups else FINAL_TOKENS)
+    for all the tasks and for each kind (arithmetic, date, unit, lookup). Also the share of final answers
+    written with the question in view (a second turn that overflows the window loses the first)."""
+    # A call and its reasoning need about a hundred tokens; the final turn keeps its conversation whenever
+    # that leaves FINAL_RESERVE tokens, and its answer takes what room is left, up to FINAL_TOKENS
+    calls_cfg, finals_cfg = replace(cfg, max_new_tokens=CALL_TOKENS), replace(cfg, max_new_tokens=FINAL_TOKENS)
     prompts = [render_tools(all_tools(cfg.tool_lookups)) + t.question for t in tool_tasks]
     firsts = answer(model, tok, [([], p) for p in prompts], calls_cfg)
     calls = [parse_answer(text).tool_calls for text in firsts]
     called = [i for i, c in enumerate(calls) if c]
     tools = builtin_tools(cfg.raw_dir)
     results = {i: run_tool(calls[i][0].name, calls[i][0].arguments, tools) for i in called}
-    seconds = answer(model, tok, [([(prompts[i], firsts[i])], render_results([results[i]])) for i in called],
-                     finals_cfg)
+    second_turns = {i: ([(prompts[i], firsts[i])], render_results([results[i]])) for i in called}
+    seconds = answer(model, tok, list(second_turns.values()), finals_cfg, reserve=FINAL_RESERVE)
     finals = [*firsts]  # a model that made no call answered in its first turn
     for i, text in zip(called, seconds):
         finals[i] = text
+    limit = model.args.max_seq_len
+    in_view = [i not in second_turns or len(chat_prompt_ids(tok, *second_turns[i], limit, FINAL_RESERVE))
+               == len(chat_prompt_ids(tok, *second_turns[i], 1 << 30)) for i in range(len(tool_tasks))]
     direct = answer(model, tok, [([], t.question) for t in tool_tasks], calls_cfg)
     rows = [{**score_call(t, parse_answer(first), tools), "right_answer": t.holds_result(parse_answer(final).content),
-             "right_answer_without_tools": t.holds_result(parse_answer(alone).content)}
-            for t, first, final, alone in zip(tool_tasks, firsts, finals, direct)]
+             "right_answer_without_tools": t.holds_result(parse_answer(alone).content), "question_in_view": seen}
+            for t, first, final, alone, seen in zip(tool_tasks, firsts, finals, direct, in_view)]
     kinds = {"all": rows} | {kind: [r for r, t in zip(rows, tool_tasks) if t.kind == kind]
                              for kind in sorted({t.kind for t in tool_tasks})}
     return {kind: {"tasks": len(part), **{key: sum(r[key] for r in part) / len(part) for key in rows[0]}}
@@ -185,11 +193,12 @@ def main(argv: list[str] | None = None) -> None:
             summary["tool_tasks"] = {split: tool_scores(model, tok, list(tasks(split, cfg.tool_tasks, raw_dir=raw_dir)),
                                                         cfg) for split in ("numbers", "templates")}
             print(f"held-out tool tasks ({cfg.tool_tasks} a split): valid call, right tool, right arguments, "
-                  "right answer; right answer without tools")
+                  "right answer; right answer without tools (final answers written with the question in view)")
             for split, kinds in summary["tool_tasks"].items():
                 for kind, s in kinds.items():
                     print(f"  unseen {split:<9} {kind:<10} {s['tasks']:>4} tasks: "
-                          + "  ".join(f"{s[k]:.1%}" for k in SCORES[:-1]) + f";  {s[SCORES[-1]]:.1%}")
+                          + "  ".join(f"{s[k]:.1%}" for k in SCORES[:-1]) + f";  {s[SCORES[-1]]:.1%}"
+                          + f"  (question in view {s['question_in_view']:.0%})")
         write_json_atomic(os.path.join(cfg.out, "summary.json"), summary)
         print(f"wrote {cfg.out}/summary.json" + (" and answers.csv" if rows else ""))
 

@@ -6,6 +6,8 @@ metrics.jsonl, as a PNG.
     python plot.py out/grpo --metric=reward --x=step  # writes out/grpo/reward.png
     python plot.py out/long.json out/long_extended.json --out=long.png
                                     # bits per character by position (eval_pretrain.py --long_context)
+    python plot.py out/speedrun/runs/*/speedrun.json --out=budget.png
+                                    # held-out bits per character against the budget (speedrun.py)
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from babyllama.configurator import OneLineParser  # noqa: E402
 from babyllama.errors import UsageError, one_line_errors  # noqa: E402
@@ -95,15 +98,48 @@ def save(fig, ax, out: str) -> dict[str, list[tuple[float, float]]]:
             if not line.get_label().startswith("_")}
 
 
-def read_by_position(path: str) -> dict:
+def read_result(path: str) -> dict:
+    """An eval_pretrain.py or speedrun.py JSON result."""
     try:
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"{path}: {e}") from None
-    if not isinstance(result, dict) or "by_position" not in result:
+    if not isinstance(result, dict) or not ("by_position" in result or {"bpc", "minutes"} <= result.keys()):
+        raise UsageError(f"{path} is neither eval_pretrain.py --long_context=8 --json={path}'s result (by_position) "
+                         f"nor speedrun.py's (bpc and minutes)")
+    return result
+
+
+def read_by_position(path: str) -> dict:
+    result = read_result(path)
+    if "by_position" not in result:
         raise UsageError(f"{path} has no by_position: write it with eval_pretrain.py --long_context=8 --json={path}")
     return result["by_position"]
+
+
+def plot_budget(files: list[str], out: str) -> dict[str, list[tuple[float, float]]]:
+    """Held-out bits per character against the pretraining budget, one line per recipe (its flags), CPU
+    capability and dtype; returns the points of each line by its label."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for path in files:
+        r = read_result(path)
+        if "bpc" not in r:
+            raise UsageError(f"{path} is not a speedrun.py result (bpc and minutes): plot speedrun results together")
+        flags = r.get("settings", {}).get("flags") or "the recipe"
+        lines.setdefault(f"{flags}, {r.get('cpu', '?')} {r.get('dtype', '?')}", []).append((r["minutes"], r["bpc"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in lines.items():
+        points.sort()
+        ax.plot([m for m, _ in points], [b for _, b in points], "o-", label=label)
+        for m, b in points:
+            ax.annotate(f"{b:.3f}", (m, b), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({m for points in lines.values() for m, _ in points}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("pretraining budget (minutes)")
+    ax.set_ylabel("held-out bits per character")
+    return save(fig, ax, out)
 
 
 def plot_positions(files: list[str], out: str) -> dict[str, list[tuple[float, float]]]:
@@ -124,7 +160,8 @@ def plot_positions(files: list[str], out: str) -> dict[str, list[tuple[float, fl
 
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files), or eval_pretrain.py JSONs")
+    parser.add_argument("runs", nargs="+",
+                        help="run folders (or metrics.jsonl files), or eval_pretrain.py or speedrun.py JSONs")
     parser.add_argument("--out", default=None, help="PNG path (default: <first run>/<metric>.png)")
     parser.add_argument("--smooth", type=positive_int, default=20, help="moving average window for the train curve")
     parser.add_argument("--metric", default="loss", help="a field of metrics.jsonl: loss, reward, margin, ...")
@@ -132,7 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         args = parser.parse_args(argv)
         if args.runs[0].endswith(".json"):
-            plot_positions(args.runs, args.out or os.path.splitext(args.runs[0])[0] + "_by_position.png")
+            if "by_position" in read_result(args.runs[0]):
+                plot_positions(args.runs, args.out or os.path.splitext(args.runs[0])[0] + "_by_position.png")
+            else:
+                plot_budget(args.runs, args.out or os.path.join(os.path.dirname(args.runs[0]), "budget.png"))
             return
         first = args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0])
         plot(args.runs, args.out or os.path.join(first, f"{args.metric}.png"), max(1, args.smooth), args.metric,

@@ -8,13 +8,16 @@ import pytest
 import torch
 from conftest import ROOT, write_csv
 
+import eval as evaluate
+from babyllama.chat_format import Answer, render_answer
 from babyllama.choice import Question, read_choice_csv, write_choice_csv
 from babyllama.distributed import Dist
 from babyllama.tasks import char_f1, rouge_l, task_of
+from babyllama.tool_tasks import tasks
 from babyllama.trainer import TrainConfig, Trainer
 from chatglm_tokenizer import load_tokenizer
 from dataset_sft import collate, encode_turns, make_example
-from eval import score
+from eval import Config, score, tool_scores
 from eval_choice import choose
 from model import ModelArgs, Transformer
 
@@ -132,7 +135,7 @@ def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, lookup_tables, t
         assert kinds["all"]["tasks"] == 6 == sum(s["tasks"] for kind, s in kinds.items() if kind != "all")
         for shares in kinds.values():
             assert set(shares) == {"tasks", "valid_call", "right_tool", "right_arguments", "right_answer",
-                                   "right_answer_without_tools"}
+                                   "right_answer_without_tools", "question_in_view"}
             assert all(0 <= v <= 1 for k, v in shares.items() if k != "tasks")
     assert "held-out tool tasks (6 a split)" in result.stdout
     assert "lookup" in summary["tool_tasks"]["numbers"] | summary["tool_tasks"]["templates"]
@@ -149,6 +152,37 @@ def test_eval_scripts_run_and_write(chat_ckpt, small_tokenizer, lookup_tables, t
     assert pre.returncode == 0, pre.stderr
     scores = json.loads((tmp_path / "p.json").read_text())["scores"]["text"]
     assert scores["bits_per_char"] > 0 and scores["perplexity"] > 1
+
+
+def test_answers_come_back_in_order_and_equal_one_at_a_time(small_tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**{**asdict(TINY), "tie_embeddings": False}))  # tied, it repeats its input
+    tok = load_tokenizer(small_tokenizer)
+    conversations = [([], "你好" * n) for n in (9, 1, 5, 2, 7)] + [([("春天", "来了")], "然后呢")]
+    together = evaluate.answer(model, tok, conversations, Config(max_new_tokens=6, batch_size=2))
+    alone = [evaluate.answer(model, tok, [c], Config(max_new_tokens=6, batch_size=1))[0] for c in conversations]
+    assert together == alone and len(set(alone)) > 1
+
+
+def test_tool_scores_say_when_the_final_turn_lost_its_question(small_tokenizer, monkeypatch):
+    """A scripted model that calls right and answers right: every score is 1, and the question is in view
+    only while the window holds the whole second turn."""
+    tok = load_tokenizer(small_tokenizer)
+    tool_tasks = [t for t in tasks("numbers", 6) if t.kind == "arithmetic"]
+
+    def scripted(model, tok, conversations, cfg, reserve=None):
+        by_question = {t.question: t for t in tool_tasks}
+        if conversations[0][0]:  # second turns: the right final answer
+            return [next(t.answer for q, t in by_question.items() if h[0][0].endswith(q)) for h, _ in conversations]
+        return [render_answer(Answer("", t.reasoning, [t.call])) if q.startswith("<tools>") else "不知道"
+                for q, t in zip((q for _, q in conversations), tool_tasks)]
+
+    monkeypatch.setattr(evaluate, "answer", scripted)
+    for window, in_view in ((4096, 1.0), (64, 0.0)):
+        model = Transformer(ModelArgs(**{**asdict(TINY), "max_seq_len": window}))
+        shares = tool_scores(model, tok, tool_tasks, Config())["all"]
+        assert shares["tasks"] == len(tool_tasks) and shares["question_in_view"] == in_view
+        assert shares["right_arguments"] == shares["right_answer"] == 1.0 and shares["right_answer_without_tools"] == 0
 
 
 @pytest.mark.parametrize("script", ["chat", "eval", "eval_choice", "eval_pretrain"])

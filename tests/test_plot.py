@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from plot import moving_average, plot
+from plot import moving_average, plot, plot_budget
 
 
 def test_plot_writes_png(tmp_path):
@@ -46,3 +46,25 @@ def test_plot_any_metric_by_step_and_name_a_missing_one(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path} logged no 'margin' (its metrics: loss, "
                                                   "reward, step, tokens)"]
+
+
+def test_budget_curve_from_speedrun_results(tmp_path):
+    runs = [(10, 5.2, ""), (3, 6.0, ""), (60, 4.6, ""), (3, 6.3, "--model=tiny")]
+    paths = []
+    for i, (minutes, bpc, flags) in enumerate(runs):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps({"bpc": bpc, "minutes": minutes, "cpu": "AVX2", "dtype": "float32",
+                                         "settings": {"flags": flags}}))
+    lines = plot_budget([str(p) for p in paths], str(tmp_path / "budget.png"))
+    assert lines == {"the recipe, AVX2 float32": [(3, 6.0), (10, 5.2), (60, 4.6)],
+                     "--model=tiny, AVX2 float32": [(3, 6.3)]}
+    assert (tmp_path / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    result = subprocess.run([sys.executable, "plot.py", *map(str, paths), f"--out={tmp_path}/b.png"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and (tmp_path / "b.png").is_file(), result.stderr
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"steps": 3}))
+    result = subprocess.run([sys.executable, "plot.py", str(paths[0]), str(other)], capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"error: {other} is neither eval_pretrain.py --long_context=8 --json={other}'s result (by_position) nor "
+        "speedrun.py's (bpc and minutes)"]
