@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -144,6 +145,23 @@ def pretraining_splits(paths: list[str] | str, tokenizer_sha256: str, max_seq_le
     return PretrainDataset(files, max_seq_len), val, chars_per_token(val_files, "val") if val_files else None
 
 
+GROUPS_PER_SORT = 64  # steps whose items are sorted together: batches stay random mixes of the corpus
+
+
+def group_by_length(order: np.ndarray, lengths: np.ndarray, group: int, rng: np.random.Generator) -> np.ndarray:
+    """order regrouped: each run of GROUPS_PER_SORT * group items sorted by length and cut into groups of
+    group items, those groups then shuffled among themselves. Every item stays, once."""
+    chunk = GROUPS_PER_SORT * group
+    out = []
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        groups = [part[i:i + group] for i in range(0, len(part), group)]
+        whole = len(part) // group  # a short last group stays last, so later steps keep their alignment
+        out += [groups[i] for i in rng.permutation(whole)] + groups[whole:]
+    return np.concatenate(out) if out else order
+
+
 class WindowOrder:
     """The order in which one rank visits windows: a permutation per epoch from (seed, epoch), sharded
     so that ranks see disjoint windows, with a resumable position.
@@ -152,13 +170,21 @@ class WindowOrder:
     number of steps the windows seen in the epoch are a prefix of it, whatever the number of ranks. So a
     run resumes on another number of ranks by sharing the rest of the epoch among the new ranks. Every
     rank gets the same number of windows per epoch (the few left after an even split are left out for
-    that epoch, and fall elsewhere in the next permutation), so DDP ranks stay in step."""
+    that epoch, and fall elsewhere in the next permutation), so DDP ranks stay in step.
 
-    def __init__(self, n_windows: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    Given the items' lengths and the items a step takes from it (all ranks together), each epoch's
+    permutation is regrouped so that a step's items have similar lengths (`group_by_length`): a padded
+    batch then wastes little on padding."""
+
+    def __init__(self, n_windows: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 lengths: Sequence[int] | None = None, group: int = 1):
         if n_windows < world_size:
             raise ValueError(f"{n_windows} windows cannot be shared by {world_size} ranks")
+        if lengths is not None and len(lengths) != n_windows:
+            raise ValueError(f"{len(lengths)} lengths for {n_windows} items")
         self.n_windows, self.seed, self.rank, self.world_size, self.shuffle = \
             n_windows, seed, rank, world_size, shuffle
+        self.lengths, self.group = (None if lengths is None else np.asarray(lengths)), group
         self.epoch, self.position = 0, 0
         self.start = 0  # windows of this epoch taken before this run (by any number of ranks)
         self._order = self._epoch_order()
@@ -170,7 +196,10 @@ class WindowOrder:
 
     def _epoch_order(self) -> np.ndarray:
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = rng.permutation(self.n_windows)
+            if self.lengths is not None:
+                order = group_by_length(order, self.lengths, self.group, rng)
         else:
             order = np.arange(self.n_windows)
         rest = order[self.start:]

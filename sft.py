@@ -5,8 +5,9 @@
     torchrun --nproc_per_node=4 sft.py --init_from=out/baby_92m/ckpt.pt --tokenizer=chatglm_tokenizer/tokenizer.model
 
 The loss counts only answer tokens (and the eos closing each answer); batches are padded to their
-longest sample. With --lora the adapters alone train; ckpt.pt keeps them apart (adapter.pt too) and
-every loader (eval.py, chat.py, export) merges them into plain weights.
+longest sample, and hold samples of similar length (--group_by_length) so that little is padding.
+With --lora the adapters alone train; ckpt.pt keeps them apart (adapter.pt too) and every loader
+(eval.py, chat.py, export) merges them into plain weights.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Config(TrainConfig):
     out_dir: OutputDir = "out/sft"
     max_seq_len: SeqLen = 0  # 0: the model's
     batch_size: Positive = 16  # samples per micro-step in each process
+    group_by_length: bool = True  # a micro-step's samples of similar length: less padding, faster steps
     epochs: PositiveFloat = 2.0  # passes over the data, when max_steps is 0
     lora: bool = False  # train low-rank adapters only
     lora_rank: Positive = 8
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         model.train()
         print0(f"SFT of {cfg.init_from}: {len(data):,} samples", dist=dist)
         training = start_training(cfg, model, dist, len(data), cfg.batch_size, model.flops_per_token(max_seq_len),
-                                  stage="sft", tokenizer_sha256=tokenizer.sha256, expect={"lora": lora})
+                                  stage="sft", tokenizer_sha256=tokenizer.sha256, expect={"lora": lora},
+                                  lengths=data.lengths() if cfg.group_by_length else None)
         trainer, order = training.trainer, training.order
 
         def next_batches():

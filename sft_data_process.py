@@ -49,7 +49,7 @@ class Sample:
 class Config:
     builtin: str = "idioms,dictionary,alpaca_demo,toolcall_demo,tools"  # built-in tasks (BUILTIN, and tools)
     preference: str = "idioms,poems,dpo_demo"  # built-in preference pairs: idioms, poems, dpo_demo
-    tool_samples: NonNegative = 12000  # built-in tool tasks (tool_tasks.py: calculator, dates, units), generated
+    tool_samples: NonNegative = 30000  # built-in tool tasks (tool_tasks.py: calculator, dates, units), generated
     tool_lookups: bool = False  # look-ups among them too (an idiom's meaning, a character's reading: --raw_dir)
     tool_direct: in_range(0, 1) = 0.25  # share of them offered no tools, answered at once with worked reasoning
     max_pairs_per_source: Positive = 30000  # keep the sources balanced (poems alone give 180k pairs)

@@ -22,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -517,15 +517,18 @@ def keep_global_batch(cfg: TrainConfig, items_per_step: int, dist: Dist, items_f
 
 def start_training(cfg: TrainConfig, model: torch.nn.Module, dist: Dist, n_items: int, items_per_step: int,
                    flops_per_token: float, *, stage: str, tokenizer_sha256: str, expect: dict | None = None,
-                   items_flag: str = "--batch_size", accumulates: bool = True) -> Training:
+                   items_flag: str = "--batch_size", accumulates: bool = True,
+                   lengths: Sequence[int] | None = None) -> Training:
     """The common start of every stage: a rank-sharded order over n_items, the number of steps
     (cfg.max_steps, or cfg.epochs passes over the items), the trainer, a resume from out_dir/ckpt.pt
     when there is one (it must have the model's shape, this tokenizer, and what expect lists; a run
     saved by another number of processes keeps its global batch), which processes write the
     checkpoints, and the device's peak for MFU. Each process takes items_per_step items (the setting
-    items_flag) a micro-step, cfg.grad_accum micro-steps a step when the stage accumulates."""
+    items_flag) a micro-step, cfg.grad_accum micro-steps a step when the stage accumulates. Given the
+    items' lengths, each micro-step's items have similar lengths (dataset.group_by_length)."""
     from dataset import WindowOrder
-    order = WindowOrder(n_items, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    order = WindowOrder(n_items, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, lengths=lengths,
+                        group=items_per_step * dist.world_size)
     keep_global_batch(cfg, items_per_step, dist, items_flag, accumulates)
     global_batch = items_per_step * (cfg.grad_accum if accumulates else 1) * dist.world_size
     steps_per_epoch = max(1, n_items // global_batch)
