@@ -38,6 +38,7 @@ class Config:
     rm_min: NonNegativeFloat = 2.5  # the reward model's time budget
     dpo_min: NonNegativeFloat = 2.5  # DPO's time budget
     grpo_min: NonNegativeFloat = 2.5  # GRPO's time budget
+    dpo_nll_weight: NonNegativeFloat = 4.0  # dpo.py --nll_weight: at 1 this small model drifts into loops
 
 
 def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
@@ -74,7 +75,7 @@ def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:
         ("DPO", None,
          ["dpo.py", f"--init_from={out}/sft/ckpt.pt", f"--data={cfg.sft_dir}/preference.csv",
           f"--val_data={pref_val}", tokenizer, f"--out_dir={out}/dpo", f"--max_steps={cfg.dpo_steps}",
-          f"--time_budget_min={cfg.dpo_min}"]),
+          f"--time_budget_min={cfg.dpo_min}", f"--nll_weight={cfg.dpo_nll_weight}"]),
         ("GRPO", None,
          ["grpo.py", f"--init_from={out}/sft/ckpt.pt", f"--prompts={sft_data}", tokenizer, f"--out_dir={out}/grpo",
           f"--max_steps={cfg.grpo_steps}",

@@ -8,7 +8,10 @@ push the policy towards the answers that beat their group's mean, with a KL pena
 advantage_i = (r_i - mean(r)) / (std(r) + eps) within each group (equal rewards: zero advantage);
 per answer token: min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) - kl_beta * KL, with
 ratio = pi / pi_old and KL = exp(ref - logp) - (ref - logp) - 1 (the k3 estimator), averaged over
-each answer's tokens, then over answers. Logged: mean reward, KL, answer length.
+each answer's tokens, then over answers. Logged: mean reward, KL, answer length. Repeats cost reward
+(--penalize_repeats): F1 pays for recall, and a long answer repeating a few of the reference's
+characters would otherwise pay; an answer in a loop earns the lowest reward, and F1 is scaled by the
+answer's share of distinct characters.
 
 With --task=tools the prompts are generated tool tasks (tool_tasks.py, the training split) with every built-in
 tool offered, and each rollout has two turns: the model's first answer; when it calls a tool, the tool runs
@@ -38,7 +41,7 @@ from babyllama.configurator import (
 )
 from babyllama.errors import SettingError
 from babyllama.precision import autocast
-from babyllama.tasks import char_f1, task_of
+from babyllama.tasks import char_f1, has_loop, task_of
 from babyllama.tool_tasks import ToolTask, all_tools, missing_lookups, tasks
 from babyllama.tools import builtin_tools, run_tool
 from babyllama.trainer import TrainConfig, frozen_reference, start_training, train_loop, training_stage
@@ -55,6 +58,7 @@ class Config(TrainConfig):
     tokenizer: InputFile = OUR_TOKENIZER
     out_dir: OutputDir = "out/grpo"
     reward: one_of("f1", "model") = "f1"  # f1 (character F1 against the reference) or model (a reward model's score)
+    penalize_repeats: bool = True  # a loop earns the lowest reward; F1 is scaled by the share of distinct characters
     reward_model: str = "out/rm/ckpt.pt"  # used when reward=model
     group_size: in_range(2, 1 << 16, int) = 8  # answers sampled per prompt
     prompts_per_step: Positive = 4  # prompts per optimizer step in each process
@@ -167,12 +171,32 @@ def tool_rollouts(model, tok, picked: list[ToolTask], cfg: Config, generator: to
 
 
 def make_rewarder(cfg: Config, tok, device: str):
-    """rewards(prompts, answers, references) -> list of floats."""
+    """rewards(prompts, answers, references) -> list of floats. With cfg.penalize_repeats an answer in a
+    loop (tasks.has_loop) gets the lowest reward (F1's 0, or a reward model's lowest score among these
+    answers), and an F1 reward is scaled by the answer's share of distinct characters."""
     if cfg.reward == "f1":
-        return lambda prompts, answers, references: [char_f1(a, r) for a, r in zip(answers, references)]
-    from babyllama.reward_model import load_reward_model
-    rm, _ = load_reward_model(cfg.reward_model, device)
-    return lambda prompts, answers, references: rm.score(tok, prompts, answers)
+        def score(prompts, answers, references):
+            return [char_f1(a, r) for a, r in zip(answers, references)]
+    else:
+        from babyllama.reward_model import load_reward_model
+        rm, _ = load_reward_model(cfg.reward_model, device)
+
+        def score(prompts, answers, references):
+            return rm.score(tok, prompts, answers)
+    if not cfg.penalize_repeats:
+        return score
+
+    def score_with_repeats_costing(prompts, answers, references):
+        scores = score(prompts, answers, references)
+        if cfg.reward == "model":
+            return [min(scores) if has_loop(a) else s for a, s in zip(answers, scores)]
+        return [0.0 if has_loop(a) else s * distinct_share(a) for a, s in zip(answers, scores)]
+    return score_with_repeats_costing
+
+
+def distinct_share(text: str) -> float:
+    """The share of a text's characters that are distinct (1 for an empty text)."""
+    return len(set(text)) / len(text) if text else 1.0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,8 @@ import torch
 from conftest import ROOT, metrics, run_ok, stage_flags, write_csv
 
 from babyllama.checkpoint import load_model
-from grpo import grpo_advantages, grpo_loss
+from babyllama.tasks import char_f1
+from grpo import Config, grpo_advantages, grpo_loss, make_rewarder
 from model import IGNORE_INDEX, ModelArgs, Transformer
 
 
@@ -143,3 +144,15 @@ def test_grpo_on_tool_tasks_runs_end_to_end(pretrained, small_tokenizer, tmp_pat
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
         "error: --task=tools: a window of 32 tokens leaves too little for the prompt beside the two answers and the "
         "result (96 tokens: --max_new_tokens + --final_tokens + 32)"]
+
+
+def test_repeats_cost_reward():
+    """F1 rewards recall, so a looping answer that repeats the reference's characters would beat a short wrong
+    one; with penalize_repeats (the default) a loop gets 0 and F1 is scaled by the distinct characters' share."""
+    reference = "比喻做事多此一举"
+    answers = ["比喻多此一举多此一举多此一举", "比喻做事做事", "完全不对"]
+    rewards = make_rewarder(Config(), None, "cpu")([""] * 3, answers, [reference] * 3)
+    assert rewards[0] == 0.0 and rewards[2] == 0.0
+    assert rewards[1] == pytest.approx(char_f1(answers[1], reference) * 4 / 6) and rewards[1] > 0
+    plain = make_rewarder(Config(penalize_repeats=False), None, "cpu")([""] * 3, answers, [reference] * 3)
+    assert plain[0] == char_f1(answers[0], reference) > 0 and plain[1] == char_f1(answers[1], reference)
