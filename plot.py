@@ -137,6 +137,7 @@ def plot_budget(files: list[str], out: str) -> dict[str, list[tuple[float, float
     ax.set_xscale("log")
     ax.set_xticks(sorted({m for points in lines.values() for m, _ in points}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the budgets run are labelled
     ax.set_xlabel("pretraining budget (minutes)")
     ax.set_ylabel("held-out bits per character")
     return save(fig, ax, out)
