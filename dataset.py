@@ -145,7 +145,7 @@ def pretraining_splits(paths: list[str] | str, tokenizer_sha256: str, max_seq_le
     return PretrainDataset(files, max_seq_len), val, chars_per_token(val_files, "val") if val_files else None
 
 
-GROUPS_PER_SORT = 64  # steps whose items are sorted together: batches stay random mixes of the corpus
+GROUPS_PER_SORT = 64  # steps whose items are sorted together: a run of 64 steps still spans the whole mix of lengths
 
 
 def group_by_length(order: np.ndarray, lengths: np.ndarray, group: int, rng: np.random.Generator) -> np.ndarray:
