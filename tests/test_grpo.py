@@ -156,3 +156,19 @@ def test_repeats_cost_reward():
     assert rewards[1] == pytest.approx(char_f1(answers[1], reference) * 4 / 6) and rewards[1] > 0
     plain = make_rewarder(Config(penalize_repeats=False), None, "cpu")([""] * 3, answers, [reference] * 3)
     assert plain[0] == char_f1(answers[0], reference) > 0 and plain[1] == char_f1(answers[1], reference)
+
+
+def test_with_a_reward_model_a_loop_gets_the_lowest_score_of_the_batch(monkeypatch):
+    """A reward model's scores may be negative, so a loop is not scaled but given the batch's lowest score."""
+    import babyllama.reward_model
+
+    class FakeRewardModel:
+        def score(self, tok, prompts, answers):
+            return [2.0, -1.5, 0.5]
+
+    monkeypatch.setattr(babyllama.reward_model, "load_reward_model", lambda path, device: (FakeRewardModel(), None))
+    answers = ["好好好好好好", "一个回答", "另一个回答"]
+    rewards = make_rewarder(Config(reward="model"), None, "cpu")([""] * 3, answers, [""] * 3)
+    assert rewards == [-1.5, -1.5, 0.5]
+    plain = make_rewarder(Config(reward="model", penalize_repeats=False), None, "cpu")([""] * 3, answers, [""] * 3)
+    assert plain == [2.0, -1.5, 0.5]
