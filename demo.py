@@ -29,7 +29,7 @@ class Config:
     sft_dir: OutputDir = "sft_data"  # instruction data
     vocab_size: in_range(MIN_VOCAB, 65535, int) = 8192  # our tokenizer (config/tiny_shallow.py is sized for 8192)
     pretrain_steps: Positive = 2000  # at most this many optimizer steps of 4,096 tokens
-    sft_steps: Positive = 1000  # at most this many SFT optimizer steps of 16 samples
+    sft_steps: Positive = 2000  # at most this many SFT optimizer steps of 16 samples
     rm_steps: Positive = 400  # at most this many reward-model steps of 16 pairs
     dpo_steps: Positive = 250  # at most this many DPO steps of 16 pairs
     grpo_steps: Positive = 100  # at most this many GRPO steps of 4 prompts x 8 sampled answers
@@ -38,7 +38,7 @@ class Config:
     rm_min: NonNegativeFloat = 2.5  # the reward model's time budget
     dpo_min: NonNegativeFloat = 2.5  # DPO's time budget
     grpo_min: NonNegativeFloat = 2.5  # GRPO's time budget
-    dpo_nll_weight: NonNegativeFloat = 4.0  # dpo.py --nll_weight: at 1 this small model drifts into loops
+    dpo_nll_weight: NonNegativeFloat = 8.0  # dpo.py --nll_weight: at 1 this small model drifts into loops
 
 
 def stages(cfg: Config) -> list[tuple[str, str | None, list[str]]]:

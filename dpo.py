@@ -8,8 +8,11 @@ loss = -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))
 summing the answer tokens only; with label smoothing e the loss is (1 - e) times that plus e times the
 same for the swapped pair (conservative DPO). With --nll_weight w, w times the chosen answers' mean negative
 log-likelihood per token is added (RPO: it keeps the chosen answers likely, where DPO alone may lower both
-answers and drift into repetition; docs/07_dpo.md). Logged: the implicit rewards beta * (log pi - log ref) of
-chosen and rejected answers, their margin and how often it is positive.
+answers and drift into repetition; docs/07_dpo.md). With --reject_loops the policy answers each batch's
+prompts greedily first (as chat and evaluation decode), and an answer stuck in a loop becomes its pair's
+rejected answer: the model's own loops are what it learns to prefer less. Logged: the implicit rewards
+beta * (log pi - log ref) of chosen and rejected answers, their margin, how often it is positive, and with
+--reject_loops the share of the batch's greedy answers in a loop.
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ from babyllama.common import print0
 from babyllama.configurator import Fraction, InputFile, NonNegativeFloat, OutputDir, Positive, PositiveFloat
 from babyllama.distributed import all_reduce_mean
 from babyllama.precision import autocast
+from babyllama.tasks import has_loop
 from babyllama.trainer import TrainConfig, frozen_reference, start_training, train_loop, training_stage
 from chatglm_tokenizer import OUR_TOKENIZER
-from dataset_sft import collate, encode_turns, make_example, read_pairs
+from dataset_sft import chat_prompt_ids, collate, encode_turns, make_example, read_pairs
 from model import answer_logprobs
 
 
@@ -41,6 +45,8 @@ class Config(TrainConfig):
     beta: PositiveFloat = 0.1  # strength of the pull towards the reference
     label_smoothing: Fraction = 0.0  # assumed share of wrong preference labels (conservative DPO)
     nll_weight: NonNegativeFloat = 1.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; 0: DPO)
+    reject_loops: bool = True  # a greedy answer of the policy stuck in a loop replaces its pair's rejected answer
+    loop_tokens: Positive = 32  # with --reject_loops: the greedy answers' length
     batch_size: Positive = 16  # pairs per micro-step in each process
     epochs: PositiveFloat = 1.0
     lr: PositiveFloat = 5e-5
@@ -72,6 +78,18 @@ def pair_examples(tok, pairs, max_seq_len: int) -> tuple[torch.Tensor, torch.Ten
     return collate(examples, tok.pad_id)
 
 
+def loops_rejected(model, tok, pairs: list[tuple[str, str, str]], max_new_tokens: int,
+                   ) -> tuple[list[tuple[str, str, str]], float]:
+    """The pairs, each rejected answer replaced by the model's greedy answer to its prompt where that answer
+    is stuck in a loop (tasks.has_loop), and the share of such answers."""
+    max_len = model.args.max_seq_len
+    reserve = min(max_new_tokens, max_len // 2)  # a small window keeps room for the prompt's end
+    prompts = [chat_prompt_ids(tok, [], p, max_len, reserve=reserve) for p, _, _ in pairs]
+    answers = [tok.decode(a) for a in model.generate(prompts, max_new_tokens, temperature=0.0, eos_id=tok.eos_id)]
+    looped = [has_loop(a) for a in answers]
+    return [(p, c, a if loop else r) for (p, c, r), a, loop in zip(pairs, answers, looped)], sum(looped) / len(pairs)
+
+
 def main(argv: list[str] | None = None) -> None:
     with training_stage(Config, argv, __doc__) as (cfg, dist):
         policy, _, tok = load_model_and_tokenizer(cfg.init_from, cfg.tokenizer)
@@ -85,20 +103,26 @@ def main(argv: list[str] | None = None) -> None:
                                   stage="dpo", tokenizer_sha256=tok.sha256)
         trainer, order = training.trainer, training.order
 
-        def with_reference(x: torch.Tensor, y: torch.Tensor):
+        def with_reference(x: torch.Tensor, y: torch.Tensor, stats: dict | None = None):
             with torch.no_grad():
                 ref_logp, _ = answer_logprobs(reference, x, y)
-            return x, y, ref_logp
+            return x, y, ref_logp, stats or {}
 
         def next_batches():
-            batches = [pair_examples(tok, [pairs[i] for i in order.next(cfg.batch_size)], max_len)
-                       for _ in range(cfg.grad_accum)]
-            with autocast(dist.device, trainer.dtype):
-                out = [with_reference(x.to(dist.device), y.to(dist.device)) for x, y in batches]
-            return out, sum(int((x != tok.pad_id).sum()) for x, _ in batches)
+            out, tokens = [], 0
+            for _ in range(cfg.grad_accum):
+                group, stats = [pairs[i] for i in order.next(cfg.batch_size)], {}
+                if cfg.reject_loops:
+                    with trainer.evaluating() as model:
+                        group, stats["looped"] = loops_rejected(model, tok, group, cfg.loop_tokens)
+                x, y = pair_examples(tok, group, max_len)
+                with autocast(dist.device, trainer.dtype):
+                    out.append(with_reference(x.to(dist.device), y.to(dist.device), stats))
+                tokens += int((x != tok.pad_id).sum())
+            return out, tokens
 
         def loss_fn(model, batch):
-            x, y, ref_logp = batch
+            x, y, ref_logp, stats = batch
             logp, counts = answer_logprobs(model, x, y)
             pc, pr = logp.chunk(2)
             rc, rr = ref_logp.chunk(2)
@@ -106,9 +130,9 @@ def main(argv: list[str] | None = None) -> None:
             nll = chosen_nll(pc, counts.chunk(2)[0])
             margin = chosen - rejected
             return loss + cfg.nll_weight * nll, {
-                "chosen_nll": float(nll), "reward_chosen": float(chosen.mean()),
+                "chosen_nll": float(nll.detach()), "reward_chosen": float(chosen.mean()),
                 "reward_rejected": float(rejected.mean()), "margin": float(margin.mean()),
-                "accuracy": float((margin > 0).float().mean())}
+                "accuracy": float((margin > 0).float().mean()), **stats}
 
         @torch.no_grad()
         def validation() -> dict[str, float]:

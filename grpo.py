@@ -11,7 +11,9 @@ ratio = pi / pi_old and KL = exp(ref - logp) - (ref - logp) - 1 (the k3 estimato
 each answer's tokens, then over answers. Logged: mean reward, KL, answer length. Repeats cost reward
 (--penalize_repeats): F1 pays for recall, and a long answer repeating a few of the reference's
 characters would otherwise pay; an answer in a loop earns the lowest reward, and F1 is scaled by the
-answer's share of distinct characters.
+answer's share of distinct characters. So does an answer that never ends (--penalize_unfinished: cut at
+--max_new_tokens). Chat and evaluation decode greedily, and a loop can be one that only greedy decoding
+falls into: each group holds its prompt's greedy answer beside the samples (--greedy_in_group).
 
 With --task=tools the prompts are generated tool tasks (tool_tasks.py, the training split) with every built-in
 tool offered, and each rollout has two turns: the model's first answer; when it calls a tool, the tool runs
@@ -59,6 +61,8 @@ class Config(TrainConfig):
     out_dir: OutputDir = "out/grpo"
     reward: one_of("f1", "model") = "f1"  # f1 (character F1 against the reference) or model (a reward model's score)
     penalize_repeats: bool = True  # a loop earns the lowest reward; F1 is scaled by the share of distinct characters
+    penalize_unfinished: bool = True  # a text answer cut at max_new_tokens (no eos) earns the lowest reward
+    greedy_in_group: bool = True  # a text prompt's group holds its greedy answer beside group_size - 1 samples
     reward_model: str = "out/rm/ckpt.pt"  # used when reward=model
     group_size: in_range(2, 1 << 16, int) = 8  # answers sampled per prompt
     prompts_per_step: Positive = 4  # prompts per optimizer step in each process
@@ -170,6 +174,23 @@ def tool_rollouts(model, tok, picked: list[ToolTask], cfg: Config, generator: to
     return examples, rewards, {"called": len(seconds) / len(rows)}
 
 
+def text_rollouts(model, tok, picked: list[tuple[str, str]], cfg: Config, rewarder, generator: torch.Generator,
+                  ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float], dict]:
+    """cfg.group_size answers to each (prompt, reference) (group_answers), rewarded against the reference;
+    with cfg.penalize_unfinished an answer cut at max_new_tokens earns the lowest reward. Returns each
+    answer's (inputs, labels), its reward and no extra stats."""
+    max_len = model.args.max_seq_len
+    prompt_ids = [chat_prompt_ids(tok, [], p, max_len, reserve=cfg.max_new_tokens) for p, _ in picked]
+    completions = group_answers(model, prompt_ids, cfg, tok.eos_id, generator)
+    prompts = [p for p, _ in picked for _ in range(cfg.group_size)]
+    references = [a for _, a in picked for _ in range(cfg.group_size)]
+    rewards = rewarder(prompts, [tok.decode(c) for c in completions], references)
+    if cfg.penalize_unfinished:
+        rewards = lowest_when(rewards, [len(c) >= cfg.max_new_tokens for c in completions], cfg.reward)
+    return answer_examples(prompt_ids, completions, cfg.group_size, tok.eos_id, cfg.max_new_tokens,
+                           max_len), rewards, {}
+
+
 def make_rewarder(cfg: Config, tok, device: str):
     """rewards(prompts, answers, references) -> list of floats. With cfg.penalize_repeats an answer in a
     loop (tasks.has_loop) gets the lowest reward (F1's 0, or a reward model's lowest score among these
@@ -188,10 +209,30 @@ def make_rewarder(cfg: Config, tok, device: str):
 
     def score_with_repeats_costing(prompts, answers, references):
         scores = score(prompts, answers, references)
-        if cfg.reward == "model":
-            return [min(scores) if has_loop(a) else s for a, s in zip(answers, scores)]
-        return [0.0 if has_loop(a) else s * distinct_share(a) for a, s in zip(answers, scores)]
+        if cfg.reward == "f1":
+            scores = [s * distinct_share(a) for a, s in zip(answers, scores)]
+        return lowest_when(scores, [has_loop(a) for a in answers], cfg.reward)
     return score_with_repeats_costing
+
+
+def group_answers(model, prompt_ids: list[list[int]], cfg: Config, eos_id: int,
+                  generator: torch.Generator) -> list[list[int]]:
+    """cfg.group_size answers per prompt, each prompt's group contiguous. With cfg.greedy_in_group the first
+    of each group is its greedy answer: chat and evaluation decode greedily, so a loop that only greedy
+    decoding falls into is seen, and paid for, in training."""
+    samples = cfg.group_size - 1 if cfg.greedy_in_group else cfg.group_size
+    sampled = model.generate([ids for ids in prompt_ids for _ in range(samples)], cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_k=cfg.top_k or None, eos_id=eos_id, generator=generator)
+    if not cfg.greedy_in_group:
+        return sampled
+    greedy = model.generate(prompt_ids, cfg.max_new_tokens, temperature=0.0, eos_id=eos_id)
+    return [answer for i, g in enumerate(greedy) for answer in [g, *sampled[i * samples:(i + 1) * samples]]]
+
+
+def lowest_when(rewards: list[float], flags: list[bool], reward: str) -> list[float]:
+    """Each flagged reward replaced by the lowest one: F1's 0, or a reward model's lowest score among these."""
+    lowest = 0.0 if reward == "f1" else min(rewards)
+    return [lowest if flag else r for r, flag in zip(rewards, flags)]
 
 
 def distinct_share(text: str) -> float:
@@ -236,28 +277,15 @@ def main(argv: list[str] | None = None) -> None:
         if state is not None and "sampler" in state and not dist.enabled:  # one process resumes its sampling exactly
             generator.set_state(state["sampler"])
 
-        def text_rollouts(picked: list[tuple[str, str]], trainer, generator):
-            """A group of sampled answers to each prompt, rewarded against its reference answer."""
-            prompt_ids = [chat_prompt_ids(tok, [], p, max_len, reserve=cfg.max_new_tokens) for p, _ in picked]
-            with trainer.evaluating() as model:
-                completions = model.generate([ids for ids in prompt_ids for _ in range(cfg.group_size)],
-                                             cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                                             eos_id=tok.eos_id, generator=generator)
-            prompts = [p for p, _ in picked for _ in range(cfg.group_size)]
-            references = [a for _, a in picked for _ in range(cfg.group_size)]
-            rewards = rewarder(prompts, [tok.decode(c) for c in completions], references)
-            return answer_examples(prompt_ids, completions, cfg.group_size, tok.eos_id, cfg.max_new_tokens,
-                                   max_len), rewards, {}
-
         def rollouts():
             """Sample a group of answers per prompt with the current policy, reward them, and build the
             training batch: (inputs, labels, advantages, old log-probs, reference log-probs, stats)."""
             picked = [rows[i] for i in order.next(cfg.prompts_per_step)]
-            if cfg.task == "tools":
-                with trainer.evaluating() as model:
+            with trainer.evaluating() as model:
+                if cfg.task == "tools":
                     examples, rewards, stats = tool_rollouts(model, tok, picked, cfg, generator)
-            else:
-                examples, rewards, stats = text_rollouts(picked, trainer, generator)
+                else:
+                    examples, rewards, stats = text_rollouts(model, tok, picked, cfg, rewarder, generator)
             rewards = torch.tensor(rewards, dtype=torch.float32)
             advantages = grpo_advantages(rewards.view(-1, cfg.group_size)).view(-1)
             x, y = collate(examples, tok.pad_id)

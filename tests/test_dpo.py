@@ -7,7 +7,7 @@ import torch
 from conftest import ROOT, metrics, run_ok, stage_flags
 
 from babyllama.checkpoint import load_model
-from dpo import chosen_nll, dpo_loss
+from dpo import chosen_nll, dpo_loss, loops_rejected
 from model import IGNORE_INDEX, ModelArgs, Transformer, answer_logprobs
 
 
@@ -48,11 +48,31 @@ def test_dpo_moves_towards_the_chosen_answers(pretrained, preference, small_toke
     ckpt, _ = pretrained
     run_ok([sys.executable, os.path.join(ROOT, "dpo.py"), *stage_flags(ckpt, small_tokenizer, tmp_path),
             f"--data={preference / 'train.csv'}", f"--val_data={preference / 'val.csv'}", "--batch_size=8",
-            "--eval_interval=3", "--lr=1e-3", "--warmup_steps=1", "--max_steps=6", "--nll_weight=0.5"])
+            "--eval_interval=3", "--lr=1e-3", "--warmup_steps=1", "--max_steps=6", "--nll_weight=0.5",
+            "--reject_loops=true", "--loop_tokens=4"])
     first, last = metrics(tmp_path)[0], metrics(tmp_path)[-1]
-    assert {"reward_chosen", "reward_rejected", "margin", "accuracy", "val_loss", "chosen_nll"} <= set(last)
+    assert {"reward_chosen", "reward_rejected", "margin", "accuracy", "val_loss", "chosen_nll", "looped"} <= set(last)
+    assert 0 <= last["looped"] <= 1
     assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["chosen_nll"], rel=1e-3)  # margin 0 at first
     # The implicit reward margin grows from 0 (the policy starts as its reference).
     assert abs(first["margin"]) < 1e-3 < last["margin"] and last["accuracy"] == 1.0
     _, state = load_model(str(tmp_path / "ckpt.pt"))
     assert state["stage"] == "dpo" and state["step"] == 6
+
+
+def test_a_greedy_answer_in_a_loop_becomes_the_rejected_answer(small_tokenizer):
+    """Three pairs; the model's greedy answers (a call at temperature 0, at most max_new_tokens) loop on the
+    second prompt only: that pair's rejected answer is the loop, the others keep theirs."""
+    from chatglm_tokenizer import load_tokenizer
+    tok = load_tokenizer(small_tokenizer)
+
+    class Greedy:
+        args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=64)
+
+        def generate(self, prompts, max_new_tokens, temperature, eos_id):
+            assert temperature == 0.0 and max_new_tokens == 12 and len(prompts) == 3
+            return [tok.encode(t) for t in ("比喻做事", "安安安安安安", "形容高兴")]
+
+    pairs = [("问一", "对一", "错一"), ("问二", "对二", "错二"), ("问三", "对三", "错三")]
+    rejected, share = loops_rejected(Greedy(), tok, pairs, 12)
+    assert rejected == [pairs[0], ("问二", "对二", "安安安安安安"), pairs[2]] and share == pytest.approx(1 / 3)

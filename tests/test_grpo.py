@@ -58,13 +58,15 @@ def test_equal_rewards_give_no_update():
 
 def test_grpo_raises_the_reward_of_separable_prompts(pretrained, small_tokenizer, tmp_path):
     """One short reference answer for every prompt, rewarded by character F1: answers that share its
-    characters beat their group, and the mean reward rises."""
+    characters beat their group, and the mean reward rises. A random model never ends its answers, so an
+    unfinished answer is paid here like the others."""
     ckpt, _ = pretrained
     write_csv(tmp_path / "prompts.csv", ["prompt", "answer", "history"],
               [[f"第{i}首诗", "春眠不觉晓", "[]"] for i in range(8)])
     run_ok([sys.executable, os.path.join(ROOT, "grpo.py"), *stage_flags(ckpt, small_tokenizer, tmp_path / "grpo"),
             f"--prompts={tmp_path / 'prompts.csv'}", "--task=all", "--max_steps=20", "--group_size=8",
-            "--prompts_per_step=4", "--max_new_tokens=6", "--lr=1e-2", "--warmup_steps=1", "--kl_beta=0"])
+            "--prompts_per_step=4", "--max_new_tokens=6", "--lr=1e-2", "--warmup_steps=1", "--kl_beta=0",
+            "--penalize_unfinished=false"])
     rewards = [r["reward"] for r in metrics(tmp_path / "grpo")]
     assert all({"reward", "kl", "answer_tokens"} <= set(r) for r in metrics(tmp_path / "grpo"))
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
@@ -86,10 +88,11 @@ class ScriptedModel:
 
     def __init__(self, tok, turns: list[list[str]], max_seq_len: int = 256):
         self.args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=max_seq_len)
-        self.tok, self.turns, self.prompts = tok, turns, []
+        self.tok, self.turns, self.prompts, self.temperatures = tok, turns, [], []
 
-    def generate(self, prompts, max_new_tokens, **_):
+    def generate(self, prompts, max_new_tokens, temperature, **_):
         self.prompts.append(prompts)
+        self.temperatures.append(temperature)
         texts = self.turns.pop(0)
         assert len(texts) == len(prompts)
         return [self.tok.encode(t)[:max_new_tokens] for t in texts]
@@ -144,6 +147,32 @@ def test_grpo_on_tool_tasks_runs_end_to_end(pretrained, small_tokenizer, tmp_pat
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
         "error: --task=tools: a window of 32 tokens leaves too little for the prompt beside the two answers and the "
         "result (96 tokens: --max_new_tokens + --final_tokens + 32)"]
+
+
+def test_text_groups_hold_the_greedy_answer_and_an_unfinished_answer_earns_nothing(small_tokenizer):
+    """Groups of 3 for 2 prompts: two samples each (one call at the set temperature), then each prompt's
+    greedy answer (a call at temperature 0), which comes first in its group. An answer cut at max_new_tokens
+    earns 0 however close to the reference; without the two options every answer is sampled and paid its F1."""
+    from chatglm_tokenizer import load_tokenizer
+    from grpo import text_rollouts
+    tok = load_tokenizer(small_tokenizer)
+    picked = [("问题一", "比喻做事多此一举"), ("问题二", "形容十分高兴")]
+    long = "比喻做事多此一举，也说画蛇添足，语出战国策"
+    sampled, greedy = ["比喻做事", long, "形容高兴", "不对"], ["比喻多此一举", "形容"]
+    cfg = Config(group_size=3, max_new_tokens=len(tok.encode(long)) - 1)
+    rewarder = make_rewarder(cfg, tok, "cpu")
+    model = ScriptedModel(tok, [sampled, greedy])
+    examples, rewards, _ = text_rollouts(model, tok, picked, cfg, rewarder, torch.Generator())
+    assert model.temperatures == [cfg.temperature, 0.0] and len(examples) == 6
+    in_order = [greedy[0], *sampled[:2], greedy[1], *sampled[2:]]
+    answers = [tok.decode(tok.encode(a)[:cfg.max_new_tokens]) for a in in_order]
+    references = [r for _, r in picked for _ in range(3)]
+    expected = rewarder([""] * 6, answers, references)
+    assert expected[2] > 0.3 and rewards == [*expected[:2], 0.0, *expected[3:]]
+    plain = Config(group_size=3, max_new_tokens=cfg.max_new_tokens, greedy_in_group=False, penalize_unfinished=False)
+    model = ScriptedModel(tok, [[*sampled[:2], "比喻", *sampled[2:], "形容"]])
+    _, rewards, _ = text_rollouts(model, tok, picked, plain, rewarder, torch.Generator())
+    assert model.temperatures == [plain.temperature] and rewards[1] == expected[2]
 
 
 def test_repeats_cost_reward():
