@@ -58,15 +58,15 @@ def test_equal_rewards_give_no_update():
 
 def test_grpo_raises_the_reward_of_separable_prompts(pretrained, small_tokenizer, tmp_path):
     """One short reference answer for every prompt, rewarded by character F1: answers that share its
-    characters beat their group, and the mean reward rises. A random model never ends its answers, so an
-    unfinished answer is paid here like the others."""
+    characters beat their group, and the mean reward rises. A random model never ends its answers and its
+    greedy answer is a loop at every step, so here neither costs: only the F1 signal is under test."""
     ckpt, _ = pretrained
     write_csv(tmp_path / "prompts.csv", ["prompt", "answer", "history"],
               [[f"第{i}首诗", "春眠不觉晓", "[]"] for i in range(8)])
     run_ok([sys.executable, os.path.join(ROOT, "grpo.py"), *stage_flags(ckpt, small_tokenizer, tmp_path / "grpo"),
             f"--prompts={tmp_path / 'prompts.csv'}", "--task=all", "--max_steps=20", "--group_size=8",
             "--prompts_per_step=4", "--max_new_tokens=6", "--lr=1e-2", "--warmup_steps=1", "--kl_beta=0",
-            "--penalize_unfinished=false"])
+            "--penalize_unfinished=false", "--greedy_in_group=false"])
     rewards = [r["reward"] for r in metrics(tmp_path / "grpo")]
     assert all({"reward", "kl", "answer_tokens"} <= set(r) for r in metrics(tmp_path / "grpo"))
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
