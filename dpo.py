@@ -81,7 +81,8 @@ def pair_examples(tok, pairs, max_seq_len: int) -> tuple[torch.Tensor, torch.Ten
 def loops_rejected(model, tok, pairs: list[tuple[str, str, str]], max_new_tokens: int,
                    ) -> tuple[list[tuple[str, str, str]], float]:
     """The pairs, each rejected answer replaced by the model's greedy answer to its prompt where that answer
-    is stuck in a loop (tasks.has_loop), and the share of such answers."""
+    is stuck in a loop (tasks.has_loop), and the share of such answers. The loop is trained on as any
+    rejected answer is, closed by eos: its repeated tokens are what lose probability."""
     max_len = model.args.max_seq_len
     reserve = min(max_new_tokens, max_len // 2)  # a small window keeps room for the prompt's end
     prompts = [chat_prompt_ids(tok, [], p, max_len, reserve=reserve) for p, _, _ in pairs]
