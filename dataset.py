@@ -79,19 +79,29 @@ def chars_per_token(files: list[str], split: str) -> float | None:
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Map-style: item i is window i as (inputs, targets), int64 tensors of max_seq_len tokens."""
+    """Map-style: item i is window i as (inputs, targets), int64 tensors of max_seq_len tokens.
 
-    def __init__(self, paths: list[str] | str, max_seq_len: int, split: str = "train"):
+    The windows tile the token stream back to back; with aligned_to=eos_id each starts at a document's
+    start instead (aligned_window_starts)."""
+
+    def __init__(self, paths: list[str] | str, max_seq_len: int, split: str = "train", aligned_to: int | None = None):
         self.files = bin_files(paths, split)
         self.max_seq_len = max_seq_len
         sizes = [os.path.getsize(f) // np.dtype(TOKEN_DTYPE).itemsize for f in self.files]
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         self.n_tokens = int(self.starts[-1])
-        self.n_windows = max(0, -(-(self.n_tokens - 1) // max_seq_len))
+        self._maps: list[np.memmap] | None = None  # opened lazily, so the dataset pickles to workers
+        self.window_starts = None if aligned_to is None else aligned_window_starts(
+            self._eos_positions(aligned_to), self.n_tokens, max_seq_len)
+        self.n_windows = (max(0, -(-(self.n_tokens - 1) // max_seq_len)) if self.window_starts is None
+                          else len(self.window_starts))
         if self.n_windows == 0:
             raise ValueError(f"{self.files} hold {self.n_tokens} tokens: fewer than one window of "
                              f"{max_seq_len + 1}")
-        self._maps: list[np.memmap] | None = None  # opened lazily, so the dataset pickles to workers
+
+    def _eos_positions(self, eos_id: int) -> np.ndarray:
+        maps = [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") for f in self.files]
+        return np.concatenate([np.flatnonzero(m == eos_id) + start for m, start in zip(maps, self.starts)])
 
     def __len__(self) -> int:
         return self.n_windows
@@ -112,7 +122,7 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def window(self, i: int) -> np.ndarray:
         """max_seq_len + 1 tokens as int64; the last window is padded with -1 (never a real id)."""
-        start = i * self.max_seq_len
+        start = i * self.max_seq_len if self.window_starts is None else int(self.window_starts[i])
         tokens = self._tokens(start, min(start + self.max_seq_len + 1, self.n_tokens)).astype(np.int64)
         if len(tokens) < self.max_seq_len + 1:
             tokens = np.pad(tokens, (0, self.max_seq_len + 1 - len(tokens)), constant_values=-1)
@@ -134,15 +144,31 @@ class PretrainDataset(torch.utils.data.Dataset):
         return self._split(torch.from_numpy(np.stack([self.window(i) for i in indices])))
 
 
-def pretraining_splits(paths: list[str] | str, tokenizer_sha256: str, max_seq_len: int,
+def aligned_window_starts(eos_positions: np.ndarray, n_tokens: int, max_seq_len: int) -> np.ndarray:
+    """Window starts that are document starts: the stream's first token or an eos (a document's first
+    input, as the held-out score and a chat read one). A window ends inside the last document it
+    reaches, which starts the next window whole (its head read twice); a document longer than the
+    window goes on in the next one where the window ended."""
+    starts, start = [], 0
+    while start < n_tokens - 1:
+        starts.append(start)
+        end = start + max_seq_len
+        last = int(np.searchsorted(eos_positions, end, side="left")) - 1  # the last eos before end
+        start = int(eos_positions[last]) if last >= 0 and eos_positions[last] > start else end
+    return np.array(starts, dtype=np.int64)
+
+
+def pretraining_splits(paths: list[str] | str, tokenizer_sha256: str, max_seq_len: int, aligned_to: int | None = None,
                        ) -> tuple[PretrainDataset, PretrainDataset | None, float | None]:
     """The training windows of paths (made with this tokenizer: checked), their val.bin windows when
-    there are any, and the validation split's characters per token (for bits per character)."""
+    there are any, and the validation split's characters per token (for bits per character).
+    aligned_to: the eos id, for training windows that start at documents' starts."""
     files = bin_files(paths, "train")
     check_tokenizer(files, tokenizer_sha256)
     val_files = [f for f in bin_files(paths, "val") if f not in files]
     val = PretrainDataset(val_files, max_seq_len) if val_files else None
-    return PretrainDataset(files, max_seq_len), val, chars_per_token(val_files, "val") if val_files else None
+    return (PretrainDataset(files, max_seq_len, aligned_to=aligned_to), val,
+            chars_per_token(val_files, "val") if val_files else None)
 
 
 GROUPS_PER_SORT = 64  # steps whose items are sorted together: a run of 64 steps still spans the whole mix of lengths

@@ -15,6 +15,7 @@ from torch import nn
 
 IGNORE_INDEX = -100  # label value that the loss skips; never the pad id
 ROPE_SCALINGS = ("", "linear", "ntk", "yarn")
+FEED_FORWARDS = ("swiglu", "relu2")
 YARN_BETA_FAST, YARN_BETA_SLOW = 32, 1  # the YaRN paper's (and transformers', llama.cpp's) defaults
 
 
@@ -46,6 +47,7 @@ class ModelArgs:
     tie_embeddings: bool = True  # the output layer is the embedding matrix (the seed's); False: a matrix of its own
     logit_softcap: float = 0.0  # logits become cap * tanh(logits / cap) (as Gemma 2), bounded by cap; 0: off
     value_embeddings: int = 0  # the first this many layers add a gated embedding of the token to its values
+    feed_forward: str = "swiglu"  # or relu2: w2(relu(w1 x)^2), no w3, half as wide again (the same parameters)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -64,9 +66,13 @@ class ModelArgs:
                                                                                         self.n_shared_experts) < 0:
             raise ValueError(f"n_active_experts {self.n_active_experts} must be between 1 and n_experts "
                              f"{self.n_experts}, and n_shared_experts {self.n_shared_experts} not negative")
+        if self.feed_forward not in FEED_FORWARDS:
+            raise ValueError(f"feed_forward {self.feed_forward!r} is not one of {FEED_FORWARDS}")
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+            if self.feed_forward == "relu2":  # two matrices as many weights as SwiGLU's three
+                self.hidden_dim = self.multiple_of * math.ceil(1.5 * self.hidden_dim / self.multiple_of)
 
     @property
     def trained_len(self) -> int:
@@ -236,8 +242,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        if mask is None and cache is None and _matmul_attention_is_faster(q):
-            out = causal_attention_by_matmul(q, k, v, dropout)
+        if cache is None and _matmul_attention_is_faster(q):
+            out = causal_attention_by_matmul(q, k, v, dropout, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                  dropout_p=dropout, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -251,34 +257,50 @@ def _matmul_attention_is_faster(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and 1 < q.size(-2) <= 512
 
 
-def causal_attention_by_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+def causal_attention_by_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+                               allowed: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim), future positions masked) v for (B, heads, T, head_dim) inputs,
-    written out; k and v may have fewer heads (grouped-query attention)."""
+    written out; k and v may have fewer heads (grouped-query attention). allowed (B, 1, T, T), when given,
+    is the mask instead of the causal one: True where a query may see a key."""
     if k.size(1) != q.size(1):
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
     B, H, T, D = q.shape
-    # scale * q k^T + mask in one baddbmm: the mask is added as -inf above the diagonal.
-    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
-    scores = torch.baddbmm(future, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)
+    if allowed is None:  # scale * q k^T + mask in one baddbmm: -inf above the diagonal
+        future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        scores = torch.baddbmm(future, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)
+    else:  # the mask broadcast over the heads, never copied per head
+        scores = (q @ k.transpose(-1, -2)).mul_(D ** -0.5).masked_fill_(~allowed, float("-inf")).view(B * H, T, T)
     probs = torch.softmax(scores, dim=-1)
     if dropout:
         probs = F.dropout(probs, dropout)
     return (probs @ v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
+def document_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, 1, T, T): each position sees the earlier positions of its own document. An eos starts the next
+    document, as the held-out score (heldout.py) and a chat read one: its first input is the eos before it."""
+    document = (tokens == eos_id).cumsum(-1)
+    same = document[:, :, None] == document[:, None, :]
+    T = tokens.size(1)
+    return (same & torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril())[:, None]
+
+
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); or with args.feed_forward="relu2", w2(relu(w1 x)^2) (modded-nanogpt)."""
 
     def __init__(self, args: ModelArgs, hidden_dim: int | None = None):
         super().__init__()
         hidden_dim = hidden_dim or args.hidden_dim
         self.w1 = nn.Linear(args.dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden_dim, bias=False)
+        if args.feed_forward == "swiglu":
+            self.w3 = nn.Linear(args.dim, hidden_dim, bias=False)
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "w3"):
+            return self.dropout(self.w2(F.relu(self.w1(x)).square()))
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
@@ -399,7 +421,7 @@ def init_residual_projections(model: Transformer, scheme: str) -> None:
             "gpt2": {"wo": small, "w2": small, "w3": 0.02}, "zero": {"wo": 0.0, "w2": 0.0, "w3": 0.02}}[scheme]
     for layer in model.layers:
         weights = {"wo": [layer.attention.wo.weight], "w2": [f.w2.weight for f in feed_forwards(layer)],
-                   "w3": [f.w3.weight for f in feed_forwards(layer)]}
+                   "w3": [f.w3.weight for f in feed_forwards(layer) if hasattr(f, "w3")]}
         for name, std in stds.items():
             for weight in weights[name]:
                 if std:
@@ -430,6 +452,7 @@ class Transformer(nn.Module):
         self.generated_vocab = args.vocab_size  # decoding picks ids below this (limit_vocab)
         self.loss_chunk = 0  # positions per chunk of the loss (ChunkedCrossEntropy); 0: the whole logits at once
         self.checkpoint_activations = False  # recompute each block's activations in the backward (training)
+        self.document_eos: int | None = None  # pretraining's --document_mask: attention stays inside each document
         self.apply(self._init_weights)
         init_residual_projections(self, "seed")
 
@@ -497,6 +520,8 @@ class Transformer(nn.Module):
             if start + T > self.args.max_seq_len:
                 raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
             cos, sin, mask = self._positions(B, T, start, pad_left, tokens.device)
+            if self.document_eos is not None and cache is None and pad_left is None:
+                mask = document_mask(tokens, self.document_eos)
         h = self.dropout(self.tok_embeddings(tokens))
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer in self.layers:

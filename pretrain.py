@@ -57,6 +57,9 @@ class Config(TrainConfig, ContextSettings):
     warmup_steps: NonNegative = 100
     weight_decay: NonNegativeFloat = 0.1
     eval_batches: Positive = 20  # batches of val.bin per validation
+    document_mask: bool = False  # attention stays inside each document (an eos starts the next), as the
+    # held-out score and a chat read one; off: a window's documents see the ones before them
+    aligned_windows: bool = False  # each training window starts at a document's start (dataset.aligned_window_starts)
     check_settings: bool = False  # check the settings and the model's shape, then stop before reading any data
 
 
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         tokenizer = load_tokenizer(cfg.tokenizer)
         # A corpus made with another tokenizer is named before any vocabulary mismatch.
-        data, val, corpus_chars = pretraining_splits(cfg.data, tokenizer.sha256, args.max_seq_len)
+        data, val, corpus_chars = pretraining_splits(cfg.data, tokenizer.sha256, args.max_seq_len,
+                                                     tokenizer.eos_id if cfg.aligned_windows else None)
         if tokenizer.n_pieces > args.vocab_size:
             raise ValueError(f"model vocab_size {args.vocab_size} is smaller than the tokenizer's {tokenizer.n_pieces} "
                              "pieces")
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                    "ids past the tokenizer's are trained never to appear and never decoded", dist=dist)
         model = Transformer(args)
         init_residual_projections(model, cfg.init)
+        model.document_eos = tokenizer.eos_id if cfg.document_mask else None
         print0(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters "
                f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice"
                + (f", {model.num_active_params() / 1e6:.2f}M active a token" if args.n_experts else "") + "); "

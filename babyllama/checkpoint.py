@@ -60,7 +60,8 @@ def model_args_from_state_dict(state: dict, n_heads: int = 8, **overrides) -> Mo
                 tie_embeddings="output.weight" not in state or torch.equal(state["output.weight"],
                                                                            state["tok_embeddings.weight"]),
                 qk_norm="layers.0.attention.q_norm.weight" in state,
-                value_embeddings=sum(k.endswith("attention.value_embedding.weight") for k in state))
+                value_embeddings=sum(k.endswith("attention.value_embedding.weight") for k in state),
+                feed_forward="swiglu" if "layers.0.feed_forward.w3.weight" in state else "relu2")
     args.update(overrides)
     return ModelArgs(**args)
 

@@ -51,7 +51,8 @@ def block_params(args: ModelArgs) -> int:
     and the router."""
     d, kv = args.dim, args.n_kv_heads * (args.dim // args.n_heads)
     feed_forwards = args.n_experts + args.n_shared_experts if args.n_experts else 1
-    return 2 * d * d + 2 * d * kv + 3 * d * args.hidden_dim * feed_forwards + args.n_experts * d
+    matrices = 2 if args.feed_forward == "relu2" else 3
+    return 2 * d * d + 2 * d * kv + matrices * d * args.hidden_dim * feed_forwards + args.n_experts * d
 
 
 def n_params(args: ModelArgs) -> int:

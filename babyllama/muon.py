@@ -6,8 +6,9 @@ direction of the update moves as much, instead of the few largest ones dominatin
 to the RMS an AdamW step would have (0.2 * sqrt(max(rows, cols))), so `--lr` and `--weight_decay` mean
 the same for both kinds of parameter. Embeddings, the output layer, norms and biases stay on AdamW.
 
-The iterations run in float32: a bfloat16 matmul is far slower than float32 on CPUs without native
-bf16 instructions.
+The iterations run in float32 by default: a bfloat16 matmul is far slower than float32 on CPUs without
+native bf16 instructions. Where training runs in bfloat16, they may too (`--muon_dtype=auto`), as the GPU
+records run them: the iteration only needs the singular values near 1, not exact.
 """
 from __future__ import annotations
 
@@ -29,33 +30,36 @@ ITERATIONS = {
 }
 
 
-def orthogonalize(grad: torch.Tensor, iterations: str = "jordan") -> torch.Tensor:
+def orthogonalize(grad: torch.Tensor, iterations: str = "jordan", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An approximation of U V^T where grad = U S V^T: singular values end near 1 (with "jordan" between
-    about 0.7 and 1.2, with "polar_express" closer)."""
+    about 0.7 and 1.2, with "polar_express" closer). The iterations' matmuls run in dtype."""
     safety, polynomials = ITERATIONS[iterations]
     x = grad.float()
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.T
-    x = x / (x.norm() * safety + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+    x = (x / (x.norm() * safety + 1e-7)).to(dtype)  # spectral norm <= Frobenius norm <= 1: the iteration's basin
     for a, b, c in polynomials:
         gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G G) x
     return (x.T if tall else x).to(grad.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with muon=True take Muon steps (momentum, Nesterov), the others AdamW steps; lr,
-    weight_decay and betas as torch.optim.AdamW. One optimizer, so checkpoints and resumes are unchanged."""
+    weight_decay and betas as torch.optim.AdamW; ns_dtype: the Newton-Schulz iterations' matmuls. One
+    optimizer, so checkpoints and resumes are unchanged."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], weight_decay: float = 0.0,
-                 momentum: float = 0.95, eps: float = 1e-8, iterations: str = "jordan"):
+                 momentum: float = 0.95, eps: float = 1e-8, iterations: str = "jordan",
+                 ns_dtype: torch.dtype = torch.float32):
         if iterations not in ITERATIONS:
             raise ValueError(f"unknown Newton-Schulz iterations {iterations!r}; expected one of "
                              f"{', '.join(ITERATIONS)}")
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "momentum": momentum, "eps": eps,
                     "muon": False, "iterations": iterations}
         super().__init__(groups, defaults)
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             if group["muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon steps only matrices")
@@ -79,7 +83,8 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         momentum = state["momentum"]
         momentum.lerp_(p.grad, 1 - group["momentum"])
-        direction = orthogonalize(p.grad.lerp(momentum, group["momentum"]), group["iterations"])  # Nesterov
+        direction = orthogonalize(p.grad.lerp(momentum, group["momentum"]), group["iterations"],
+                                   self.ns_dtype)  # Nesterov
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-STABLE_SHARE = 0.8  # warmup-stable-decay: the share of the steps after warmup at the peak rate
 
-
-def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int, shape: str = "cosine") -> float:
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int, shape: str = "cosine",
+          decay_share: float = 0.2) -> float:
     """Linear warmup over warmup_steps optimizer steps, then a decay that reaches min_lr at the last step
-    (max_steps - 1): cosine, linear, or wsd (the peak rate, then linear over the last fifth)."""
+    (max_steps - 1): cosine, linear, or wsd (the peak rate, then linear over the last decay_share of the
+    steps after warmup)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= max_steps - 1:
@@ -20,7 +20,7 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
     if shape == "linear":
         left = 1.0 - progress
     elif shape == "wsd":
-        left = min(1.0, (1.0 - progress) / (1.0 - STABLE_SHARE))
+        left = min(1.0, (1.0 - progress) / decay_share)
     else:
         left = 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_lr + left * (lr - min_lr)
@@ -33,11 +33,12 @@ class Schedule:
     lr: float  # the peak
     min_lr: float  # at the last step
     shape: str = "cosine"  # the decay: cosine, linear or wsd
+    decay_share: float = 0.2  # wsd: the share of the steps after warmup spent decaying
     budgeted: bool = False  # a time budget will fit max_steps (at most the configured one)
     fitted_to_budget: bool = False  # max_steps and warmup_steps have been fitted to the budget
 
     def lr_at(self, step: int) -> float:
-        return lr_at(step, self.lr, self.min_lr, self.warmup_steps, self.max_steps, self.shape)
+        return lr_at(step, self.lr, self.min_lr, self.warmup_steps, self.max_steps, self.shape, self.decay_share)
 
     def fit_to(self, max_steps: int, configured_steps: int) -> None:
         """Shorten the schedule to max_steps (of configured_steps); the warmup shrinks with it, but need

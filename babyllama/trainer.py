@@ -43,6 +43,7 @@ from babyllama.configurator import (
     OutputDir,
     Positive,
     PositiveFloat,
+    PositiveFraction,
     TrackerNames,
     one_of,
     parse_config,
@@ -77,13 +78,14 @@ def is_embedding(name: str) -> bool:
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                    device: str, kind: str = "adamw", muon_iterations: str = "jordan",
-                   embedding_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+                   embedding_lr_scale: float = 1.0, muon_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
     """AdamW (the fused kernel on CUDA, CPU and Apple GPUs: on a CPU many times faster than the foreach
     kernels), or with kind="muon" Muon for the blocks' weight matrices (not a router's: its rows are one
     score each, not a map to orthogonalize) and AdamW for the rest (muon.py).
     Matrices decay, norms and biases do not. The groups keep the parameters' order, which checkpoints of
     the optimizer's state rely on. With embedding_lr_scale the embedding and output matrices are a group of
-    their own whose rate is the schedule's times that scale (the trainer reads each group's lr_scale)."""
+    their own whose rate is the schedule's times that scale (the trainer reads each group's lr_scale).
+    muon_dtype: the dtype of Muon's Newton-Schulz matmuls."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # a tied embedding once
     embeddings = [p for n, p in named if is_embedding(n)] if embedding_lr_scale != 1 else []
     named = [(n, p) for n, p in named if not any(p is e for e in embeddings)]
@@ -95,7 +97,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
         groups = [{"params": [p for (_, p), o in zip(matrices, orthogonalized) if o], "muon": True},
                   {"params": [p for (_, p), o in zip(matrices, orthogonalized) if not o]}]
         groups = [{**g, "weight_decay": weight_decay} for g in groups] + [{"params": no_decay, "weight_decay": 0.0}]
-        return MuonAdamW([g for g in groups + scaled if g["params"]], lr=lr, betas=betas, iterations=muon_iterations)
+        return MuonAdamW([g for g in groups + scaled if g["params"]], lr=lr, betas=betas, iterations=muon_iterations,
+                         ns_dtype=muon_dtype)
     groups = [{"params": [p for _, p in matrices], "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}, *scaled]
     fused = torch.device(device).type in ("cuda", "cpu", "mps")
@@ -198,10 +201,12 @@ class TrainConfig:
     lr: PositiveFloat = 3e-4  # peak learning rate
     min_lr: NonNegativeFloat = 3e-5  # learning rate at the end of the decay
     lr_schedule: one_of("cosine", "linear", "wsd") = "cosine"  # the decay after warmup (wsd: flat, then linear)
+    decay_share: PositiveFraction = 0.2  # wsd: the share of the steps after warmup spent decaying
     warmup_steps: NonNegative = 20  # optimizer steps of linear warmup
     weight_decay: NonNegativeFloat = 0.0  # decoupled weight decay of the matrices (never of norms and biases)
     optimizer: one_of("adamw", "muon") = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
     muon_iterations: one_of(*ITERATIONS) = "jordan"  # Muon's Newton-Schulz polynomials (babyllama/muon.py)
+    muon_dtype: one_of("float32", "auto") = "float32"  # Newton-Schulz matmuls; auto: bfloat16 if training is
     embedding_lr_scale: PositiveFloat = 1.0  # the embedding and output matrices learn at lr times this
     beta1: Fraction = 0.9
     beta2: Fraction = 0.95
@@ -272,7 +277,7 @@ class Trainer:
             raise UsageError("--optimizer=muon needs each matrix whole; it cannot be combined with --fsdp")
         self.cfg, self.dist = cfg, dist
         self.schedule = Schedule(max_steps or cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.lr_schedule,
-                                 budgeted=cfg.time_budget_min > 0)
+                                 cfg.decay_share, budgeted=cfg.time_budget_min > 0)
         self.dtype, self.precision = resolve_dtype(cfg.dtype, dist.device)
         for module in model.modules():  # the Transformer, or the one inside a reward model
             if hasattr(module, "loss_chunk"):
@@ -280,7 +285,9 @@ class Trainer:
         self.raw_model = model.to(dist.device)
         self.model = self._wrap(self.raw_model)
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device,
-                                        cfg.optimizer, cfg.muon_iterations, cfg.embedding_lr_scale)
+                                        cfg.optimizer, cfg.muon_iterations, cfg.embedding_lr_scale,
+                                        torch.bfloat16 if cfg.muon_dtype == "auto" and self.dtype == "bfloat16"
+                                        else torch.float32)
         # A loss scaler only for float16: bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(dist.device.split(":")[0], enabled=self.dtype == "float16")
         self.step = 0

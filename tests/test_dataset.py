@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import PretrainDataset, WindowOrder, bin_files, group_by_length
+from dataset import PretrainDataset, WindowOrder, aligned_window_starts, bin_files, group_by_length
 
 
 def write_bins(tmp_path, sizes):
@@ -29,6 +29,28 @@ def test_every_token_is_a_target_once_across_files(tmp_path):
     assert targets == stream[1:].tolist()
     # A window spans the boundary between part0 and part1 without losing a token.
     assert ds[6][0].tolist() == list(range(96, 112))
+
+
+def test_aligned_windows_start_at_documents_and_cover_every_target(tmp_path):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, 60)  # documents of 1 to 39 tokens, some longer than the window
+    lengths[10] = 70
+    stream = np.concatenate([np.append(rng.integers(3, 100, n), 2) for n in lengths]).astype(np.uint16)
+    stream.tofile(tmp_path / "train.bin")
+    ds = PretrainDataset(str(tmp_path), max_seq_len=32, aligned_to=2)
+    eos = np.flatnonzero(stream == 2)
+    starts = ds.window_starts.tolist()
+    assert starts[0] == 0 and len(ds) == len(starts) and starts == sorted(set(starts))
+    for before, start in zip(starts, starts[1:]):
+        inside = eos[(eos > before) & (eos < before + 32)]
+        # The last eos the window before held, or, with none after its own start, where it ended.
+        assert start == (inside[-1] if len(inside) else before + 32)
+    covered = set()
+    for i in range(len(ds)):
+        x, y = ds[i]
+        covered |= {starts[i] + 1 + j for j in range(32) if y[j] != -100}
+    assert covered == set(range(1, len(stream)))  # every target at least once
+    assert aligned_window_starts(np.array([], dtype=np.int64), 100, 32).tolist() == [0, 32, 64, 96]  # no eos: tiles
 
 
 def test_folder_and_batch(tmp_path):

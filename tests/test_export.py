@@ -122,13 +122,14 @@ def test_an_untied_output_matrix_is_its_own_gguf_tensor(tmp_path, small_tokenize
     assert torch.equal(out, model.output.weight.detach()) and not torch.equal(out, model.tok_embeddings.weight.detach())
 
 
-@pytest.mark.parametrize("option", [{"qk_norm": True}, {"logit_softcap": 30.0}, {"value_embeddings": 1}])
+@pytest.mark.parametrize("option", [{"qk_norm": True}, {"logit_softcap": 30.0}, {"value_embeddings": 1},
+                                    {"feed_forward": "relu2"}])
 def test_options_no_exported_architecture_computes_are_refused(tmp_path, small_tokenizer, option):
     from babyllama.errors import UsageError
     from export import export_gguf
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=600, max_seq_len=64, multiple_of=16,
                                   **option))
-    name = next(iter(option))
+    name = next(iter(option)) + ("=relu2" if "feed_forward" in option else "")
     with pytest.raises(UsageError, match=f"uses {name} "):
         export_hf(model, None, str(tmp_path / "hf"))
     with pytest.raises(UsageError, match=f"uses {name} "):

@@ -170,7 +170,7 @@ def test_rmsnorm_computes_in_fp32():
     assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2)
 
 
-SPEEDRUN_OPTIONS = {"qk_norm": True, "tie_embeddings": False, "logit_softcap": 5.0}
+SPEEDRUN_OPTIONS = {"qk_norm": True, "tie_embeddings": False, "logit_softcap": 5.0, "feed_forward": "relu2"}
 
 
 @pytest.mark.parametrize("options", [{"n_kv_heads": 4}, {"n_kv_heads": 2}, {"n_kv_heads": 2, **SPEEDRUN_OPTIONS}])
@@ -184,6 +184,23 @@ def test_cached_logits_equal_full_forward(options):
     chunks.append(model(tokens[:, 8:12], cache=cache)[0])
     chunks += [model(tokens[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
     assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
+
+
+def test_relu2_feed_forward_squares_the_relu_with_swiglus_parameters(tmp_path):
+    from babyllama.checkpoint import model_args_from_state_dict
+    from model import FeedForward
+    relu2, swiglu = ModelArgs(**SMALL, feed_forward="relu2"), ModelArgs(**SMALL)
+    assert relu2.hidden_dim == 272 and swiglu.hidden_dim == 176  # 1.5x as wide, rounded up to multiple_of (16)
+    assert 0 <= Transformer(relu2).num_params() - Transformer(swiglu).num_params() <= 2 * 2 * 64 * 16
+    ff = FeedForward(relu2)
+    assert not hasattr(ff, "w3")
+    x = torch.randn(3, 64)
+    assert torch.allclose(ff(x), ff.w2(torch.clamp(ff.w1(x), min=0) ** 2), atol=1e-6)
+    init_residual_projections(Transformer(relu2), "seed")  # no w3 to initialise: no error
+    state = Transformer(relu2).state_dict()
+    assert model_args_from_state_dict(state, n_heads=4).feed_forward == "relu2"
+    with pytest.raises(ValueError, match="feed_forward 'gelu'"):
+        ModelArgs(**SMALL, feed_forward="gelu")
 
 
 def test_qk_norm_gives_each_heads_query_and_key_the_gains_rms():
@@ -257,6 +274,36 @@ def test_attention_by_matmul_equals_sdpa(n_kv_heads):
     ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours_grads, ref_grads))
+
+
+def test_document_mask_keeps_each_document_to_itself():
+    from model import document_mask
+    allowed = document_mask(torch.tensor([[5, 2, 7, 8, 2, 9]]), eos_id=2)
+    documents = [0, 1, 1, 1, 2, 2]  # an eos opens the document after it
+    assert allowed.shape == (1, 1, 6, 6)
+    assert all(bool(allowed[0, 0, q, k]) == (k <= q and documents[k] == documents[q])
+               for q in range(6) for k in range(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_a_document_mask_each_document_reads_as_if_alone(dtype):
+    """A window of documents gives each the logits it has alone, after its eos (the held-out score's reading):
+    in float32 through the fused kernel, in bfloat16 through the written-out attention."""
+    model = small_model()
+    documents = [[2, 5, 9, 14], [2, 30, 31], [2, 7, 8, 40, 41]]
+    window = torch.tensor([sum(documents, [])])
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        plain = model(window)[0][0].float()
+        model.document_eos = 2
+        together = model(window)[0][0].float()
+        start = 0
+        for document in documents:
+            alone = model(torch.tensor([document]))[0][0].float()
+            assert (together[start:start + len(document)] - alone).abs().max() <= tolerance * alone.abs().max()
+            start += len(document)
+    # Without the mask the later documents read the earlier ones.
+    assert (plain[4:] - together[4:]).abs().max() > 0.1 * together.abs().max()
 
 
 def test_bfloat16_training_forward_takes_the_matmul_attention(monkeypatch):

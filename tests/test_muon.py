@@ -27,9 +27,10 @@ def loss_fn(model, b):
     return model(b[0], b[1])[1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("iterations", ["jordan", "polar_express"])
 @pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32)])
-def test_orthogonalize_brings_every_singular_value_near_one(shape, iterations):
+def test_orthogonalize_brings_every_singular_value_near_one(shape, iterations, dtype):
     g = torch.Generator().manual_seed(0)
     # A badly conditioned gradient: singular values from 1e-3 to 10.
     u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g))
@@ -37,15 +38,19 @@ def test_orthogonalize_brings_every_singular_value_near_one(shape, iterations):
     k = min(shape)
     s = torch.logspace(-3, 1, k)
     grad = u[:, :k] @ torch.diag(s) @ v[:k, :]
-    out = orthogonalize(grad, iterations)
-    assert out.shape == grad.shape
+    out = orthogonalize(grad, iterations, dtype)
+    assert out.shape == grad.shape and out.dtype == grad.dtype
     sv = torch.linalg.svdvals(out)
     # Every direction at least 1% of the largest ends between about 0.7 and 1.2 (the quintic trades exactness
     # for speed); the tiniest stay smaller after 5 steps.
     assert sv[s.flip(0) >= 0.1].min() > 0.6 and sv.max() < 1.25
     # The same singular vectors: U^T out V is diagonal (out = U f(S) V^T), and f never falls to zero.
     core = u[:, :k].T @ out @ v[:k, :].T
-    assert (core - torch.diag(core.diag())).norm() < 1e-4 * core.norm() and bool((core.diag() > 0.01).all())
+    # In bfloat16 (8 bits of mantissa) the directions end mixed by several percent, and those under a
+    # thousandth of the largest are lost in the rounding.
+    mixed = (core - torch.diag(core.diag())).norm() / core.norm()
+    kept = s >= (0.0 if dtype == torch.float32 else 0.1)
+    assert mixed < (1e-4 if dtype == torch.float32 else 0.15) and bool((core.diag()[kept] > 0.01).all())
 
 
 def test_polar_express_ends_nearer_one_than_muons_quintic():

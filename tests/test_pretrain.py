@@ -277,6 +277,17 @@ def test_init_reaches_the_model(corpus, small_tokenizer, tmp_path):
     assert "--init=xavier: must be one of seed, gpt2, zero" in result.stderr
 
 
+def test_document_mask_reaches_the_model(corpus, small_tokenizer, tmp_path):
+    """--document_mask: the same first step (same weights, same batch) has another loss, the documents no
+    longer reading the ones before them in a window."""
+    losses = []
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        run_ok(command(corpus, small_tokenizer, out, "--max_steps=1", "--log_interval=1", f"--document_mask={flag}"))
+        losses.append(next(m["loss"] for m in metrics(out) if "loss" in m))
+    assert losses[0] != pytest.approx(losses[1], abs=1e-4)
+
+
 # The shapes the figures and the seed's released weights rely on: (dim, layers, heads, ids, window).
 RECIPE_SHAPES = [("pretrain_tiny", "tiny_shallow", (256, 3, 4, 8192, 256)),
                  ("pretrain_baby_92m", "baby_92m", (512, 8, 8, 64793, 512)),

@@ -22,6 +22,11 @@ def test_linear_and_warmup_stable_decay_schedules():
     assert lr_at(91, 1.0, 0.0, 10, 101, "wsd") == pytest.approx(0.5)  # then linear over the last 20%
     assert lr_at(100, 1.0, 0.0, 10, 101, "wsd") == 0.0
     assert lr_at(5, 1.0, 0.0, 10, 101, "wsd") == lr_at(5, 1.0, 0.0, 10, 101)  # the same warmup
+    # A longer decay: flat for the first half of the decay steps, then linear over the second.
+    assert lr_at(55, 1.0, 0.0, 10, 101, "wsd", decay_share=0.5) == pytest.approx(1.0)
+    assert lr_at(77.5, 1.0, 0.0, 10, 101, "wsd", decay_share=0.5) == pytest.approx(0.5)
+    assert lr_at(100, 1.0, 0.0, 10, 101, "wsd", decay_share=0.5) == 0.0
+    assert Schedule(101, 10, 1.0, 0.0, "wsd", decay_share=0.5).lr_at(77) == lr_at(77, 1.0, 0.0, 10, 101, "wsd", 0.5)
 
 
 def test_fitting_shrinks_the_warmup_with_the_schedule():

@@ -33,6 +33,14 @@ def test_embedding_lr_scale_gives_the_tables_a_group_of_their_own(kind):
     assert not any("lr_scale" in g for g in unscaled.param_groups)  # the groups checkpoints already hold
 
 
+@pytest.mark.parametrize("dtype,muon_dtype,expected", [("bfloat16", "auto", torch.bfloat16),
+                                                       ("float32", "auto", torch.float32),
+                                                       ("bfloat16", "float32", torch.float32)])
+def test_muon_dtype_auto_follows_a_bfloat16_training(dtype, muon_dtype, expected):
+    trainer = Trainer(fresh_model(), settings(optimizer="muon", dtype=dtype, muon_dtype=muon_dtype), Dist())
+    assert trainer.optimizer.ns_dtype == expected
+
+
 def test_gradient_accumulation_equals_big_batch():
     x, y = batch(0, 8)
     one = Trainer(fresh_model(), settings(), Dist())
