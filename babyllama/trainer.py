@@ -206,7 +206,7 @@ class TrainConfig:
     weight_decay: NonNegativeFloat = 0.0  # decoupled weight decay of the matrices (never of norms and biases)
     optimizer: one_of("adamw", "muon") = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
     muon_iterations: one_of(*ITERATIONS) = "jordan"  # Muon's Newton-Schulz polynomials (babyllama/muon.py)
-    muon_dtype: one_of("float32", "auto") = "float32"  # Newton-Schulz matmuls; auto: bfloat16 if training is
+    muon_dtype: one_of("float32", "auto") = "float32"  # Muon's Newton-Schulz matmuls; auto: bf16 when training is bf16
     embedding_lr_scale: PositiveFloat = 1.0  # the embedding and output matrices learn at lr times this
     beta1: Fraction = 0.9
     beta2: Fraction = 0.95
