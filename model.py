@@ -48,6 +48,7 @@ class ModelArgs:
     logit_softcap: float = 0.0  # logits become cap * tanh(logits / cap) (as Gemma 2), bounded by cap; 0: off
     value_embeddings: int = 0  # the first this many layers add a gated embedding of the token to its values
     feed_forward: str = "swiglu"  # or relu2: w2(relu(w1 x)^2), no w3, half as wide again (the same parameters)
+    bigram_buckets: int = 0  # an input embedding of each (previous token, token) pair hashed into this many rows
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -66,6 +67,8 @@ class ModelArgs:
                                                                                         self.n_shared_experts) < 0:
             raise ValueError(f"n_active_experts {self.n_active_experts} must be between 1 and n_experts "
                              f"{self.n_experts}, and n_shared_experts {self.n_shared_experts} not negative")
+        if self.bigram_buckets == 1 or self.bigram_buckets < 0:
+            raise ValueError(f"bigram_buckets {self.bigram_buckets} must be 0 (off) or at least 2")
         if self.feed_forward not in FEED_FORWARDS:
             raise ValueError(f"feed_forward {self.feed_forward!r} is not one of {FEED_FORWARDS}")
         if self.hidden_dim is None:
@@ -138,6 +141,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def bigram_ids(previous: torch.Tensor, tokens: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Each (previous token, token) pair's row of the bigram embedding: a multiplicative hash into the
+    first buckets - 1 rows (as modded-nanogpt's bigram embedding); the last row is for a token whose
+    previous one is not known (previous = -1)."""
+    pairs = torch.bitwise_xor(previous * 36313, tokens * 27191) % (buckets - 1)
+    return torch.where(previous < 0, buckets - 1, pairs)
+
+
 class KVCache:
     """Keys and values of every layer for a batch, preallocated to max_len slots."""
 
@@ -146,6 +157,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.pos = 0  # slots filled so far
+        self.last_tokens: torch.Tensor | None = None  # each row's last token (ModelArgs.bigram_buckets)
 
     def advance(self, T: int) -> None:
         self.pos += T
@@ -443,6 +455,8 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
+        if args.bigram_buckets:
+            self.bigram_embeddings = nn.Embedding(args.bigram_buckets, args.dim)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight  # as in the seed
@@ -455,6 +469,8 @@ class Transformer(nn.Module):
         self.document_eos: int | None = None  # pretraining's --document_mask: attention stays inside each document
         self.apply(self._init_weights)
         init_residual_projections(self, "seed")
+        if args.bigram_buckets:  # starts as the plain model
+            nn.init.zeros_(self.bigram_embeddings.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -476,8 +492,11 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T d, N the active
         parameters (an MoE's idle experts do no work for the token)."""
-        # Every parameter is a matmul weight once (the embedding lookup is free, its tied twin the output is not).
-        return 6 * self.num_active_params() + 12 * self.args.n_layers * seq_len * self.args.dim
+        # Every parameter is a matmul weight once, but a table a token id indexes is a lookup (free) unless it is
+        # tied to the output matrix.
+        lookups = sum(m.weight.numel() for m in self.modules()
+                      if isinstance(m, nn.Embedding) and m.weight is not self.output.weight)
+        return 6 * (self.num_active_params() - lookups) + 12 * self.args.n_layers * seq_len * self.args.dim
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | SlotKVCache | None = None, pad_left: torch.Tensor | None = None,
@@ -513,6 +532,8 @@ class Transformer(nn.Module):
         """The final normalised hidden states (B, T, dim), before the output projection. between_layers is
         called after each layer (the serving engine prefills new requests there rather than after a step)."""
         B, T = tokens.shape
+        if isinstance(cache, SlotKVCache) and self.args.bigram_buckets:
+            raise ValueError("bigram_buckets: the serving engine's cache does not keep each row's last token")
         if isinstance(cache, SlotKVCache):  # one new token for each active row, at its own position
             cos, sin, mask = cache.positions(self.freqs_cos, self.freqs_sin)
         else:
@@ -522,7 +543,11 @@ class Transformer(nn.Module):
             cos, sin, mask = self._positions(B, T, start, pad_left, tokens.device)
             if self.document_eos is not None and cache is None and pad_left is None:
                 mask = document_mask(tokens, self.document_eos)
-        h = self.dropout(self.tok_embeddings(tokens))
+        h = self.tok_embeddings(tokens)
+        if self.args.bigram_buckets:
+            previous = self._previous_tokens(tokens, cache, pad_left)
+            h = h + self.bigram_embeddings(bigram_ids(previous, tokens, self.args.bigram_buckets))
+        h = self.dropout(h)
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:  # keep only each block's input; its activations are recomputed in the backward
@@ -534,6 +559,22 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.norm(h)
+
+    def _previous_tokens(self, tokens: torch.Tensor, cache: KVCache | None,
+                         pad_left: torch.Tensor | None) -> torch.Tensor:
+        """The token before each one, -1 where it is not known: a window's first token, a prompt's first
+        after its padding. A cache keeps each row's last token for the next call."""
+        first = cache.last_tokens if cache is not None else None
+        if first is None:
+            first = tokens.new_full(tokens.shape[:1], -1)
+        previous = torch.cat([first[:, None], tokens[:, :-1]], dim=1)
+        if pad_left is not None:
+            start = cache.pos if cache is not None else 0
+            slots = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            previous = previous.masked_fill(slots[None] <= pad_left[:, None], -1)
+        if cache is not None:
+            cache.last_tokens = tokens[:, -1]
+        return previous
 
     def _positions(self, B: int, T: int, start: int, pad_left, device):
         """RoPE tables for these positions and the attention mask (None means plain causal or none)."""

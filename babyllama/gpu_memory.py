@@ -56,8 +56,13 @@ def block_params(args: ModelArgs) -> int:
 
 
 def n_params(args: ModelArgs) -> int:
-    """Unique parameters of our Transformer (the embedding is tied to the output)."""
-    return args.vocab_size * args.dim + args.n_layers * (block_params(args) + 2 * args.dim) + args.dim
+    """Unique parameters of our Transformer: the embedding (and the output matrix when not tied to it), the
+    blocks, the final norm, and the speedrun's options' tables, gates and norms."""
+    head, kv = args.dim // args.n_heads, args.n_kv_heads * (args.dim // args.n_heads)
+    tables = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) + args.bigram_buckets * args.dim
+    options = (min(args.value_embeddings, args.n_layers) * (args.vocab_size * kv + args.n_kv_heads)
+               + args.n_layers * 2 * head * args.qk_norm)
+    return tables + options + args.n_layers * (block_params(args) + 2 * args.dim) + args.dim
 
 
 def layer_activation_bytes_per_token(args: ModelArgs, seq_len: int, dtype_bytes: int, matmul_attention: bool) -> float:

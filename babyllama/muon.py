@@ -9,6 +9,10 @@ the same for both kinds of parameter. Embeddings, the output layer, norms and bi
 The iterations run in float32 by default: a bfloat16 matmul is far slower than float32 on CPUs without
 native bf16 instructions. Where training runs in bfloat16, they may too (`--muon_dtype=auto`), as the GPU
 records run them: the iteration only needs the singular values near 1, not exact.
+
+NorMuon (Li et al., 2025, arXiv:2510.05491; `normalize_rows`) then divides each row of the step (one output
+neuron's weights) by the running RMS of that row's steps, so that no neuron keeps moving more than the others
+while the matrix's step keeps its size.
 """
 from __future__ import annotations
 
@@ -45,21 +49,31 @@ def orthogonalize(grad: torch.Tensor, iterations: str = "jordan", dtype: torch.d
     return (x.T if tall else x).to(grad.dtype)
 
 
+def normalize_rows(step: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon's rescaling: second_moment (rows, 1), updated in place, is the running mean of each row's mean
+    square; each row is divided by its root, then the whole step scaled back to the Frobenius norm it had."""
+    rows = step.float()
+    second_moment.lerp_(rows.square().mean(dim=1, keepdim=True), 1 - beta2)
+    scaled = rows * second_moment.clamp_min(1e-20).rsqrt()
+    return (scaled * (rows.norm() / scaled.norm().clamp_min(1e-20))).to(step.dtype)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with muon=True take Muon steps (momentum, Nesterov), the others AdamW steps; lr,
-    weight_decay and betas as torch.optim.AdamW; ns_dtype: the Newton-Schulz iterations' matmuls. One
-    optimizer, so checkpoints and resumes are unchanged."""
+    weight_decay and betas as torch.optim.AdamW; ns_dtype: the Newton-Schulz iterations' matmuls;
+    normalize_rows: NorMuon's rows, their running mean square kept with betas[1]. One optimizer, so
+    checkpoints and resumes are unchanged."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], weight_decay: float = 0.0,
                  momentum: float = 0.95, eps: float = 1e-8, iterations: str = "jordan",
-                 ns_dtype: torch.dtype = torch.float32):
+                 ns_dtype: torch.dtype = torch.float32, normalize_rows: bool = False):
         if iterations not in ITERATIONS:
             raise ValueError(f"unknown Newton-Schulz iterations {iterations!r}; expected one of "
                              f"{', '.join(ITERATIONS)}")
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "momentum": momentum, "eps": eps,
                     "muon": False, "iterations": iterations}
         super().__init__(groups, defaults)
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.normalize_rows = ns_dtype, normalize_rows
         for group in self.param_groups:
             if group["muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon steps only matrices")
@@ -85,6 +99,10 @@ class MuonAdamW(torch.optim.Optimizer):
         momentum.lerp_(p.grad, 1 - group["momentum"])
         direction = orthogonalize(p.grad.lerp(momentum, group["momentum"]), group["iterations"],
                                    self.ns_dtype)  # Nesterov
+        if self.normalize_rows:
+            if "row_second_moment" not in state:
+                state["row_second_moment"] = torch.zeros(p.shape[0], 1, device=p.device)
+            direction = normalize_rows(direction, state["row_second_moment"], group["betas"][1])
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
 

@@ -71,21 +71,23 @@ C = TypeVar("C", bound="TrainConfig")
 
 def is_embedding(name: str) -> bool:
     """The tables a token id indexes (and the output matrix, tied to one or not): AdamW, embedding_lr_scale."""
-    return name in ("tok_embeddings.weight", "output.weight") or name.endswith("value_embedding.weight")
+    return name in ("tok_embeddings.weight", "output.weight", "bigram_embeddings.weight") or name.endswith(
+        "value_embedding.weight")
 
 
 # ------------------------------------------------------------------ the optimizer
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                    device: str, kind: str = "adamw", muon_iterations: str = "jordan",
-                   embedding_lr_scale: float = 1.0, muon_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
+                   embedding_lr_scale: float = 1.0, muon_dtype: torch.dtype = torch.float32,
+                   normuon: bool = False) -> torch.optim.Optimizer:
     """AdamW (the fused kernel on CUDA, CPU and Apple GPUs: on a CPU many times faster than the foreach
     kernels), or with kind="muon" Muon for the blocks' weight matrices (not a router's: its rows are one
     score each, not a map to orthogonalize) and AdamW for the rest (muon.py).
     Matrices decay, norms and biases do not. The groups keep the parameters' order, which checkpoints of
     the optimizer's state rely on. With embedding_lr_scale the embedding and output matrices are a group of
     their own whose rate is the schedule's times that scale (the trainer reads each group's lr_scale).
-    muon_dtype: the dtype of Muon's Newton-Schulz matmuls."""
+    muon_dtype: the dtype of Muon's Newton-Schulz matmuls; normuon: NorMuon's rows (muon.normalize_rows)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # a tied embedding once
     embeddings = [p for n, p in named if is_embedding(n)] if embedding_lr_scale != 1 else []
     named = [(n, p) for n, p in named if not any(p is e for e in embeddings)]
@@ -98,7 +100,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
                   {"params": [p for (_, p), o in zip(matrices, orthogonalized) if not o]}]
         groups = [{**g, "weight_decay": weight_decay} for g in groups] + [{"params": no_decay, "weight_decay": 0.0}]
         return MuonAdamW([g for g in groups + scaled if g["params"]], lr=lr, betas=betas, iterations=muon_iterations,
-                         ns_dtype=muon_dtype)
+                         ns_dtype=muon_dtype, normalize_rows=normuon)
     groups = [{"params": [p for _, p in matrices], "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}, *scaled]
     fused = torch.device(device).type in ("cuda", "cpu", "mps")
@@ -207,6 +209,7 @@ class TrainConfig:
     optimizer: one_of("adamw", "muon") = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
     muon_iterations: one_of(*ITERATIONS) = "jordan"  # Muon's Newton-Schulz polynomials (babyllama/muon.py)
     muon_dtype: one_of("float32", "auto") = "float32"  # Muon's Newton-Schulz matmuls; auto: bf16 when training is bf16
+    normuon: bool = False  # NorMuon: each row of Muon's step divided by its running RMS (babyllama/muon.py)
     embedding_lr_scale: PositiveFloat = 1.0  # the embedding and output matrices learn at lr times this
     beta1: Fraction = 0.9
     beta2: Fraction = 0.95
@@ -287,7 +290,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), dist.device,
                                         cfg.optimizer, cfg.muon_iterations, cfg.embedding_lr_scale,
                                         torch.bfloat16 if cfg.muon_dtype == "auto" and self.dtype == "bfloat16"
-                                        else torch.float32)
+                                        else torch.float32, cfg.normuon)
         # A loss scaler only for float16: bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(dist.device.split(":")[0], enabled=self.dtype == "float16")
         self.step = 0

@@ -8,8 +8,10 @@ from babyllama.configurator import read_model_preset
 from model import (
     KVCache,
     ModelArgs,
+    SlotKVCache,
     Transformer,
     apply_rope,
+    bigram_ids,
     init_residual_projections,
     rope_tables,
     sample,
@@ -249,6 +251,54 @@ def test_value_embeddings_at_zero_gates_equal_the_plain_model_and_cache_equals_f
     steps = [with_ve(tokens[:, :5], cache=cache)[0]]
     steps += [with_ve(tokens[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_bigram_ids_hash_pairs_into_all_but_the_last_row_kept_for_an_unknown_previous_token():
+    tokens = torch.arange(97).repeat_interleave(97)
+    previous = torch.arange(97).repeat(97)
+    ids = bigram_ids(previous, tokens, 31)
+    assert int(ids.min()) == 0 and int(ids.max()) == 29 and len(ids.unique()) == 30  # every pair row is used
+    assert torch.equal(bigram_ids(torch.tensor([-1, 4]), torch.tensor([4, 4]), 31)[:1], torch.tensor([30]))
+    with pytest.raises(ValueError, match="bigram_buckets 1"):
+        ModelArgs(**{**SMALL, "bigram_buckets": 1})
+
+
+def test_bigram_embedding_at_zero_equals_the_plain_model_and_each_pair_reads_its_row(tmp_path):
+    with_bigrams, plain = small_model(bigram_buckets=31), small_model()
+    with torch.no_grad():
+        with_bigrams.bigram_embeddings.weight.zero_()
+    unexpected = plain.load_state_dict(with_bigrams.state_dict(), strict=False).unexpected_keys
+    assert unexpected == ["bigram_embeddings.weight"]
+    tokens = torch.tensor([[5, 9, 11, 3, 40, 41]])
+    assert torch.equal(with_bigrams(tokens)[0], plain(tokens)[0])
+    # Only the row of the pair (11, 3) set: the logits change from the 3 after the 11 on, not before.
+    row = int(bigram_ids(torch.tensor([11]), torch.tensor([3]), 31))
+    with torch.no_grad():
+        with_bigrams.bigram_embeddings.weight[row] = 1.0
+    changed = (with_bigrams(tokens)[0] - plain(tokens)[0]).abs().amax(-1)[0]
+    assert bool((changed[:3] == 0).all()) and bool((changed[3:] > 0).all())
+    # A checkpoint tells its bucket count.
+    torch.save(with_bigrams.state_dict(), tmp_path / "m.pth")
+    loaded, _ = load_model(str(tmp_path / "m.pth"), n_heads=4, max_seq_len=64)
+    assert loaded.args.bigram_buckets == 31 and torch.equal(loaded(tokens)[0], with_bigrams(tokens)[0])
+
+
+def test_bigram_embedding_cache_and_padding_compute_as_the_full_forward():
+    model = small_model(n_kv_heads=2, bigram_buckets=31)  # scrambled: the table is not zero
+    tokens = torch.randint(0, 97, (2, 16))
+    full = model(tokens)[0]
+    cache = KVCache(model.args, 2, 16, "cpu", torch.float32)
+    steps = [model(tokens[:, :5], cache=cache)[0]]
+    steps += [model(tokens[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    padded = torch.cat([torch.full((1, 3), 7), tokens[:1]], 1)  # the first token after padding has no previous
+    assert torch.allclose(model(padded, pad_left=torch.tensor([3]))[0][:, 3:], full[:1], atol=1e-5)
+    prompts = [[5, 9, 11, 3, 40, 41, 42], [7], [60, 61, 62, 63]]
+    alone = [model.generate([p], 12, eos_id=None, use_cache=False)[0] for p in prompts]
+    recomputed = model.generate(prompts, 12, eos_id=None, use_cache=False)
+    assert model.generate(prompts, 12, eos_id=None) == recomputed == alone
+    with pytest.raises(ValueError, match="bigram_buckets: the serving engine"):
+        model(tokens[:, :1], cache=SlotKVCache(model.args, 2, 16, "cpu", torch.float32))
 
 
 def test_untied_embeddings_are_a_matrix_of_their_own(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 from babyllama.distributed import Dist
 from babyllama.errors import UsageError
-from babyllama.muon import ITERATIONS, MuonAdamW, orthogonalize
+from babyllama.muon import ITERATIONS, MuonAdamW, normalize_rows, orthogonalize
 from babyllama.trainer import TrainConfig, Trainer, make_optimizer
 from model import ModelArgs, Transformer
 
@@ -100,14 +100,30 @@ def test_a_muon_step_moves_each_matrix_by_an_adamw_sized_step():
         assert 0.12 < step.pow(2).mean().sqrt() / 1e-2 < 0.25
 
 
-def test_muon_trains_and_resumes_identically():
+def test_normuon_gives_every_row_the_same_rms_and_keeps_the_steps_norm():
+    g = torch.Generator().manual_seed(0)
+    step = torch.randn(6, 10, generator=g) * torch.tensor([0.1, 1, 10, 1, 3, 0.5])[:, None]
+    second_moment = torch.zeros(6, 1)
+    out = normalize_rows(step, second_moment, beta2=0.95)
+    rms = out.pow(2).mean(dim=1).sqrt()
+    assert torch.allclose(rms, rms.mean().expand(6), rtol=1e-5)  # first step: each row over its own RMS
+    assert torch.allclose(out.norm(), step.norm(), rtol=1e-5)
+    assert torch.allclose(second_moment[:, 0], 0.05 * step.pow(2).mean(dim=1))
+    # Later steps divide by the running mean: a row that was large before stays scaled down now.
+    out = normalize_rows(torch.ones(6, 10), second_moment, beta2=0.95)
+    assert out[0, 0] > out[1, 0] > out[2, 0] and torch.allclose(out.norm(), torch.ones(6, 10).norm())
+
+
+@pytest.mark.parametrize("normuon", [False, True])
+def test_muon_trains_and_resumes_identically(normuon):
     cfg = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=30, weight_decay=0.1, dtype="float32",
-                      optimizer="muon")
+                      optimizer="muon", normuon=normuon)
     a = Trainer(fresh_model(), cfg, Dist())
     first = a.train_step([batch(0, 16)], loss_fn).loss
     for i in range(1, 20):
         a.train_step([batch(i % 4, 16)], loss_fn)
     assert a.train_step([batch(0, 16)], loss_fn).loss < first - 0.3
+    assert any("row_second_moment" in state for state in a.optimizer.state.values()) == normuon
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     buffer.seek(0)

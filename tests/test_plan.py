@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from babyllama.configurator import read_model_preset
 from babyllama.gpu_memory import GPUS, gradient_traffic, largest_micro_batch, n_params, training_memory
-from model import Transformer
+from model import ModelArgs, Transformer
 from plan import main, parse_count
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -23,6 +23,13 @@ def test_parameter_count_and_flops_are_the_models(preset):
     with torch.device("meta"):
         model = Transformer(args)
     assert n_params(args) == model.num_params()
+
+
+@pytest.mark.parametrize("option", [{"tie_embeddings": False}, {"bigram_buckets": 100}, {"value_embeddings": 2},
+                                    {"qk_norm": True}, {"feed_forward": "relu2"}])
+def test_parameter_count_of_the_speedruns_options(option):
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=32, **option)
+    assert n_params(args) == Transformer(args).num_params()
 
 
 # (preset, micro-batch, window (0: the preset's), --loss_chunk, --checkpoint_activations, tolerance): the plain
