@@ -69,6 +69,11 @@ def check_link(path: str, text: str, target: str) -> str | None:
             start += 1  # decorators belong to the definition below them
         if symbol not in code[start]:
             return f"`{symbol}` is not on line {start + 1} of {file}: the code moved, update the anchor"
+        owner = name.group(1).split(".")[-2] if "." in name.group(1) else ""
+        if owner[:1].isupper() and code[start][:1].isspace():  # Class.method: the method of that class
+            enclosing = next((line for line in reversed(code[:start]) if line.startswith("class ")), "")
+            if not re.match(rf"class {re.escape(owner)}\b", enclosing):
+                return f"line {start + 1} of {file} is not in class {owner}: the code moved, update the anchor"
         if re.match(rf"\s*(async def|def|class) {re.escape(symbol)}\b", code[start]):
             end = block_end(code, start)
             if last != end + 1:
@@ -127,6 +132,10 @@ def test_code_references_are_checked(tmp_path):
     assert "not on line" in check_link(doc, "`beta`", "code.py#L1-L2")
     assert "spans lines 1-2" in check_link(doc, "`alpha`", "code.py#L1")
     assert "outside" in check_link(doc, "`alpha`", "code.py#L1-L9")
+    (tmp_path / "classes.py").write_text("class A:\n    def run(self):\n        pass\n\n\nclass B:\n"
+                                         "    def run(self):\n        pass\n")
+    assert check_link(doc, "`B.run`", "classes.py#L7-L8") is None
+    assert "not in class B" in check_link(doc, "`B.run`", "classes.py#L2-L3")
     assert "does not exist" in check_link(doc, "x", "missing.py")
     (tmp_path / "doc.md").write_text("# 第一章 Model\n")
     assert check_link(doc, "x", "#第一章-model") is None
