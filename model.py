@@ -493,9 +493,9 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T d, N the active
         parameters (an MoE's idle experts do no work for the token)."""
         # Every parameter is a matmul weight once, but a table a token id indexes is a lookup (free) unless it is
-        # tied to the output matrix.
-        lookups = sum(m.weight.numel() for m in self.modules()
-                      if isinstance(m, nn.Embedding) and m.weight is not self.output.weight)
+        # the output matrix too (tied).
+        lookups = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding)
+                      and not (m is self.tok_embeddings and self.args.tie_embeddings))
         return 6 * (self.num_active_params() - lookups) + 12 * self.args.n_layers * seq_len * self.args.dim
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,

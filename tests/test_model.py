@@ -301,6 +301,17 @@ def test_bigram_embedding_cache_and_padding_compute_as_the_full_forward():
         model(tokens[:, :1], cache=SlotKVCache(model.args, 2, 16, "cpu", torch.float32))
 
 
+def test_flops_per_token_count_matmuls_not_lookups():
+    from babyllama.quantize import quantize_int8
+    plain = small_model(scrambled=False).flops_per_token(64)
+    # An untied embedding and the bigram table are looked up, not multiplied: the same matmuls as the plain model.
+    for option in ({"tie_embeddings": False}, {"bigram_buckets": 31}):
+        assert small_model(scrambled=False, **option).flops_per_token(64) == plain
+    quantized = small_model(scrambled=False)
+    quantize_int8(quantized)  # a distillation teacher: its output layer is no nn.Linear
+    assert quantized.flops_per_token(64) > 0
+
+
 def test_untied_embeddings_are_a_matrix_of_their_own(tmp_path):
     model = small_model(tie_embeddings=False)
     assert model.output.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()
