@@ -99,8 +99,14 @@ class PretrainDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.files} hold {self.n_tokens} tokens: fewer than one window of "
                              f"{max_seq_len + 1}")
 
+    def _open(self) -> list[np.ndarray]:
+        """The files as arrays; an empty one (a corpus made with --val_fraction=0 has an empty val.bin) as an
+        empty array, since numpy cannot map an empty file."""
+        return [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") if os.path.getsize(f) else np.empty(0, TOKEN_DTYPE)
+                for f in self.files]
+
     def _eos_positions(self, eos_id: int) -> np.ndarray:
-        maps = [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") for f in self.files]
+        maps = self._open()
         return np.concatenate([np.flatnonzero(m == eos_id) + start for m, start in zip(maps, self.starts)])
 
     def __len__(self) -> int:
@@ -109,7 +115,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     def _tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the whole stream, read across file boundaries."""
         if self._maps is None:
-            self._maps = [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") for f in self.files]
+            self._maps = self._open()
         out = []
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         while start < end:
@@ -165,7 +171,7 @@ def pretraining_splits(paths: list[str] | str, tokenizer_sha256: str, max_seq_le
     aligned_to: the eos id, for training windows that start at documents' starts."""
     files = bin_files(paths, "train")
     check_tokenizer(files, tokenizer_sha256)
-    val_files = [f for f in bin_files(paths, "val") if f not in files]
+    val_files = [f for f in bin_files(paths, "val") if f not in files and os.path.getsize(f)]
     val = PretrainDataset(val_files, max_seq_len) if val_files else None
     return (PretrainDataset(files, max_seq_len, aligned_to=aligned_to), val,
             chars_per_token(val_files, "val") if val_files else None)

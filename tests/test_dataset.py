@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import PretrainDataset, WindowOrder, aligned_window_starts, bin_files, group_by_length
+from dataset import PretrainDataset, WindowOrder, aligned_window_starts, bin_files, group_by_length, pretraining_splits
 
 
 def write_bins(tmp_path, sizes):
@@ -29,6 +29,21 @@ def test_every_token_is_a_target_once_across_files(tmp_path):
     assert targets == stream[1:].tolist()
     # A window spans the boundary between part0 and part1 without losing a token.
     assert ds[6][0].tolist() == list(range(96, 112))
+
+
+def test_an_empty_file_holds_no_tokens_and_no_validation(tmp_path):
+    """A corpus made with --val_fraction=0 has an empty val.bin: beside another corpus it adds training
+    windows and no validation, and an empty part of the stream is read past (numpy cannot map one)."""
+    for name, train, val in (("news", 40, 0), ("daily", 30, 12)):
+        (tmp_path / name).mkdir()
+        np.full(train, 5, dtype=np.uint16).tofile(tmp_path / name / "train.bin")
+        np.full(val, 7, dtype=np.uint16).tofile(tmp_path / name / "val.bin")
+    train, val, _ = pretraining_splits(f"{tmp_path / 'news'},{tmp_path / 'daily'}", "", 8)
+    assert train.n_tokens == 70 and val.files == [str(tmp_path / "daily" / "val.bin")] and val[0][0].tolist() == [7] * 8
+    paths, stream = write_bins(tmp_path, [20, 0, 15])
+    for aligned_to in (None, 99):  # 99: an eos id that never comes, so aligned windows tile too
+        ds = PretrainDataset(paths, max_seq_len=8, aligned_to=aligned_to)
+        assert torch.cat([ds[i][0] for i in range(len(ds))]).tolist()[:34] == stream[:34].tolist()
 
 
 def test_aligned_windows_start_at_documents_and_cover_every_target(tmp_path):
