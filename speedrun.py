@@ -1,8 +1,8 @@
 """The speedrun: how good a Chinese model a CPU pretraining budget buys, in held-out bits per character.
 
-    python speedrun.py --minutes=10                     # the record recipe: the demo's and config/speedrun.py
+    python speedrun.py --minutes=10                     # the record recipe (the demo's): config/speedrun.py on the base
     python speedrun.py --minutes=3 --flags="--lr=3e-3"  # an ablation: pretrain.py flags on top of the recipe
-    python speedrun.py --minutes=10 --recipe=config/pretrain_tiny.py    # the demo's pretraining alone
+    python speedrun.py --minutes=10 --recipe=config/pretrain_tiny.py    # the base recipe alone
 
 On the built-in People's Daily corpus (January 1998): trains our tokenizer on its training documents, makes
 the corpus (val.bin holds the held-out documents: 1% by hash of their text, the same whatever the

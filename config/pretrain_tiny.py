@@ -1,6 +1,6 @@
-# The CPU demo's pretraining and the speedrun's recipe: tiny_shallow (3 layers of 256, our 8k tokenizer), Muon for
-# the blocks' matrices, a warmup-stable-decay schedule; each chosen by A/B runs at the same time budget
-# (BENCHMARKS.md, the ablation table).
+# The base recipe of the CPU demo's pretraining and the speedrun: tiny_shallow (3 layers of 256, our 8k tokenizer),
+# Muon for the blocks' matrices, a warmup-stable-decay schedule; each chosen by A/B runs at the same time budget
+# (BENCHMARKS.md, the ablation table). The demo and the speedrun add config/speedrun.py on top (the record recipe).
 # dtype auto: bfloat16 autocast where this CPU has native bf16, else float32; torch.compile.
 # With --time_budget_min the schedule is fitted to the budget and max_steps only caps it.
 model = "tiny_shallow"
