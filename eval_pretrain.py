@@ -208,7 +208,10 @@ def tokens_per_char(bin_path: str) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         cfg = parse_config(Config, argv, __doc__)
-        model, _, tok = load_for_inference(cfg)
+        model, checkpoint, tok = load_for_inference(cfg)
+        if checkpoint.get("config", {}).get("document_mask"):  # read text as it was trained to: one document alone
+            model.document_eos = tok.eos_id
+            print("scoring with attention inside each document, as the checkpoint was trained (--document_mask)")
         prompts = cfg.prompts.split("|")
         if cfg.prompts_file:
             prompts = [line for line in read_text(cfg.prompts_file).splitlines() if line.strip()]

@@ -192,3 +192,28 @@ def test_missing_checkpoint_is_one_line(script, small_tokenizer, capsys):
         main(["--ckpt=/nope/ckpt.pt", f"--tokenizer={small_tokenizer}"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and len(lines) == 1 and lines[0].startswith("error: --ckpt=/nope/ckpt.pt: no such file")
+
+
+def test_eval_pretrain_reads_a_document_masked_model_one_document_at_a_time(tmp_path, corpus, small_tokenizer,
+                                                                            pretrained):
+    """A checkpoint trained with --document_mask is scored as it was trained: attention stays inside each
+    document of the windows (the mask's loss, not the whole window's)."""
+    from babyllama.checkpoint import load_model
+    from eval_pretrain import bin_windows, main, mean_loss
+    state = torch.load(pretrained[0], weights_only=False)
+    state["config"]["document_mask"] = True
+    torch.save(state, tmp_path / "masked.pt")
+    val = corpus / "data" / "val.bin"
+    scores = {}
+    for name, ckpt in (("plain", pretrained[0]), ("masked", tmp_path / "masked.pt")):
+        main([f"--ckpt={ckpt}", f"--tokenizer={small_tokenizer}", f"--bin={val}", "--prompts=春", "--max_new_tokens=1",
+              f"--json={tmp_path / name}.json"])
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["scores"]["bin"]["loss"]
+    model, _ = load_model(str(pretrained[0]))
+    tok = load_tokenizer(small_tokenizer)
+    windows = bin_windows(str(val), model.args.max_seq_len, 200, tok)
+    assert (windows[:, 1:-1] == tok.eos_id).any()  # documents meet inside the windows
+    assert scores["plain"] == pytest.approx(mean_loss(model, windows, 8)[0], rel=1e-5)
+    model.document_eos = tok.eos_id
+    assert scores["masked"] == pytest.approx(mean_loss(model, windows, 8)[0], rel=1e-5)
+    assert scores["masked"] != pytest.approx(scores["plain"], rel=1e-4)
