@@ -109,7 +109,8 @@ def hf_architecture(args: ModelArgs) -> str:
 def without_equal(args: ModelArgs) -> None:
     """UsageError when the model uses a speedrun option that neither transformers' architectures here nor
     llama.cpp's llama compute: an export would give other logits."""
-    used = [name for name in ("qk_norm", "logit_softcap", "value_embeddings", "bigram_buckets") if getattr(args, name)]
+    used = [name for name in ("qk_norm", "logit_softcap", "value_embeddings", "bigram_buckets", "x0_scalars")
+            if getattr(args, name)]
     used += ["feed_forward=relu2"] if args.feed_forward == "relu2" else []
     if used:
         raise UsageError(f"this model uses {', '.join(used)} (ModelArgs), which the exported architectures (llama, "

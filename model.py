@@ -49,6 +49,7 @@ class ModelArgs:
     value_embeddings: int = 0  # the first this many layers add a gated embedding of the token to its values
     feed_forward: str = "swiglu"  # or relu2: w2(relu(w1 x)^2), no w3, half as wide again (the same parameters)
     bigram_buckets: int = 0  # an input embedding of each (previous token, token) pair hashed into this many rows
+    x0_scalars: bool = False  # each block reads a * x + b * x0 (x0: the embedded input), a and b its own, from 1 and 0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -411,6 +412,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        if args.x0_scalars:  # (a, b) of a * x + b * x0: the plain block to start with (modded-nanogpt)
+            self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
 
     def forward(self, x, cos, sin, mask, cache, tokens=None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id, tokens)
@@ -547,9 +550,11 @@ class Transformer(nn.Module):
         if self.args.bigram_buckets:
             previous = self._previous_tokens(tokens, cache, pad_left)
             h = h + self.bigram_embeddings(bigram_ids(previous, tokens, self.args.bigram_buckets))
-        h = self.dropout(h)
+        h = x0 = self.dropout(h)
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer in self.layers:
+            if self.args.x0_scalars:  # every block sees the embedded input again, as much as it learned to
+                h = layer.x0_lambdas[0] * h + layer.x0_lambdas[1] * x0
             if recompute:  # keep only each block's input; its activations are recomputed in the backward
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, tokens, use_reentrant=False)
             else:

@@ -62,6 +62,7 @@ def model_args_from_state_dict(state: dict, n_heads: int = 8, **overrides) -> Mo
                 qk_norm="layers.0.attention.q_norm.weight" in state,
                 value_embeddings=sum(k.endswith("attention.value_embedding.weight") for k in state),
                 bigram_buckets=len(state["bigram_embeddings.weight"]) if "bigram_embeddings.weight" in state else 0,
+                x0_scalars="layers.0.x0_lambdas" in state,
                 feed_forward="swiglu" if "layers.0.feed_forward.w3.weight" in state else "relu2")
     args.update(overrides)
     return ModelArgs(**args)

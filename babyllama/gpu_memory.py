@@ -61,7 +61,7 @@ def n_params(args: ModelArgs) -> int:
     head, kv = args.dim // args.n_heads, args.n_kv_heads * (args.dim // args.n_heads)
     tables = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) + args.bigram_buckets * args.dim
     options = (min(args.value_embeddings, args.n_layers) * (args.vocab_size * kv + args.n_kv_heads)
-               + args.n_layers * 2 * head * args.qk_norm)
+               + args.n_layers * 2 * head * args.qk_norm + args.n_layers * 2 * args.x0_scalars)
     return tables + options + args.n_layers * (block_params(args) + 2 * args.dim) + args.dim
 
 

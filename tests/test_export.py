@@ -123,7 +123,7 @@ def test_an_untied_output_matrix_is_its_own_gguf_tensor(tmp_path, small_tokenize
 
 
 @pytest.mark.parametrize("option", [{"qk_norm": True}, {"logit_softcap": 30.0}, {"value_embeddings": 1},
-                                    {"feed_forward": "relu2"}, {"bigram_buckets": 50}])
+                                    {"feed_forward": "relu2"}, {"bigram_buckets": 50}, {"x0_scalars": True}])
 def test_options_no_exported_architecture_computes_are_refused(tmp_path, small_tokenizer, option):
     from babyllama.errors import UsageError
     from export import export_gguf

@@ -253,6 +253,39 @@ def test_value_embeddings_at_zero_gates_equal_the_plain_model_and_cache_equals_f
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
+def test_x0_scalars_start_as_the_plain_model_and_mix_the_embedded_input_into_each_block(tmp_path):
+    mixed, plain = small_model(x0_scalars=True, n_kv_heads=2), small_model(n_kv_heads=2)
+    unexpected = plain.load_state_dict(mixed.state_dict(), strict=False).unexpected_keys
+    assert sorted(unexpected) == ["layers.0.x0_lambdas", "layers.1.x0_lambdas"]
+    tokens = torch.randint(0, 97, (2, 16))
+    assert torch.equal(mixed(tokens)[0], plain(tokens)[0])
+    with torch.no_grad():
+        mixed.layers[0].x0_lambdas.copy_(torch.tensor([0.5, 0.25]))
+        mixed.layers[1].x0_lambdas.copy_(torch.tensor([2.0, -1.0]))
+    seen = {}
+
+    def keep(name: str, value: torch.Tensor) -> None:  # a hook that returns None leaves the call as it was
+        seen[name] = value
+
+    hooks = [mixed.tok_embeddings.register_forward_hook(lambda m, args, out: keep("x0", out))]
+    for i, layer in enumerate(mixed.layers):
+        hooks.append(layer.register_forward_pre_hook(lambda m, args, i=i: keep(f"in{i}", args[0])))
+        hooks.append(layer.register_forward_hook(lambda m, args, out, i=i: keep(f"out{i}", out)))
+    full = mixed(tokens)[0]
+    for hook in hooks:
+        hook.remove()
+    x0 = seen["x0"]
+    assert torch.allclose(seen["in0"], 0.5 * x0 + 0.25 * x0)  # before the first block h is x0 itself
+    assert torch.allclose(seen["in1"], 2.0 * seen["out0"] - x0)
+    cache = KVCache(mixed.args, 2, 16, "cpu", torch.float32)
+    steps = [mixed(tokens[:, :5], cache=cache)[0]]
+    steps += [mixed(tokens[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    torch.save(mixed.state_dict(), tmp_path / "m.pth")  # a checkpoint tells the option
+    loaded, _ = load_model(str(tmp_path / "m.pth"), n_heads=4, max_seq_len=64)
+    assert loaded.args.x0_scalars and torch.equal(loaded(tokens)[0], full)
+
+
 def test_bigram_ids_hash_pairs_into_all_but_the_last_row_kept_for_an_unknown_previous_token():
     tokens = torch.arange(97).repeat_interleave(97)
     previous = torch.arange(97).repeat(97)

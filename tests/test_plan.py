@@ -26,7 +26,7 @@ def test_parameter_count_and_flops_are_the_models(preset):
 
 
 @pytest.mark.parametrize("option", [{"tie_embeddings": False}, {"bigram_buckets": 100}, {"value_embeddings": 2},
-                                    {"qk_norm": True}, {"feed_forward": "relu2"}])
+                                    {"qk_norm": True}, {"feed_forward": "relu2"}, {"x0_scalars": True}])
 def test_parameter_count_of_the_speedruns_options(option):
     args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=32, **option)
     assert n_params(args) == Transformer(args).num_params()
