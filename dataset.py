@@ -85,7 +85,9 @@ class PretrainDataset(torch.utils.data.Dataset):
     start instead (aligned_window_starts)."""
 
     def __init__(self, paths: list[str] | str, max_seq_len: int, split: str = "train", aligned_to: int | None = None):
-        self.files = bin_files(paths, split)
+        # An empty file holds no tokens (a corpus made with --val_fraction=0 has an empty val.bin), and numpy
+        # cannot map one: it is left out.
+        self.files = [f for f in bin_files(paths, split) if os.path.getsize(f)]
         self.max_seq_len = max_seq_len
         sizes = [os.path.getsize(f) // np.dtype(TOKEN_DTYPE).itemsize for f in self.files]
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -96,17 +98,11 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.n_windows = (max(0, -(-(self.n_tokens - 1) // max_seq_len)) if self.window_starts is None
                           else len(self.window_starts))
         if self.n_windows == 0:
-            raise ValueError(f"{self.files} hold {self.n_tokens} tokens: fewer than one window of "
+            raise ValueError(f"{bin_files(paths, split)} hold {self.n_tokens} tokens: fewer than one window of "
                              f"{max_seq_len + 1}")
 
-    def _open(self) -> list[np.ndarray]:
-        """The files as arrays; an empty one (a corpus made with --val_fraction=0 has an empty val.bin) as an
-        empty array, since numpy cannot map an empty file."""
-        return [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") if os.path.getsize(f) else np.empty(0, TOKEN_DTYPE)
-                for f in self.files]
-
     def _eos_positions(self, eos_id: int) -> np.ndarray:
-        maps = self._open()
+        maps = [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") for f in self.files]
         return np.concatenate([np.flatnonzero(m == eos_id) + start for m, start in zip(maps, self.starts)])
 
     def __len__(self) -> int:
@@ -115,7 +111,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     def _tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the whole stream, read across file boundaries."""
         if self._maps is None:
-            self._maps = self._open()
+            self._maps = [np.memmap(f, dtype=TOKEN_DTYPE, mode="r") for f in self.files]
         out = []
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         while start < end:

@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from babyllama.checkpoint import load_model
+from babyllama.checkpoint import load_model, read_as_trained
 from babyllama.common import print0
 from babyllama.configurator import (
     Fraction,
@@ -41,7 +41,7 @@ from babyllama.configurator import (
 from babyllama.distill import distillation_loss, teacher_examples
 from babyllama.errors import SettingError, UsageError
 from babyllama.trainer import TrainConfig, start_training, train_loop, training_stage, validation_loss
-from chatglm_tokenizer import OUR_TOKENIZER, load_tokenizer
+from chatglm_tokenizer import OUR_TOKENIZER, SPTokenizer, load_tokenizer
 from dataset import PretrainDataset, pretraining_splits
 from dataset_sft import SFTDataset, collate
 from model import IGNORE_INDEX, Transformer
@@ -72,14 +72,16 @@ class Config(TrainConfig):
     eval_batches: Positive = 20
 
 
-def load_teacher(cfg: Config, tokenizer_sha256: str, device: str) -> Transformer:
-    """The teacher, frozen, on device; refused when it was trained with another tokenizer."""
+def load_teacher(cfg: Config, tokenizer: SPTokenizer, device: str) -> Transformer:
+    """The teacher, frozen, on device, reading windows as it was trained to; refused when it was trained with
+    another tokenizer."""
     teacher, state = load_model(cfg.teacher, device=device)
-    if state.get("tokenizer_sha256") not in (None, tokenizer_sha256):
+    if state.get("tokenizer_sha256") not in (None, tokenizer.sha256):
         raise UsageError(f"--teacher={cfg.teacher} was trained with another tokenizer than --tokenizer={cfg.tokenizer}")
     if cfg.teacher_int8:
         from babyllama.quantize import quantize_int8
         quantize_int8(teacher)
+    read_as_trained(teacher, state, tokenizer.eos_id)
     return teacher.requires_grad_(False)
 
 
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SettingError(f"--black_box=true needs SFT prompts (a .csv) in --data, not {cfg.data}")
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         tokenizer = load_tokenizer(cfg.tokenizer)
-        teacher = load_teacher(cfg, tokenizer.sha256, dist.device)
+        teacher = load_teacher(cfg, tokenizer, dist.device)
         student = load_student(cfg, teacher)
         T = student.args.max_seq_len
         if cfg.black_box and cfg.answer_tokens >= T:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from babyllama.checkpoint import ContextSettings, ModelSettings, load_for_inference
+from babyllama.checkpoint import ContextSettings, ModelSettings, load_for_inference, read_as_trained
 from babyllama.cleaning import clean_text
 from babyllama.common import read_text, write_json_atomic
 from babyllama.configurator import (
@@ -209,8 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         cfg = parse_config(Config, argv, __doc__)
         model, checkpoint, tok = load_for_inference(cfg)
-        if checkpoint.get("config", {}).get("document_mask"):  # read text as it was trained to: one document alone
-            model.document_eos = tok.eos_id
+        if read_as_trained(model, checkpoint, tok.eos_id):
             print("scoring with attention inside each document, as the checkpoint was trained (--document_mask)")
         prompts = cfg.prompts.split("|")
         if cfg.prompts_file:

@@ -205,6 +205,13 @@ class ModelSettings(ContextSettings):
     quantize: one_of("", "int8") = ""  # int8: int8 weights (babyllama/quantize.py), faster decoding on a CPU
 
 
+def read_as_trained(model: Transformer, checkpoint: dict, eos_id: int) -> bool:
+    """Attention kept inside each document when the checkpoint's run trained so (--document_mask), so that a
+    window of several documents is read as training read it; True when it is."""
+    model.document_eos = eos_id if checkpoint.get("config", {}).get("document_mask") else None
+    return model.document_eos is not None
+
+
 def load_for_inference(settings: ModelSettings) -> tuple[Transformer, dict, SPTokenizer]:
     """The model of settings.ckpt on its device (quantized if asked), its checkpoint and its tokenizer."""
     return load_model_and_tokenizer(settings.ckpt, settings.tokenizer, pick_device(settings.device),

@@ -217,8 +217,12 @@ def read_model_preset(name_or_path: str, **overrides: Any) -> ModelArgs:
     if not os.path.isfile(path):
         raise SettingError(f"no model preset {name_or_path!r} (looked for {path})")
     values = read_config_file(path, [f.name for f in dataclasses.fields(ModelArgs)])
+    hints = typing.get_type_hints(ModelArgs)
     try:
+        values = {name: check_value(name, hints[name], value) for name, value in values.items()}
         return ModelArgs(**{**values, **overrides})
+    except SettingError as e:
+        raise SettingError(f"model preset {path}: {e}") from None
     except (TypeError, ValueError) as e:
         raise SettingError(f"model preset {path}: {e}") from None
 

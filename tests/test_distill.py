@@ -134,3 +134,17 @@ def test_black_box_distill_runs_on_sft_prompts(pretrained, small_tokenizer, tmp_
                    "--answer_tokens=8"]).stdout
     assert "black box: up to 8 tokens" in said
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_a_document_masked_teacher_reads_windows_as_it_was_trained(pretrained, small_tokenizer, tmp_path):
+    """The teacher's distributions over a window of several documents are the ones its training taught it:
+    attention inside each document when its run had --document_mask, across them when not."""
+    from chatglm_tokenizer import load_tokenizer
+    from distill import Config, load_teacher
+    tok = load_tokenizer(small_tokenizer)
+    state = torch.load(pretrained[0], weights_only=False)
+    state["config"]["document_mask"] = True
+    torch.save(state, tmp_path / "masked.pt")
+    for ckpt, eos in ((pretrained[0], None), (tmp_path / "masked.pt", tok.eos_id)):
+        teacher = load_teacher(Config(teacher=str(ckpt), tokenizer=small_tokenizer), tok, "cpu")
+        assert teacher.document_eos == eos

@@ -315,6 +315,22 @@ def test_a_misspelled_preset_setting_is_one_line(corpus, small_tokenizer, tmp_pa
     assert not (tmp_path / "x" / "ckpt.pt").exists()
 
 
+def test_a_preset_value_of_the_wrong_type_is_one_line_naming_it(tmp_path):
+    """qk_norm = "no" used to switch QK-norm on (a non-empty string is true) without a word."""
+    from babyllama.configurator import SettingError, read_model_preset
+    for line, expected in (('qk_norm = "no"', "--qk_norm='no': expected bool"),
+                           ("dim = 25.5", "--dim=25.5: expected int"),
+                           ("n_kv_heads = None\nrope_theta = 500000", None)):
+        preset = tmp_path / "preset.py"
+        preset.write_text(line + "\n")
+        if expected is None:  # None where the field allows it, an int for a float
+            assert read_model_preset(str(preset)).rope_theta == 500000.0
+            continue
+        with pytest.raises(SettingError) as e:
+            read_model_preset(str(preset))
+        assert str(e.value) == f"model preset {preset}: {expected}"
+
+
 def test_help_lists_settings():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), "--help"], capture_output=True,
                             text=True)
