@@ -57,13 +57,13 @@ class TimeBudget:
     configured max_steps, and the warmup shrinks with it, so the schedule reaches min_lr on its last
     step. The timing goes on, over the most recent steps: the schedule is shortened whenever the steps
     left no longer fit (the machine slowed down), and lengthened, up to the configured max_steps, when
-    clearly more fit and most of the schedule is still ahead (a slow spell during the first timing).
+    more fit and most of the schedule is still ahead (a slow spell during the first timing or after it).
     It changes the schedule only. reduce_max combines a number over the processes (every process
     must then call it on the same steps)."""
 
     MIN_TIMED_STEPS = 5
     RECENT_STEPS = 50  # the speed that later adjustments go by
-    LENGTHEN_BY = 1.05  # lengthen only for at least this many more steps...
+    LENGTHEN_BY = 1.01  # lengthen only for at least this many more steps...
     LENGTHEN_BEFORE = 0.8  # ...and only before this share of the schedule is done
 
     def __init__(self, minutes: float, schedule: Schedule, *, eval_interval: int, save_interval: int,
@@ -75,7 +75,7 @@ class TimeBudget:
         self.on = minutes > 0
         self.seconds = minutes * 60
         self.deadline = (stage_start_time() if started is None else started) + self.seconds
-        self.margin = 2.0 + 0.05 * self.seconds  # what the estimate cannot see: the exit, slower steps
+        self.margin = 2.0 + 0.01 * self.seconds  # what the estimate cannot see: the exit, slower steps
         self.pending = self.on and not schedule.fitted_to_budget
         self.adjusting = self.pending  # a resumed run keeps the schedule it was fitted to
         self.cap = schedule.max_steps  # the configured max_steps
@@ -117,7 +117,7 @@ class TimeBudget:
 
     def adjust_to_speed(self, step: int) -> str | None:
         """After the fit: end the schedule earlier if the steps left no longer fit at the recent speed,
-        or later if clearly more fit. Returns the line that says so, or None."""
+        or later if more fit. Returns the line that says so, or None."""
         if not self.adjusting or self.pending or not self.recent:
             return None
         schedule = self.schedule

@@ -49,6 +49,14 @@ def orthogonalize(grad: torch.Tensor, iterations: str = "jordan", dtype: torch.d
     return (x.T if tall else x).to(grad.dtype)
 
 
+def momentum_at(step: int, warmup_steps: int, start: float = 0.85, end: float = 0.95) -> float:
+    """Muon's momentum at optimizer step `step` (from 0): rising linearly from start to end over
+    warmup_steps, as the GPU records warm it up (an early gradient says little about later ones), then end."""
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
 def normalize_rows(step: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
     """NorMuon's rescaling: second_moment (rows, 1), updated in place, is the running mean of each row's mean
     square; each row is divided by its root, then the whole step scaled back to the Frobenius norm it had."""

@@ -60,7 +60,7 @@ from babyllama.distributed import (
     teardown,
 )
 from babyllama.errors import UsageError, one_line_errors
-from babyllama.muon import ITERATIONS, MuonAdamW
+from babyllama.muon import ITERATIONS, MuonAdamW, momentum_at
 from babyllama.precision import autocast, measure_peak_flops, resolve_dtype
 from babyllama.schedule import Schedule
 from babyllama.trackers import Tracker, open_trackers, scalars_of
@@ -210,6 +210,7 @@ class TrainConfig:
     muon_iterations: one_of(*ITERATIONS) = "jordan"  # Muon's Newton-Schulz polynomials (babyllama/muon.py)
     muon_dtype: one_of("float32", "auto") = "float32"  # Muon's Newton-Schulz matmuls; auto: bf16 when training is bf16
     normuon: bool = False  # NorMuon: each row of Muon's step divided by its running RMS (babyllama/muon.py)
+    muon_momentum_warmup: NonNegative = 0  # steps over which Muon's momentum rises from 0.85 to 0.95; 0: 0.95
     embedding_lr_scale: PositiveFloat = 1.0  # the embedding and output matrices learn at lr times this
     beta1: Fraction = 0.9
     beta2: Fraction = 0.95
@@ -346,6 +347,8 @@ class Trainer:
         lr = self.schedule.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+            if group.get("muon"):
+                group["momentum"] = momentum_at(self.step, s.muon_momentum_warmup)
         micro_batches = list(micro_batches)
         total, finite, metrics = 0.0, True, {}
         for i, batch in enumerate(micro_batches):

@@ -31,7 +31,7 @@ def test_time_budget_follows_the_speed_both_ways():
     now[0] = 16.0
     assert budget.ready()
     budget.fit(31, eval_s=0.0, save_s=0.0)
-    assert schedule.max_steps == 31 + int((120 - 16 - 8) / 0.5)  # (120 s less 16 s gone and the 8 s margin)
+    assert schedule.max_steps == 31 + int((120 - 16 - 3.2) / 0.5)  # (120 s less 16 s gone and the 3.2 s margin)
     fitted = schedule.max_steps
     budget.recent.extend([1.0] * 50)  # twice as slow: shortened
     assert budget.adjust_to_speed(31) is not None and schedule.max_steps < 0.6 * fitted
@@ -44,14 +44,17 @@ def test_time_budget_follows_the_speed_both_ways():
     assert budget.adjust_to_speed(late) is None and schedule.max_steps == longest
 
 
-def simulate(minutes: float, step_s: float, eval_s: float, save_s: float, slow_from: int = 0) -> tuple[float, int]:
-    """The training loop's use of the budget on a simulated clock: (seconds used, steps run)."""
+def simulate(minutes: float, step_s: float, eval_s: float, save_s: float, slow_from: int = 0,
+             slow_until: int = 10**9) -> tuple[float, int]:
+    """The training loop's use of the budget on a simulated clock, steps twice as slow from slow_from to
+    slow_until: (seconds used, steps run)."""
     now = [3.0]  # the imports and the data
     schedule = Schedule(max_steps=10**6, warmup_steps=100, lr=1.0, min_lr=0.1, budgeted=True)
     budget = TimeBudget(minutes, schedule, eval_interval=100, save_interval=500, started=0.0, clock=lambda: now[0])
     step = 0
     while step < schedule.max_steps:
-        seconds = step_s * (2 if slow_from and step >= slow_from else 1) + (5.0 if step == 0 else 0.0)
+        slow = slow_from and slow_from <= step < slow_until
+        seconds = step_s * (2 if slow else 1) + (5.0 if step == 0 else 0.0)
         now[0] += seconds
         step += 1
         budget.add_step(step, seconds)
@@ -72,6 +75,13 @@ def test_a_budget_is_used_and_not_overrun():
     for minutes, step_s, slow_from in ((1, 0.2, 0), (10, 0.05, 0), (10, 0.05, 3000)):
         used, steps = simulate(minutes, step_s, eval_s=1.0, save_s=0.5, slow_from=slow_from)
         assert 0.8 * 60 * minutes <= used <= 60 * minutes, (minutes, step_s, slow_from, used, steps)
+
+
+def test_a_slow_spell_early_leaves_little_of_the_budget_unused():
+    """A spell of slow steps shortens the schedule; when the speed comes back while the schedule is still
+    in its first part, it is lengthened again, so the run ends near the budget, not a spell's worth early."""
+    used, _ = simulate(10, 0.05, eval_s=1.0, save_s=0.5, slow_from=3000, slow_until=3400)
+    assert 0.98 * 600 <= used <= 600, used
 
 
 def test_a_command_counts_from_its_start_and_a_test_from_now():

@@ -5,7 +5,7 @@ import torch
 
 from babyllama.distributed import Dist
 from babyllama.errors import UsageError
-from babyllama.muon import ITERATIONS, MuonAdamW, normalize_rows, orthogonalize
+from babyllama.muon import ITERATIONS, MuonAdamW, momentum_at, normalize_rows, orthogonalize
 from babyllama.trainer import TrainConfig, Trainer, make_optimizer
 from model import ModelArgs, Transformer
 
@@ -114,10 +114,23 @@ def test_normuon_gives_every_row_the_same_rms_and_keeps_the_steps_norm():
     assert out[0, 0] > out[1, 0] > out[2, 0] and torch.allclose(out.norm(), torch.ones(6, 10).norm())
 
 
-@pytest.mark.parametrize("normuon", [False, True])
-def test_muon_trains_and_resumes_identically(normuon):
+def test_momentum_warms_up_linearly_then_stays():
+    assert [momentum_at(step, 100) for step in (0, 50, 100, 5000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    assert momentum_at(0, 0) == 0.95  # no warmup: Muon's momentum from the first step
+    cfg = TrainConfig(lr=1e-2, warmup_steps=0, max_steps=30, dtype="float32", optimizer="muon",
+                      muon_momentum_warmup=10)
+    trainer = Trainer(fresh_model(), cfg, Dist())
+    for step in range(12):
+        trainer.train_step([batch(step, 4)], loss_fn)
+        groups = trainer.optimizer.param_groups
+        assert [g["momentum"] for g in groups if g["muon"]] == [pytest.approx(momentum_at(step, 10))]
+        assert all(g["momentum"] == 0.95 for g in groups if not g["muon"])  # the AdamW groups' default, unused
+
+
+@pytest.mark.parametrize("normuon,momentum_warmup", [(False, 0), (True, 0), (False, 25)])
+def test_muon_trains_and_resumes_identically(normuon, momentum_warmup):
     cfg = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=30, weight_decay=0.1, dtype="float32",
-                      optimizer="muon", normuon=normuon)
+                      optimizer="muon", normuon=normuon, muon_momentum_warmup=momentum_warmup)
     a = Trainer(fresh_model(), cfg, Dist())
     first = a.train_step([batch(0, 16)], loss_fn).loss
     for i in range(1, 20):

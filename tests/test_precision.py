@@ -1,6 +1,7 @@
 import pytest
 
 from babyllama.common import pick_device
+from babyllama import precision
 from babyllama.precision import choose_cpu_dtype, matmul_flops, measure_peak_flops, resolve_dtype
 
 
@@ -18,6 +19,24 @@ def test_cpu_dtype_follows_the_probe():
     assert resolve_dtype("float32", "cpu", cpu_probe=fast) == ("float32", "cpu, float32 as asked")
     with pytest.raises(ValueError, match="dtype must be one of"):
         resolve_dtype("fp8", "cpu")
+
+
+def test_the_cpu_probe_sees_through_a_busy_moment(monkeypatch):
+    """A round of the probe slowed by other work (here the first bfloat16 one) does not decide the dtype:
+    each dtype's best round does."""
+    readings = {"float32": [70e9] * precision.PROBE_ROUNDS,
+                "bfloat16": [50e9] + [170e9] * (precision.PROBE_ROUNDS - 1)}
+    order = []
+
+    def fake_flops(device, dtype, seconds, n):
+        order.append(dtype)
+        return readings[dtype].pop(0)
+
+    monkeypatch.setattr(precision, "matmul_flops", fake_flops)
+    float32_flops, bfloat16_flops = precision.cpu_matmul_probe.__wrapped__()
+    assert (float32_flops, bfloat16_flops) == (70e9, 170e9)
+    assert order == ["float32", "bfloat16"] * precision.PROBE_ROUNDS  # in turn, not one dtype's rounds at once
+    assert choose_cpu_dtype("AVX512", float32_flops, bfloat16_flops)[0] == "bfloat16"
 
 
 def test_device_and_dtype_on_apple_gpus():
