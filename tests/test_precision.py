@@ -1,7 +1,7 @@
 import pytest
 
-from babyllama.common import pick_device
 from babyllama import precision
+from babyllama.common import pick_device
 from babyllama.precision import choose_cpu_dtype, matmul_flops, measure_peak_flops, resolve_dtype
 
 
