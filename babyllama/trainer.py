@@ -279,6 +279,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, dist: Dist, max_steps: int = 0):
         if cfg.optimizer == "muon" and cfg.fsdp:
             raise UsageError("--optimizer=muon needs each matrix whole; it cannot be combined with --fsdp")
+        if cfg.optimizer != "muon" and (cfg.normuon or cfg.muon_momentum_warmup):
+            raise UsageError("--normuon and --muon_momentum_warmup change Muon's steps: they need --optimizer=muon")
         self.cfg, self.dist = cfg, dist
         self.schedule = Schedule(max_steps or cfg.max_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.lr_schedule,
                                  cfg.decay_share, budgeted=cfg.time_budget_min > 0)

@@ -149,3 +149,9 @@ def test_muon_trains_and_resumes_identically(normuon, momentum_warmup):
 def test_muon_is_refused_with_fsdp():
     with pytest.raises(UsageError, match="--optimizer=muon .* --fsdp"):
         Trainer(fresh_model(), TrainConfig(optimizer="muon", fsdp=True, dtype="float32"), Dist())
+
+
+@pytest.mark.parametrize("setting", [{"normuon": True}, {"muon_momentum_warmup": 100}])
+def test_muons_own_settings_are_refused_without_muon(setting):
+    with pytest.raises(UsageError, match="need --optimizer=muon"):
+        Trainer(fresh_model(), TrainConfig(optimizer="adamw", dtype="float32", **setting), Dist())
