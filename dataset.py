@@ -87,7 +87,8 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __init__(self, paths: list[str] | str, max_seq_len: int, split: str = "train", aligned_to: int | None = None):
         # An empty file holds no tokens (a corpus made with --val_fraction=0 has an empty val.bin), and numpy
         # cannot map one: it is left out.
-        self.files = [f for f in bin_files(paths, split) if os.path.getsize(f)]
+        given = bin_files(paths, split)
+        self.files = [f for f in given if os.path.getsize(f)]
         self.max_seq_len = max_seq_len
         sizes = [os.path.getsize(f) // np.dtype(TOKEN_DTYPE).itemsize for f in self.files]
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -98,7 +99,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.n_windows = (max(0, -(-(self.n_tokens - 1) // max_seq_len)) if self.window_starts is None
                           else len(self.window_starts))
         if self.n_windows == 0:
-            raise ValueError(f"{bin_files(paths, split)} hold {self.n_tokens} tokens: fewer than one window of "
+            raise ValueError(f"{given} hold {self.n_tokens} tokens: fewer than one window of "
                              f"{max_seq_len + 1}")
 
     def _eos_positions(self, eos_id: int) -> np.ndarray:

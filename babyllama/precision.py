@@ -23,16 +23,16 @@ def choose_cpu_dtype(capability: str, float32_flops: float, bfloat16_flops: floa
     return "float32", f"cpu {capability}, float32 (bfloat16 matmul {slower} here)"
 
 
-PROBE_ROUNDS = 5
+PROBE_ROUNDS = 3
 
 
 @functools.cache
 def cpu_matmul_probe() -> tuple[float, float]:
     """FLOP/s of a 256x256 matmul in float32 and in bfloat16 on this CPU, each the best of a few rounds
-    taken in turn (about a fifth of a second): other work on the machine only slows a round down, and
+    taken in turn (about a tenth of a second): other work on the machine only slows a round down, and
     taking turns keeps a busy moment from falling on one dtype alone, where it could make a CPU with
     native bf16 train a whole run in float32's slower steps."""
-    rounds = [(matmul_flops("cpu", "float32", 0.02, n=256), matmul_flops("cpu", "bfloat16", 0.02, n=256))
+    rounds = [(matmul_flops("cpu", "float32", 0.015, n=256), matmul_flops("cpu", "bfloat16", 0.015, n=256))
               for _ in range(PROBE_ROUNDS)]
     return max(f32 for f32, _ in rounds), max(bf16 for _, bf16 in rounds)
 
