@@ -9,7 +9,10 @@ install:
 demo: install
 	$(PYTHON) demo.py
 
+# Two pytest-xdist workers: most tests are single-threaded subprocesses, so one worker leaves a core idle.
+TEST_WORKERS ?= 2
+
 test:
 	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_WORKERS)

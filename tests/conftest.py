@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 CHATGLM_MODEL = os.path.join(ROOT, "..", "shared", "chatglm_tokenizer", "tokenizer.model")
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers) each worker gets one of the two cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from conftest import ROOT
 def test_gpu_check_runs_every_row_on_the_cpu():
     command = [sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--device=cpu", "--presets", "tiny",
                "--dtype=float32", "--steps=1", "--batch_size=2", "--seq_len=32", "--decode_tokens=4",
-               "--processes=1", "--port=29541", "--variants", "plain", "checkpointed", "--loss_chunk=24"]
+               "--processes=1", "--port=29545", "--variants", "plain", "checkpointed", "--loss_chunk=24"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
