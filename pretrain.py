@@ -34,6 +34,7 @@ from babyllama.configurator import (
     one_of,
     read_model_preset,
 )
+from babyllama.schedule import window_length_at
 from babyllama.trainer import TrainConfig, start_training, train_loop, training_stage, validation_loss
 from chatglm_tokenizer import OUR_TOKENIZER, load_tokenizer
 from dataset import pretraining_splits
@@ -59,6 +60,8 @@ class Config(TrainConfig, ContextSettings):
     eval_batches: Positive = 20  # batches of val.bin per validation
     document_mask: bool = False  # attention stays inside each document (an eos starts the next), as the
     # held-out score and a chat read one; off: a window's documents see the ones before them
+    seq_len_warmup: NonNegative = 0  # steps over which the training windows grow from a quarter of the
+    # context to all of it (schedule.window_length_at: their first tokens); 0: off
     aligned_windows: bool = False  # each training window starts at a document's start (dataset.aligned_window_starts)
     check_settings: bool = False  # check the settings and the model's shape, then stop before reading any data
 
@@ -85,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.vocab_size > tokenizer.vocab_size:
             print0(f"note: the model has {args.vocab_size:,} ids and the tokenizer {tokenizer.vocab_size:,}: the "
                    "ids past the tokenizer's are trained never to appear and never decoded", dist=dist)
+        if cfg.seq_len_warmup:
+            # A graph for each of the warmup's lengths: one graph for all would make every full-length step slower.
+            torch._dynamo.config.automatic_dynamic_shapes = False
         model = Transformer(args)
         init_residual_projections(model, cfg.init)
         model.document_eos = tokenizer.eos_id if cfg.document_mask else None
@@ -102,9 +108,10 @@ def main(argv: list[str] | None = None) -> None:
             print0(f"initialised from {cfg.init_from}", dist=dist)
 
         def next_batches():
-            batches = [tuple(t.to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
+            length = window_length_at(trainer.step, cfg.seq_len_warmup, args.max_seq_len)
+            batches = [tuple(t[:, :length].to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
                        for _ in range(cfg.grad_accum)]
-            return batches, cfg.batch_size * cfg.grad_accum * args.max_seq_len
+            return batches, cfg.batch_size * cfg.grad_accum * length
 
         def validation() -> dict[str, float]:
             metrics = {"val_loss": validation_loss(trainer, len(val), val.batch, cfg.eval_batches, cfg.batch_size)}

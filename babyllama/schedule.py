@@ -26,6 +26,15 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
     return min_lr + left * (lr - min_lr)
 
 
+def window_length_at(step: int, warmup_steps: int, max_seq_len: int) -> int:
+    """Sequence-length warmup: the training windows' length at optimizer step `step` (from 0), a quarter of
+    max_seq_len at first, a quarter more after each third of warmup_steps, all of it from warmup_steps on
+    (four lengths: each compiles a graph of its own)."""
+    if step >= warmup_steps:
+        return max_seq_len
+    return max(1, max_seq_len * (1 + 3 * step // warmup_steps) // 4)
+
+
 @dataclass
 class Schedule:
     max_steps: int  # optimizer steps in all

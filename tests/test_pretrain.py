@@ -288,6 +288,14 @@ def test_document_mask_reaches_the_model(corpus, small_tokenizer, tmp_path):
     assert losses[0] != pytest.approx(losses[1], abs=1e-4)
 
 
+def test_seq_len_warmup_trains_on_the_windows_first_quarters_then_whole(corpus, small_tokenizer, tmp_path):
+    """--seq_len_warmup=3 with windows of 32: steps 1-3 train on the first 8, 16, 24 tokens of each window."""
+    out = tmp_path / "warm"
+    run_ok(command(corpus, small_tokenizer, out, "--max_steps=5", "--log_interval=1", "--seq_len_warmup=3"))
+    tokens = [m["tokens"] for m in metrics(out) if "loss" in m]
+    assert [b - a for a, b in zip([0, *tokens], tokens)] == [4 * 8, 4 * 16, 4 * 24, 4 * 32, 4 * 32]
+
+
 # The shapes the figures and the seed's released weights rely on: (dim, layers, heads, ids, window).
 RECIPE_SHAPES = [("pretrain_tiny", "tiny_shallow", (256, 3, 4, 8192, 256)),
                  ("pretrain_baby_92m", "baby_92m", (512, 8, 8, 64793, 512)),

@@ -1,6 +1,6 @@
 import pytest
 
-from babyllama.schedule import Schedule, lr_at
+from babyllama.schedule import Schedule, lr_at, window_length_at
 
 
 def test_cosine_schedule():
@@ -48,3 +48,11 @@ def test_a_fitted_schedule_is_restored_only_under_a_budget():
     unbudgeted = Schedule(max_steps=1000, warmup_steps=100, lr=1.0, min_lr=0.1)
     unbudgeted.load_state_dict(fitted.state_dict())  # resumed without --time_budget_min: the configured one
     assert (unbudgeted.max_steps, unbudgeted.warmup_steps, unbudgeted.fitted_to_budget) == (1000, 100, False)
+
+
+def test_window_length_grows_by_quarters_over_the_warmup():
+    assert [window_length_at(s, 300, 256) for s in (0, 99, 100, 199, 200, 299, 300, 5000)] == \
+        [64, 64, 128, 128, 192, 192, 256, 256]
+    assert [window_length_at(s, 3, 32) for s in range(4)] == [8, 16, 24, 32]
+    assert window_length_at(0, 0, 256) == 256  # off
+    assert window_length_at(0, 10, 2) == 1  # never an empty window
