@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             length = window_length_at(trainer.step, cfg.seq_len_warmup, args.max_seq_len)
             batches = [tuple(t[:, :length].to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
                        for _ in range(cfg.grad_accum)]
-            return batches, cfg.batch_size * cfg.grad_accum * length
+            return batches, sum(inputs.numel() for inputs, _ in batches)
 
         def validation() -> dict[str, float]:
             metrics = {"val_loss": validation_loss(trainer, len(val), val.batch, cfg.eval_batches, cfg.batch_size)}
