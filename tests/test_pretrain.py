@@ -70,11 +70,11 @@ def test_time_budget_ends_with_the_schedule_complete(corpus, small_tokenizer, tm
     """The process fits its steps into the budget (how well is tested on a simulated clock in
     test_budget.py): the schedule is fitted once, every step is run, and min_lr is reached on the last."""
     out = tmp_path / "budget"
-    result = run_ok(command(corpus, small_tokenizer, out, "--time_budget_min=0.15", "--max_steps=1000000",
+    result = run_ok(command(corpus, small_tokenizer, out, "--time_budget_min=0.3", "--max_steps=1000000",
                             "--min_lr=1e-4", "--eval_interval=200", "--eval_batches=4", "--save_interval=500"))
-    assert result.stdout.count("time budget 0.15 min:") == 1
+    assert result.stdout.count("time budget 0.3 min:") == 1
     etas = [float(eta) for eta in re.findall(r"ETA ([0-9.]+) min", result.stdout)]
-    assert etas and max(etas) <= 0.2, etas  # never the uncapped steps' hours
+    assert etas and max(etas) <= 0.35, etas  # never the uncapped steps' hours
     assert "/1000000 " not in result.stdout
     rows = metrics(out)
     last = rows[-1]
