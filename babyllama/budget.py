@@ -115,6 +115,12 @@ class TimeBudget:
                 f"{self.eval_s:.1f} s, checkpoint {self.save_s:.1f} s, {self.deadline - self.clock():.0f} s left -> "
                 f"{self.schedule.max_steps} steps (of at most {self.cap}), warmup {self.schedule.warmup_steps}")
 
+    def spent_before_fit(self, step: int) -> str:
+        """The line for a budget that ran out before enough steps were timed to fit the schedule."""
+        return (f"time budget {self.minutes:g} min spent at step {step}, before {self.MIN_TIMED_STEPS} steps could be "
+                f"timed (start-up and compilation took most of it): the learning rate never decayed; give a larger "
+                f"--time_budget_min")
+
     def adjust_to_speed(self, step: int) -> str | None:
         """After the fit: end the schedule earlier if the steps left no longer fit at the recent speed,
         or later if more fit. Returns the line that says so, or None."""

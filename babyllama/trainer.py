@@ -681,6 +681,8 @@ def train_loop(training: Training, next_batches: Callable[[], tuple[list[Any], i
                     print0(budget.fit(step, eval_s, save_s), dist=dist)
                     last_time = time.time()
             if stop.requested or over_time:
-                print0(f"stopped at step {step}; rerun the same command to continue", dist=dist)
+                budget_spent = over_time and budget.pending and budget.stop_at() <= time_limit
+                print0(budget.spent_before_fit(step) if budget_spent
+                       else f"stopped at step {step}; rerun the same command to continue", dist=dist)
                 break
     trainer.release()

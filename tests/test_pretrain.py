@@ -83,6 +83,16 @@ def test_time_budget_ends_with_the_schedule_complete(corpus, small_tokenizer, tm
     assert last["lr"] == pytest.approx(1e-4) and rows[-2]["lr"] > 1e-4  # min_lr reached at the last step
 
 
+def test_a_budget_spent_in_start_up_says_so_instead_of_resume(corpus, small_tokenizer, tmp_path):
+    """A budget that start-up and compilation use up ends before its schedule could be fitted: the run says
+    that its learning rate never decayed and what to change, not that a rerun would continue it."""
+    result = run_ok(command(corpus, small_tokenizer, tmp_path / "short", "--time_budget_min=0.001",
+                            "--max_steps=1000000", "--eval_interval=1000", "--save_interval=1000"))
+    said = [line for line in result.stdout.splitlines() if "before 5 steps could be timed" in line]
+    assert len(said) == 1 and said[0].endswith("give a larger --time_budget_min"), result.stdout[-2000:]
+    assert "rerun the same command" not in result.stdout
+
+
 def test_time_budget_resume_keeps_the_fitted_steps(corpus, small_tokenizer, tmp_path):
     out = tmp_path / "budget"
     args = ("--time_budget_min=0.2", "--max_steps=1000000", "--min_lr=1e-4", "--log_interval=1",
