@@ -95,16 +95,16 @@ def test_a_budget_spent_in_start_up_says_so_instead_of_resume(corpus, small_toke
 
 def test_time_budget_resume_keeps_the_fitted_steps(corpus, small_tokenizer, tmp_path):
     out = tmp_path / "budget"
-    args = ("--time_budget_min=0.2", "--max_steps=1000000", "--min_lr=1e-4", "--log_interval=1",
+    args = ("--time_budget_min=0.3", "--max_steps=1000000", "--min_lr=1e-4", "--log_interval=1",
             "--eval_interval=100000", "--save_interval=100000")
     proc = subprocess.Popen(command(corpus, small_tokenizer, out, *args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 60
-    while time.time() < deadline and not ((out / "ckpt.pt").exists() and len(metrics(out)) >= 40):
+    while time.time() < deadline and not (out / "ckpt.pt").exists():  # the fit saves the first checkpoint
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "time budget 0.2 min:" in stdout
+    assert proc.returncode == 0 and "time budget 0.3 min:" in stdout, stdout[-2000:]
     fitted = schedule_of(out)
     stopped_at = torch.load(out / "ckpt.pt", weights_only=False)["step"]
     assert fitted["fitted_to_budget"] and stopped_at < fitted["max_steps"]
