@@ -5,6 +5,7 @@ State-dict names are the seed's (and llama2.c's), so the seed's released weights
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,18 @@ IGNORE_INDEX = -100  # label value that the loss skips; never the pad id
 ROPE_SCALINGS = ("", "linear", "ntk", "yarn")
 FEED_FORWARDS = ("swiglu", "relu2")
 YARN_BETA_FAST, YARN_BETA_SLOW = 32, 1  # the YaRN paper's (and transformers', llama.cpp's) defaults
+
+
+def run_as_written(fn: Callable) -> Callable:
+    """fn, which torch.compile runs as written (torch.compiler.disable) where a compiled model calls it. The
+    decorator is applied at that call, not here: it imports torch._dynamo, which would add seconds to the
+    start of every script, and most (evaluation, chat, serving, export) never compile."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
 
 
 @dataclass
@@ -358,7 +371,7 @@ class MoEFeedForward(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return probs, chosen, weights
 
-    @torch.compiler.disable  # the experts' row counts change every batch: compiled, each would recompile
+    @run_as_written  # the experts' row counts change every batch: compiled, each would recompile
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         probs, chosen, weights = self.route(flat)
@@ -797,7 +810,7 @@ def _chunk_grads(probs: torch.Tensor, h: torch.Tensor, w: torch.Tensor, targets:
     grad_w.add_(grad_logits.t() @ h)
 
 
-@torch.compiler.disable  # run as written: compiled, its gradients came out wrong on CUDA (torch 2.11)
+@run_as_written  # compiled, its gradients came out wrong on CUDA (torch 2.11)
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                           per_token: bool = False) -> torch.Tensor:
     """The mean cross-entropy (or each position's, per_token) of h (B, T, dim) projected by weight (V, dim)

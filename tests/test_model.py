@@ -1,7 +1,10 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from babyllama.checkpoint import CheckpointError, load_model
 from babyllama.configurator import read_model_preset
@@ -14,6 +17,7 @@ from model import (
     bigram_ids,
     init_residual_projections,
     rope_tables,
+    run_as_written,
     sample,
 )
 
@@ -517,3 +521,24 @@ def test_decoding_follows_the_weights_after_an_optimizer_step():
         model(x, torch.roll(x, -1, 1))[1].backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def test_run_as_written_runs_eagerly_inside_a_compiled_function():
+    seen = []
+
+    @run_as_written
+    def probe(x):
+        seen.append(torch.compiler.is_compiling())  # traced, this would record True
+        return x * 2
+
+    compiled = torch.compile(lambda x: probe(x + 1) - 1, backend="eager")
+    for _ in range(2):
+        assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
+    assert probe(torch.ones(1)).item() == 2 and seen == [False, False, False]
+
+
+def test_importing_the_model_leaves_the_compiler_unloaded():
+    """torch._dynamo (seconds at every start) is imported by torch.compile, not by the model's module."""
+    script = "import sys, model; assert 'torch._dynamo' not in sys.modules, 'imported'"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
