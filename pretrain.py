@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def next_batches():
             length = window_length_at(trainer.step, cfg.seq_len_warmup, args.max_seq_len)
+            training.flops_per_token = model.flops_per_token(length)  # a warmup window's attention costs less
             batches = [tuple(t[:, :length].to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
                        for _ in range(cfg.grad_accum)]
             return batches, sum(inputs.numel() for inputs, _ in batches)

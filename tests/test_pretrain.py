@@ -301,9 +301,15 @@ def test_document_mask_reaches_the_model(corpus, small_tokenizer, tmp_path):
 def test_seq_len_warmup_trains_on_the_windows_first_quarters_then_whole(corpus, small_tokenizer, tmp_path):
     """--seq_len_warmup=3 with windows of 32: steps 1-3 train on the first 8, 16, 24 tokens of each window."""
     out = tmp_path / "warm"
-    run_ok(command(corpus, small_tokenizer, out, "--max_steps=5", "--log_interval=1", "--seq_len_warmup=3"))
-    tokens = [m["tokens"] for m in metrics(out) if "loss" in m]
+    run_ok(command(corpus, small_tokenizer, out, "--max_steps=5", "--log_interval=1", "--seq_len_warmup=3",
+                   "--peak_tflops=1000"))
+    steps = [m for m in metrics(out) if "loss" in m]
+    tokens = [m["tokens"] for m in steps]
     assert [b - a for a, b in zip([0, *tokens], tokens)] == [4 * 8, 4 * 16, 4 * 24, 4 * 32, 4 * 32]
+    # MFU counts each step's FLOPs a token at its own length: attention's share grows linearly with it.
+    flops = [m["mfu"] / m["tokens_per_s"] for m in steps]
+    growth = [b - a for a, b in zip(flops, flops[1:])]
+    assert growth[0] > 0 and growth == pytest.approx([growth[0]] * 3 + [0], rel=1e-6, abs=1e-6 * growth[0])
 
 
 # The shapes the figures and the seed's released weights rely on: (dim, layers, heads, ids, window).
