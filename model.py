@@ -521,10 +521,10 @@ class Transformer(nn.Module):
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V), or (B, 1, V) with last_only, and the mean cross-entropy over the targets
         that are not IGNORE_INDEX (None without targets), or with per_token each position's (B, T), 0
-        where ignored. With loss_chunk set and targets given the logits are never made whole
-        (ChunkedCrossEntropy) and None is returned for them. loss_head(hidden states, output weight), when
-        given, is the loss instead (distillation), with no logits returned: inside forward, so that DDP
-        and FSDP see it.
+        where ignored; beside a loss the logits come detached. With loss_chunk set and targets given the
+        logits are never made whole (ChunkedCrossEntropy) and None is returned for them. loss_head(hidden
+        states, output weight), when given, is the loss instead (distillation), with no logits returned:
+        inside forward, so that DDP and FSDP see it.
 
         pad_left (B,) gives how many left-padding tokens each row of a generation batch starts with;
         cache, when given, holds the keys and values of the tokens before these ones."""
@@ -541,6 +541,9 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="none" if per_token else "mean")
             loss = loss.view(targets.shape) if per_token else loss
+            # The loss is what trains: logits that kept their graph would cost a compiled backward a zero-filled
+            # gradient the size of all the logits, for an output nothing differentiates.
+            logits = logits.detach()
         return logits, loss
 
     def hidden(self, tokens: torch.Tensor, cache: KVCache | SlotKVCache | None = None,

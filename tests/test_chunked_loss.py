@@ -153,3 +153,22 @@ def test_every_stage_trains_the_same_with_the_memory_options(stage, pretrained, 
                 *STAGES[stage](ckpt, data, preference), "--max_steps=20", "--eval_interval=100000", *options])
         losses.append([m["loss"] for m in metrics(out)])
     assert len(losses[0]) == 20 and losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+
+
+def test_logits_beside_a_loss_carry_no_graph_so_a_compiled_backward_fills_no_gradient_for_them():
+    """A compiled backward fills a zero gradient for every graph output that nothing differentiates: beside the
+    loss the logits come detached (without targets they keep their graph), with the plain gradients."""
+    plain, tokens, targets = model_and_batch(9)
+    logits, loss = plain(tokens, targets)
+    assert not logits.requires_grad and loss.requires_grad and plain(tokens)[0].requires_grad
+    loss.backward()
+    compiled = copy.deepcopy(plain)
+    step = torch.compile(compiled)
+    step(tokens, targets)[1].backward()  # compiles
+    compiled.zero_grad(set_to_none=True)
+    with torch.profiler.profile(record_shapes=True) as profile:
+        step(tokens, targets)[1].backward()
+    assert not [e for e in profile.events() if e.name in ("aten::fill_", "aten::zero_") and e.input_shapes
+                and list(e.input_shapes[0]) == [3, 24, 97]]
+    for name, g in grads(plain).items():
+        assert torch.allclose(grads(compiled)[name], g, rtol=1e-4, atol=1e-6), name
