@@ -13,6 +13,7 @@ an interrupted run continues exactly; Ctrl-C or SIGTERM saves a checkpoint befor
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -98,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
                f"({model.num_params(count_tied_twice=True) / 1e6:.2f}M counting the tied embedding twice"
                + (f", {model.num_active_params() / 1e6:.2f}M active a token" if args.n_experts else "") + "); "
                f"{data.n_tokens:,} training tokens in {len(data):,} windows of {args.max_seq_len}", dist=dist)
+        flops_per_token = functools.cache(model.flops_per_token)  # by window length: a warmup's are shorter
         training = start_training(cfg, model, dist, len(data), cfg.batch_size,
-                                  model.flops_per_token(args.max_seq_len), stage="pretrain",
+                                  flops_per_token(args.max_seq_len), stage="pretrain",
                                   tokenizer_sha256=tokenizer.sha256)
         trainer, order = training.trainer, training.order
         if training.state is None and cfg.init_from:
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def next_batches():
             length = window_length_at(trainer.step, cfg.seq_len_warmup, args.max_seq_len)
-            training.flops_per_token = model.flops_per_token(length)  # a warmup window's attention costs less
+            training.flops_per_token = flops_per_token(length)
             batches = [tuple(t[:, :length].to(dist.device) for t in data.batch(order.next(cfg.batch_size)))
                        for _ in range(cfg.grad_accum)]
             return batches, sum(inputs.numel() for inputs, _ in batches)
